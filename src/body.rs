@@ -1,0 +1,274 @@
+//! Bodies in flight through the proxy, streamed frame by frame, never
+//! buffered whole. [`GuardedBody`] adds what a fencing proxy needs around a
+//! body: an idle timeout in both directions, and for a forwarded write the
+//! [`Exchange`] that decides, atomically, whether its body completed or was
+//! aborted by a raise.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::gate::Ticket;
+
+const SENDING: u8 = 0;
+const SENT: u8 = 1;
+const ABORTED: u8 = 2;
+
+/// One forwarded request's progress, shared by the handler and the body
+/// that the connection to the store is sending.
+pub struct Exchange {
+    /// `SENDING`, then either `SENT` (the last byte was handed over) or
+    /// `ABORTED` (the last byte never will be). Decided once, by CAS, so a
+    /// write is never both answered "fenced" and completed at the store.
+    state: AtomicU8,
+    sent: Notify,
+    /// Held until both the handler and the body are done, so a raise waits
+    /// for this write to leave the connection.
+    _ticket: Option<Ticket>,
+}
+
+impl Exchange {
+    /// A new exchange; `ticket` is the write's place in its generation.
+    pub fn new(ticket: Option<Ticket>) -> Arc<Exchange> {
+        Arc::new(Exchange {
+            state: AtomicU8::new(SENDING),
+            sent: Notify::new(),
+            _ticket: ticket,
+        })
+    }
+
+    /// Records that the whole body was handed to the connection. False if
+    /// it had been aborted first.
+    pub fn complete(&self) -> bool {
+        match self.state.compare_exchange(SENDING, SENT, SeqCst, SeqCst) {
+            Ok(_) => {
+                self.sent.notify_waiters();
+                true
+            }
+            Err(state) => state == SENT,
+        }
+    }
+
+    /// Aborts the body unless it was already sent whole. True if aborted.
+    pub fn abort(&self) -> bool {
+        match self.state.compare_exchange(SENDING, ABORTED, SeqCst, SeqCst) {
+            Ok(_) => true,
+            Err(state) => state == ABORTED,
+        }
+    }
+
+    /// Whether the body was aborted.
+    pub fn is_aborted(&self) -> bool {
+        self.state.load(SeqCst) == ABORTED
+    }
+
+    /// Resolves once the whole body was handed to the connection.
+    pub async fn wait_sent(&self) {
+        loop {
+            let notified = self.sent.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state.load(SeqCst) == SENT {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Why a body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The other side's body failed (a client that went away, a short body).
+    #[error("body failed: {0}")]
+    Source(Box<dyn std::error::Error + Send + Sync>),
+    /// Nothing arrived within the idle timeout.
+    #[error("body idle for longer than {0:?}")]
+    Idle(Duration),
+    /// A raise began in the domain before this body was sent whole.
+    #[error("body aborted: a higher epoch began before it was sent whole")]
+    Fenced,
+}
+
+/// A body with an idle timeout and, for forwarded writes, an abort.
+pub struct GuardedBody<B> {
+    inner: B,
+    /// Armed only when the inner body first makes us wait, so a body that
+    /// is ready at once (most small writes) costs no timer.
+    idle: Option<Pin<Box<Sleep>>>,
+    idle_timeout: Duration,
+    fence: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    exchange: Option<Arc<Exchange>>,
+    ended: bool,
+}
+
+impl<B> GuardedBody<B> {
+    /// A body that fails after `idle_timeout` without a frame.
+    pub fn new(inner: B, idle_timeout: Duration) -> GuardedBody<B> {
+        GuardedBody {
+            inner,
+            idle: None,
+            idle_timeout,
+            fence: None,
+            exchange: None,
+            ended: false,
+        }
+    }
+
+    /// Ties the body to a forwarded write: it reports completion to
+    /// `exchange`, and aborts when `fence` is cancelled before it is whole.
+    pub fn forwarding(mut self, exchange: Arc<Exchange>, fence: Option<CancellationToken>) -> GuardedBody<B> {
+        self.fence = fence.map(|f| Box::pin(f.cancelled_owned()));
+        self.exchange = Some(exchange);
+        self
+    }
+
+    /// Ends the body with `error`.
+    fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.ended = true;
+        Poll::Ready(Some(Err(error)))
+    }
+
+    /// Tells the exchange the body is whole; false if it was aborted first.
+    fn complete(&self) -> bool {
+        self.exchange.as_ref().is_none_or(|e| e.complete())
+    }
+}
+
+impl<B> Body for GuardedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let fenced_now = this
+            .fence
+            .as_mut()
+            .is_some_and(|f| f.as_mut().poll(cx).is_ready());
+        let aborted = match this.exchange.as_ref() {
+            Some(exchange) => (fenced_now && exchange.abort()) || exchange.is_aborted(),
+            None => fenced_now,
+        };
+        if aborted {
+            return this.fail(BodyError::Fenced);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                // The last frame of a sized body completes the request at the
+                // store, so it is only handed over if the exchange agrees.
+                if this.inner.is_end_stream() {
+                    this.ended = true;
+                    if !this.complete() {
+                        return this.fail(BodyError::Fenced);
+                    }
+                } else if let Some(idle) = this.idle.as_mut() {
+                    idle.as_mut().reset(Instant::now() + this.idle_timeout);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => this.fail(BodyError::Source(e.into())),
+            Poll::Ready(None) => {
+                this.ended = true;
+                // A chunked body is complete only with its last chunk, which
+                // the connection writes when it sees this end.
+                if this.complete() {
+                    Poll::Ready(None)
+                } else {
+                    this.fail(BodyError::Fenced)
+                }
+            }
+            Poll::Pending => {
+                let timeout = this.idle_timeout;
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if idle.as_mut().poll(cx).is_ready() {
+                    return this.fail(BodyError::Idle(timeout));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_whole_body_completes_the_exchange() {
+        let exchange = Exchange::new(None);
+        let body = GuardedBody::new(
+            http_body_util::Full::new(Bytes::from_static(b"abc")),
+            Duration::from_secs(5),
+        )
+        .forwarding(exchange.clone(), None);
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"abc");
+        assert!(!exchange.abort(), "a sent body cannot be aborted");
+    }
+
+    #[tokio::test]
+    async fn an_aborted_exchange_never_hands_over_the_last_frame() {
+        let exchange = Exchange::new(None);
+        assert!(exchange.abort());
+        let body = GuardedBody::new(
+            http_body_util::Full::new(Bytes::from_static(b"abc")),
+            Duration::from_secs(5),
+        )
+        .forwarding(exchange.clone(), None);
+        let err = body.collect().await.unwrap_err();
+        assert!(matches!(err, BodyError::Fenced), "{err}");
+        assert!(!exchange.complete());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_times_out() {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+        let body = GuardedBody::new(ChannelBody(rx), Duration::from_secs(3));
+        let err = body.collect().await.unwrap_err();
+        assert!(matches!(err, BodyError::Idle(_)), "{err}");
+    }
+
+    /// A body fed by a channel, which stalls while the sender is idle.
+    struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>);
+
+    impl Body for ChannelBody {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}

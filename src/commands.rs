@@ -1,0 +1,164 @@
+//! The subcommands behind the binary, and the exit codes they end with
+//! (sysexits: 64 bad configuration or usage, 73 cannot create, 74 state
+//! unreadable, 69 a service unavailable).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::app::{self, Listeners};
+use crate::config::{Config, ConfigError};
+use crate::state::{StateError, StateFile};
+
+/// Bad configuration or usage.
+pub const EX_USAGE: u8 = 64;
+/// A service (a listener address, the admin endpoint) is unavailable.
+pub const EX_UNAVAILABLE: u8 = 69;
+/// The state file cannot be created.
+pub const EX_CANTCREAT: u8 = 73;
+/// The state file is missing or unreadable.
+pub const EX_IOERR: u8 = 74;
+
+/// A command that could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    /// See [`ConfigError`].
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// See [`StateError`].
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A usage error found after parsing.
+    #[error("{0}")]
+    Usage(String),
+    /// The health check failed.
+    #[error("{0}")]
+    Unhealthy(String),
+}
+
+impl Fatal {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Fatal::Config(_) | Fatal::Usage(_) => EX_USAGE,
+            Fatal::State(StateError::ForgottenDomain { .. }) => EX_USAGE,
+            Fatal::State(StateError::AlreadyExists(_)) => EX_CANTCREAT,
+            Fatal::State(_) => EX_IOERR,
+            Fatal::Bind { .. } | Fatal::Unhealthy(_) => EX_UNAVAILABLE,
+        }
+    }
+}
+
+/// `fencegate run`: serve until SIGTERM or SIGINT.
+pub async fn run(config_path: &Path, forget: &[String]) -> Result<(), Fatal> {
+    let config = Config::load(config_path)?;
+    let state = StateFile::open(&config.state.path)?;
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Fatal::Bind { addr, source })
+    };
+    let listeners = Listeners {
+        proxy: bind(config.server.listen).await?,
+        admin: bind(config.server.admin_listen).await?,
+    };
+    app::run(config, state, forget, listeners, crate::shutdown::signal()).await?;
+    Ok(())
+}
+
+/// `fencegate init`: create the state file with every domain at epoch 0.
+pub fn init(config_path: &Path) -> Result<(), Fatal> {
+    let config = Config::load(config_path)?;
+    StateFile::create(&config.state.path, &app::wanted_domains(&config))?;
+    println!(
+        "created {} with {} domain(s) at epoch 0",
+        config.state.path.display(),
+        config.domains.len()
+    );
+    Ok(())
+}
+
+/// `fencegate check-config`.
+pub fn check_config(config_path: &Path) -> Result<(), Fatal> {
+    let config = Config::load(config_path)?;
+    println!(
+        "{}: valid ({} domain(s))",
+        config_path.display(),
+        config.domains.len()
+    );
+    Ok(())
+}
+
+/// `fencegate epochs`: print the durable epochs of a stopped proxy.
+pub fn epochs(config_path: &Path, json: bool) -> Result<(), Fatal> {
+    let config = Config::load(config_path)?;
+    let domains = StateFile::read_only(&config.state.path).map_err(|e| match e {
+        StateError::InUse(path) => Fatal::Usage(format!(
+            "state file {} is in use by a running fencegate: read its epochs at http://{}/metrics or /domains",
+            path.display(),
+            config.server.admin_listen
+        )),
+        other => Fatal::State(other),
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&domains).expect("serializable")
+        );
+    } else {
+        println!("{:<24} {:<32} {:>20}", "DOMAIN", "PREFIX", "EPOCH");
+        for d in domains {
+            println!("{:<24} {:<32} {:>20}", d.name, d.prefix, d.epoch);
+        }
+    }
+    Ok(())
+}
+
+/// `fencegate epochs set --force`: the only way to lower an epoch.
+pub fn epochs_set(config_path: &Path, domain: &str, value: u64, force: bool) -> Result<(), Fatal> {
+    if !force {
+        return Err(Fatal::Usage(
+            "refusing to change an epoch without --force: lowering one re-admits deposed leaders; stop the proxy first".into(),
+        ));
+    }
+    let config = Config::load(config_path)?;
+    let state = StateFile::open(&config.state.path)?;
+    let old = state.force_set(domain, value)?;
+    tracing::warn!(domain, old, new = value, "epoch set by operator");
+    println!("domain {domain}: epoch {old} -> {value}");
+    Ok(())
+}
+
+/// `fencegate healthcheck`: exit 0 when the admin `/healthz` answers 200.
+pub fn healthcheck(config_path: &Path) -> Result<(), Fatal> {
+    let config = Config::load(config_path)?;
+    let mut addr = config.server.admin_listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let unhealthy = |e: std::io::Error| Fatal::Unhealthy(format!("http://{addr}/healthz: {e}"));
+    let timeout = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(unhealthy)?;
+    stream.set_read_timeout(Some(timeout)).map_err(unhealthy)?;
+    stream.set_write_timeout(Some(timeout)).map_err(unhealthy)?;
+    write!(stream, "GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(unhealthy)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(unhealthy)?;
+    let status_line = answer.lines().next().unwrap_or_default();
+    if status_line.split_whitespace().nth(1) == Some("200") {
+        Ok(())
+    } else {
+        Err(Fatal::Unhealthy(format!(
+            "http://{addr}/healthz answered `{status_line}`"
+        )))
+    }
+}

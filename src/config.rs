@@ -1,0 +1,442 @@
+//! The configuration file: one typed tree, parsed from TOML and validated at
+//! start. Every problem names the file, the key and what is wrong, so an
+//! operator can fix it without reading code.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::path::normalize_prefix;
+
+/// The whole configuration of one fencegate process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners and their protections.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The store fencegate forwards to.
+    pub upstream: UpstreamConfig,
+    /// Where the durable epochs live.
+    pub state: StateConfig,
+    /// How writes carry their token and which methods are reads.
+    #[serde(default)]
+    pub fencing: FencingConfig,
+    /// The coordination service; required when a domain has an election.
+    pub etcd: Option<EtcdConfig>,
+    /// The parts of the store, each guarded by one epoch.
+    #[serde(default)]
+    pub domains: Vec<DomainConfig>,
+}
+
+/// `[server]`: the proxy and admin listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the proxy listener.
+    pub listen: SocketAddr,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_listen: SocketAddr,
+    /// A client must send its whole request head within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// How long a shutdown waits for in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 65536,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[upstream]`: the store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the store, `http://host:port` (no path).
+    #[serde(deserialize_with = "deserialize_uri")]
+    pub url: http::Uri,
+    /// Time allowed to open a TCP connection to the store.
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Time from the end of the forwarded body to the store's final response head.
+    #[serde(with = "humantime_serde", default = "default_30s")]
+    pub request_timeout: Duration,
+    /// Longest pause allowed inside a body, in either direction.
+    #[serde(with = "humantime_serde", default = "default_30s")]
+    pub body_idle_timeout: Duration,
+}
+
+fn deserialize_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<http::Uri, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse()
+        .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a URL: {e}")))
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_30s() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `[state]`: the redb file holding the epochs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Path of the state file; relative paths are taken from the working directory.
+    pub path: PathBuf,
+}
+
+/// `[fencing]`: the token header and the read methods.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FencingConfig {
+    /// Name of the header that carries the token.
+    pub header: String,
+    /// Methods forwarded without a token.
+    pub read_methods: Vec<String>,
+}
+
+impl Default for FencingConfig {
+    fn default() -> Self {
+        Self {
+            header: "Fencing-Token".to_owned(),
+            read_methods: vec!["GET".into(), "HEAD".into(), "OPTIONS".into()],
+        }
+    }
+}
+
+/// `[etcd]`: where the elections live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members.
+    pub endpoints: Vec<String>,
+    /// `watch` (default) or `linearizable`.
+    #[serde(default)]
+    pub consistency: Consistency,
+    /// `reject` (default) or `local`.
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
+    /// Oldest leader view that may still decide.
+    #[serde(with = "humantime_serde", default = "default_max_staleness")]
+    pub max_staleness: Duration,
+}
+
+fn default_max_staleness() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// How writes in election domains are checked against etcd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// The watched view decides, confirmed by a read when it may be behind.
+    #[default]
+    Watch,
+    /// Every write waits for a read that started after it arrived.
+    Linearizable,
+}
+
+/// What writes in election domains get while etcd cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// 503 `coordinator_unavailable`.
+    #[default]
+    Reject,
+    /// The epoch rule alone decides.
+    Local,
+}
+
+/// `[[domains]]`: one part of the store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    /// Name used in metrics, logs and the state file.
+    pub name: String,
+    /// Path prefix; normalized to end in `/` and matched on whole segments.
+    pub prefix: String,
+    /// Optional etcd election prefix whose leader may write here.
+    pub election: Option<String>,
+}
+
+/// A configuration that cannot be used: names the file, the key and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The configuration file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or does not fit the schema.
+    #[error("{file}: {message}")]
+    Parse {
+        /// The configuration file.
+        file: PathBuf,
+        /// The parser's message, which names the key and the line.
+        message: String,
+    },
+    /// A value parsed but makes no sense.
+    #[error("{file}: key `{key}`: {problem}")]
+    Invalid {
+        /// The configuration file.
+        file: PathBuf,
+        /// Dotted path of the offending key.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `file`.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, file)
+    }
+
+    /// Parses and validates `text`; `file` is only used in messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        config.validate().map_err(|(key, problem)| ConfigError::Invalid {
+            file: file.to_owned(),
+            key,
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot say, and normalizes domain prefixes.
+    fn validate(&mut self) -> Result<(), (String, String)> {
+        let bad = |key: &str, problem: String| Err((key.to_owned(), problem));
+        if self.server.max_header_bytes < 1024 {
+            return bad("server.max_header_bytes", "must be at least 1024".into());
+        }
+        if self.server.header_read_timeout.is_zero() {
+            return bad("server.header_read_timeout", "must be above zero".into());
+        }
+        let url = &self.upstream.url;
+        if url.scheme_str() != Some("http") {
+            return bad("upstream.url", format!("`{url}`: only http:// is supported"));
+        }
+        if url.authority().is_none() {
+            return bad("upstream.url", format!("`{url}`: needs a host and port"));
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() {
+            return bad("upstream.url", format!("`{url}`: must not have a path"));
+        }
+        for (key, value) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.request_timeout", self.upstream.request_timeout),
+            ("upstream.body_idle_timeout", self.upstream.body_idle_timeout),
+        ] {
+            if value.is_zero() {
+                return bad(key, "must be above zero".into());
+            }
+        }
+        if self.state.path.as_os_str().is_empty() {
+            return bad("state.path", "must not be empty".into());
+        }
+        if http::HeaderName::from_bytes(self.fencing.header.as_bytes()).is_err() {
+            return bad(
+                "fencing.header",
+                format!("`{}` is not a header name", self.fencing.header),
+            );
+        }
+        if is_hop_by_hop_name(&self.fencing.header) {
+            return bad(
+                "fencing.header",
+                "must not be a hop-by-hop header: it would not reach the store".into(),
+            );
+        }
+        for method in &self.fencing.read_methods {
+            if http::Method::from_bytes(method.as_bytes()).is_err() {
+                return bad("fencing.read_methods", format!("`{method}` is not a method"));
+            }
+            if method.eq_ignore_ascii_case("CONNECT") {
+                return bad("fencing.read_methods", "CONNECT is never forwarded".into());
+            }
+        }
+        self.validate_domains()?;
+        Ok(())
+    }
+
+    fn validate_domains(&mut self) -> Result<(), (String, String)> {
+        let mut names = HashSet::new();
+        let mut prefixes = HashSet::new();
+        for (i, domain) in self.domains.iter_mut().enumerate() {
+            let key = |field: &str| format!("domains[{i}].{field}");
+            let name_ok = !domain.name.is_empty()
+                && domain.name.len() <= 128
+                && domain
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !name_ok {
+                return Err((
+                    key("name"),
+                    format!(
+                        "`{}`: use 1 to 128 of letters, digits, `-`, `_` and `.`",
+                        domain.name
+                    ),
+                ));
+            }
+            if domain.name == "none" {
+                return Err((
+                    key("name"),
+                    "`none` is reserved for paths outside every domain".into(),
+                ));
+            }
+            if !names.insert(domain.name.clone()) {
+                return Err((key("name"), format!("`{}` is used twice", domain.name)));
+            }
+            domain.prefix = normalize_prefix(&domain.prefix)
+                .map_err(|e| (key("prefix"), format!("`{}`: {e}", domain.prefix)))?;
+            if !prefixes.insert(domain.prefix.clone()) {
+                return Err((key("prefix"), format!("`{}` is used twice", domain.prefix)));
+            }
+            if let Some(election) = &domain.election {
+                if election.is_empty() || election.ends_with('/') {
+                    return Err((
+                        key("election"),
+                        format!("`{election}`: give the election prefix without a trailing `/`"),
+                    ));
+                }
+                if self.etcd.is_none() {
+                    return Err((key("election"), "needs an [etcd] section with endpoints".into()));
+                }
+            }
+        }
+        if let Some(etcd) = &self.etcd {
+            if etcd.endpoints.is_empty() {
+                return Err(("etcd.endpoints".into(), "needs at least one endpoint".into()));
+            }
+            if etcd.max_staleness < Duration::from_millis(30) {
+                return Err(("etcd.max_staleness".into(), "must be at least 30ms".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` is one of the hop-by-hop headers of RFC 9110 §7.6.1 (plus
+/// the legacy ones proxies still see), which never cross fencegate.
+pub fn is_hop_by_hop_name(name: &str) -> bool {
+    const HOP: [&str; 9] = [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [upstream]
+        url = "http://127.0.0.1:8081"
+        [state]
+        path = "data/fencegate.redb"
+        [[domains]]
+        name = "orders"
+        prefix = "/orders"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults_and_normalized_prefix() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.domains[0].prefix, "/orders/");
+        assert_eq!(config.fencing.header, "Fencing-Token");
+        assert_eq!(config.upstream.request_timeout, Duration::from_secs(30));
+        assert_eq!(config.server.max_header_bytes, 65536);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("[state]", "[state]\nflavour = 1");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("test.toml") && err.contains("flavour"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let text = MINIMAL.replace("[state]", "[server]\nmax_header_bytes = \"big\"\n[state]");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("max_header_bytes"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases = [
+            (
+                MINIMAL.replace("http://127.0.0.1:8081", "https://x:1"),
+                "upstream.url",
+            ),
+            (
+                MINIMAL.replace("http://127.0.0.1:8081", "http://x:1/base"),
+                "upstream.url",
+            ),
+            (
+                MINIMAL.replace("\"/orders\"", "\"/a/../../b\""),
+                "domains[0].prefix",
+            ),
+            (MINIMAL.replace("\"orders\"", "\"none\""), "domains[0].name"),
+            (
+                format!("{MINIMAL}\n[[domains]]\nname = \"orders\"\nprefix = \"/x/\""),
+                "domains[1].name",
+            ),
+            (
+                format!("{MINIMAL}\n[[domains]]\nname = \"o2\"\nprefix = \"/orders/\""),
+                "domains[1].prefix",
+            ),
+            (format!("{MINIMAL}election = \"/e\""), "domains[0].election"),
+            (
+                format!("[fencing]\nheader = \"Connection\"\n{MINIMAL}"),
+                "fencing.header",
+            ),
+        ];
+        for (text, key) in cases {
+            match parse(&text) {
+                Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key),
+                other => panic!("expected an error on {key}, got {other:?}"),
+            }
+        }
+    }
+}

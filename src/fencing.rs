@@ -1,0 +1,178 @@
+//! The admission rule as a pure function over values: a token, the domain's
+//! marks and what is known of its leader go in, a [`Decision`] comes out.
+//! No I/O happens here; the gate ([`crate::gate`]) does the waiting and
+//! calls this again after every wait, which is rule 5's re-check.
+
+use crate::error::Reason;
+use crate::token::Token;
+
+/// The two numbers of a domain the rule compares against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marks {
+    /// The highest token made durable.
+    pub epoch: u64,
+    /// The highest token a raise has begun for; never below `epoch`.
+    pub refusal: u64,
+}
+
+/// What is known of the domain's election when deciding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leader {
+    /// The domain has no election: rule 3 does not apply.
+    NotElected,
+    /// The leader view, and whether it was confirmed by a read that started
+    /// after the request arrived (so it cannot be behind the writer).
+    View {
+        /// The leader's revision, `None` when there is no candidate.
+        revision: Option<u64>,
+        /// Whether the view comes from a read made after the request arrived.
+        confirmed: bool,
+    },
+}
+
+/// Whether the request may change the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A read that carries a token: checked, never raises.
+    Read,
+    /// A write.
+    Write,
+}
+
+/// What to do with a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Forward it: all rules hold.
+    Forward,
+    /// The token is above the epoch: raise the epoch to it, then decide again.
+    Raise,
+    /// The leader view may be behind: read etcd, then decide again.
+    Confirm,
+    /// Refuse it.
+    Refuse(Reason),
+}
+
+/// Decides one request with token `token` against the domain's state.
+pub fn decide(token: Token, marks: Marks, leader: Leader, access: Access) -> Decision {
+    let t = token.get();
+    // Rule 2: below the refusal mark is stale, whatever the leader view says.
+    if t < marks.refusal {
+        return Decision::Refuse(Reason::StaleEpoch);
+    }
+    // Rule 3: the leader check, for domains with an election.
+    if let Leader::View { revision, confirmed } = leader {
+        match revision {
+            Some(l) if t == l => {}
+            Some(l) if t < l => return Decision::Refuse(Reason::SupersededLeader),
+            // No candidate, or a token above the leader: the view may be
+            // behind the writer, so only a fresh read may refuse it.
+            _ if !confirmed => return Decision::Confirm,
+            None => return Decision::Refuse(Reason::NoLeader),
+            Some(_) => return Decision::Refuse(Reason::NotLeader),
+        }
+    }
+    // Rule 4: a write above the epoch raises it first; reads never raise.
+    if access == Access::Write && t > marks.epoch {
+        return Decision::Raise;
+    }
+    Decision::Forward
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tok(v: u64) -> Token {
+        Token::new(v).unwrap()
+    }
+
+    const PLAIN: Leader = Leader::NotElected;
+
+    #[test]
+    fn epoch_rule_without_election() {
+        let marks = Marks { epoch: 5, refusal: 5 };
+        assert_eq!(
+            decide(tok(4), marks, PLAIN, Access::Write),
+            Decision::Refuse(Reason::StaleEpoch)
+        );
+        assert_eq!(decide(tok(5), marks, PLAIN, Access::Write), Decision::Forward);
+        assert_eq!(decide(tok(6), marks, PLAIN, Access::Write), Decision::Raise);
+        assert_eq!(decide(tok(6), marks, PLAIN, Access::Read), Decision::Forward);
+        assert_eq!(
+            decide(tok(4), marks, PLAIN, Access::Read),
+            Decision::Refuse(Reason::StaleEpoch)
+        );
+    }
+
+    #[test]
+    fn a_pending_raise_refuses_the_old_epoch() {
+        let marks = Marks { epoch: 5, refusal: 9 };
+        assert_eq!(
+            decide(tok(5), marks, PLAIN, Access::Write),
+            Decision::Refuse(Reason::StaleEpoch)
+        );
+        assert_eq!(decide(tok(9), marks, PLAIN, Access::Write), Decision::Raise);
+    }
+
+    #[test]
+    fn leader_rule() {
+        let marks = Marks { epoch: 5, refusal: 5 };
+        let view = |revision, confirmed| Leader::View { revision, confirmed };
+        let w = Access::Write;
+        assert_eq!(decide(tok(7), marks, view(Some(7), false), w), Decision::Raise);
+        assert_eq!(
+            decide(tok(6), marks, view(Some(7), false), w),
+            Decision::Refuse(Reason::SupersededLeader)
+        );
+        assert_eq!(decide(tok(8), marks, view(Some(7), false), w), Decision::Confirm);
+        assert_eq!(
+            decide(tok(8), marks, view(Some(7), true), w),
+            Decision::Refuse(Reason::NotLeader)
+        );
+        assert_eq!(decide(tok(8), marks, view(None, false), w), Decision::Confirm);
+        assert_eq!(
+            decide(tok(8), marks, view(None, true), w),
+            Decision::Refuse(Reason::NoLeader)
+        );
+        assert_eq!(
+            decide(tok(4), marks, view(Some(4), true), w),
+            Decision::Refuse(Reason::StaleEpoch)
+        );
+    }
+
+    fn leader() -> impl Strategy<Value = Leader> {
+        prop_oneof![
+            Just(Leader::NotElected),
+            (proptest::option::of(1u64..20), any::<bool>())
+                .prop_map(|(revision, confirmed)| { Leader::View { revision, confirmed } }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn forward_only_when_every_rule_holds(
+            t in 1u64..20, epoch in 0u64..20, extra in 0u64..3, leader in leader(), write in any::<bool>(),
+        ) {
+            let marks = Marks { epoch, refusal: epoch + extra };
+            let access = if write { Access::Write } else { Access::Read };
+            let decision = decide(tok(t), marks, leader, access);
+            if decision == Decision::Forward {
+                prop_assert!(t >= marks.refusal, "forwarded below the refusal mark");
+                if write {
+                    prop_assert!(t <= marks.epoch, "forwarded a write above the durable epoch");
+                }
+                if let Leader::View { revision, .. } = leader {
+                    prop_assert_eq!(revision, Some(t), "forwarded a token that is not the leader's");
+                }
+            }
+            if decision == Decision::Raise {
+                prop_assert!(write && t > marks.epoch && t >= marks.refusal);
+            }
+            if decision == Decision::Confirm {
+                let unconfirmed = matches!(leader, Leader::View { confirmed: false, .. });
+                prop_assert!(unconfirmed, "asked to confirm a confirmed view");
+            }
+        }
+    }
+}

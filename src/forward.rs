@@ -1,0 +1,160 @@
+//! The store's side: a pooled HTTP/1.1 client and the sending of one
+//! request with fencegate's timeouts. Requests are never retried here; the
+//! pool itself resends only a request of which no byte was written.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{BodyError, Exchange, GuardedBody};
+use crate::config::UpstreamConfig;
+use crate::path::NormalPath;
+
+/// The body of a request on its way to the store.
+pub type UpstreamBody = GuardedBody<Incoming>;
+
+/// How sending to the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// No connection could be made: nothing was sent.
+    #[error("cannot connect to the store: {0}")]
+    Connect(String),
+    /// No final response head within `request_timeout` after the body.
+    #[error("the store sent no response within {0:?} after the request")]
+    Timeout(Duration),
+    /// A raise began before the body was sent whole; the request was aborted.
+    #[error(
+        "a higher epoch began before the body was sent whole; the request was aborted before it completed"
+    )]
+    Fenced,
+    /// The client's body failed or stalled; the request was aborted.
+    #[error("the request body from the client failed: {0}")]
+    ClientBody(String),
+    /// The exchange with the store broke.
+    #[error("the exchange with the store failed: {0}")]
+    Failed(String),
+}
+
+/// The store and how to reach it.
+pub struct Upstream {
+    client: Client<HttpConnector, UpstreamBody>,
+    scheme: Scheme,
+    authority: Authority,
+    request_timeout: Duration,
+    /// Longest pause allowed inside a body, either direction.
+    pub body_idle_timeout: Duration,
+}
+
+impl Upstream {
+    /// A pooled client for the store of `config` (validated: http with an authority).
+    pub fn new(config: &UpstreamConfig) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http1_preserve_header_case(false)
+            .build(connector);
+        Upstream {
+            client,
+            scheme: config.url.scheme().cloned().unwrap_or(Scheme::HTTP),
+            authority: config.url.authority().cloned().expect("validated upstream url"),
+            request_timeout: config.request_timeout,
+            body_idle_timeout: config.body_idle_timeout,
+        }
+    }
+
+    /// The store's URI for a normalized path and the original query.
+    pub fn uri(&self, path: &NormalPath, query: Option<&str>) -> Uri {
+        let path_and_query = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(
+                PathAndQuery::try_from(path_and_query).expect("a normalized path is a valid URI path"),
+            )
+            .build()
+            .expect("scheme, authority and path make a URI")
+    }
+
+    /// Sends `request` and waits for the final response head. `fence`, when
+    /// cancelled before the body was sent whole, aborts the request.
+    pub async fn send(
+        &self,
+        request: Request<UpstreamBody>,
+        exchange: &Exchange,
+        fence: Option<&CancellationToken>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let response = self.client.request(request);
+        tokio::pin!(response);
+        let deadline = async {
+            exchange.wait_sent().await;
+            tokio::time::sleep(self.request_timeout).await;
+        };
+        tokio::pin!(deadline);
+        let mut watch_fence = fence.is_some();
+        loop {
+            tokio::select! {
+                result = &mut response => return result.map_err(classify),
+                () = &mut deadline => return Err(ForwardError::Timeout(self.request_timeout)),
+                () = fenced(fence), if watch_fence => {
+                    // Only a body not yet sent whole can be aborted; one that
+                    // was sent waits for its head like any other.
+                    if exchange.abort() {
+                        return Err(ForwardError::Fenced);
+                    }
+                    watch_fence = false;
+                }
+            }
+        }
+    }
+}
+
+async fn fenced(fence: Option<&CancellationToken>) {
+    match fence {
+        Some(fence) => fence.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sorts a client error by where it came from.
+fn classify(e: hyper_util::client::legacy::Error) -> ForwardError {
+    let mut source = e.source();
+    while let Some(inner) = source {
+        if let Some(body) = inner.downcast_ref::<BodyError>() {
+            return match body {
+                BodyError::Fenced => ForwardError::Fenced,
+                other => ForwardError::ClientBody(other.to_string()),
+            };
+        }
+        source = inner.source();
+    }
+    if e.is_connect() {
+        return ForwardError::Connect(error_chain(&e));
+    }
+    ForwardError::Failed(error_chain(&e))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}

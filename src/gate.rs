@@ -1,0 +1,317 @@
+//! The live state of each domain and the admission of one request into it:
+//! the refusal mark, the durable epoch, the writes in flight, and the raise
+//! with its barrier. [`crate::fencing::decide`] says what to do; this module
+//! does the waiting, and decides again after every wait (rule 5).
+//!
+//! Writes in flight are counted per *generation*: all admitted writes carry
+//! the token equal to the epoch, so one generation per epoch suffices. A
+//! raise sets the refusal mark, then drains the current generation: it
+//! aborts bodies still being sent and waits for the others' response heads.
+//! A write registers in the generation first and checks the refusal mark
+//! second, while a raise sets the mark first and counts the generation
+//! second; with sequentially consistent atomics one of the two always sees
+//! the other, so no write slips past a raise and the hot path takes no lock.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::committer::Committer;
+use crate::error::{Problem, Reason};
+use crate::fencing::{decide, Access, Decision, Leader, Marks};
+use crate::metrics::DomainMetrics;
+use crate::path::{lies_under, NormalPath};
+use crate::token::Token;
+
+/// One domain's live state.
+pub struct Gate {
+    /// The domain's name, as in metrics and the state file.
+    pub name: Arc<str>,
+    /// The normalized prefix, ending in `/`.
+    pub prefix: String,
+    /// The etcd election prefix, if writers here must be its leader.
+    pub election: Option<String>,
+    /// This domain's metric children.
+    pub metrics: DomainMetrics,
+    /// The highest token made durable; only ever raised, after the commit.
+    epoch: AtomicU64,
+    /// The highest token a raise has begun for; set before the barrier.
+    refusal: AtomicU64,
+    /// The generation of writes admitted at the current epoch.
+    current: ArcSwap<Generation>,
+    /// Serializes raises: each drains what the one before admitted.
+    raise_lock: tokio::sync::Mutex<()>,
+    /// After a crash, the first raise waits until this instant, since writes
+    /// of the previous run may still be in flight at the store.
+    crash_wait_until: Option<Instant>,
+    /// Longest a barrier waits before giving up on a write that never ended.
+    drain_limit: Duration,
+    committer: Committer,
+}
+
+/// How gates are built.
+#[derive(Clone)]
+pub struct GateSettings {
+    /// See [`Gate::crash_wait_until`].
+    pub crash_wait_until: Option<Instant>,
+    /// See [`Gate::drain_limit`].
+    pub drain_limit: Duration,
+    /// Where raises are made durable.
+    pub committer: Committer,
+}
+
+/// The writes admitted at one epoch.
+struct Generation {
+    token: u64,
+    inflight: AtomicUsize,
+    /// Set once a raise waits for this generation, so only then do
+    /// finishing writes pay for a wake-up.
+    draining: AtomicBool,
+    drained: Notify,
+    /// Cancelled when a raise begins: bodies still being sent are aborted.
+    abort: CancellationToken,
+}
+
+impl Generation {
+    fn new(token: u64) -> Generation {
+        Generation {
+            token,
+            inflight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            drained: Notify::new(),
+            abort: CancellationToken::new(),
+        }
+    }
+}
+
+/// An admitted write's place in its generation; a raise waits until every
+/// ticket of the generation before it is dropped.
+pub struct Ticket {
+    generation: Arc<Generation>,
+}
+
+impl Ticket {
+    /// Cancelled when a raise begins in the domain: the write must stop
+    /// sending its body.
+    pub fn abort_signal(&self) -> &CancellationToken {
+        &self.generation.abort
+    }
+
+    /// Whether a raise is waiting for this write.
+    pub fn is_fenced(&self) -> bool {
+        self.generation.abort.is_cancelled()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let generation = &self.generation;
+        if generation.inflight.fetch_sub(1, SeqCst) == 1 && generation.draining.load(SeqCst) {
+            generation.drained.notify_waiters();
+        }
+    }
+}
+
+impl Gate {
+    /// A gate at the stored `epoch`.
+    pub fn new(
+        name: &str,
+        prefix: String,
+        election: Option<String>,
+        epoch: u64,
+        metrics: DomainMetrics,
+        settings: GateSettings,
+    ) -> Gate {
+        metrics.epoch.set(to_gauge(epoch));
+        Gate {
+            name: name.into(),
+            prefix,
+            election,
+            metrics,
+            epoch: AtomicU64::new(epoch),
+            refusal: AtomicU64::new(epoch),
+            current: ArcSwap::from_pointee(Generation::new(epoch)),
+            raise_lock: tokio::sync::Mutex::new(()),
+            crash_wait_until: settings.crash_wait_until,
+            drain_limit: settings.drain_limit,
+            committer: settings.committer,
+        }
+    }
+
+    /// The epoch and refusal mark now.
+    pub fn marks(&self) -> Marks {
+        // The epoch is read first: a raise stores the new generation before
+        // the epoch, so `register` then sees a generation at least this new.
+        let epoch = self.epoch.load(SeqCst);
+        Marks {
+            epoch,
+            refusal: self.refusal.load(SeqCst),
+        }
+    }
+
+    /// Writes admitted at the current epoch and not yet answered by the store.
+    pub fn inflight_writes(&self) -> usize {
+        self.current.load().inflight.load(SeqCst)
+    }
+
+    /// Admits a request with `token`, waiting for a raise when it needs one.
+    /// A write gets a [`Ticket`] to hold until the store's response head.
+    pub async fn admit(&self, token: Token, access: Access) -> Result<Option<Ticket>, Problem> {
+        loop {
+            let marks = self.marks();
+            match decide(token, marks, self.leader(), access) {
+                Decision::Forward if access == Access::Read => return Ok(None),
+                Decision::Forward => {
+                    if let Some(ticket) = self.register(token) {
+                        return Ok(Some(ticket));
+                    }
+                    // A raise began between the decision and the
+                    // registration: decide again, which refuses.
+                }
+                Decision::Raise => self.raise(token).await?,
+                Decision::Confirm => {
+                    // The etcd view arrives with the coordinator; until then
+                    // an election domain cannot confirm a leader.
+                    return Err(self.problem(
+                        Reason::CoordinatorUnavailable,
+                        token,
+                        "no leader view is available",
+                    ));
+                }
+                Decision::Refuse(reason) => {
+                    let detail = match reason {
+                        Reason::StaleEpoch => format!(
+                            "token {token} is below the refusal mark {} of domain `{}`",
+                            marks.refusal, self.name
+                        ),
+                        _ => format!("token {token} was refused in domain `{}`", self.name),
+                    };
+                    return Err(self.problem(reason, token, detail));
+                }
+            }
+        }
+    }
+
+    /// What is known of the leader. Domains without an election skip rule 3.
+    fn leader(&self) -> Leader {
+        match self.election {
+            None => Leader::NotElected,
+            Some(_) => Leader::View {
+                revision: None,
+                confirmed: false,
+            },
+        }
+    }
+
+    /// Joins the current generation if it is `token`'s and no raise began.
+    fn register(&self, token: Token) -> Option<Ticket> {
+        let t = token.get();
+        let generation = self.current.load_full();
+        if generation.token != t {
+            return None;
+        }
+        generation.inflight.fetch_add(1, SeqCst);
+        let ticket = Ticket { generation };
+        // Checked after counting ourselves in: a raise that set the mark
+        // before this load is refused here; one that sets it after will
+        // count us and wait for us.
+        (self.refusal.load(SeqCst) == t).then_some(ticket)
+    }
+
+    /// Raises the epoch to at least `token` (rule 4). Returns once the epoch
+    /// is durable or the raise is moot; the caller decides again either way.
+    async fn raise(&self, token: Token) -> Result<(), Problem> {
+        let t = token.get();
+        self.refusal.fetch_max(t, SeqCst);
+        let _serial = self.raise_lock.lock().await;
+        if self.epoch.load(SeqCst) >= t || self.refusal.load(SeqCst) > t {
+            // Done by an earlier raise, or overtaken by a higher one.
+            return Ok(());
+        }
+        if let Some(until) = self.crash_wait_until {
+            tokio::time::sleep_until(until).await;
+        }
+        let previous = self.current.load_full();
+        self.drain(&previous).await;
+        // Raises that began while we drained are covered by the same
+        // barrier (no write above the old epoch was admitted), so one commit
+        // of the highest mark serves them all.
+        let target = self.refusal.load(SeqCst).max(t);
+        if let Err(e) = self.committer.raise(self.name.clone(), target).await {
+            let detail =
+                format!("the raise to {target} could not be made durable ({e}); nothing was forwarded");
+            return Err(self.problem(Reason::StateUnavailable, token, detail));
+        }
+        self.current.store(Arc::new(Generation::new(target)));
+        let from = self.epoch.fetch_max(target, SeqCst);
+        self.metrics.epoch.set(to_gauge(target));
+        tracing::info!(domain = %self.name, from, to = target, "epoch raised");
+        Ok(())
+    }
+
+    /// The barrier: aborts unfinished bodies of `generation` and waits until
+    /// every one of its writes has its response head (or has ended).
+    async fn drain(&self, generation: &Generation) {
+        generation.draining.store(true, SeqCst);
+        generation.abort.cancel();
+        let deadline = Instant::now() + self.drain_limit;
+        loop {
+            let drained = generation.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            let left = generation.inflight.load(SeqCst);
+            if left == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                tracing::error!(
+                    domain = %self.name, writes = left,
+                    "barrier gave up waiting for lower-token writes that never ended"
+                );
+                return;
+            }
+        }
+    }
+
+    /// Builds a refusal with this domain's context.
+    pub fn problem(&self, reason: Reason, token: Token, detail: impl Into<String>) -> Problem {
+        let mut problem = Problem::new(reason, detail);
+        problem.domain = Some(self.name.to_string());
+        problem.token = Some(token.get());
+        problem.epoch = Some(self.epoch.load(SeqCst));
+        problem
+    }
+}
+
+/// Every domain, looked up by the longest matching prefix.
+pub struct Gates {
+    /// Longest prefix first, so the first match is the longest.
+    by_prefix: Vec<Arc<Gate>>,
+}
+
+impl Gates {
+    /// Indexes `gates` for lookup.
+    pub fn new(mut gates: Vec<Arc<Gate>>) -> Gates {
+        gates.sort_by_key(|g| std::cmp::Reverse(g.prefix.len()));
+        Gates { by_prefix: gates }
+    }
+
+    /// The domain guarding `path`, if any.
+    pub fn find(&self, path: &NormalPath) -> Option<&Arc<Gate>> {
+        self.by_prefix.iter().find(|g| lies_under(path, &g.prefix))
+    }
+
+    /// Every domain, longest prefix first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Gate>> {
+        self.by_prefix.iter()
+    }
+}
+
+fn to_gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,160 @@
+//! Header hygiene between the client and the store: hop-by-hop headers are
+//! removed both ways (RFC 9110 §7.6.1, and whatever `Connection` names), and
+//! the client's address is added in `X-Forwarded-For` and `Forwarded`.
+
+use std::net::SocketAddr;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, EXPECT, HOST, TE};
+
+/// Hop-by-hop headers: meaningful for one connection only, never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Method-override headers: a request carrying one is a write whatever its method.
+pub const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// A `Connection` header that would strip a header fencegate relies on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectedHeader(pub String);
+
+/// The header names listed in `Connection`, lower-cased.
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+}
+
+/// Refuses a `Connection` header that names `Host` or the fencing header:
+/// removing those as hop-by-hop would forward a write without its token.
+pub fn check_connection(headers: &HeaderMap, fencing_header: &HeaderName) -> Result<(), ProtectedHeader> {
+    for name in connection_options(headers) {
+        if name == HOST.as_str() || name == fencing_header.as_str() {
+            return Err(ProtectedHeader(name));
+        }
+    }
+    Ok(())
+}
+
+/// Removes hop-by-hop headers and those named in `Connection`. On requests,
+/// `TE: trailers` survives, since it asks the store for trailers we forward;
+/// `Expect` goes too, since fencegate answers `100-continue` itself.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<String> = connection_options(headers).collect();
+        for name in named {
+            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                headers.remove(name);
+            }
+        }
+    }
+    let wants_trailers = is_request
+        && headers
+            .get_all(TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if is_request {
+        headers.remove(EXPECT);
+        if wants_trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
+    }
+}
+
+/// Appends the client's address to `X-Forwarded-For` and `Forwarded`.
+pub fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {ip}"),
+        None => ip.to_string(),
+    };
+    let node = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    let forwarded = match headers.get("forwarded").and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, for={node};proto=http"),
+        None => format!("for={node};proto=http"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert("forwarded", v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(list: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in list {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip, trailers"),
+            ("expect", "100-continue"),
+            ("fencing-token", "5"),
+            ("host", "store"),
+        ]);
+        strip_hop_by_hop(&mut map, true);
+        let names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["fencing-token", "host", "te"]);
+        assert_eq!(map["te"], "trailers");
+    }
+
+    #[test]
+    fn connection_may_not_name_the_token_or_host() {
+        let token = HeaderName::from_static("fencing-token");
+        assert!(check_connection(&headers(&[("connection", "close")]), &token).is_ok());
+        assert!(check_connection(&headers(&[("connection", "keep-alive, Fencing-Token")]), &token).is_err());
+        assert!(check_connection(
+            &headers(&[("connection", "close"), ("connection", "host")]),
+            &token
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut map = headers(&[("x-forwarded-for", "10.0.0.1")]);
+        add_forwarded(&mut map, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(map["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(map["forwarded"], "for=127.0.0.1;proto=http");
+        let mut map = HeaderMap::new();
+        add_forwarded(&mut map, "[::1]:5000".parse().unwrap());
+        assert_eq!(map["forwarded"], "for=\"[::1]\";proto=http");
+    }
+}

@@ -1,0 +1,107 @@
+//! The `fencegate` binary: parses the command line, starts logging and hands
+//! over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fencegate::commands::{self, Fatal};
+
+/// A storage-side fencing proxy: refuses writes from deposed leaders.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file.
+    #[arg(short, long, global = true, default_value = "config/fencegate.toml")]
+    config: PathBuf,
+    /// Log line format; the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve until SIGTERM or SIGINT.
+    Run {
+        /// Drop the stored epoch of a domain the configuration no longer has.
+        #[arg(long, value_name = "NAME")]
+        forget_domain: Vec<String>,
+    },
+    /// Create the state file, every domain at epoch 0.
+    Init,
+    /// Validate the configuration: exit 0 when valid, 64 otherwise.
+    CheckConfig,
+    /// Print the durable epochs (the proxy must be stopped).
+    Epochs {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<EpochsAction>,
+    },
+    /// Exit 0 when the admin /healthz answers (for container health checks).
+    Healthcheck,
+}
+
+#[derive(Subcommand)]
+enum EpochsAction {
+    /// Set a domain's epoch to any value, lower included (proxy stopped).
+    Set {
+        /// The domain.
+        #[arg(long)]
+        domain: String,
+        /// The new epoch.
+        #[arg(long)]
+        value: u64,
+        /// Required: lowering an epoch re-admits deposed leaders.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Run { forget_domain } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Fatal::Usage(format!("cannot start the runtime: {e}")))
+            .and_then(|rt| rt.block_on(commands::run(&cli.config, &forget_domain))),
+        Command::Init => commands::init(&cli.config),
+        Command::CheckConfig => commands::check_config(&cli.config),
+        Command::Epochs { json, action: None } => commands::epochs(&cli.config, json),
+        Command::Epochs {
+            action: Some(EpochsAction::Set { domain, value, force }),
+            ..
+        } => commands::epochs_set(&cli.config, &domain, value, force),
+        Command::Healthcheck => commands::healthcheck(&cli.config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fencegate: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

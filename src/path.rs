@@ -1,0 +1,328 @@
+//! Path normalization: the path that is checked against the domains is the
+//! path that is forwarded, so a write cannot reach one part of the store
+//! while being judged as another.
+//!
+//! The normal form percent-decodes unreserved characters, upper-cases the
+//! hex of every other escape, removes dot segments and collapses repeated
+//! slashes. Anything a store could read as a different path than we do is
+//! refused instead: encoded `/` or `\`, raw `\`, `;` (path parameters),
+//! control bytes, raw non-ASCII, broken escapes and `..` above the root.
+
+use std::fmt;
+
+/// Why a path was refused with 400 `bad_path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// Not an absolute path.
+    #[error("the path must start with `/`")]
+    NotAbsolute,
+    /// `%2F` or `%5C`: a store may decode it into a separator.
+    #[error("the path contains an encoded `/` or `\\`")]
+    EncodedSeparator,
+    /// A raw `\`, which some stores treat as a separator.
+    #[error("the path contains a `\\`")]
+    Backslash,
+    /// A `;`, which some stores strip as a path parameter.
+    #[error("the path contains a `;`")]
+    Semicolon,
+    /// NUL, another control byte or DEL, raw or encoded.
+    #[error("the path contains a control byte")]
+    ControlByte,
+    /// A raw byte above 0x7F (must be percent-encoded).
+    #[error("the path contains a raw non-ASCII byte")]
+    NonAscii,
+    /// `%` not followed by two hex digits.
+    #[error("the path contains a broken percent-escape")]
+    BadEscape,
+    /// `..` that climbs above the root.
+    #[error("the path climbs above the root with `..`")]
+    AboveRoot,
+}
+
+/// A normalized absolute path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalPath(String);
+
+impl NormalPath {
+    /// The normalized path as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NormalPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Normalizes an absolute request path (without its query).
+pub fn normalize(raw: &str) -> Result<NormalPath, PathError> {
+    let raw = raw.as_bytes();
+    if raw.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let mut segments: Vec<String> = Vec::new();
+    // Whether the normal form ends in `/`: after an empty last segment, or a
+    // last segment of `.` or `..` (RFC 3986 §5.2.4 keeps the slash there).
+    let mut trailing_slash = false;
+    for raw_segment in raw[1..].split(|b| *b == b'/') {
+        let segment = decode_segment(raw_segment)?;
+        trailing_slash = true;
+        match segment.as_str() {
+            "" | "." => {}
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+            }
+            _ => {
+                segments.push(segment);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(raw.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing_slash || segments.is_empty() {
+        out.push('/');
+    }
+    Ok(NormalPath(out))
+}
+
+/// Normalizes a domain prefix from the configuration: like a path, and then
+/// always ending in `/` so it matches whole segments only.
+pub fn normalize_prefix(raw: &str) -> Result<String, PathError> {
+    let mut prefix = normalize(raw)?.0;
+    if !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    Ok(prefix)
+}
+
+/// Whether `path` lies under `prefix` (which ends in `/`) on whole segments;
+/// the collection itself (`/orders` for `/orders/`) lies under it too, since
+/// a DELETE or MOVE of it changes everything the domain guards.
+pub fn lies_under(path: &NormalPath, prefix: &str) -> bool {
+    let path = path.as_str();
+    path.starts_with(prefix) || (path.len() + 1 == prefix.len() && prefix.starts_with(path))
+}
+
+fn decode_segment(raw: &[u8]) -> Result<String, PathError> {
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        match b {
+            b'%' => {
+                let hex = raw.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
+                let value = (hex_value(hex[0])? << 4) | hex_value(hex[1])?;
+                if is_unreserved(value) {
+                    out.push(char::from(value));
+                } else if value == b'/' || value == b'\\' {
+                    return Err(PathError::EncodedSeparator);
+                } else if is_control(value) {
+                    return Err(PathError::ControlByte);
+                } else {
+                    out.push('%');
+                    out.push(char::from(hex_digit(value >> 4)));
+                    out.push(char::from(hex_digit(value & 0xF)));
+                }
+                i += 3;
+                continue;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            b';' => return Err(PathError::Semicolon),
+            _ if is_control(b) => return Err(PathError::ControlByte),
+            0x80.. => return Err(PathError::NonAscii),
+            _ => out.push(char::from(b)),
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn is_control(b: u8) -> bool {
+    b < 0x20 || b == 0x7F
+}
+
+fn hex_value(b: u8) -> Result<u8, PathError> {
+    match b {
+        b'0'..=b'9' => Ok(b - b'0'),
+        b'a'..=b'f' => Ok(b - b'a' + 10),
+        b'A'..=b'F' => Ok(b - b'A' + 10),
+        _ => Err(PathError::BadEscape),
+    }
+}
+
+fn hex_digit(v: u8) -> u8 {
+    b"0123456789ABCDEF"[usize::from(v)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn norm(raw: &str) -> Result<String, PathError> {
+        normalize(raw).map(|p| p.0)
+    }
+
+    #[test]
+    fn normal_forms() {
+        let cases = [
+            ("/", "/"),
+            ("//", "/"),
+            ("/orders/1", "/orders/1"),
+            ("/orders/", "/orders/"),
+            ("//orders///1", "/orders/1"),
+            ("/a/./b", "/a/b"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/../orders/x", "/orders/x"),
+            ("/%6Frders/x", "/orders/x"),
+            ("/a/%2e%2E/x", "/x"),
+            ("/a/%2e%2e/b", "/b"),
+            ("/a%7eb", "/a~b"),
+            ("/a%3fb", "/a%3Fb"),
+            ("/a%20b", "/a%20b"),
+            ("/caf%C3%A9", "/caf%C3%A9"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(norm(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn refusals() {
+        let cases = [
+            ("orders", PathError::NotAbsolute),
+            ("*", PathError::NotAbsolute),
+            ("/a%2Fb", PathError::EncodedSeparator),
+            ("/a%2fb", PathError::EncodedSeparator),
+            ("/a%5Cb", PathError::EncodedSeparator),
+            ("/a\\b", PathError::Backslash),
+            ("/a;b", PathError::Semicolon),
+            ("/orders;x=1/a", PathError::Semicolon),
+            ("/a%00", PathError::ControlByte),
+            ("/a%0a", PathError::ControlByte),
+            ("/a%7F", PathError::ControlByte),
+            ("/a%", PathError::BadEscape),
+            ("/a%4", PathError::BadEscape),
+            ("/a%zz", PathError::BadEscape),
+            ("/..", PathError::AboveRoot),
+            ("/a/../..", PathError::AboveRoot),
+            ("/%2e%2e/%2e%2e", PathError::AboveRoot),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(norm(raw), Err(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn lies_under_matches_whole_segments() {
+        let p = |s: &str| normalize(s).unwrap();
+        assert!(lies_under(&p("/orders/1"), "/orders/"));
+        assert!(lies_under(&p("/orders/"), "/orders/"));
+        assert!(lies_under(&p("/orders"), "/orders/"));
+        assert!(!lies_under(&p("/ordersX/1"), "/orders/"));
+        assert!(!lies_under(&p("/order"), "/orders/"));
+        assert!(!lies_under(&p("/ORDERS/1"), "/orders/"));
+        assert!(lies_under(&p("/anything"), "/"));
+    }
+
+    /// How a naive store reads a path: decode everything, then resolve.
+    fn store_view(path: &str) -> String {
+        let mut decoded = Vec::new();
+        let b = path.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                decoded.push(u8::from_str_radix(&path[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                decoded.push(b[i]);
+                i += 1;
+            }
+        }
+        let text = String::from_utf8_lossy(&decoded).replace('\\', "/");
+        let mut stack: Vec<&str> = Vec::new();
+        for seg in text.split('/') {
+            match seg {
+                "" | "." => {}
+                ".." => {
+                    stack.pop();
+                }
+                s => stack.push(s),
+            }
+        }
+        format!("/{}", stack.join("/"))
+    }
+
+    /// Characters a path may contain raw, plus the troublemakers.
+    fn path_char() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-z0-9]".prop_map(String::from),
+            2 => Just("/".to_owned()),
+            2 => Just(".".to_owned()),
+            1 => Just("..".to_owned()),
+            1 => "%[0-9a-fA-F]{2}".prop_map(String::from),
+            1 => Just("%2e".to_owned()),
+            1 => Just(";".to_owned()),
+            1 => Just("\\".to_owned()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn normal_form_is_a_fixed_point(parts in proptest::collection::vec(path_char(), 0..24)) {
+            let raw = format!("/{}", parts.concat());
+            if let Ok(once) = normalize(&raw) {
+                let twice = normalize(once.as_str()).expect("a normal form normalizes");
+                prop_assert_eq!(&once, &twice);
+                let s = once.as_str();
+                prop_assert!(s.starts_with('/'));
+                prop_assert!(!s.contains("//"), "{}", s);
+                prop_assert!(s.split('/').all(|seg| seg != "." && seg != ".."), "{}", s);
+                prop_assert!(!s.contains(';') && !s.contains('\\'));
+            }
+        }
+
+        #[test]
+        fn decoding_unreserved_never_changes_the_result(
+            parts in proptest::collection::vec("[a-z0-9./]{1,3}", 1..12),
+            pick in any::<proptest::sample::Index>(),
+        ) {
+            // Encoding any unreserved byte must not move the path elsewhere.
+            let raw = format!("/{}", parts.concat());
+            let bytes = raw.as_bytes();
+            let i = pick.index(bytes.len());
+            if bytes[i] != b'/' {
+                let encoded = format!("{}%{:02X}{}", &raw[..i], bytes[i], &raw[i + 1..]);
+                prop_assert_eq!(normalize(&raw), normalize(&encoded));
+            }
+        }
+
+        #[test]
+        fn the_store_sees_the_domain_we_judged(
+            parts in proptest::collection::vec(path_char(), 0..24),
+        ) {
+            // A store that decodes every escape and then resolves `.`, `..`
+            // and `\` itself must place the forwarded path in the same
+            // domain as we did.
+            let raw = format!("/{}", parts.concat());
+            if let Ok(p) = normalize(&raw) {
+                let seen = store_view(p.as_str());
+                let store_says = seen.starts_with("/orders/") || seen == "/orders";
+                prop_assert_eq!(lies_under(&p, "/orders/"), store_says, "{} -> {}", p, seen);
+            }
+        }
+    }
+}

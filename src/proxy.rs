@@ -1,0 +1,317 @@
+//! The data path: one request, top to bottom. Screen it, find its domain and
+//! token, admit it (which may wait for a raise), forward it, and count it.
+//! Refusals are [`Problem`]s, rendered in one place ([`crate::error`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::body::{Exchange, GuardedBody};
+use crate::config::Config;
+use crate::error::{Problem, Reason};
+use crate::fencing::Access;
+use crate::forward::{ForwardError, Upstream};
+use crate::gate::{Gate, Gates, Ticket};
+use crate::hop::{add_forwarded, check_connection, strip_hop_by_hop, METHOD_OVERRIDES};
+use crate::metrics::DomainMetrics;
+use crate::path::{normalize, NormalPath};
+use crate::token::{Token, TokenError};
+
+/// What clients receive: fencegate's own answers, or the store's streamed.
+pub type ProxyBody = Either<Full<Bytes>, GuardedBody<Incoming>>;
+
+/// Everything the data path needs, shared by every connection.
+pub struct Proxy {
+    gates: Gates,
+    upstream: Upstream,
+    fencing_header: HeaderName,
+    read_methods: Vec<Method>,
+    max_header_bytes: usize,
+    /// Metrics of requests outside every domain.
+    outside: DomainMetrics,
+}
+
+impl Proxy {
+    /// The data path for `config`, with the domains' live state in `gates`.
+    pub fn new(config: &Config, gates: Gates, outside: DomainMetrics) -> Proxy {
+        Proxy {
+            gates,
+            upstream: Upstream::new(&config.upstream),
+            fencing_header: HeaderName::from_bytes(config.fencing.header.as_bytes())
+                .expect("validated header name"),
+            read_methods: config
+                .fencing
+                .read_methods
+                .iter()
+                .map(|m| Method::from_bytes(m.as_bytes()).expect("validated method"))
+                .collect(),
+            max_header_bytes: config.server.max_header_bytes,
+            outside,
+        }
+    }
+
+    /// The domains.
+    pub fn gates(&self) -> &Gates {
+        &self.gates
+    }
+
+    /// Answers one request from `peer`.
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let body_unread = !request.body().is_end_stream();
+        let mut domain = None;
+        let result = self.process(request, peer, &mut domain).await;
+        let metrics = domain.as_ref().map_or(&self.outside, |g| &g.metrics);
+        metrics.request_duration.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(response) => {
+                metrics.count(Ok(()));
+                response
+            }
+            Err(problem) => {
+                metrics.count(Err(problem.reason));
+                log_refusal(&problem);
+                problem.into_response(body_unread).map(Either::Left)
+            }
+        }
+    }
+
+    async fn process(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        domain: &mut Option<Arc<Gate>>,
+    ) -> Result<Response<ProxyBody>, Problem> {
+        self.screen(&request)?;
+        let path =
+            normalize(request.uri().path()).map_err(|e| Problem::new(Reason::BadPath, e.to_string()))?;
+        let access = self.access(&request);
+        let token = Token::from_values(request.headers().get_all(&self.fencing_header).iter())
+            .map_err(|e| token_problem(e, &self.fencing_header))?;
+        *domain = self.gates.find(&path).cloned();
+        let ticket = match (domain.as_deref(), access, token) {
+            (None, Access::Write, _) => {
+                return Err(Problem::new(
+                    Reason::NoDomain,
+                    format!("writes to `{path}` are not allowed: the path lies in no fenced domain"),
+                ));
+            }
+            (None, Access::Read, _) | (Some(_), Access::Read, None) => None,
+            (Some(gate), Access::Write, None) => {
+                let mut problem = Problem::new(
+                    Reason::MissingToken,
+                    format!(
+                        "a write to domain `{}` needs the `{}` header",
+                        gate.name, self.fencing_header
+                    ),
+                );
+                problem.domain = Some(gate.name.to_string());
+                return Err(problem);
+            }
+            (Some(gate), access, Some(token)) => {
+                if access == Access::Write {
+                    self.check_destination(&request, gate, token)?;
+                }
+                gate.metrics.inflight.inc();
+                let admitted = gate.admit(token, access).await;
+                gate.metrics.inflight.dec();
+                admitted?
+            }
+        };
+        let metrics = domain.as_ref().map_or(&self.outside, |g| &g.metrics);
+        self.forward(request, &path, peer, ticket, metrics).await
+    }
+
+    /// Refusals that need no domain: CONNECT, oversized heads, and a
+    /// `Connection` header that would strip the token or `Host`.
+    fn screen(&self, request: &Request<Incoming>) -> Result<(), Problem> {
+        if request.method() == Method::CONNECT {
+            return Err(Problem::new(
+                Reason::MethodNotAllowed,
+                "CONNECT is not supported: fencegate never tunnels",
+            ));
+        }
+        let head_bytes = request.method().as_str().len()
+            + request.uri().to_string().len()
+            + 12
+            + request
+                .headers()
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head_bytes > self.max_header_bytes {
+            return Err(Problem::new(
+                Reason::HeaderTooLarge,
+                format!(
+                    "the request head has {head_bytes} bytes, more than the limit of {}",
+                    self.max_header_bytes
+                ),
+            ));
+        }
+        check_connection(request.headers(), &self.fencing_header).map_err(|named| {
+            Problem::new(
+                Reason::BadRequest,
+                format!(
+                    "the Connection header names `{}`, which fencegate must forward",
+                    named.0
+                ),
+            )
+        })
+    }
+
+    /// A read only if its method is a read method and nothing overrides it.
+    fn access(&self, request: &Request<Incoming>) -> Access {
+        let overridden = METHOD_OVERRIDES
+            .iter()
+            .any(|h| request.headers().contains_key(*h));
+        if !overridden && self.read_methods.contains(request.method()) {
+            Access::Read
+        } else {
+            Access::Write
+        }
+    }
+
+    /// COPY and MOVE must stay in their domain; their `Destination` is
+    /// normalized like the path and forwarded in that form.
+    fn check_destination(
+        &self,
+        request: &Request<Incoming>,
+        gate: &Gate,
+        token: Token,
+    ) -> Result<(), Problem> {
+        let Some(value) = request.headers().get("destination") else {
+            return Ok(());
+        };
+        let destination = http::Uri::try_from(value.as_bytes())
+            .map_err(|_| Problem::new(Reason::BadPath, "the Destination header is not a URI"))?;
+        let path = normalize(destination.path())
+            .map_err(|e| Problem::new(Reason::BadPath, format!("Destination: {e}")))?;
+        match self.gates.find(&path) {
+            Some(other) if std::ptr::eq(other.as_ref(), gate) => Ok(()),
+            _ => Err(gate.problem(
+                Reason::CrossDomain,
+                token,
+                format!("the Destination `{path}` lies outside domain `{}`", gate.name),
+            )),
+        }
+    }
+
+    /// Sends an admitted request to the store and streams its answer back.
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        path: &NormalPath,
+        peer: SocketAddr,
+        ticket: Option<Ticket>,
+        metrics: &DomainMetrics,
+    ) -> Result<Response<ProxyBody>, Problem> {
+        let (mut parts, body) = request.into_parts();
+        let fence = ticket.as_ref().map(|t| t.abort_signal().clone());
+        let exchange = Exchange::new(ticket);
+        if body.is_end_stream() {
+            exchange.complete();
+        }
+        parts.uri = self.upstream.uri(path, parts.uri.query());
+        parts.version = Version::HTTP_11;
+        if let Some(destination) = parts.headers.get("destination") {
+            let rewritten =
+                normalized_destination(destination).map_err(|e| Problem::new(Reason::BadPath, e))?;
+            parts.headers.insert("destination", rewritten);
+        }
+        strip_hop_by_hop(&mut parts.headers, true);
+        add_forwarded(&mut parts.headers, peer);
+        let body = GuardedBody::new(body, self.upstream.body_idle_timeout)
+            .forwarding(exchange.clone(), fence.clone());
+        let sent_at = Instant::now();
+        let result = self
+            .upstream
+            .send(Request::from_parts(parts, body), &exchange, fence.as_ref())
+            .await;
+        metrics.upstream_duration.observe(sent_at.elapsed().as_secs_f64());
+        drop(exchange);
+        let response = result.map_err(|e| {
+            if matches!(e, ForwardError::Timeout(_)) && fence.as_ref().is_some_and(|f| f.is_cancelled()) {
+                metrics.barrier_timeouts.inc();
+            }
+            forward_problem(e)
+        })?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Problem::new(
+                Reason::UpstreamBadResponse,
+                "the store switched protocols, which fencegate never tunnels",
+            ));
+        }
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        let body = GuardedBody::new(body, self.upstream.body_idle_timeout);
+        Ok(Response::from_parts(parts, Either::Right(body)))
+    }
+}
+
+/// The Destination header with its path in normal form.
+fn normalized_destination(value: &HeaderValue) -> Result<HeaderValue, String> {
+    let uri = http::Uri::try_from(value.as_bytes()).map_err(|e| format!("Destination: {e}"))?;
+    let path = normalize(uri.path()).map_err(|e| format!("Destination: {e}"))?;
+    let text = match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{path}"),
+        _ => path.to_string(),
+    };
+    HeaderValue::from_str(&text).map_err(|e| format!("Destination: {e}"))
+}
+
+fn token_problem(e: TokenError, header: &HeaderName) -> Problem {
+    Problem::new(Reason::MalformedToken, format!("`{header}`: {e}"))
+}
+
+fn forward_problem(e: ForwardError) -> Problem {
+    let reason = match e {
+        ForwardError::Connect(_) | ForwardError::Failed(_) => Reason::UpstreamUnreachable,
+        ForwardError::Timeout(_) => Reason::UpstreamTimeout,
+        ForwardError::Fenced => Reason::StaleEpoch,
+        ForwardError::ClientBody(_) => Reason::BadRequest,
+    };
+    let detail = match e {
+        ForwardError::Connect(_) => format!("{e}; nothing was sent"),
+        _ => e.to_string(),
+    };
+    Problem::new(reason, detail)
+}
+
+fn log_refusal(problem: &Problem) {
+    let domain = problem.domain.as_deref().unwrap_or(crate::metrics::NO_DOMAIN);
+    let reason = problem.reason.as_str();
+    match problem.reason {
+        Reason::UpstreamUnreachable
+        | Reason::UpstreamTimeout
+        | Reason::UpstreamBadResponse
+        | Reason::StateUnavailable => {
+            tracing::warn!(domain, reason, token = problem.token, epoch = problem.epoch, detail = %problem.detail, "request failed");
+        }
+        Reason::StaleEpoch
+        | Reason::SupersededLeader
+        | Reason::NotLeader
+        | Reason::NoLeader
+        | Reason::CoordinatorUnavailable
+        | Reason::CoordinatorRegressed => {
+            tracing::info!(
+                domain,
+                reason,
+                token = problem.token,
+                epoch = problem.epoch,
+                "write refused"
+            );
+        }
+        _ => tracing::debug!(domain, reason, detail = %problem.detail, "request refused"),
+    }
+}

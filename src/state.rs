@@ -1,0 +1,451 @@
+//! The state file: the durable epochs in redb, and the clean-shutdown mark.
+//!
+//! Every function here is blocking; async code reaches it through the
+//! [`crate::committer`]. A missing or unreadable file is an error, never an
+//! empty state: defaulting a lost epoch to zero would re-admit every deposed
+//! leader.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+/// Domain name → (epoch, prefix). The prefix lets a new domain inherit the
+/// epoch of a stored domain that used to guard its paths.
+const DOMAINS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("domains");
+/// Bookkeeping: `format` and `clean_shutdown`.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const FORMAT_KEY: &str = "format";
+const FORMAT_VERSION: u64 = 1;
+const CLEAN_KEY: &str = "clean_shutdown";
+
+/// Why the state file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// `run` needs a file made by `init`.
+    #[error("state file {0} does not exist: create it with `fencegate init` (a missing file is never taken as epoch 0)")]
+    Missing(PathBuf),
+    /// `init` refuses to overwrite epochs.
+    #[error("state file {0} already exists: refusing to overwrite its epochs")]
+    AlreadyExists(PathBuf),
+    /// Another process (a running fencegate) holds the file.
+    #[error("state file {0} is in use by a running fencegate: read the epochs from its /metrics or /domains instead")]
+    InUse(PathBuf),
+    /// The file exists but is not a fencegate state file.
+    #[error("state file {path} is not a fencegate state file: {problem}")]
+    NotState {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// redb or the file system failed.
+    #[error("state file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: redb::Error,
+    },
+    /// A stored domain is missing from the configuration.
+    #[error("state file {path} holds domain `{name}` (epoch {epoch}), which the configuration no longer has: restore it, or pass `--forget-domain {name}` to drop its epoch")]
+    ForgottenDomain {
+        /// The file.
+        path: PathBuf,
+        /// The stored domain.
+        name: String,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// `epochs set` named a domain the file does not have.
+    #[error("state file {path} has no domain `{name}`")]
+    UnknownDomain {
+        /// The file.
+        path: PathBuf,
+        /// The domain asked for.
+        name: String,
+    },
+}
+
+/// What the state file holds about one domain.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredDomain {
+    /// The domain's name.
+    pub name: String,
+    /// Its path prefix when last run.
+    pub prefix: String,
+    /// Its durable epoch.
+    pub epoch: u64,
+}
+
+/// A domain as the configuration has it, for [`StateFile::start`].
+#[derive(Debug, Clone)]
+pub struct WantedDomain {
+    /// Name.
+    pub name: String,
+    /// Normalized prefix, ending in `/`.
+    pub prefix: String,
+}
+
+/// What `start` found and decided.
+#[derive(Debug, Clone)]
+pub struct StartState {
+    /// The epoch of every configured domain, in configuration order.
+    pub epochs: Vec<u64>,
+    /// Whether the previous run ended with a clean shutdown.
+    pub was_clean: bool,
+}
+
+/// An open state file, held exclusively by this process.
+#[derive(Debug)]
+pub struct StateFile {
+    db: Database,
+    path: PathBuf,
+}
+
+impl StateFile {
+    /// Creates a new state file (and its directory) with every domain at 0.
+    pub fn create(path: &Path, domains: &[WantedDomain]) -> Result<StateFile, StateError> {
+        if path.exists() {
+            return Err(StateError::AlreadyExists(path.to_owned()));
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| io_error(path, e.into()))?;
+        }
+        let db = Database::create(path).map_err(|e| io_error(path, e.into()))?;
+        let state = StateFile {
+            db,
+            path: path.to_owned(),
+        };
+        state.write(|domains_table, meta| {
+            meta.insert(FORMAT_KEY, FORMAT_VERSION)?;
+            meta.insert(CLEAN_KEY, 1)?;
+            for d in domains {
+                domains_table.insert(d.name.as_str(), (0, d.prefix.as_str()))?;
+            }
+            Ok(())
+        })?;
+        Ok(state)
+    }
+
+    /// Opens an existing state file for writing.
+    pub fn open(path: &Path) -> Result<StateFile, StateError> {
+        if !path.exists() {
+            return Err(StateError::Missing(path.to_owned()));
+        }
+        let db = Database::open(path).map_err(|e| open_error(path, e))?;
+        let state = StateFile {
+            db,
+            path: path.to_owned(),
+        };
+        state.check_format()?;
+        Ok(state)
+    }
+
+    /// Reads the stored domains of a file no process holds, without writing.
+    pub fn read_only(path: &Path) -> Result<Vec<StoredDomain>, StateError> {
+        if !path.exists() {
+            return Err(StateError::Missing(path.to_owned()));
+        }
+        let db = redb::ReadOnlyDatabase::open(path).map_err(|e| open_error(path, e))?;
+        let txn = db.begin_read().map_err(|e| io_error(path, e.into()))?;
+        read_domains(path, &txn)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes the stored domains agree with the configuration and clears the
+    /// clean-shutdown mark, in one durable commit. New domains inherit the
+    /// epoch of the stored domain with the longest prefix containing theirs;
+    /// stored domains not configured stop the start unless in `forget`.
+    pub fn start(&self, wanted: &[WantedDomain], forget: &[String]) -> Result<StartState, StateError> {
+        let stored = self.domains()?;
+        for s in &stored {
+            if !wanted.iter().any(|w| w.name == s.name) && !forget.contains(&s.name) {
+                return Err(StateError::ForgottenDomain {
+                    path: self.path.clone(),
+                    name: s.name.clone(),
+                    epoch: s.epoch,
+                });
+            }
+        }
+        let was_clean = self.meta(CLEAN_KEY)? == Some(1);
+        let epochs: Vec<u64> = wanted
+            .iter()
+            .map(|w| match stored.iter().find(|s| s.name == w.name) {
+                Some(s) => s.epoch,
+                None => inherited_epoch(&stored, &w.prefix),
+            })
+            .collect();
+        self.write(|table, meta| {
+            for s in stored.iter().filter(|s| forget.contains(&s.name)) {
+                if !wanted.iter().any(|w| w.name == s.name) {
+                    tracing::warn!(domain = %s.name, epoch = s.epoch, "forgetting a stored domain");
+                    table.remove(s.name.as_str())?;
+                }
+            }
+            for (w, epoch) in wanted.iter().zip(&epochs) {
+                table.insert(w.name.as_str(), (*epoch, w.prefix.as_str()))?;
+            }
+            meta.insert(CLEAN_KEY, 0)?;
+            Ok(())
+        })?;
+        Ok(StartState { epochs, was_clean })
+    }
+
+    /// Raises the stored epochs of the named domains (never lowers one).
+    pub fn raise(&self, updates: &BTreeMap<String, u64>) -> Result<(), StateError> {
+        self.write(|table, _| {
+            for (name, value) in updates {
+                let (epoch, prefix) = match table.get(name.as_str())? {
+                    Some(row) => {
+                        let (e, p) = row.value();
+                        (e, p.to_owned())
+                    }
+                    None => {
+                        return Err(redb::Error::Corrupted(format!(
+                            "domain `{name}` vanished from the state file"
+                        )))
+                    }
+                };
+                if *value > epoch {
+                    table.insert(name.as_str(), (*value, prefix.as_str()))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Records (or clears) the clean-shutdown mark.
+    pub fn set_clean(&self, clean: bool) -> Result<(), StateError> {
+        self.write(|_, meta| {
+            meta.insert(CLEAN_KEY, u64::from(clean))?;
+            Ok(())
+        })
+    }
+
+    /// Sets one epoch to any value, lower included: the operator's escape
+    /// hatch (`epochs set --force`). Returns the old value.
+    pub fn force_set(&self, name: &str, value: u64) -> Result<u64, StateError> {
+        let mut old = None;
+        self.write(|table, _| {
+            let row = table.get(name)?.map(|r| {
+                let (e, p) = r.value();
+                (e, p.to_owned())
+            });
+            if let Some((epoch, prefix)) = row {
+                old = Some(epoch);
+                table.insert(name, (value, prefix.as_str()))?;
+            }
+            Ok(())
+        })?;
+        old.ok_or_else(|| StateError::UnknownDomain {
+            path: self.path.clone(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Every stored domain.
+    pub fn domains(&self) -> Result<Vec<StoredDomain>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| io_error(&self.path, e.into()))?;
+        read_domains(&self.path, &txn)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<u64>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| io_error(&self.path, e.into()))?;
+        let table = txn.open_table(META).map_err(|e| self.not_state(e))?;
+        let value = table.get(key).map_err(|e| io_error(&self.path, e.into()))?;
+        Ok(value.map(|v| v.value()))
+    }
+
+    fn check_format(&self) -> Result<(), StateError> {
+        match self.meta(FORMAT_KEY)? {
+            Some(FORMAT_VERSION) => Ok(()),
+            other => Err(StateError::NotState {
+                path: self.path.clone(),
+                problem: format!("format version {other:?}, expected {FORMAT_VERSION}"),
+            }),
+        }
+    }
+
+    fn not_state(&self, e: impl std::fmt::Display) -> StateError {
+        StateError::NotState {
+            path: self.path.clone(),
+            problem: e.to_string(),
+        }
+    }
+
+    /// Runs `f` in one fsynced write transaction.
+    fn write<F>(&self, f: F) -> Result<(), StateError>
+    where
+        F: FnOnce(
+            &mut redb::Table<&str, (u64, &str)>,
+            &mut redb::Table<&str, u64>,
+        ) -> Result<(), redb::Error>,
+    {
+        let run = || -> Result<(), redb::Error> {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+            {
+                let mut domains = txn.open_table(DOMAINS)?;
+                let mut meta = txn.open_table(META)?;
+                f(&mut domains, &mut meta)?;
+            }
+            txn.commit()?;
+            Ok(())
+        };
+        run().map_err(|e| io_error(&self.path, e))
+    }
+}
+
+fn read_domains(path: &Path, txn: &redb::ReadTransaction) -> Result<Vec<StoredDomain>, StateError> {
+    let not_state = |e: &dyn std::fmt::Display| StateError::NotState {
+        path: path.to_owned(),
+        problem: e.to_string(),
+    };
+    let table = txn.open_table(DOMAINS).map_err(|e| not_state(&e))?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(|e| io_error(path, e.into()))? {
+        let (name, value) = row.map_err(|e| io_error(path, e.into()))?;
+        let (epoch, prefix) = value.value();
+        out.push(StoredDomain {
+            name: name.value().to_owned(),
+            prefix: prefix.to_owned(),
+            epoch,
+        });
+    }
+    Ok(out)
+}
+
+/// The epoch a new domain with `prefix` starts at: that of the stored domain
+/// with the longest prefix containing it (the one that guarded its paths).
+fn inherited_epoch(stored: &[StoredDomain], prefix: &str) -> u64 {
+    stored
+        .iter()
+        .filter(|s| prefix.starts_with(s.prefix.as_str()))
+        .max_by_key(|s| s.prefix.len())
+        .map_or(0, |s| s.epoch)
+}
+
+fn open_error(path: &Path, e: DatabaseError) -> StateError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => StateError::InUse(path.to_owned()),
+        other => StateError::NotState {
+            path: path.to_owned(),
+            problem: other.to_string(),
+        },
+    }
+}
+
+fn io_error(path: &Path, source: redb::Error) -> StateError {
+    StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wanted(list: &[(&str, &str)]) -> Vec<WantedDomain> {
+        list.iter()
+            .map(|(n, p)| WantedDomain {
+                name: (*n).into(),
+                prefix: (*p).into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn epochs_survive_reopen_and_never_go_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/state.redb");
+        let domains = wanted(&[("orders", "/orders/")]);
+        let state = StateFile::create(&path, &domains).unwrap();
+        let start = state.start(&domains, &[]).unwrap();
+        assert_eq!(start.epochs, vec![0]);
+        assert!(start.was_clean, "a fresh file counts as clean");
+        state.raise(&BTreeMap::from([("orders".to_owned(), 9)])).unwrap();
+        state.raise(&BTreeMap::from([("orders".to_owned(), 4)])).unwrap();
+        drop(state);
+        let state = StateFile::open(&path).unwrap();
+        let start = state.start(&domains, &[]).unwrap();
+        assert_eq!(start.epochs, vec![9]);
+        assert!(!start.was_clean, "no clean mark after the previous start");
+        state.set_clean(true).unwrap();
+        drop(state);
+        assert!(
+            StateFile::open(&path)
+                .unwrap()
+                .start(&domains, &[])
+                .unwrap()
+                .was_clean
+        );
+    }
+
+    #[test]
+    fn missing_empty_and_foreign_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none.redb");
+        assert!(matches!(StateFile::open(&missing), Err(StateError::Missing(_))));
+        let empty = dir.path().join("empty.redb");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(
+            StateFile::open(&empty),
+            Err(StateError::NotState { .. })
+        ));
+        let junk = dir.path().join("junk.redb");
+        std::fs::write(&junk, vec![7u8; 8192]).unwrap();
+        assert!(matches!(StateFile::open(&junk), Err(StateError::NotState { .. })));
+        assert!(matches!(
+            StateFile::create(&junk, &[]),
+            Err(StateError::AlreadyExists(_))
+        ));
+    }
+
+    #[test]
+    fn new_domains_inherit_and_forgotten_ones_stop_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = wanted(&[("all", "/"), ("a", "/a/")]);
+        let state = StateFile::create(&path, &old).unwrap();
+        state.start(&old, &[]).unwrap();
+        state
+            .raise(&BTreeMap::from([("all".to_owned(), 3), ("a".to_owned(), 8)]))
+            .unwrap();
+
+        let new = wanted(&[("all", "/"), ("ab", "/a/b/"), ("c", "/c/")]);
+        let err = state.start(&new, &[]).unwrap_err();
+        assert!(
+            matches!(err, StateError::ForgottenDomain { ref name, epoch: 8, .. } if name == "a"),
+            "{err}"
+        );
+        let start = state.start(&new, &["a".to_owned()]).unwrap();
+        assert_eq!(start.epochs, vec![3, 8, 3]);
+        let names: Vec<String> = state.domains().unwrap().into_iter().map(|d| d.name).collect();
+        assert_eq!(names, vec!["ab", "all", "c"]);
+    }
+
+    #[test]
+    fn second_open_is_in_use_and_force_set_lowers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let domains = wanted(&[("orders", "/orders/")]);
+        let state = StateFile::create(&path, &domains).unwrap();
+        state.raise(&BTreeMap::from([("orders".to_owned(), 9)])).unwrap();
+        assert!(matches!(StateFile::read_only(&path), Err(StateError::InUse(_))));
+        assert_eq!(state.force_set("orders", 2).unwrap(), 9);
+        assert!(matches!(
+            state.force_set("nope", 2),
+            Err(StateError::UnknownDomain { .. })
+        ));
+        drop(state);
+        let read = StateFile::read_only(&path).unwrap();
+        assert_eq!(read[0].epoch, 2);
+    }
+}

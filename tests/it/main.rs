@@ -1,0 +1,10 @@
+//! The single integration test crate of fencegate.
+//!
+//! Tests start real processes (nginx, etcd, fencegate itself) on free
+//! loopback ports through the helpers in `support`. Missing tools make a
+//! test fail with the command that installs them; no test skips silently.
+//! `scripts/test` installs everything and runs the whole suite.
+
+mod support;
+
+mod smoke;
