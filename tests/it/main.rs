@@ -8,3 +8,7 @@
 mod support;
 
 mod smoke;
+mod responses;
+mod bypass;
+mod durability;
+mod barrier;

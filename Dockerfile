@@ -1,0 +1,24 @@
+# fencegate: multi-stage build, slim non-root runtime.
+# Not built in this project's CI (no Docker engine there); kept conventional.
+FROM rust:1-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin fencegate
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --home-dir /var/lib/fencegate fencegate \
+    && mkdir -p /etc/fencegate /var/lib/fencegate \
+    && chown fencegate /var/lib/fencegate
+COPY --from=build /src/target/release/fencegate /usr/local/bin/fencegate
+COPY config/fencegate.toml /etc/fencegate/fencegate.toml
+USER fencegate
+# The configuration, and the state file that must outlive the container.
+VOLUME ["/etc/fencegate", "/var/lib/fencegate"]
+# 8080: the proxy; 9100: /metrics, /healthz, /readyz, /domains.
+EXPOSE 8080 9100
+HEALTHCHECK --interval=10s --timeout=3s CMD ["fencegate", "healthcheck", "--config", "/etc/fencegate/fencegate.toml"]
+ENTRYPOINT ["fencegate"]
+CMD ["run", "--config", "/etc/fencegate/fencegate.toml"]
