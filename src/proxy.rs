@@ -99,8 +99,11 @@ impl Proxy {
         let access = self.access(&request);
         let token = Token::from_values(request.headers().get_all(&self.fencing_header).iter())
             .map_err(|e| token_problem(e, &self.fencing_header))?;
-        *domain = self.gates.find(&path).cloned();
-        let ticket = match (domain.as_deref(), access, token) {
+        let gate = self.gates.find(&path).cloned();
+        *domain = gate.clone();
+        let metrics = gate.as_ref().map_or(&self.outside, |g| &g.metrics);
+        let _inflight = (access == Access::Write).then(|| InflightGuard::enter(&metrics.inflight));
+        let ticket = match (gate.as_deref(), access, token) {
             (None, Access::Write, _) => {
                 return Err(Problem::new(
                     Reason::NoDomain,
@@ -123,13 +126,9 @@ impl Proxy {
                 if access == Access::Write {
                     self.check_destination(&request, gate, token)?;
                 }
-                gate.metrics.inflight.inc();
-                let admitted = gate.admit(token, access).await;
-                gate.metrics.inflight.dec();
-                admitted?
+                gate.admit(token, access).await?
             }
         };
-        let metrics = domain.as_ref().map_or(&self.outside, |g| &g.metrics);
         self.forward(request, &path, peer, ticket, metrics).await
     }
 
@@ -142,8 +141,10 @@ impl Proxy {
                 "CONNECT is not supported: fencegate never tunnels",
             ));
         }
+        let uri = request.uri();
         let head_bytes = request.method().as_str().len()
-            + request.uri().to_string().len()
+            + uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len() + 8)
             + 12
             + request
                 .headers()
@@ -256,6 +257,22 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers, false);
         let body = GuardedBody::new(body, self.upstream.body_idle_timeout);
         Ok(Response::from_parts(parts, Either::Right(body)))
+    }
+}
+
+/// Counts a write in `fencegate_inflight_requests` until dropped.
+struct InflightGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InflightGuard<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> InflightGuard<'a> {
+        gauge.inc();
+        InflightGuard(gauge)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -1,1 +1,624 @@
-//! (being written)
+//! Durability of the epochs (SPEC.md: State file, Command line, Guarantee):
+//! restarts clean and after SIGKILL, the crash wait, the state file's
+//! refusals, domain reconciliation, and the `epochs` / `check-config`
+//! commands, against the real binary and a real nginx store.
+
+use crate::support::{
+    client, http_get, parse_response, raw_request_timeout, run_bounded, EventKind, Fencegate,
+    FencegateConfig, Nginx, RawResponse, ScriptedStore,
+};
+use serde_json::Value;
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `PUT path` with `token` through fencegate, on a fresh connection.
+fn put(fg: &Fencegate, path: &str, token: u64) -> RawResponse {
+    let req = format!(
+        "PUT {path} HTTP/1.1\r\nHost: store\r\nFencing-Token: {token}\r\n\
+         Content-Length: 5\r\nConnection: close\r\n\r\nhello"
+    );
+    parse_response(&raw_request_timeout(&fg.addr(), req.as_bytes(), WRITE_TIMEOUT))
+}
+
+/// `put`, and how long it took.
+fn timed_put(fg: &Fencegate, path: &str, token: u64) -> (RawResponse, Duration) {
+    let started = Instant::now();
+    let resp = put(fg, path, token);
+    (resp, started.elapsed())
+}
+
+#[track_caller]
+fn assert_admitted(resp: &RawResponse, what: &str) {
+    assert!(
+        (200..300).contains(&resp.status) && resp.header("fencegate-reason").is_none(),
+        "{what}: expected a 2xx from the store, got {resp:?}"
+    );
+}
+
+#[track_caller]
+fn assert_stale(resp: &RawResponse, what: &str) {
+    assert_eq!(
+        (resp.status, resp.header("fencegate-reason")),
+        (412, Some("stale_epoch")),
+        "{what}: {resp:?}"
+    );
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[track_caller]
+fn assert_exit(out: &Output, code: i32, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// The durable epochs of a stopped fencegate, via `epochs --json`.
+fn stored_epochs(fg: &Fencegate) -> Value {
+    let out = fg.run_cli(&["epochs", "--json"]);
+    assert_exit(&out, 0, "fencegate epochs --json");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("epochs --json is not JSON ({e}): {}", text(&out.stdout)))
+}
+
+/// The `epoch` of `domain` in an array of objects with `name` and `epoch`
+/// (`epochs --json` or the admin `/domains`), `None` when absent.
+fn epoch_in(list: &Value, domain: &str) -> Option<u64> {
+    domain_in(list, domain).map(|d| d["epoch"].as_u64().expect("numeric epoch"))
+}
+
+fn domain_in<'a>(list: &'a Value, domain: &str) -> Option<&'a Value> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("expected a JSON array, got {list}"))
+        .iter()
+        .find(|d| d["name"] == domain)
+}
+
+fn admin_domains(fg: &Fencegate) -> Value {
+    let resp = fg.admin_get("/domains");
+    assert_eq!(resp.status, 200, "/domains: {resp:?}");
+    serde_json::from_str(&resp.body).unwrap_or_else(|e| panic!("/domains is not JSON ({e}): {}", resp.body))
+}
+
+#[track_caller]
+fn assert_terminates_cleanly(fg: &mut Fencegate) {
+    let status = fg.terminate();
+    assert!(
+        status.success(),
+        "SIGTERM should end fencegate with exit 0, got {status}\n--- stderr ---\n{}",
+        fg.stderr_text()
+    );
+}
+
+fn orders_config(nginx: &Nginx) -> FencegateConfig {
+    FencegateConfig::new(&nginx.url()).domain("orders", "/orders/")
+}
+
+#[test]
+fn epoch_survives_a_clean_restart() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx).request_timeout(Duration::from_secs(2)));
+    assert_admitted(&put(&fg, "/orders/a", 7), "raise to 7");
+    assert_terminates_cleanly(&mut fg);
+
+    let out = fg.run_cli(&["epochs"]);
+    assert_exit(&out, 0, "fencegate epochs (stopped)");
+    let table = text(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("orders"))
+        .unwrap_or_else(|| panic!("no `orders` row in:\n{table}"));
+    assert_eq!(row.split_whitespace().last(), Some("7"), "{table}");
+    assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(7));
+
+    fg.start_again();
+    assert_stale(&put(&fg, "/orders/a", 6), "token 6 after a restart at epoch 7");
+    assert_admitted(&put(&fg, "/orders/a", 7), "token 7 after a restart");
+    // A clean start has no crash wait: the next raise is fast.
+    let (resp, took) = timed_put(&fg, "/orders/a", 8);
+    assert_admitted(&resp, "raise to 8 after a clean restart");
+    assert!(
+        took < Duration::from_secs(1),
+        "raise after a clean restart took {took:?}"
+    );
+    println!("durability: raise after a clean restart took {took:?}");
+}
+
+#[test]
+fn epoch_survives_sigkill_right_after_an_acknowledged_raise() {
+    let nginx = Nginx::start();
+    // Each restart after SIGKILL makes the first raise wait request_timeout.
+    let config = orders_config(&nginx).request_timeout(Duration::from_millis(200));
+    let mut fg = Fencegate::start(config);
+    let tokens: Vec<u64> = (1..=20).map(|i| 100 + 3 * i).collect();
+    for &n in &tokens {
+        let resp = put(&fg, "/orders/k", n);
+        fg.kill9();
+        assert_admitted(&resp, &format!("raise to {n}"));
+        fg.start_again();
+        assert_stale(
+            &put(&fg, "/orders/k", n - 1),
+            &format!("token {} after SIGKILL at {n}", n - 1),
+        );
+    }
+    fg.kill9();
+    assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), tokens.last().copied());
+    // The store saw exactly the admitted writes, in order; no refused one.
+    let seen: Vec<Option<String>> = nginx.log_entries().into_iter().map(|e| e.token).collect();
+    let want: Vec<Option<String>> = tokens.iter().map(|t| Some(t.to_string())).collect();
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn first_raise_after_a_crash_waits_request_timeout_but_not_after_a_clean_stop() {
+    let request_timeout = Duration::from_secs(2);
+    let slack = Duration::from_millis(100);
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx).request_timeout(request_timeout));
+    let (resp, took) = timed_put(&fg, "/orders/t", 10);
+    assert_admitted(&resp, "raise on a fresh state file");
+    assert!(
+        took < Duration::from_secs(1),
+        "raise on a fresh (clean) file took {took:?}"
+    );
+
+    let mut token = 10;
+    for round in 0..2 {
+        fg.kill9();
+        let spawned = Instant::now();
+        fg.start_again();
+        let healthy = spawned.elapsed();
+        // Writes that need no raise are not delayed by the crash wait.
+        let (resp, same) = timed_put(&fg, "/orders/t", token);
+        assert_admitted(&resp, "token equal to the epoch after a crash");
+        let (resp, stale) = timed_put(&fg, "/orders/t", token - 1);
+        assert_stale(&resp, "stale token after a crash");
+        assert!(
+            same.max(stale) < Duration::from_secs(1),
+            "non-raising writes took {same:?}/{stale:?}"
+        );
+
+        token += 1;
+        let raise_started = Instant::now();
+        let resp = put(&fg, "/orders/t", token);
+        let raise = raise_started.elapsed();
+        let since_spawn = spawned.elapsed();
+        assert_admitted(&resp, "first raise after a crash");
+        println!(
+            "durability: crash round {round}: healthy after {healthy:?}, first raise took {raise:?}, \
+             {since_spawn:?} after spawn (request_timeout {request_timeout:?})"
+        );
+        assert!(
+            since_spawn >= request_timeout,
+            "the first raise after SIGKILL completed {since_spawn:?} after spawn, before request_timeout {request_timeout:?}"
+        );
+        assert!(
+            raise + healthy + slack >= request_timeout,
+            "the first raise after SIGKILL took only {raise:?} (healthy after {healthy:?})"
+        );
+        // Only the first raise waits.
+        token += 1;
+        let (resp, second) = timed_put(&fg, "/orders/t", token);
+        assert_admitted(&resp, "second raise after a crash");
+        assert!(
+            second < Duration::from_secs(1),
+            "second raise after a crash took {second:?}"
+        );
+    }
+
+    assert_terminates_cleanly(&mut fg);
+    fg.start_again();
+    token += 1;
+    let (resp, took) = timed_put(&fg, "/orders/t", token);
+    assert_admitted(&resp, "first raise after a clean restart");
+    println!("durability: first raise after a clean restart took {took:?}");
+    assert!(
+        took < request_timeout / 2,
+        "first raise after a clean restart took {took:?}"
+    );
+}
+
+#[test]
+fn run_refuses_a_missing_or_unreadable_state_file() {
+    let nginx = Nginx::start();
+    let state = tempfile::tempdir().unwrap();
+    let missing = state.path().join("never-created.redb");
+    let exit = Fencegate::spawn_run_expect_exit(orders_config(&nginx).state_path(&missing));
+    assert_eq!(exit.code(), Some(74), "missing state file: {exit:?}");
+    assert!(
+        exit.stderr.contains(&missing.display().to_string()) && exit.stderr.contains("fencegate init"),
+        "the message should name the file and `fencegate init`: {}",
+        exit.stderr
+    );
+    assert!(!missing.exists(), "run created the missing state file");
+
+    let garbage: Vec<u8> = (0..16384u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    for (what, bytes) in [("garbage", garbage), ("empty", Vec::new())] {
+        let mut fg = Fencegate::prepare(orders_config(&nginx));
+        std::fs::write(fg.state_path(), &bytes).unwrap();
+        let exit = fg.run_expect_exit(&[]);
+        assert_eq!(exit.code(), Some(74), "{what} state file: {exit:?}");
+        assert!(
+            exit.stderr.contains(&fg.state_path().display().to_string()),
+            "{what}: the message should name the file: {}",
+            exit.stderr
+        );
+        assert_eq!(
+            std::fs::read(fg.state_path()).unwrap(),
+            bytes,
+            "{what} file was changed"
+        );
+    }
+
+    // `init` never overwrites epochs.
+    let mut fg = Fencegate::start(orders_config(&nginx));
+    assert_admitted(&put(&fg, "/orders/x", 4), "raise to 4");
+    assert_terminates_cleanly(&mut fg);
+    let out = fg.run_cli(&["init"]);
+    assert_exit(&out, 73, "init on an existing state file");
+    assert!(
+        text(&out.stderr).contains(&fg.state_path().display().to_string()),
+        "{out:?}"
+    );
+    assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(4));
+}
+
+/// `fencegate run --config P ARGS...` for args the harness cannot pass to a
+/// long-running `run` (e.g. `--forget-domain`); SIGKILLed on drop.
+struct RunWithArgs(Child);
+
+impl RunWithArgs {
+    fn start(fg: &Fencegate, args: &[&str]) -> RunWithArgs {
+        let bin = std::env::var_os("FENCEGATE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fencegate")));
+        let log = |name: &str| {
+            let path = fg.dir().join(name);
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("open log")
+        };
+        let mut run = RunWithArgs(
+            Command::new(bin)
+                .arg("run")
+                .arg("--config")
+                .arg(fg.config_path())
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(log("args-run.out"))
+                .stderr(log("args-run.err"))
+                .spawn()
+                .expect("spawn fencegate run"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let admin = &fg.config().admin_listen;
+        while !http_get(admin, "/healthz", Duration::from_secs(1)).is_ok_and(|r| r.status == 200) {
+            let exited = run.0.try_wait().expect("try_wait");
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "fencegate run {args:?} did not become healthy ({exited:?}):\n{}",
+                std::fs::read_to_string(fg.dir().join("args-run.err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        run
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        run_bounded(Command::new("kill").args(["-TERM", &pid]), Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "fencegate did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RunWithArgs {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn stored_domains_are_reconciled_with_the_config() {
+    let nginx = Nginx::start();
+    let first = FencegateConfig::new(&nginx.url())
+        .domain("all", "/")
+        .domain("misc", "/misc/");
+    let mut fg = Fencegate::start(first.clone());
+    assert_admitted(&put(&fg, "/misc/a", 5), "misc to 5");
+    assert_admitted(&put(&fg, "/x/a", 9), "all to 9");
+    assert_terminates_cleanly(&mut fg);
+
+    // `misc` dropped from the config, `orders` added under `all`.
+    let mut second = FencegateConfig::new(&nginx.url())
+        .domain("all", "/")
+        .domain("orders", "/orders/");
+    second.listen = first.listen.clone();
+    second.admin_listen = first.admin_listen.clone();
+    fg.rewrite_config(second);
+    let exit = fg.run_expect_exit(&[]);
+    assert_eq!(
+        exit.code(),
+        Some(64),
+        "a stored domain missing from the config: {exit:?}"
+    );
+    assert!(
+        exit.stderr.contains("misc") && exit.stderr.contains("--forget-domain"),
+        "the message should name the domain and --forget-domain: {}",
+        exit.stderr
+    );
+    let stored = stored_epochs(&fg);
+    assert_eq!(
+        epoch_in(&stored, "misc"),
+        Some(5),
+        "a refused start changed the file: {stored}"
+    );
+    assert_eq!(epoch_in(&stored, "all"), Some(9));
+
+    let run = RunWithArgs::start(&fg, &["--forget-domain", "misc"]);
+    let domains = admin_domains(&fg);
+    assert_eq!(
+        epoch_in(&domains, "orders"),
+        Some(9),
+        "orders inherits all's epoch: {domains}"
+    );
+    assert_stale(
+        &put(&fg, "/orders/o", 8),
+        "token 8 in the new domain under `all` at 9",
+    );
+    assert_admitted(&put(&fg, "/orders/o", 9), "token 9 in the new domain");
+    assert_stale(&put(&fg, "/x/b", 8), "token 8 in `all`");
+    let status = run.terminate();
+    assert!(status.success(), "SIGTERM after --forget-domain: {status}");
+
+    let stored = stored_epochs(&fg);
+    assert_eq!(
+        epoch_in(&stored, "misc"),
+        None,
+        "misc was not forgotten: {stored}"
+    );
+    assert_eq!(epoch_in(&stored, "orders"), Some(9));
+    // Once forgotten, a plain start works.
+    fg.start_again();
+    assert_stale(&put(&fg, "/orders/o", 8), "token 8 after the next restart");
+}
+
+#[test]
+fn epochs_while_running_says_in_use_and_points_to_metrics() {
+    let nginx = Nginx::start();
+    let fg = Fencegate::start(orders_config(&nginx));
+    assert_admitted(&put(&fg, "/orders/a", 3), "raise to 3");
+    for args in [&["epochs"][..], &["epochs", "--json"][..]] {
+        let out = fg.run_cli(args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} while running succeeded: {out:?}");
+        assert!(
+            stderr.contains("in use") && stderr.contains("/metrics"),
+            "{args:?}: should say the file is in use and point to /metrics: {stderr}"
+        );
+    }
+    // The running proxy is unaffected.
+    assert_stale(&put(&fg, "/orders/a", 2), "token 2 after `epochs` ran");
+    assert_admitted(&put(&fg, "/orders/a", 3), "token 3 after `epochs` ran");
+}
+
+#[test]
+fn epochs_set_lowers_only_with_force_and_only_while_stopped() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx));
+    assert_admitted(&put(&fg, "/orders/a", 10), "raise to 10");
+
+    let set = ["epochs", "set", "--domain", "orders", "--value", "3", "--force"];
+    let out = fg.run_cli(&set);
+    assert!(
+        !out.status.success(),
+        "epochs set while running succeeded: {out:?}"
+    );
+    assert_stale(&put(&fg, "/orders/a", 3), "token 3 after a refused epochs set");
+    assert_terminates_cleanly(&mut fg);
+
+    let out = fg.run_cli(&set[..6]);
+    assert_exit(&out, 64, "epochs set without --force");
+    assert!(text(&out.stderr).contains("--force"), "{out:?}");
+    assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(10));
+
+    let out = fg.run_cli(&["epochs", "set", "--domain", "nope", "--value", "3", "--force"]);
+    assert!(
+        !out.status.success(),
+        "epochs set on an unknown domain succeeded: {out:?}"
+    );
+
+    let out = fg.run_cli(&set);
+    assert_exit(&out, 0, "epochs set --force");
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        said.contains("10") && said.contains('3'),
+        "old and new values: {said}"
+    );
+    assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(3));
+
+    fg.start_again();
+    assert_stale(&put(&fg, "/orders/a", 2), "token 2 at epoch 3");
+    assert_admitted(&put(&fg, "/orders/a", 3), "token 3 after lowering to 3");
+    assert_admitted(&put(&fg, "/orders/a", 4), "token 4 after lowering to 3");
+}
+
+#[test]
+fn check_config_accepts_the_shipped_file_and_names_bad_keys() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/fencegate.toml");
+    let out = Fencegate::run_cli_raw(&["check-config", "--config", shipped]);
+    assert_exit(&out, 0, "check-config on the shipped config/fencegate.toml");
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = FencegateConfig::new("http://127.0.0.1:9")
+        .state_path(dir.path().join("s.redb"))
+        .domain("orders", "/orders/")
+        .to_toml();
+    let cases = [
+        (
+            "wrong-type.toml",
+            base.replacen("[server]\n", "[server]\nmax_header_bytes = \"big\"\n", 1),
+            "max_header_bytes",
+        ),
+        (
+            "unknown-key.toml",
+            base.replacen("[upstream]\n", "[upstream]\nretries_please = 3\n", 1),
+            "retries_please",
+        ),
+    ];
+    for (name, toml, key) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &toml).unwrap();
+        let path = path.to_str().unwrap();
+        for command in ["check-config", "run"] {
+            let out = Fencegate::run_cli_raw(&[command, "--config", path]);
+            assert_exit(&out, 64, &format!("{command} on {name}"));
+            let stderr = text(&out.stderr);
+            assert!(
+                stderr.contains(key) && stderr.contains(path),
+                "{command} on {name}: stderr should name `{key}` and the file: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_epoch_never_goes_down_through_the_proxy() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx));
+    assert_admitted(&put(&fg, "/orders/a", 10), "raise to 10");
+    for t in 3..=9 {
+        assert_stale(&put(&fg, "/orders/a", t), &format!("token {t} at epoch 10"));
+    }
+    // A read with a low token is refused and lowers nothing either.
+    let get =
+        format!("GET /orders/a HTTP/1.1\r\nHost: store\r\nFencing-Token: 4\r\nConnection: close\r\n\r\n");
+    let resp = parse_response(&raw_request_timeout(&fg.addr(), get.as_bytes(), WRITE_TIMEOUT));
+    assert_stale(&resp, "a read with token 4");
+
+    let domains = admin_domains(&fg);
+    let orders = domain_in(&domains, "orders").unwrap_or_else(|| panic!("no orders in {domains}"));
+    assert_eq!(orders["epoch"], 10, "{domains}");
+    assert_eq!(orders["refusal_mark"], 10, "{domains}");
+    let metrics = fg.admin_get("/metrics").body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "fencegate_epoch{domain=\"orders\"} 10"),
+        "fencegate_epoch should be 10:\n{metrics}"
+    );
+    assert_terminates_cleanly(&mut fg);
+    assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(10));
+    let tokens: Vec<_> = nginx.log_entries().into_iter().map(|e| e.token).collect();
+    assert_eq!(
+        tokens,
+        [Some("10".to_string())],
+        "only the admitted write reached the store"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_a_slow_write_lets_it_finish_and_exits_cleanly() {
+    let hold = Duration::from_millis(1500);
+    let request_timeout = Duration::from_secs(3);
+    let store = ScriptedStore::start().await;
+    store.hold_token("5", hold);
+    let config = FencegateConfig::new(&store.url())
+        .domain("orders", "/orders/")
+        .request_timeout(request_timeout);
+    let mut fg = tokio::task::spawn_blocking(move || Fencegate::start(config))
+        .await
+        .unwrap();
+
+    let write = tokio::spawn({
+        let url = format!("{}/orders/slow", fg.url());
+        async move {
+            client()
+                .put(url)
+                .header("Fencing-Token", "5")
+                .body("slow")
+                .send()
+                .await
+        }
+    });
+    let sent = store
+        .wait_for(Duration::from_secs(10), |ev| {
+            ev.iter()
+                .any(|e| e.kind == EventKind::BodyComplete && e.token.as_deref() == Some("5"))
+        })
+        .await;
+    assert!(
+        sent,
+        "the slow write never reached the store: {:?}",
+        store.events()
+    );
+
+    let term_started = Instant::now();
+    let (mut fg, status) = tokio::task::spawn_blocking(move || {
+        let status = fg.terminate();
+        (fg, status)
+    })
+    .await
+    .unwrap();
+    let term_took = term_started.elapsed();
+    let resp = write
+        .await
+        .unwrap()
+        .expect("the in-flight write failed during shutdown");
+    assert!(
+        resp.status().is_success() && resp.headers().get("fencegate-reason").is_none(),
+        "the in-flight write should complete with 2xx: {resp:?}"
+    );
+    assert!(
+        status.success(),
+        "SIGTERM with a write in flight: {status}\n{}",
+        fg.stderr_text()
+    );
+    let responded = store
+        .events_for("5")
+        .iter()
+        .any(|e| e.kind == EventKind::Responded);
+    assert!(responded, "the store never answered the slow write");
+    println!("durability: SIGTERM with a {hold:?} write in flight exited after {term_took:?}");
+
+    let fg = tokio::task::spawn_blocking(move || {
+        assert_eq!(
+            epoch_in(&stored_epochs(&fg), "orders"),
+            Some(5),
+            "epochs after SIGTERM"
+        );
+        fg.start_again();
+        let (resp, took) = timed_put(&fg, "/orders/next", 6);
+        assert_admitted(&resp, "first raise after the SIGTERM restart");
+        println!("durability: first raise after a clean SIGTERM restart took {took:?}");
+        assert!(
+            took < request_timeout / 2,
+            "the first raise after a clean shutdown took {took:?}: was the clean mark recorded?"
+        );
+        fg
+    })
+    .await
+    .unwrap();
+    drop(fg);
+}

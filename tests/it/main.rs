@@ -7,8 +7,8 @@
 
 mod support;
 
-mod smoke;
-mod responses;
+mod barrier;
 mod bypass;
 mod durability;
-mod barrier;
+mod responses;
+mod smoke;
