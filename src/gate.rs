@@ -315,3 +315,113 @@ impl Gates {
 fn to_gauge(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::state::{StateFile, WantedDomain};
+
+    struct Fixture {
+        gate: Arc<Gate>,
+        metrics: Metrics,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(epoch: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let wanted = [WantedDomain {
+            name: "d".into(),
+            prefix: "/d/".into(),
+        }];
+        let state = StateFile::create(&dir.path().join("s.redb"), &wanted).unwrap();
+        state.start(&wanted, &[]).unwrap();
+        let metrics = Metrics::new();
+        let (committer, _task) = Committer::spawn(state, metrics.clone());
+        let settings = GateSettings {
+            crash_wait_until: None,
+            drain_limit: Duration::from_secs(30),
+            committer,
+        };
+        let gate = Arc::new(Gate::new(
+            "d",
+            "/d/".into(),
+            None,
+            epoch,
+            metrics.domain("d"),
+            settings,
+        ));
+        Fixture {
+            gate,
+            metrics,
+            _dir: dir,
+        }
+    }
+
+    fn tok(v: u64) -> Token {
+        Token::new(v).unwrap()
+    }
+
+    async fn write(gate: &Gate, t: u64) -> Result<Ticket, Reason> {
+        match gate.admit(tok(t), Access::Write).await {
+            Ok(ticket) => Ok(ticket.expect("a write gets a ticket")),
+            Err(problem) => Err(problem.reason),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_raise_waits_for_lower_writes_and_refuses_them_meanwhile() {
+        let f = fixture(5);
+        let lower = write(&f.gate, 5).await.unwrap();
+        let gate = f.gate.clone();
+        let raise = tokio::spawn(async move { write(&gate, 6).await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!raise.is_finished(), "the raise must wait for the lower write");
+        assert!(lower.is_fenced(), "the lower write is told to stop sending");
+        assert_eq!(write(&f.gate, 5).await.err(), Some(Reason::StaleEpoch));
+        assert_eq!(f.gate.marks(), Marks { epoch: 5, refusal: 6 });
+        drop(lower);
+        raise.await.unwrap().unwrap();
+        assert_eq!(f.gate.marks(), Marks { epoch: 6, refusal: 6 });
+        assert_eq!(f.gate.inflight_writes(), 0);
+    }
+
+    #[tokio::test]
+    async fn writes_at_the_epoch_flow_while_one_is_held() {
+        let f = fixture(5);
+        let held = write(&f.gate, 5).await.unwrap();
+        for _ in 0..100 {
+            drop(write(&f.gate, 5).await.unwrap());
+        }
+        assert_eq!(f.gate.inflight_writes(), 1);
+        drop(held);
+        assert_eq!(f.gate.inflight_writes(), 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_raises_share_commits() {
+        let f = fixture(0);
+        let tasks: Vec<_> = (1..=64)
+            .map(|t| {
+                let gate = f.gate.clone();
+                tokio::spawn(async move { write(&gate, 100 + t).await.map(drop) })
+            })
+            .collect();
+        let mut admitted = Vec::new();
+        for (t, task) in (1..=64).zip(tasks) {
+            if task.await.unwrap().is_ok() {
+                admitted.push(100 + t);
+            }
+        }
+        assert_eq!(
+            f.gate.marks(),
+            Marks {
+                epoch: 164,
+                refusal: 164
+            }
+        );
+        assert!(admitted.contains(&164), "the highest token is always admitted");
+        let commits = f.metrics.epoch_persist.get_sample_count();
+        assert!(commits <= 3, "64 concurrent raises took {commits} commits");
+    }
+}
