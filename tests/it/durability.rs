@@ -151,12 +151,24 @@ fn epoch_survives_sigkill_right_after_an_acknowledged_raise() {
             &format!("token {} after SIGKILL at {n}", n - 1),
         );
     }
-    fg.kill9();
-    assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), tokens.last().copied());
+    assert_eq!(epoch_in(&admin_domains(&fg), "orders"), tokens.last().copied());
     // The store saw exactly the admitted writes, in order; no refused one.
     let seen: Vec<Option<String>> = nginx.log_entries().into_iter().map(|e| e.token).collect();
     let want: Vec<Option<String>> = tokens.iter().map(|t| Some(t.to_string())).collect();
     assert_eq!(seen, want);
+}
+
+#[test]
+fn epochs_reads_the_durable_epochs_after_a_crash() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx));
+    assert_admitted(&put(&fg, "/orders/a", 5), "raise to 5");
+    fg.kill9();
+    // After a crash the proxy is stopped: the durable epochs must be
+    // readable (an operator's first question), not called a foreign file.
+    assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(5));
+    let out = fg.run_cli(&["epochs"]);
+    assert_exit(&out, 0, "fencegate epochs after SIGKILL");
 }
 
 #[test]
