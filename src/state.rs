@@ -147,7 +147,23 @@ impl StateFile {
         if !path.exists() {
             return Err(StateError::Missing(path.to_owned()));
         }
-        let db = redb::ReadOnlyDatabase::open(path).map_err(|e| open_error(path, e))?;
+        let db = match redb::ReadOnlyDatabase::open(path) {
+            Ok(db) => db,
+            // The last writer crashed and the file needs redb's repair,
+            // which a read-only handle cannot do. Repair a private copy so
+            // the operator's file stays untouched until `run` repairs it.
+            Err(DatabaseError::RepairAborted) => return Self::read_repaired_copy(path),
+            Err(e) => return Err(open_error(path, e)),
+        };
+        let txn = db.begin_read().map_err(|e| io_error(path, e.into()))?;
+        read_domains(path, &txn)
+    }
+
+    fn read_repaired_copy(path: &Path) -> Result<Vec<StoredDomain>, StateError> {
+        let dir = tempfile::tempdir().map_err(|e| io_error(path, e.into()))?;
+        let copy = dir.path().join("state.redb");
+        std::fs::copy(path, &copy).map_err(|e| io_error(path, e.into()))?;
+        let db = Database::open(&copy).map_err(|e| open_error(path, e))?;
         let txn = db.begin_read().map_err(|e| io_error(path, e.into()))?;
         read_domains(path, &txn)
     }

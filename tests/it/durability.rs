@@ -8,7 +8,6 @@ use crate::support::{
     FencegateConfig, Nginx, RawResponse, ScriptedStore,
 };
 use serde_json::Value;
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -17,9 +16,14 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `PUT path` with `token` through fencegate, on a fresh connection.
 fn put(fg: &Fencegate, path: &str, token: u64) -> RawResponse {
+    request(fg, "PUT", path, token, "hello")
+}
+
+fn request(fg: &Fencegate, method: &str, path: &str, token: u64, body: &str) -> RawResponse {
+    let len = body.len();
     let req = format!(
-        "PUT {path} HTTP/1.1\r\nHost: store\r\nFencing-Token: {token}\r\n\
-         Content-Length: 5\r\nConnection: close\r\n\r\nhello"
+        "{method} {path} HTTP/1.1\r\nHost: store\r\nFencing-Token: {token}\r\n\
+         Content-Length: {len}\r\nConnection: close\r\n\r\n{body}"
     );
     parse_response(&raw_request_timeout(&fg.addr(), req.as_bytes(), WRITE_TIMEOUT))
 }
@@ -296,14 +300,7 @@ impl RunWithArgs {
         let bin = std::env::var_os("FENCEGATE_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fencegate")));
-        let log = |name: &str| {
-            let path = fg.dir().join(name);
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .expect("open log")
-        };
+        let err_log = std::fs::File::create(fg.dir().join("args-run.err")).expect("create log");
         let mut run = RunWithArgs(
             Command::new(bin)
                 .arg("run")
@@ -311,8 +308,8 @@ impl RunWithArgs {
                 .arg(fg.config_path())
                 .args(args)
                 .stdin(Stdio::null())
-                .stdout(log("args-run.out"))
-                .stderr(log("args-run.err"))
+                .stdout(Stdio::null())
+                .stderr(err_log)
                 .spawn()
                 .expect("spawn fencegate run"),
         );
@@ -524,9 +521,7 @@ fn an_epoch_never_goes_down_through_the_proxy() {
         assert_stale(&put(&fg, "/orders/a", t), &format!("token {t} at epoch 10"));
     }
     // A read with a low token is refused and lowers nothing either.
-    let get =
-        format!("GET /orders/a HTTP/1.1\r\nHost: store\r\nFencing-Token: 4\r\nConnection: close\r\n\r\n");
-    let resp = parse_response(&raw_request_timeout(&fg.addr(), get.as_bytes(), WRITE_TIMEOUT));
+    let resp = request(&fg, "GET", "/orders/a", 4, "");
     assert_stale(&resp, "a read with token 4");
 
     let domains = admin_domains(&fg);
