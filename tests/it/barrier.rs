@@ -1,1 +1,770 @@
-//! (being written)
+//! The raise and its barrier (SPEC.md, Admission rules 4 and 5, and the
+//! Guarantee): a higher-token write reaches the store only after every
+//! lower-token write has its response head or was aborted before its body
+//! was whole; lower tokens are refused from the moment a raise begins;
+//! `request_timeout` bounds the wait; the hot path is not serialized; and
+//! concurrent raises share commits. The real fencegate binary runs in front
+//! of [`ScriptedStore`] (event order at the store) or nginx (its access log,
+//! in completion order).
+
+use crate::support::{
+    client, parse_response, Event, EventKind, Fencegate, FencegateConfig, Nginx, ScriptedStore,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const DOMAIN: &str = "d";
+const PREFIX: &str = "/d/";
+
+/// What a client got back from fencegate.
+#[derive(Debug, Clone)]
+struct Reply {
+    status: u16,
+    /// `Fencegate-Reason`, present only on fencegate's own answers.
+    reason: Option<String>,
+    body: String,
+    /// When the whole response had arrived.
+    done: Instant,
+}
+
+impl Reply {
+    fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("problem body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// `PUT base+path` with `Fencing-Token: token` and `extra` headers.
+async fn put_with(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    token: &str,
+    extra: &[(&str, &str)],
+) -> Reply {
+    let mut request = http
+        .put(format!("{base}{path}"))
+        .header("Fencing-Token", token)
+        .body(format!("body of {path} with token {token}"));
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {path} (token {token}): {e}"));
+    let status = response.status().as_u16();
+    let reason = response
+        .headers()
+        .get("fencegate-reason")
+        .map(|v| v.to_str().unwrap_or_default().to_string());
+    let body = response
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("body of PUT {path} (token {token}): {e}"));
+    Reply {
+        status,
+        reason,
+        body,
+        done: Instant::now(),
+    }
+}
+
+async fn put(http: &reqwest::Client, base: &str, path: &str, token: &str) -> Reply {
+    put_with(http, base, path, token, &[]).await
+}
+
+/// A PUT run in its own task, so the test can go on meanwhile.
+fn spawn_put(http: &reqwest::Client, base: &str, path: &str, token: &str) -> tokio::task::JoinHandle<Reply> {
+    let (http, base, path, token) = (
+        http.clone(),
+        base.to_string(),
+        path.to_string(),
+        token.to_string(),
+    );
+    tokio::spawn(async move { put(&http, &base, &path, &token).await })
+}
+
+async fn admin_text(fg: &Fencegate, path: &str) -> String {
+    let response = client()
+        .get(format!("{}{path}", fg.admin_url()))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {}{path}: {e}", fg.admin_url()));
+    assert_eq!(response.status().as_u16(), 200, "GET {path}");
+    response.text().await.expect("admin body")
+}
+
+/// The value of the sample whose name-and-labels part is exactly `series`,
+/// e.g. `fencegate_barrier_timeouts_total{domain="d"}`.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        let value = rest.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// How many epoch commits fencegate has made so far.
+async fn commits(fg: &Fencegate) -> u64 {
+    let metrics = admin_text(fg, "/metrics").await;
+    sample(&metrics, "fencegate_epoch_persist_seconds_count")
+        .unwrap_or_else(|| panic!("no fencegate_epoch_persist_seconds_count in:\n{metrics}")) as u64
+}
+
+/// `(epoch, refusal mark)` of `domain` from `/domains`.
+async fn marks(fg: &Fencegate, domain: &str) -> (u64, u64) {
+    let text = admin_text(fg, "/domains").await;
+    let json: serde_json::Value = serde_json::from_str(&text).expect("/domains is JSON");
+    let entry = json
+        .as_array()
+        .expect("/domains is an array")
+        .iter()
+        .find(|d| d["name"] == domain)
+        .unwrap_or_else(|| panic!("no domain {domain} in /domains: {text}"));
+    let get = |key: &str| {
+        entry[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("/domains {domain}.{key} missing: {text}"))
+    };
+    (get("epoch"), get("refusal_mark"))
+}
+
+fn is(event: &Event, path: &str, kind: EventKind) -> bool {
+    event.path == path && event.kind == kind
+}
+
+/// The index of the first event of `path` of `kind`.
+fn index_of(events: &[Event], path: &str, kind: EventKind) -> Option<usize> {
+    events.iter().position(|e| is(e, path, kind))
+}
+
+fn describe(events: &[Event]) -> String {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("{i:3} {:?} {} {:?}\n", e.token, e.path, e.kind))
+        .collect()
+}
+
+async fn wait_event(store: &ScriptedStore, path: &str, kind: EventKind) -> Event {
+    let found = store
+        .wait_for(Duration::from_secs(10), |ev| ev.iter().any(|e| is(e, path, kind)))
+        .await;
+    let events = store.events();
+    assert!(
+        found,
+        "the store never recorded {kind:?} for {path}; events:\n{}",
+        describe(&events)
+    );
+    events.into_iter().find(|e| is(e, path, kind)).unwrap()
+}
+
+/// fencegate in front of `upstream` with the one domain `d` at `/d/`.
+fn gate(upstream: &str, tune: impl FnOnce(FencegateConfig) -> FencegateConfig) -> Fencegate {
+    Fencegate::start(tune(FencegateConfig::new(upstream).domain(DOMAIN, PREFIX)))
+}
+
+/// Raises `d` to `token` with one write that must succeed.
+async fn establish(http: &reqwest::Client, fg: &Fencegate, token: &str) {
+    let reply = put(http, &fg.url(), &format!("/d/establish-{token}"), token).await;
+    assert!(reply.is_success(), "establishing epoch {token}: {reply:?}");
+}
+
+fn assert_stale(reply: &Reply, what: &str) {
+    assert_eq!(
+        (reply.status, reply.reason.as_deref()),
+        (412, Some("stale_epoch")),
+        "{what}: {reply:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 1. The barrier itself.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_higher_write_reaches_the_store_only_after_the_lower_one_is_answered() {
+    const HOLD: Duration = Duration::from_secs(1);
+    let store = ScriptedStore::start().await;
+    let fg = gate(&store.url(), |c| c);
+    let http = client();
+    establish(&http, &fg, "5").await;
+
+    store.hold_token("5", HOLD);
+    let five = spawn_put(&http, &fg.url(), "/d/five", "5");
+    wait_event(&store, "/d/five", EventKind::HeadArrived).await;
+    let sent_six = Instant::now();
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    let six_took = six.done - sent_six;
+    let five = five.await.expect("five task");
+
+    assert!(five.is_success(), "the held 5-write: {five:?}");
+    assert!(six.is_success(), "the 6-write: {six:?}");
+
+    let events = store.events();
+    let log = describe(&events);
+    let five_body = index_of(&events, "/d/five", EventKind::BodyComplete).expect(&log);
+    let five_answered = index_of(&events, "/d/five", EventKind::Responded).expect(&log);
+    let six_head = index_of(&events, "/d/six", EventKind::HeadArrived).expect(&log);
+    assert!(
+        six_head > five_answered,
+        "the 6-write reached the store before the 5-write was answered:\n{log}"
+    );
+    assert!(
+        events[..five_answered]
+            .iter()
+            .all(|e| e.token.as_deref() != Some("6")),
+        "an event of token 6 came before the 5-write was answered:\n{log}"
+    );
+    assert!(events[six_head].at >= events[five_answered].at, "{log}");
+
+    // The 6-write waited out what was left of the hold when it was sent.
+    let hold_ends = events[five_body].at + HOLD;
+    let remaining = hold_ends.saturating_duration_since(sent_six);
+    assert!(
+        six_took + Duration::from_millis(100) >= remaining,
+        "the 6-write took {six_took:?}, but {remaining:?} of the 5-write's hold were left"
+    );
+    assert!(
+        six_took < remaining + Duration::from_secs(3),
+        "the 6-write took {six_took:?} for {remaining:?} of hold"
+    );
+    assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
+}
+
+// ---------------------------------------------------------------------------
+// 2. No lower-token write is admitted once a raise has begun.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lower_writes_are_refused_from_the_start_of_a_raise_and_never_reach_the_store() {
+    const HOLD: Duration = Duration::from_millis(2000);
+    let store = ScriptedStore::start().await;
+    let fg = gate(&store.url(), |c| c);
+    let http = client();
+    establish(&http, &fg, "5").await;
+
+    store.hold_token("5", HOLD);
+    let held = spawn_put(&http, &fg.url(), "/d/held", "5");
+    wait_event(&store, "/d/held", EventKind::BodyComplete).await;
+    let six = spawn_put(&http, &fg.url(), "/d/six", "6");
+
+    // The raise to 6 has begun (refusal mark 6) and waits on the barrier.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (epoch, refusal) = marks(&fg, DOMAIN).await;
+        if refusal == 6 {
+            assert_eq!(epoch, 5, "the raise finished while the 5-write was still held");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the refusal mark never became 6");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A new 5-write now is refused at once, without waiting for the barrier.
+    let during = put(&http, &fg.url(), "/d/during", "5").await;
+    assert_stale(&during, "a 5-write while the raise to 6 waits");
+    let problem = during.json();
+    assert_eq!(problem["reason"], "stale_epoch");
+    assert_eq!(problem["domain"], DOMAIN);
+    assert_eq!(problem["token"], 5);
+    assert!(
+        index_of(&store.events(), "/d/held", EventKind::Responded).is_none(),
+        "the refusal waited until the held write was answered"
+    );
+    assert!(
+        !six.is_finished(),
+        "the 6-write did not wait for the held 5-write"
+    );
+
+    let six = six.await.expect("six task");
+    let held = held.await.expect("held task");
+    assert!(held.is_success(), "{held:?}");
+    assert!(six.is_success(), "{six:?}");
+    assert!(
+        six.done >= held.done - Duration::from_millis(50),
+        "the 6-write finished before the held 5-write"
+    );
+    assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
+
+    // After the raise: refused, and never forwarded.
+    store.clear_holds();
+    for i in 0..3 {
+        let after = put(&http, &fg.url(), &format!("/d/after-{i}"), "5").await;
+        assert_stale(&after, "a 5-write after the raise to 6");
+        let problem = after.json();
+        assert_eq!(problem["epoch"], 6, "{problem}");
+        assert_eq!(problem["token"], 5, "{problem}");
+    }
+    let still = put(&http, &fg.url(), "/d/still-six", "6").await;
+    assert!(still.is_success(), "a 6-write after the raise: {still:?}");
+
+    let events = store.events();
+    let log = describe(&events);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.path != "/d/during" && !e.path.starts_with("/d/after-")),
+        "a refused 5-write reached the store:\n{log}"
+    );
+    let heads_of_5: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::HeadArrived && e.token.as_deref() == Some("5"))
+        .map(|e| e.path.as_str())
+        .collect();
+    assert_eq!(heads_of_5, ["/d/establish-5", "/d/held"], "{log}");
+}
+
+// ---------------------------------------------------------------------------
+// 3. A raise aborts a lower body that is not yet whole.
+
+/// A token-5 PUT whose body stops after 100 of its bytes: with
+/// `Content-Length: 1000`, or chunked without the last chunk.
+async fn abort_unfinished_lower_body(chunked: bool) {
+    let store = ScriptedStore::start().await;
+    let fg = gate(&store.url(), |c| c.body_idle_timeout(Duration::from_secs(10)));
+    let http = client();
+    establish(&http, &fg, "5").await;
+
+    let framing = if chunked {
+        "Transfer-Encoding: chunked\r\n\r\n64\r\n"
+    } else {
+        "Content-Length: 1000\r\n\r\n"
+    };
+    let mut request =
+        format!("PUT /d/partial HTTP/1.1\r\nHost: store\r\nFencing-Token: 5\r\n{framing}").into_bytes();
+    request.extend_from_slice(&[b'a'; 100]);
+    if chunked {
+        request.extend_from_slice(b"\r\n");
+    }
+    let mut five = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    five.write_all(&request).await.expect("send the partial 5-write");
+    wait_event(&store, "/d/partial", EventKind::HeadArrived).await;
+
+    let sent_six = Instant::now();
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    let six_took = six.done - sent_six;
+    assert!(six.is_success(), "the 6-write: {six:?}");
+    assert!(
+        six_took < Duration::from_secs(3),
+        "the 6-write took {six_took:?}: it waited for the stalled body (body_idle_timeout 10s) \
+         instead of aborting it"
+    );
+
+    // What the 5-client got: fencegate's 412, or a closed connection.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match five.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    if answer.is_empty() {
+        assert!(
+            read.is_ok(),
+            "the 5-client got neither an answer nor a closed connection within 3 s"
+        );
+        eprintln!("abort (chunked: {chunked}): the 5-client's connection was closed without an answer");
+    } else {
+        let response = parse_response(&answer);
+        assert_eq!(
+            (response.status, response.header("fencegate-reason")),
+            (412, Some("stale_epoch")),
+            "the aborted 5-write's answer: {answer}"
+        );
+        eprintln!("abort (chunked: {chunked}): the 5-client got 412 stale_epoch");
+    }
+
+    wait_event(&store, "/d/partial", EventKind::BodyFailed).await;
+    let events = store.events();
+    let log = describe(&events);
+    assert!(
+        index_of(&events, "/d/partial", EventKind::BodyComplete).is_none()
+            && index_of(&events, "/d/partial", EventKind::Responded).is_none(),
+        "the aborted 5-write completed at the store:\n{log}"
+    );
+    let failed = index_of(&events, "/d/partial", EventKind::BodyFailed).unwrap();
+    let six_head = index_of(&events, "/d/six", EventKind::HeadArrived).expect(&log);
+    assert!(
+        failed < six_head,
+        "the 6-write reached the store before the 5-write's connection was aborted:\n{log}"
+    );
+    assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_aborts_a_lower_body_that_is_not_whole() {
+    abort_unfinished_lower_body(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_aborts_a_lower_chunked_body_before_its_last_chunk() {
+    abort_unfinished_lower_body(true).await;
+}
+
+// ---------------------------------------------------------------------------
+// 4. request_timeout bounds the barrier.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lower_write_that_outlives_request_timeout_no_longer_holds_the_barrier() {
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+    const HOLD: Duration = Duration::from_secs(5);
+    let store = ScriptedStore::start().await;
+    // A long connect_timeout puts the barrier's own safety limit
+    // (request_timeout + connect_timeout + 1 s) far from request_timeout.
+    let fg = gate(&store.url(), |c| {
+        c.request_timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+    });
+    let http = client();
+    establish(&http, &fg, "5").await;
+
+    store.hold_token("5", HOLD);
+    let five = spawn_put(&http, &fg.url(), "/d/held", "5");
+    let body_done = wait_event(&store, "/d/held", EventKind::BodyComplete).await.at;
+    let sent_six = Instant::now();
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    let six_took = six.done - sent_six;
+    let five = five.await.expect("five task");
+
+    assert_eq!(
+        (five.status, five.reason.as_deref()),
+        (504, Some("upstream_timeout")),
+        "the held 5-write: {five:?}"
+    );
+    assert!(six.is_success(), "the 6-write: {six:?}");
+    let timeout_at = body_done + REQUEST_TIMEOUT;
+    let remaining = timeout_at.saturating_duration_since(sent_six);
+    assert!(
+        six_took + Duration::from_millis(100) >= remaining,
+        "the 6-write took {six_took:?}, before the 5-write's request_timeout ran out ({remaining:?} left)"
+    );
+    assert!(
+        six_took < Duration::from_millis(3500),
+        "the 6-write took {six_took:?}: it waited for the store's hold ({HOLD:?}) or the barrier's \
+         safety limit, not for request_timeout ({REQUEST_TIMEOUT:?})"
+    );
+
+    let metrics = admin_text(&fg, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "fencegate_barrier_timeouts_total{domain=\"d\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    let events = store.events();
+    let log = describe(&events);
+    let six_head = index_of(&events, "/d/six", EventKind::HeadArrived).expect(&log);
+    assert!(
+        index_of(&events, "/d/held", EventKind::BodyComplete).unwrap() < six_head,
+        "{log}"
+    );
+    assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
+}
+
+// ---------------------------------------------------------------------------
+// 5. The hot path has no per-domain serialization.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn current_token_writes_flow_while_one_is_held() {
+    const HOLD: Duration = Duration::from_secs(2);
+    // The store keys its holds on `X-Hold`, so one token-5 write is held
+    // and the others are not; fencegate reads `Fencing-Token` as usual.
+    let store = ScriptedStore::start_with_header("X-Hold").await;
+    let fg = gate(&store.url(), |c| c);
+    let http = client();
+    establish(&http, &fg, "5").await;
+
+    store.hold_token("slow", HOLD);
+    let slow = {
+        let (http, base) = (http.clone(), fg.url());
+        tokio::spawn(async move { put_with(&http, &base, "/d/slow", "5", &[("X-Hold", "slow")]).await })
+    };
+    wait_event(&store, "/d/slow", EventKind::BodyComplete).await;
+
+    let started = Instant::now();
+    let fast: Vec<_> = (0..20)
+        .map(|i| {
+            let (http, base) = (http.clone(), fg.url());
+            tokio::spawn(async move {
+                let path = format!("/d/fast-{i}");
+                put_with(&http, &base, &path, "5", &[("X-Hold", "fast")]).await
+            })
+        })
+        .collect();
+    for handle in fast {
+        let reply = handle.await.expect("fast task");
+        assert!(reply.is_success(), "a current-token write: {reply:?}");
+    }
+    let fast_took = started.elapsed();
+    let events = store.events();
+    assert!(
+        index_of(&events, "/d/slow", EventKind::Responded).is_none(),
+        "the 20 writes finished only after the held one ({fast_took:?}):\n{}",
+        describe(&events)
+    );
+    assert!(fast_took < HOLD, "{fast_took:?}");
+    eprintln!("20 current-token writes next to a held one took {fast_took:?}");
+
+    let slow = slow.await.expect("slow task");
+    assert!(slow.is_success(), "{slow:?}");
+    assert_eq!(marks(&fg, DOMAIN).await, (5, 5));
+}
+
+// ---------------------------------------------------------------------------
+// 6. Concurrent raises share commits.
+
+/// Fires every `(path, token)` write at once and returns `(path, token,
+/// reply)` in the same order. As many connections as writes are opened
+/// first (with reads, which need no token), so the writes are not spread
+/// out by connection setup and really arrive together.
+async fn fire_together(fg: &Fencegate, writes: Vec<(String, String)>) -> Vec<(String, u64, Reply)> {
+    let http = client();
+    let warm: Vec<_> = (0..writes.len())
+        .map(|i| {
+            let (http, url) = (http.clone(), format!("{}/d/warm-{i}", fg.url()));
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    for handle in warm {
+        let status = handle.await.expect("warm-up task").expect("warm-up GET");
+        assert_eq!(status, 201, "a warm-up read");
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(writes.len()));
+    let handles: Vec<_> = writes
+        .into_iter()
+        .map(|(path, token)| {
+            let (http, base, start) = (http.clone(), fg.url(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                let reply = put(&http, &base, &path, &token).await;
+                (path, token.parse::<u64>().unwrap(), reply)
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for handle in handles {
+        replies.push(handle.await.expect("write task"));
+    }
+    replies
+}
+
+/// Tokens of the store's request heads under `prefix`, in arrival order.
+fn head_tokens(events: &[Event], prefix: &str) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| e.kind == EventKind::HeadArrived && e.path.starts_with(prefix))
+        .map(|e| e.token.as_deref().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn assert_non_decreasing(tokens: &[u64], what: &str) {
+    if let Some(w) = tokens.windows(2).find(|w| w[1] < w[0]) {
+        panic!("{what}: token {} after token {} (order: {tokens:?})", w[1], w[0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_raises_to_distinct_tokens_share_commits() {
+    let store = ScriptedStore::start().await;
+    let fg = gate(&store.url(), |c| c);
+    let http = client();
+    establish(&http, &fg, "100").await;
+
+    let before = commits(&fg).await;
+    let writes = (101..=164u64)
+        .map(|t| (format!("/d/raise-{t}"), t.to_string()))
+        .collect();
+    let replies = fire_together(&fg, writes).await;
+    let used = commits(&fg).await - before;
+    let admitted: Vec<u64> = replies
+        .iter()
+        .filter(|(_, _, r)| r.is_success())
+        .map(|(_, t, _)| *t)
+        .collect();
+    eprintln!("64 concurrent raises to 101..=164: {used} commits, admitted tokens {admitted:?}");
+
+    assert_eq!(marks(&fg, DOMAIN).await, (164, 164));
+    for (_, token, reply) in &replies {
+        if !reply.is_success() {
+            assert_stale(reply, &format!("raise to {token}"));
+        }
+    }
+    assert!(
+        admitted.contains(&164),
+        "the highest token was refused: {replies:?}"
+    );
+    assert!(
+        used <= 4,
+        "64 concurrent raises used {used} commits, expected them to share a few"
+    );
+
+    let events = store.events();
+    let log = describe(&events);
+    assert_non_decreasing(&head_tokens(&events, "/d/raise-"), "request heads at the store");
+    for (path, token, reply) in &replies {
+        let completed = index_of(&events, path, EventKind::BodyComplete).is_some();
+        assert_eq!(
+            completed,
+            reply.is_success(),
+            "token {token} answered {} but the store {} its body:\n{log}",
+            reply.status,
+            if completed { "completed" } else { "never completed" }
+        );
+    }
+    // Every write below the final epoch that was admitted reached the store
+    // before the first byte of the 164-write.
+    let top = index_of(&events, "/d/raise-164", EventKind::HeadArrived).unwrap();
+    for token in admitted.iter().filter(|t| **t < 164) {
+        let answered = index_of(&events, &format!("/d/raise-{token}"), EventKind::Responded).unwrap();
+        assert!(answered < top, "token {token} answered after 164 arrived:\n{log}");
+    }
+    let late = put(&http, &fg.url(), "/d/late", "163").await;
+    assert_stale(&late, "163 after the raise to 164");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writes_raising_to_one_token_share_one_commit() {
+    let store = ScriptedStore::start().await;
+    let fg = gate(&store.url(), |c| c);
+    establish(&client(), &fg, "100").await;
+
+    let before = commits(&fg).await;
+    let writes = (0..64)
+        .map(|i| (format!("/d/same-{i}"), "200".to_string()))
+        .collect();
+    let replies = fire_together(&fg, writes).await;
+    let used = commits(&fg).await - before;
+    eprintln!("64 concurrent writes raising to 200: {used} commits");
+    for (_, _, reply) in &replies {
+        assert!(reply.is_success(), "{reply:?}");
+    }
+    assert_eq!(used, 1, "64 concurrent raises to one token used {used} commits");
+    assert_eq!(marks(&fg, DOMAIN).await, (200, 200));
+    let events = store.events();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::Responded && e.path.starts_with("/d/same-"))
+            .count(),
+        64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raises_in_several_domains_at_once_share_commits() {
+    const DOMAINS: [&str; 4] = ["a", "b", "c", "e"];
+    let store = ScriptedStore::start().await;
+    let mut config = FencegateConfig::new(&store.url());
+    for name in DOMAINS {
+        config = config.domain(name, &format!("/{name}/"));
+    }
+    let fg = Fencegate::start(config);
+    let http = client();
+    for name in DOMAINS {
+        let reply = put(&http, &fg.url(), &format!("/{name}/establish"), "10").await;
+        assert!(reply.is_success(), "{reply:?}");
+    }
+
+    let before = commits(&fg).await;
+    // 16 writes per domain, tokens 11..=26, all released together.
+    let writes = DOMAINS
+        .iter()
+        .flat_map(|name| (11..=26u64).map(move |t| (format!("/{name}/w-{t}"), t.to_string())))
+        .collect();
+    let replies = fire_together(&fg, writes).await;
+    let used = commits(&fg).await - before;
+    eprintln!("4 domains x 16 concurrent raises: {used} commits");
+
+    let events = store.events();
+    for name in DOMAINS {
+        assert_eq!(marks(&fg, name).await, (26, 26), "domain {name}");
+        let prefix = format!("/{name}/w-");
+        assert_non_decreasing(&head_tokens(&events, &prefix), &format!("domain {name}"));
+        let top = format!("/{name}/w-26");
+        assert!(
+            replies.iter().any(|(p, _, r)| *p == top && r.is_success()),
+            "domain {name}: 26 was refused"
+        );
+    }
+    for (path, token, reply) in &replies {
+        if !reply.is_success() {
+            assert_stale(reply, &format!("{path} with {token}"));
+        }
+    }
+    assert!(used <= 8, "64 concurrent raises in 4 domains used {used} commits");
+}
+
+// ---------------------------------------------------------------------------
+// 7. A real store: nginx completes writes in non-decreasing token order.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_sees_tokens_never_decrease_across_a_long_concurrent_run() {
+    const WRITES: u64 = 200;
+    const WRITERS: usize = 8;
+    let nginx = Nginx::start();
+    let fg = gate(&nginx.url(), |c| c);
+    let http = client();
+    let next = Arc::new(AtomicU64::new(0));
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let (http, base, next) = (http.clone(), fg.url(), next.clone());
+            tokio::spawn(async move {
+                let mut replies = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= WRITES {
+                        return replies;
+                    }
+                    // The leader's token rises every 10 writes; every
+                    // fourth write comes from the deposed leader before it.
+                    let current = 1 + i / 10;
+                    let token = if i % 4 == 3 && current > 1 {
+                        current - 1
+                    } else {
+                        current
+                    };
+                    let path = format!("/d/obj-{}", i % 16);
+                    replies.push((token, put(&http, &base, &path, &token.to_string()).await));
+                }
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for writer in writers {
+        replies.extend(writer.await.expect("writer task"));
+    }
+    assert_eq!(replies.len() as u64, WRITES);
+
+    let admitted = replies.iter().filter(|(_, r)| r.is_success()).count();
+    let refused = replies.len() - admitted;
+    for (token, reply) in &replies {
+        if !reply.is_success() {
+            assert_stale(reply, &format!("token {token}"));
+        }
+    }
+    let final_token = 1 + (WRITES - 1) / 10;
+    assert_eq!(marks(&fg, DOMAIN).await, (final_token, final_token));
+
+    let log = nginx.log_entries();
+    let tokens: Vec<u64> = log
+        .iter()
+        .filter(|e| e.method == "PUT" && (200..300).contains(&e.status))
+        .map(|e| e.token.as_deref().expect("a PUT without token").parse().unwrap())
+        .collect();
+    eprintln!("nginx run: {admitted} admitted, {refused} refused (stale), log {tokens:?}");
+    assert_non_decreasing(&tokens, "nginx access log, 2xx PUTs in completion order");
+    assert_eq!(tokens.len(), admitted, "2xx answers vs 2xx log entries");
+    assert!(refused > 0, "no stale write was refused: the run tested nothing");
+}
