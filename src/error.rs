@@ -144,7 +144,9 @@ impl Reason {
         match self.status() {
             StatusCode::PRECONDITION_FAILED => "you are fenced: stop writing and campaign again",
             StatusCode::SERVICE_UNAVAILABLE => "retry later",
-            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => "the store's outcome is unknown",
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => {
+                "unless nothing was sent, the store's outcome is unknown"
+            }
             _ => "fix the request",
         }
     }

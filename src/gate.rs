@@ -278,6 +278,15 @@ impl Gate {
         }
     }
 
+    /// Fills in what this domain knows and `problem` does not say yet.
+    pub fn annotate(&self, problem: &mut Problem, token: Option<Token>) {
+        problem.domain.get_or_insert_with(|| self.name.to_string());
+        if problem.token.is_none() {
+            problem.token = token.map(Token::get);
+        }
+        problem.epoch.get_or_insert_with(|| self.epoch.load(SeqCst));
+    }
+
     /// Builds a refusal with this domain's context.
     pub fn problem(&self, reason: Reason, token: Token, detail: impl Into<String>) -> Problem {
         let mut problem = Problem::new(reason, detail);

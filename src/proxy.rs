@@ -97,13 +97,35 @@ impl Proxy {
         let path =
             normalize(request.uri().path()).map_err(|e| Problem::new(Reason::BadPath, e.to_string()))?;
         let access = self.access(&request);
-        let token = Token::from_values(request.headers().get_all(&self.fencing_header).iter())
-            .map_err(|e| token_problem(e, &self.fencing_header))?;
         let gate = self.gates.find(&path).cloned();
         *domain = gate.clone();
+        let token = Token::from_values(request.headers().get_all(&self.fencing_header).iter());
         let metrics = gate.as_ref().map_or(&self.outside, |g| &g.metrics);
         let _inflight = (access == Access::Write).then(|| InflightGuard::enter(&metrics.inflight));
-        let ticket = match (gate.as_deref(), access, token) {
+        let result = self
+            .admit_and_forward(request, &path, peer, access, gate.as_deref(), token)
+            .await;
+        // Whatever failed, the writer learns the domain, token and epoch.
+        result.map_err(|mut problem| {
+            if let Some(gate) = &gate {
+                gate.annotate(&mut problem, token.ok().flatten());
+            }
+            problem
+        })
+    }
+
+    async fn admit_and_forward(
+        &self,
+        request: Request<Incoming>,
+        path: &NormalPath,
+        peer: SocketAddr,
+        access: Access,
+        gate: Option<&Gate>,
+        token: Result<Option<Token>, TokenError>,
+    ) -> Result<Response<ProxyBody>, Problem> {
+        let token = token
+            .map_err(|e| Problem::new(Reason::MalformedToken, format!("`{}`: {e}", self.fencing_header)));
+        let ticket = match (gate, access, token?) {
             (None, Access::Write, _) => {
                 return Err(Problem::new(
                     Reason::NoDomain,
@@ -112,15 +134,13 @@ impl Proxy {
             }
             (None, Access::Read, _) | (Some(_), Access::Read, None) => None,
             (Some(gate), Access::Write, None) => {
-                let mut problem = Problem::new(
+                return Err(Problem::new(
                     Reason::MissingToken,
                     format!(
                         "a write to domain `{}` needs the `{}` header",
                         gate.name, self.fencing_header
                     ),
-                );
-                problem.domain = Some(gate.name.to_string());
-                return Err(problem);
+                ));
             }
             (Some(gate), access, Some(token)) => {
                 if access == Access::Write {
@@ -129,7 +149,8 @@ impl Proxy {
                 gate.admit(token, access).await?
             }
         };
-        self.forward(request, &path, peer, ticket, metrics).await
+        let metrics = gate.map_or(&self.outside, |g| &g.metrics);
+        self.forward(request, path, peer, ticket, metrics).await
     }
 
     /// Refusals that need no domain: CONNECT, oversized heads, and a
@@ -285,10 +306,6 @@ fn normalized_destination(value: &HeaderValue) -> Result<HeaderValue, String> {
         _ => path.to_string(),
     };
     HeaderValue::from_str(&text).map_err(|e| format!("Destination: {e}"))
-}
-
-fn token_problem(e: TokenError, header: &HeaderName) -> Problem {
-    Problem::new(Reason::MalformedToken, format!("`{header}`: {e}"))
 }
 
 fn forward_problem(e: ForwardError) -> Problem {
