@@ -212,9 +212,16 @@ impl Proxy {
         gate: &Gate,
         token: Token,
     ) -> Result<(), Problem> {
-        let Some(value) = request.headers().get("destination") else {
+        let mut values = request.headers().get_all("destination").iter();
+        let Some(value) = values.next() else {
             return Ok(());
         };
+        if values.next().is_some() {
+            return Err(Problem::new(
+                Reason::BadRequest,
+                "the Destination header was given more than once",
+            ));
+        }
         let destination = http::Uri::try_from(value.as_bytes())
             .map_err(|_| Problem::new(Reason::BadPath, "the Destination header is not a URI"))?;
         let path = normalize(destination.path())

@@ -8,7 +8,9 @@
 //!
 //! Setup: domains `orders` = `/orders/` (epoch raised to 10) and `billing`
 //! = `/billing/` (raised to 20); no root domain, so other paths lie in no
-//! domain. Everything here is blocking (processes, raw sockets).
+//! domain. The harness calls are blocking (processes, raw sockets), so
+//! these are plain tests, except the one that needs the in-process
+//! ScriptedStore to see the raw forwarded target.
 
 use crate::support::{
     parse_response, raw_request, EventKind, Fencegate, FencegateConfig, Nginx, RawResponse, ScriptedStore,
@@ -92,16 +94,9 @@ impl Rig {
             fg,
             expected: Vec::new(),
         };
-        rig.admitted(
-            "raise orders",
-            &put("/orders/raise", &[ORDERS]),
-            ("PUT", "/orders/raise", ORDERS),
-        );
-        rig.admitted(
-            "raise billing",
-            &put("/billing/raise", &[BILLING]),
-            ("PUT", "/billing/raise", BILLING),
-        );
+        for (path, token) in [("/orders/raise", ORDERS), ("/billing/raise", BILLING)] {
+            rig.admitted(&put(path, &[token]), ("PUT", path, token));
+        }
         rig
     }
 
@@ -113,24 +108,18 @@ impl Rig {
             .collect()
     }
 
-    fn send(&self, label: &str, bytes: &[u8]) -> (RawResponse, String) {
+    /// The response, and the exchange as text for assertion messages.
+    fn send(&self, bytes: &[u8]) -> (RawResponse, String) {
         let raw = raw_request(&self.fg.addr(), bytes);
-        assert!(
-            raw.contains("\r\n\r\n"),
-            "{label}: no response at all to {:?}: {raw:?}",
-            String::from_utf8_lossy(bytes)
-        );
-        (parse_response(&raw), raw)
+        let ctx = format!("request {:?}\nresponse {raw}", String::from_utf8_lossy(bytes));
+        assert!(raw.contains("\r\n\r\n"), "no response: {ctx}");
+        (parse_response(&raw), ctx)
     }
 
     /// `bytes` must be refused as `expect` says and reach nothing.
-    fn refused(&self, label: &str, bytes: &[u8], expect: Expect) {
-        let (resp, raw) = self.send(label, bytes);
+    fn refused(&self, bytes: &[u8], expect: Expect) {
+        let (resp, ctx) = self.send(bytes);
         let reason = resp.header("fencegate-reason");
-        let ctx = format!(
-            "{label}: request {:?}\nresponse {raw}",
-            String::from_utf8_lossy(bytes)
-        );
         match expect {
             Refused(status, want) => {
                 assert_eq!((resp.status, reason), (status, Some(want)), "{ctx}");
@@ -158,12 +147,8 @@ impl Rig {
 
     /// `bytes` must reach nginx and be logged as `want` (method, `$uri`,
     /// token header line).
-    fn admitted(&mut self, label: &str, bytes: &[u8], want: (&str, &str, &str)) -> RawResponse {
-        let (resp, raw) = self.send(label, bytes);
-        let ctx = format!(
-            "{label}: request {:?}\nresponse {raw}",
-            String::from_utf8_lossy(bytes)
-        );
+    fn admitted(&mut self, bytes: &[u8], want: (&str, &str, &str)) -> RawResponse {
+        let (resp, ctx) = self.send(bytes);
         assert_eq!(resp.header("fencegate-reason"), None, "{ctx}\nnot forwarded");
         self.expected.push(entry(want.0, want.1, token_of(want.2)));
         self.wait_log(&ctx);
@@ -245,11 +230,7 @@ fn encoded_and_dotted_paths_are_judged_where_they_land() {
         ("/orders/../../billing/a", &[ORDERS], BAD_PATH),
     ];
     for (target, headers, expect) in table {
-        rig.refused(
-            &format!("PUT {target} {headers:?}"),
-            &put(target, headers),
-            *expect,
-        );
+        rig.refused(&put(target, headers), *expect);
     }
     for (target, token, uri) in [
         ("/%6Frders/x", ORDERS, "/orders/x"),
@@ -257,11 +238,7 @@ fn encoded_and_dotted_paths_are_judged_where_they_land() {
         ("//orders//b", ORDERS, "/orders/b"),
         ("/orders/../billing/c", BILLING, "/billing/c"),
     ] {
-        rig.admitted(
-            &format!("control PUT {target}"),
-            &put(target, &[token]),
-            ("PUT", uri, token),
-        );
+        rig.admitted(&put(target, &[token]), ("PUT", uri, token));
     }
     rig.finish(&[
         "orders/raise",
@@ -305,17 +282,11 @@ fn paths_a_store_could_read_differently_are_bad_paths() {
     // Refused with or without a valid token: a token never makes a bad path good.
     for (target, expect) in table {
         for headers in [&[][..], &[ORDERS][..]] {
-            let label = format!("PUT {target:?} {headers:?}");
-            rig.refused(&label, &put(target, headers), *expect);
+            rig.refused(&put(target, headers), *expect);
         }
     }
-    rig.admitted(
-        "control plain",
-        &put("/orders/ok", &[ORDERS]),
-        ("PUT", "/orders/ok", ORDERS),
-    );
-    let space = put("/orders/a%20b", &[ORDERS]);
-    rig.admitted("control escape", &space, ("PUT", "/orders/a b", ORDERS));
+    rig.admitted(&put("/orders/ok", &[ORDERS]), ("PUT", "/orders/ok", ORDERS));
+    rig.admitted(&put("/orders/a%20b", &[ORDERS]), ("PUT", "/orders/a b", ORDERS));
     rig.finish(&["orders/raise", "billing/raise", "orders/ok", "orders/a b"]);
 }
 
@@ -333,15 +304,10 @@ fn domains_are_case_sensitive_and_whole_segments() {
         "/elsewhere/a",
     ] {
         for headers in [&[][..], &[ORDERS][..]] {
-            let label = format!("PUT {target} {headers:?}");
-            rig.refused(&label, &put(target, headers), NO_DOMAIN);
+            rig.refused(&put(target, headers), NO_DOMAIN);
         }
     }
-    rig.admitted(
-        "control",
-        &put("/orders/a", &[ORDERS]),
-        ("PUT", "/orders/a", ORDERS),
-    );
+    rig.admitted(&put("/orders/a", &[ORDERS]), ("PUT", "/orders/a", ORDERS));
     rig.finish(&["orders/raise", "billing/raise", "orders/a"]);
 }
 
@@ -357,11 +323,7 @@ fn overrides_and_unknown_methods_are_writes() {
         ("OPTIONS /orders/m", &["X-HTTP-Method: DELETE"], MISSING),
         ("HEAD /orders/m", &["X-Method-Override: DELETE"], MISSING),
         ("GET /elsewhere/m", &["X-HTTP-Method-Override: DELETE"], NO_DOMAIN),
-        (
-            "GET /orders/m",
-            &["X-HTTP-Method-Override: DELETE", STALE],
-            STALE_EPOCH,
-        ),
+        ("GET /orders/m", &["X-HTTP-Method: DELETE", STALE], STALE_EPOCH),
         ("DELETE /orders/raise", &[], MISSING),
         ("DELETE /orders", &[], MISSING),
         ("PURGE /orders/m", &[], MISSING),
@@ -374,40 +336,27 @@ fn overrides_and_unknown_methods_are_writes() {
         ("Get /orders/m", &[], MISSING),
     ];
     for (line, headers, expect) in table {
-        let label = format!("{line} {headers:?}");
-        rig.refused(&label, &req(line, headers, ""), *expect);
+        rig.refused(&req(line, headers, ""), *expect);
     }
-    let override_get = req(
+    let get = req(
         "GET /orders/raise",
         &["X-HTTP-Method-Override: DELETE", ORDERS],
         "",
     );
-    let resp = rig.admitted(
-        "control override",
-        &override_get,
-        ("GET", "/orders/raise", ORDERS),
-    );
+    let resp = rig.admitted(&get, ("GET", "/orders/raise", ORDERS));
     assert_eq!(resp.status, 200, "nginx serves the GET");
     let proppatch = req("PROPPATCH /orders/m", &[ORDERS], "");
-    rig.admitted(
-        "control PROPPATCH",
-        &proppatch,
-        ("PROPPATCH", "/orders/m", ORDERS),
-    );
+    rig.admitted(&proppatch, ("PROPPATCH", "/orders/m", ORDERS));
     let mkcol = req("MKCOL /orders/m/", &[ORDERS], "");
-    rig.admitted("control MKCOL", &mkcol, ("MKCOL", "/orders/m/", ORDERS));
+    rig.admitted(&mkcol, ("MKCOL", "/orders/m/", ORDERS));
+    // MKCOL made a directory, which files_under does not list.
     rig.finish(&["orders/raise", "billing/raise"]);
-    // (MKCOL made a directory, which files_under does not list.)
 }
 
 #[test]
 fn copy_and_move_stay_in_their_domain() {
     let mut rig = Rig::start();
-    rig.admitted(
-        "source",
-        &put("/orders/a", &[ORDERS]),
-        ("PUT", "/orders/a", ORDERS),
-    );
+    rig.admitted(&put("/orders/a", &[ORDERS]), ("PUT", "/orders/a", ORDERS));
     let dests = [
         "/billing/a",
         "http://store.test/billing/a",
@@ -420,33 +369,19 @@ fn copy_and_move_stay_in_their_domain() {
         "/ORDERS/a",
     ];
     for method in ["MOVE", "COPY"] {
+        let line = format!("{method} /orders/a");
         for dest in dests {
             for token in [ORDERS, BILLING] {
                 let d = format!("Destination: {dest}");
-                let label = format!("{method} /orders/a {d} {token}");
-                rig.refused(
-                    &label,
-                    &req(&format!("{method} /orders/a"), &[&d, token], ""),
-                    CROSS,
-                );
+                rig.refused(&req(&line, &[&d, token], ""), CROSS);
             }
         }
         let bad = ["Destination: /orders%2F..%2Fbilling/a", ORDERS];
-        rig.refused(
-            "encoded slash dest",
-            &req(&format!("{method} /orders/a"), &bad, ""),
-            BAD_PATH,
-        );
-        let tokenless = ["Destination: /orders/b"];
-        rig.refused(
-            "tokenless",
-            &req(&format!("{method} /orders/a"), &tokenless, ""),
-            MISSING,
-        );
+        rig.refused(&req(&line, &bad, ""), BAD_PATH);
+        rig.refused(&req(&line, &["Destination: /orders/b"], ""), MISSING);
         // Judged in billing by its source: the orders token is stale there.
-        let from_billing = ["Destination: /billing/z", ORDERS];
         let from = format!("{method} /orders/../billing/raise");
-        rig.refused("billing source", &req(&from, &from_billing, ""), STALE_EPOCH);
+        rig.refused(&req(&from, &["Destination: /billing/z", ORDERS], ""), STALE_EPOCH);
     }
     // Two Destinations, one in billing: refused, or copied in orders only.
     let mut files = vec!["orders/raise", "billing/raise", "orders/b", "orders/c"];
@@ -454,25 +389,21 @@ fn copy_and_move_stay_in_their_domain() {
         .iter()
         .enumerate()
     {
-        let (d0, d1) = (
-            format!("Destination: {}", pair[0]),
-            format!("Destination: {}", pair[1]),
-        );
-        let dup = req("COPY /orders/a", &[&d0, &d1, ORDERS], "");
-        let (resp, raw) = rig.send("two Destinations", &dup);
+        let [d0, d1] = pair.map(|d| format!("Destination: {d}"));
+        let (resp, ctx) = rig.send(&req("COPY /orders/a", &[&d0, &d1, ORDERS], ""));
         if resp.header("fencegate-reason").is_some() {
-            assert!((400..500).contains(&resp.status), "two Destinations: {raw}");
+            assert!((400..500).contains(&resp.status), "{ctx}");
         } else {
             rig.expected.push(entry("COPY", "/orders/a", "10"));
             files.push(["orders/d0", "orders/d1"][i]);
         }
-        rig.wait_log(&format!("two Destinations {pair:?}: {raw}"));
+        rig.wait_log(&ctx);
     }
     let mv = req("MOVE /orders/a", &["Destination: /orders/b", ORDERS], "");
-    let resp = rig.admitted("control MOVE", &mv, ("MOVE", "/orders/a", ORDERS));
+    let resp = rig.admitted(&mv, ("MOVE", "/orders/a", ORDERS));
     assert!(matches!(resp.status, 201 | 204), "nginx moved the file: {resp:?}");
     let cp = req("COPY /orders/b", &["Destination: /orders/./x/../c", ORDERS], "");
-    let resp = rig.admitted("control COPY", &cp, ("COPY", "/orders/b", ORDERS));
+    let resp = rig.admitted(&cp, ("COPY", "/orders/b", ORDERS));
     assert!(
         matches!(resp.status, 201 | 204),
         "nginx copied the file: {resp:?}"
@@ -492,20 +423,20 @@ fn connection_may_not_strip_the_token() {
     ] {
         for token in [ORDERS, STALE] {
             let headers: Vec<&str> = conn.iter().copied().chain([token]).collect();
-            rig.refused(&format!("{headers:?}"), &put("/orders/h", &headers), Own(400));
+            rig.refused(&put("/orders/h", &headers), Own(400));
         }
-        rig.refused(&format!("{conn:?} tokenless"), &put("/orders/h", conn), Own(400));
+        rig.refused(&put("/orders/h", conn), Own(400));
     }
     let h2c = [
         "Connection: Upgrade, HTTP2-Settings",
         "Upgrade: h2c",
         "HTTP2-Settings: AAMAAABkAAQAAP__",
     ];
-    rig.refused("h2c upgrade", &put("/orders/h", &h2c), MISSING);
+    rig.refused(&put("/orders/h", &h2c), MISSING);
     let keep = put("/orders/h", &["Connection: keep-alive", ORDERS]);
-    rig.admitted("control keep-alive", &keep, ("PUT", "/orders/h", ORDERS));
+    rig.admitted(&keep, ("PUT", "/orders/h", ORDERS));
     let other = put("/orders/i", &["Connection: x-other", "X-Other: 1", ORDERS]);
-    rig.admitted("control other", &other, ("PUT", "/orders/i", ORDERS));
+    rig.admitted(&other, ("PUT", "/orders/i", ORDERS));
     rig.finish(&["orders/raise", "billing/raise", "orders/h", "orders/i"]);
 }
 
@@ -524,14 +455,10 @@ fn absolute_form_is_judged_on_its_path() {
         ("http://u@evil.example/orders/a", &[], MISSING),
     ];
     for (target, headers, expect) in table {
-        rig.refused(
-            &format!("PUT {target} {headers:?}"),
-            &put(target, headers),
-            *expect,
-        );
+        rig.refused(&put(target, headers), *expect);
     }
     let abs = put("http://evil.example/orders/./a", &[ORDERS]);
-    rig.admitted("control", &abs, ("PUT", "/orders/a", ORDERS));
+    rig.admitted(&abs, ("PUT", "/orders/a", ORDERS));
     rig.finish(&["orders/raise", "billing/raise", "orders/a"]);
 }
 
@@ -539,47 +466,38 @@ fn absolute_form_is_judged_on_its_path() {
 fn smuggling_and_pipelining_do_not_slip_a_write_through() {
     let mut rig = Rig::start();
     let hidden = "PUT /orders/hidden HTTP/1.1\r\nHost: store.test\r\nContent-Length: 1\r\n\r\nh";
-    let attempts: Vec<(&str, String)> = vec![
+    let (te, n) = ("Transfer-Encoding: chunked\r\n", hidden.len());
+    // (label, framing header lines, body); `hidden` is a second request to
+    // whoever reads the framing differently.
+    let attempts = [
         (
             "CL then TE",
-            format!(
-                "PUT /orders/s1 HTTP/1.1\r\nHost: store.test\r\nContent-Length: {}\r\n\
-                 Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}",
-                5 + hidden.len()
-            ),
+            format!("Content-Length: {}\r\n{te}", 5 + n),
+            format!("0\r\n\r\n{hidden}"),
         ),
         (
             "TE then CL",
-            format!(
-                "PUT /orders/s2 HTTP/1.1\r\nHost: store.test\r\nTransfer-Encoding: chunked\r\n\
-                 Content-Length: 3\r\n\r\n1\r\nx\r\n0\r\n\r\n{hidden}"
-            ),
+            format!("{te}Content-Length: 3\r\n"),
+            format!("1\r\nx\r\n0\r\n\r\n{hidden}"),
         ),
         (
             "two lengths",
-            format!(
-                "PUT /orders/s3 HTTP/1.1\r\nHost: store.test\r\nContent-Length: 1\r\n\
-                 Content-Length: {}\r\n\r\nx{hidden}",
-                1 + hidden.len()
-            ),
+            format!("Content-Length: 1\r\nContent-Length: {}\r\n", 1 + n),
+            format!("x{hidden}"),
         ),
         (
             "TE not chunked",
-            format!(
-                "PUT /orders/s4 HTTP/1.1\r\nHost: store.test\r\nTransfer-Encoding: xchunked\r\n\
-                 Content-Length: {}\r\n\r\n{hidden}",
-                hidden.len()
-            ),
+            format!("Transfer-Encoding: xchunked\r\nContent-Length: {n}\r\n"),
+            hidden.into(),
         ),
         (
-            "TE obfuscated",
-            format!(
-                "PUT /orders/s5 HTTP/1.1\r\nHost: store.test\r\nTransfer-Encoding: chunked, identity\r\n\
-                 \r\n1\r\nx\r\n0\r\n\r\n{hidden}"
-            ),
+            "TE chunked, identity",
+            "Transfer-Encoding: chunked, identity\r\n".into(),
+            format!("1\r\nx\r\n0\r\n\r\n{hidden}"),
         ),
     ];
-    for (label, bytes) in &attempts {
+    for (label, framing, body) in &attempts {
+        let bytes = format!("PUT /orders/s HTTP/1.1\r\nHost: store.test\r\n{framing}\r\n{body}");
         let text = until_close(&rig.fg.addr(), bytes.as_bytes());
         let got = statuses(&text);
         assert!(
@@ -603,9 +521,8 @@ fn smuggling_and_pipelining_do_not_slip_a_write_through() {
     // The admitted write's body is what fencegate read, never a second
     // request for the store: a chunked body hiding a tokenless request.
     let outer = format!(
-        "PUT /orders/p3 HTTP/1.1\r\nHost: store.test\r\n{ORDERS}\r\nContent-Length: {}\r\n\
-         Transfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n{hidden}",
-        hidden.len()
+        "PUT /orders/p3 HTTP/1.1\r\nHost: store.test\r\n{ORDERS}\r\nContent-Length: {n}\r\n\
+         {te}\r\n1\r\nz\r\n0\r\n\r\n{hidden}"
     );
     let text = until_close(&rig.fg.addr(), outer.as_bytes());
     let got = statuses(&text);
@@ -630,32 +547,33 @@ async fn the_checked_path_is_the_forwarded_path() {
     let store = ScriptedStore::start().await;
     let config = FencegateConfig::new(&store.url()).domain("orders", "/orders/");
     let fg = tokio::task::block_in_place(|| Fencegate::start(config));
+    // (request line, extra header, path and query the store must see)
     let cases = [
-        ("PUT /%6Frders/x", vec![], "/orders/x", None),
-        ("PUT /orders/./sub/../a", vec![], "/orders/a", None),
-        ("PUT //orders//b", vec![], "/orders/b", None),
+        ("PUT /%6Frders/x", "", "/orders/x", None),
+        ("PUT /orders/./sub/../a", "", "/orders/a", None),
+        ("PUT //orders//b", "", "/orders/b", None),
         (
-            "PUT http://evil.example/x/../orders/c?q=/../billing",
-            vec![],
+            "PUT http://evil.example/x/../orders/c?q=/../b",
+            "",
             "/orders/c",
-            Some("q=/../billing"),
+            Some("q=/../b"),
         ),
-        ("PUT /orders/%7e%41%3f", vec![], "/orders/~A%3F", None),
+        ("PUT /orders/%7e%41%3f", "", "/orders/~A%3F", None),
         (
             "MOVE /orders/a",
-            vec!["Destination: /orders/./d/../e"],
+            "Destination: /orders/./d/../e",
             "/orders/a",
             None,
         ),
         (
             "COPY /orders/a",
-            vec!["Destination: http://h.test//orders/%66"],
+            "Destination: http://h.test//orders/%66",
             "/orders/a",
             None,
         ),
     ];
-    for (line, extra, path, query) in &cases {
-        let headers: Vec<&str> = extra.iter().copied().chain([ORDERS]).collect();
+    for (line, extra, path, query) in cases {
+        let headers: Vec<&str> = [extra, ORDERS].into_iter().filter(|h| !h.is_empty()).collect();
         let text = tokio::task::block_in_place(|| raw_request(&fg.addr(), &req(line, &headers, "x")));
         assert_eq!(parse_response(&text).status, 201, "{line}: {text}");
         let head = store
@@ -665,7 +583,7 @@ async fn the_checked_path_is_the_forwarded_path() {
             .expect("the store saw the request");
         assert_eq!(
             (head.path.as_str(), head.query.as_deref()),
-            (*path, *query),
+            (path, query),
             "{line}"
         );
         assert_eq!(
