@@ -8,13 +8,14 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{capture_connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyError, Exchange, GuardedBody};
 use crate::config::UpstreamConfig;
+use crate::connector::{KillHandle, KillableConnector};
 use crate::path::NormalPath;
 
 /// The body of a request on its way to the store.
@@ -44,7 +45,7 @@ pub enum ForwardError {
 
 /// The store and how to reach it.
 pub struct Upstream {
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<KillableConnector, UpstreamBody>,
     scheme: Scheme,
     authority: Authority,
     request_timeout: Duration,
@@ -64,7 +65,7 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .http1_preserve_header_case(false)
-            .build(connector);
+            .build(KillableConnector(connector));
         Upstream {
             client,
             scheme: config.url.scheme().cloned().unwrap_or(Scheme::HTTP),
@@ -94,10 +95,12 @@ impl Upstream {
     /// cancelled before the body was sent whole, aborts the request.
     pub async fn send(
         &self,
-        request: Request<UpstreamBody>,
+        mut request: Request<UpstreamBody>,
         exchange: &Exchange,
         fence: Option<&CancellationToken>,
     ) -> Result<Response<Incoming>, ForwardError> {
+        // Only a fenced write may need its connection cut.
+        let connection = fence.map(|_| capture_connection(&mut request));
         let response = self.client.request(request);
         tokio::pin!(response);
         let deadline = async {
@@ -114,6 +117,14 @@ impl Upstream {
                     // Only a body not yet sent whole can be aborted; one that
                     // was sent waits for its head like any other.
                     if exchange.abort() {
+                        // The body may be stuck in the connection's buffer
+                        // behind a store that is not reading: cut it, so no
+                        // byte of it reaches the store after the raise.
+                        if let Some(capture) = &connection {
+                            if let Some(connected) = capture.connection_metadata().as_ref() {
+                                KillHandle::kill_connection(connected);
+                            }
+                        }
                         return Err(ForwardError::Fenced);
                     }
                     watch_fence = false;

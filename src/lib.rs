@@ -22,6 +22,7 @@ pub mod body;
 pub mod commands;
 pub mod committer;
 pub mod config;
+pub mod connector;
 pub mod error;
 pub mod fencing;
 pub mod forward;

@@ -383,6 +383,11 @@ async fn abort_unfinished_lower_body(chunked: bool) {
             (412, Some("stale_epoch")),
             "the aborted 5-write's answer: {answer}"
         );
+        let problem: serde_json::Value = serde_json::from_str(&response.body)
+            .unwrap_or_else(|e| panic!("the 412 body is not JSON ({e}): {answer}"));
+        assert_eq!(problem["reason"], "stale_epoch", "{answer}");
+        assert_eq!(problem["domain"], DOMAIN, "{answer}");
+        assert_eq!(problem["token"], 5, "{answer}");
         eprintln!("abort (chunked: {chunked}): the 5-client got 412 stale_epoch");
     }
 
@@ -411,6 +416,81 @@ async fn a_raise_aborts_a_lower_body_that_is_not_whole() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_raise_aborts_a_lower_chunked_body_before_its_last_chunk() {
     abort_unfinished_lower_body(true).await;
+}
+
+/// A lower body that cannot be handed over because the store is not
+/// reading (the socket buffers between them are full) is not "fully sent
+/// to the store": the raise aborts it (rule 4a) instead of waiting until the
+/// store reads again, and the store never completes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_aborts_a_lower_body_the_store_is_not_reading() {
+    const STALL: Duration = Duration::from_secs(5);
+    const SIZE: usize = 32 << 20;
+    let store = ScriptedStore::start().await;
+    let fg = gate(&store.url(), |c| c.body_idle_timeout(Duration::from_secs(20)));
+    let http = client();
+    establish(&http, &fg, "5").await;
+
+    store.hold_token_before_body("5", STALL);
+    let five = {
+        let (http, url) = (http.clone(), format!("{}/d/big", fg.url()));
+        tokio::spawn(async move {
+            let sent = http
+                .put(url)
+                .header("Fencing-Token", "5")
+                .body(vec![b'x'; SIZE])
+                .send()
+                .await;
+            match sent {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let reason = r
+                        .headers()
+                        .get("fencegate-reason")
+                        .map(|v| v.to_str().unwrap_or_default().to_string());
+                    Ok((status, reason))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    };
+    wait_event(&store, "/d/big", EventKind::HeadArrived).await;
+    // Let the buffers between fencegate and the store fill up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let sent_six = Instant::now();
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    let six_took = six.done - sent_six;
+    assert!(six.is_success(), "the 6-write: {six:?}");
+    assert!(
+        six_took < Duration::from_secs(3),
+        "the 6-write took {six_took:?}: it waited for a {SIZE}-byte lower body the store was not \
+         reading ({STALL:?}) instead of aborting it"
+    );
+    let five = tokio::time::timeout(Duration::from_secs(10), five)
+        .await
+        .expect("the 5-client got no answer within 10 s")
+        .expect("five task");
+    match &five {
+        Ok((status, reason)) => assert_eq!(
+            (*status, reason.as_deref()),
+            (412, Some("stale_epoch")),
+            "the aborted 5-write's answer"
+        ),
+        // fencegate answers and closes without reading the rest of the
+        // body, which the client may see as a reset while still sending.
+        Err(e) => eprintln!("the aborted 32 MiB 5-write's client saw: {e}"),
+    }
+
+    // The store reads after its stall and finds the request cut short.
+    wait_event(&store, "/d/big", EventKind::BodyFailed).await;
+    let events = store.events();
+    let log = describe(&events);
+    assert!(
+        index_of(&events, "/d/big", EventKind::BodyComplete).is_none(),
+        "the aborted 5-write completed at the store:\n{log}"
+    );
+    assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
 }
 
 // ---------------------------------------------------------------------------
@@ -442,6 +522,13 @@ async fn a_lower_write_that_outlives_request_timeout_no_longer_holds_the_barrier
         (five.status, five.reason.as_deref()),
         (504, Some("upstream_timeout")),
         "the held 5-write: {five:?}"
+    );
+    let problem = five.json();
+    assert_eq!(problem["domain"], DOMAIN, "{problem}");
+    assert_eq!(problem["token"], 5, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap_or_default().contains("unknown"),
+        "a 504 must say the store's outcome is unknown: {problem}"
     );
     assert!(six.is_success(), "the 6-write: {six:?}");
     let timeout_at = body_done + REQUEST_TIMEOUT;
@@ -631,6 +718,79 @@ async fn concurrent_raises_to_distinct_tokens_share_commits() {
     }
     let late = put(&http, &fg.url(), "/d/late", "163").await;
     assert_stale(&late, "163 after the raise to 164");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raises_that_pile_up_behind_a_barrier_share_one_commit() {
+    const HOLD: Duration = Duration::from_secs(3);
+    let store = ScriptedStore::start().await;
+    let fg = gate(&store.url(), |c| c);
+    let http = client();
+    establish(&http, &fg, "100").await;
+
+    // A held 100-write keeps the first raise in its barrier, while the
+    // 64 raises begin one after another, lowest first (each is sent once
+    // the one before it has set the refusal mark).
+    store.hold_token("100", HOLD);
+    let held = spawn_put(&http, &fg.url(), "/d/held", "100");
+    wait_event(&store, "/d/held", EventKind::BodyComplete).await;
+    let before = commits(&fg).await;
+    let mut fired = Vec::new();
+    for t in 101..=164u64 {
+        let write = spawn_put(&http, &fg.url(), &format!("/d/raise-{t}"), &t.to_string());
+        fired.push((t, write));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while marks(&fg, DOMAIN).await != (100, t) {
+            assert!(
+                Instant::now() < deadline,
+                "the raise to {t} did not begin within 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    assert!(
+        index_of(&store.events(), "/d/held", EventKind::Responded).is_none(),
+        "the held write was answered before every raise had begun; make HOLD longer"
+    );
+    let mut replies = Vec::new();
+    for (t, write) in fired {
+        replies.push((t, write.await.expect("write task")));
+    }
+    let used = commits(&fg).await - before;
+    let held = held.await.expect("held task");
+    eprintln!("64 raises behind a barrier: {used} commits");
+
+    assert!(held.is_success(), "{held:?}");
+    let admitted: Vec<u64> = replies
+        .iter()
+        .filter(|(_, r)| r.is_success())
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(
+        admitted,
+        [164],
+        "only the highest of the piled-up raises may pass"
+    );
+    for (token, reply) in &replies {
+        if *token < 164 {
+            assert_stale(reply, &format!("raise to {token}"));
+        }
+    }
+    assert_eq!(
+        used, 1,
+        "64 raises that all began during one barrier used {used} commits"
+    );
+    assert_eq!(marks(&fg, DOMAIN).await, (164, 164));
+    let events = store.events();
+    let log = describe(&events);
+    assert_eq!(
+        head_tokens(&events, "/d/raise-"),
+        [164],
+        "a refused raise reached the store:\n{log}"
+    );
+    let answered = index_of(&events, "/d/held", EventKind::Responded).expect(&log);
+    let top = index_of(&events, "/d/raise-164", EventKind::HeadArrived).expect(&log);
+    assert!(answered < top, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
