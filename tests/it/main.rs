@@ -10,5 +10,6 @@ mod support;
 mod barrier;
 mod bypass;
 mod durability;
+mod etcd_harness;
 mod responses;
 mod smoke;

@@ -1,6 +1,8 @@
 //! Test support: real processes on free loopback ports, and HTTP helpers.
 //!
 //! - [`require_binary`], [`free_port`]
+//! - [`Etcd`], [`EtcdCluster`]: etcd members on loopback; [`etcd::client`],
+//!   [`Candidate`], [`leader_rev`]: writers campaigning in an election
 //! - [`Nginx`]: a WebDAV store with a token-recording access log
 //! - [`FencegateConfig`], [`Domain`]: the TOML of SPEC.md's Configuration
 //! - [`Fencegate`]: `fencegate init` + `fencegate run` in a temp dir
@@ -12,6 +14,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod config;
+pub mod etcd;
 mod fencegate;
 mod http;
 mod nginx;
@@ -19,6 +22,7 @@ mod process;
 mod store;
 
 pub use config::{format_duration, Domain, FencegateConfig};
+pub use etcd::{leader_rev, Candidate, Etcd, EtcdCluster};
 pub use fencegate::{Fencegate, RunExit};
 pub use http::{client, http_get, parse_response, raw_request, raw_request_timeout, RawResponse};
 pub use nginx::{LogEntry, Nginx};
