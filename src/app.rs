@@ -104,23 +104,44 @@ pub async fn run(
         "fencegate serving"
     );
 
+    // Readiness turns 503 as soon as shutdown begins, so load balancers
+    // stop sending while the connections drain.
+    let serving_flag = serving.clone();
+    let shutdown = async move {
+        shutdown.await;
+        serving_flag.store(false, Ordering::SeqCst);
+    };
     let drain = server::serve(listeners.proxy, proxy.clone(), &config.server, shutdown).await;
-    serving.store(false, Ordering::SeqCst);
-    // The clean mark promises the next start that no write of ours is still
-    // in flight at the store; it is only true if every connection drained.
-    if drain == Drain::Complete {
-        match committer.close_clean().await {
-            Ok(()) => tracing::info!("clean shutdown recorded"),
-            Err(e) => tracing::error!(error = %e, "could not record the clean shutdown"),
-        }
-    } else {
-        tracing::warn!("not recording a clean shutdown: requests were still in flight");
-    }
-    drop(settings);
-    drop(committer);
-    drop(proxy);
-    let _ = committer_task.await;
     stop_admin.cancel();
     let _ = admin_task.await;
+    // The clean mark promises the next start that no write of ours is still
+    // at the store: every connection drained, and every write whose client
+    // left has had its answer from the store too.
+    let writes_done = drain == Drain::Complete && writes_ended(&proxy, config.server.shutdown_grace).await;
+    if !writes_done {
+        // The committer is not awaited here: connection tasks that outlived
+        // the grace period still hold it, and the process is about to exit.
+        tracing::warn!("not recording a clean shutdown: writes were still in flight");
+        return Ok(());
+    }
+    match committer.close_clean().await {
+        Ok(()) => tracing::info!("clean shutdown recorded"),
+        Err(e) => tracing::error!(error = %e, "could not record the clean shutdown"),
+    }
+    let _ = committer_task.await;
     Ok(())
+}
+
+/// Waits until no write is in flight in any domain, up to `limit`.
+async fn writes_ended(proxy: &Proxy, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if proxy.gates().iter().all(|g| g.inflight_writes() == 0) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -106,6 +106,8 @@ pub struct GuardedBody<B> {
     /// is ready at once (most small writes) costs no timer.
     idle: Option<Pin<Box<Sleep>>>,
     idle_timeout: Duration,
+    /// Whether the last poll left us waiting on the other side.
+    waiting: bool,
     fence: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     exchange: Option<Arc<Exchange>>,
     ended: bool,
@@ -118,6 +120,7 @@ impl<B> GuardedBody<B> {
             inner,
             idle: None,
             idle_timeout,
+            waiting: false,
             fence: None,
             exchange: None,
             ended: false,
@@ -173,16 +176,17 @@ where
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                // The last frame of a sized body completes the request at the
-                // store, so it is only handed over if the exchange agrees.
-                if this.inner.is_end_stream() {
+                // The last frame of a sized body, or the trailers of a
+                // chunked one, completes the request at the store (hyper
+                // writes the final chunk itself after trailers), so it is
+                // only handed over if the exchange agrees.
+                if frame.is_trailers() || this.inner.is_end_stream() {
                     this.ended = true;
                     if !this.complete() {
                         return this.fail(BodyError::Fenced);
                     }
-                } else if let Some(idle) = this.idle.as_mut() {
-                    idle.as_mut().reset(Instant::now() + this.idle_timeout);
                 }
+                this.waiting = false;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => this.fail(BodyError::Source(e.into())),
@@ -197,10 +201,18 @@ where
                 }
             }
             Poll::Pending => {
+                // The idle clock starts when the other side makes us wait,
+                // not at the last frame: time the connection spent not
+                // polling us (backpressure) is not the other side's pause.
                 let timeout = this.idle_timeout;
+                let deadline = Instant::now() + timeout;
                 let idle = this
                     .idle
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !this.waiting {
+                    idle.as_mut().reset(deadline);
+                    this.waiting = true;
+                }
                 if idle.as_mut().poll(cx).is_ready() {
                     return this.fail(BodyError::Idle(timeout));
                 }

@@ -130,6 +130,12 @@ pub fn epochs_set(config_path: &Path, domain: &str, value: u64, force: bool) -> 
             "refusing to change an epoch without --force: lowering one re-admits deposed leaders; stop the proxy first".into(),
         ));
     }
+    if crate::token::Token::new(value).is_none() && value != 0 {
+        return Err(Fatal::Usage(format!(
+            "--value {value}: an epoch is at most {} (tokens are positive int64)",
+            crate::token::Token::MAX
+        )));
+    }
     let config = Config::load(config_path)?;
     let state = StateFile::open(&config.state.path)?;
     let old = state.force_set(domain, value)?;

@@ -62,9 +62,8 @@ impl KillableStream {
         self.switch.waker.register(cx.waker());
         if !self.switch.killed.load(Ordering::SeqCst) {
             return Ok(());
-        }
-        // A reset, not a FIN: the kernel drops what is still queued.
-        let _ = socket2::SockRef::from(self.io.inner()).set_linger(Some(Duration::ZERO));
+        } // The socket closes with a reset (SO_LINGER 0, set at connect): the
+          // kernel drops what is still queued to send.
         Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "connection cut by a raise",
@@ -139,6 +138,11 @@ impl tower::Service<Uri> for KillableConnector {
         let connecting = tower::Service::<Uri>::call(&mut self.0, uri);
         Box::pin(async move {
             let io = connecting.await?;
+            // Every close of a store connection is a reset: hyper closes one
+            // only when idle, after an error, or after a finished exchange,
+            // and on the error paths (an aborted or failed body) the bytes
+            // still queued must be dropped, not delivered late.
+            socket2::SockRef::from(io.inner()).set_linger(Some(Duration::ZERO))?;
             Ok(KillableStream {
                 io,
                 switch: Arc::default(),

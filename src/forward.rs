@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{capture_connection, HttpConnector};
+use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
@@ -99,7 +99,7 @@ impl Upstream {
         exchange: &Exchange,
         fence: Option<&CancellationToken>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        // Only a fenced write may need its connection cut.
+        // Writes may need their connection cut (on a raise or a timeout).
         let connection = fence.map(|_| capture_connection(&mut request));
         let response = self.client.request(request);
         tokio::pin!(response);
@@ -112,7 +112,12 @@ impl Upstream {
         loop {
             tokio::select! {
                 result = &mut response => return result.map_err(classify),
-                () = &mut deadline => return Err(ForwardError::Timeout(self.request_timeout)),
+                () = &mut deadline => {
+                    // The store's outcome is unknown: the connection is cut
+                    // so nothing more of this write can reach the store.
+                    cut(connection.as_ref());
+                    return Err(ForwardError::Timeout(self.request_timeout));
+                }
                 () = fenced(fence), if watch_fence => {
                     // Only a body not yet sent whole can be aborted; one that
                     // was sent waits for its head like any other.
@@ -120,16 +125,21 @@ impl Upstream {
                         // The body may be stuck in the connection's buffer
                         // behind a store that is not reading: cut it, so no
                         // byte of it reaches the store after the raise.
-                        if let Some(capture) = &connection {
-                            if let Some(connected) = capture.connection_metadata().as_ref() {
-                                KillHandle::kill_connection(connected);
-                            }
-                        }
+                        cut(connection.as_ref());
                         return Err(ForwardError::Fenced);
                     }
                     watch_fence = false;
                 }
             }
+        }
+    }
+}
+
+/// Cuts the connection a request was sent on, if it is known.
+fn cut(connection: Option<&CaptureConnection>) {
+    if let Some(capture) = connection {
+        if let Some(connected) = capture.connection_metadata().as_ref() {
+            KillHandle::kill_connection(connected);
         }
     }
 }

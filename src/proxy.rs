@@ -30,7 +30,7 @@ pub type ProxyBody = Either<Full<Bytes>, GuardedBody<Incoming>>;
 /// Everything the data path needs, shared by every connection.
 pub struct Proxy {
     gates: Gates,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
     fencing_header: HeaderName,
     read_methods: Vec<Method>,
     max_header_bytes: usize,
@@ -43,7 +43,7 @@ impl Proxy {
     pub fn new(config: &Config, gates: Gates, outside: DomainMetrics) -> Proxy {
         Proxy {
             gates,
-            upstream: Upstream::new(&config.upstream),
+            upstream: Arc::new(Upstream::new(&config.upstream)),
             fencing_header: HeaderName::from_bytes(config.fencing.header.as_bytes())
                 .expect("validated header name"),
             read_methods: config
@@ -263,12 +263,18 @@ impl Proxy {
         let body = GuardedBody::new(body, self.upstream.body_idle_timeout)
             .forwarding(exchange.clone(), fence.clone());
         let sent_at = Instant::now();
-        let result = self
-            .upstream
-            .send(Request::from_parts(parts, body), &exchange, fence.as_ref())
-            .await;
+        // The exchange runs in a task of its own that holds the write's
+        // ticket until the store's response head (or the timeout that cuts
+        // the connection): a client that goes away must not release the
+        // barrier while its write is still at the store.
+        let upstream = self.upstream.clone();
+        let task_fence = fence.clone();
+        let request = Request::from_parts(parts, body);
+        let result =
+            tokio::spawn(async move { upstream.send(request, &exchange, task_fence.as_ref()).await })
+                .await
+                .unwrap_or_else(|e| Err(ForwardError::Failed(format!("the exchange task failed: {e}"))));
         metrics.upstream_duration.observe(sent_at.elapsed().as_secs_f64());
-        drop(exchange);
         let response = result.map_err(|e| {
             if matches!(e, ForwardError::Timeout(_)) && fence.as_ref().is_some_and(|f| f.is_cancelled()) {
                 metrics.barrier_timeouts.inc();
