@@ -222,10 +222,7 @@ impl Proxy {
                 "the Destination header was given more than once",
             ));
         }
-        let destination = http::Uri::try_from(value.as_bytes())
-            .map_err(|_| Problem::new(Reason::BadPath, "the Destination header is not a URI"))?;
-        let path = normalize(destination.path())
-            .map_err(|e| Problem::new(Reason::BadPath, format!("Destination: {e}")))?;
+        let (path, _) = normalized_destination(value).map_err(|e| Problem::new(Reason::BadPath, e))?;
         match self.gates.find(&path) {
             Some(other) if std::ptr::eq(other.as_ref(), gate) => Ok(()),
             _ => Err(gate.problem(
@@ -254,7 +251,7 @@ impl Proxy {
         parts.uri = self.upstream.uri(path, parts.uri.query());
         parts.version = Version::HTTP_11;
         if let Some(destination) = parts.headers.get("destination") {
-            let rewritten =
+            let (_, rewritten) =
                 normalized_destination(destination).map_err(|e| Problem::new(Reason::BadPath, e))?;
             parts.headers.insert("destination", rewritten);
         }
@@ -310,15 +307,17 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
-/// The Destination header with its path in normal form.
-fn normalized_destination(value: &HeaderValue) -> Result<HeaderValue, String> {
+/// The Destination header's normalized path, and the header rewritten
+/// with it (the form that is judged is the form that is forwarded).
+fn normalized_destination(value: &HeaderValue) -> Result<(NormalPath, HeaderValue), String> {
     let uri = http::Uri::try_from(value.as_bytes()).map_err(|e| format!("Destination: {e}"))?;
     let path = normalize(uri.path()).map_err(|e| format!("Destination: {e}"))?;
     let text = match (uri.scheme_str(), uri.authority()) {
         (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{path}"),
         _ => path.to_string(),
     };
-    HeaderValue::from_str(&text).map_err(|e| format!("Destination: {e}"))
+    let header = HeaderValue::from_str(&text).map_err(|e| format!("Destination: {e}"))?;
+    Ok((path, header))
 }
 
 fn forward_problem(e: ForwardError) -> Problem {
