@@ -37,10 +37,38 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.serving.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
+    if !state.serving.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_owned());
+    }
+    // A domain whose writes would all get 503 makes the whole proxy unready:
+    // a load balancer should prefer a replica that can decide.
+    let stuck: Vec<String> = state
+        .proxy
+        .gates()
+        .iter()
+        .filter_map(|gate| {
+            let view = gate.election.as_ref()?;
+            if view.is_ready() {
+                return None;
+            }
+            let why = if view.is_regressed() {
+                "etcd regressed below the epoch".to_owned()
+            } else {
+                match view.age() {
+                    None => "no answer from etcd yet".to_owned(),
+                    Some(age) => format!("leader view is {:.1}s old", age.as_secs_f64()),
+                }
+            };
+            Some(format!("{}: {why}", gate.name))
+        })
+        .collect();
+    if stuck.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", stuck.join("; ")),
+        )
     }
 }
 
@@ -64,14 +92,15 @@ async fn domains(State(state): State<AdminState>) -> Json<Vec<DomainView>> {
         .iter()
         .map(|gate| {
             let marks = gate.marks();
+            let view = gate.election.as_deref();
             DomainView {
                 name: gate.name.to_string(),
                 prefix: gate.prefix.clone(),
-                election: gate.election.clone(),
+                election: view.map(|v| v.prefix.clone()),
                 epoch: marks.epoch,
                 refusal_mark: marks.refusal,
-                leader_revision: None,
-                view_age_seconds: None,
+                leader_revision: view.and_then(|v| v.snapshot().leader),
+                view_age_seconds: view.and_then(|v| v.age()).map(|a| a.as_secs_f64()),
                 inflight_writes: gate.inflight_writes(),
             }
         })
@@ -81,6 +110,9 @@ async fn domains(State(state): State<AdminState>) -> Json<Vec<DomainView>> {
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    for view in state.proxy.gates().iter().filter_map(|g| g.election.as_ref()) {
+        view.update_age_gauge();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),

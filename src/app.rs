@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::committer::Committer;
 use crate::config::Config;
+use crate::coordinator::{Coordinator, Elected};
+use crate::election::{ElectionView, ViewSettings};
 use crate::gate::{Gate, GateSettings, Gates};
 use crate::metrics::{Metrics, NO_DOMAIN};
 use crate::proxy::Proxy;
@@ -41,11 +43,13 @@ pub fn wanted_domains(config: &Config) -> Vec<WantedDomain> {
 }
 
 /// Runs fencegate until `shutdown` resolves and the connections drain.
-/// `forget` names stored domains the configuration dropped on purpose.
+/// `forget` names stored domains the configuration dropped on purpose;
+/// `etcd` is how to reach etcd, needed when a domain has an election.
 pub async fn run(
     config: Config,
     state: StateFile,
     forget: &[String],
+    etcd: Option<etcd_client::ConnectOptions>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StateError> {
@@ -68,22 +72,53 @@ pub async fn run(
         drain_limit: request_timeout + config.upstream.connect_timeout + Duration::from_secs(1),
         committer: committer.clone(),
     };
+    let mut elected = Vec::new();
     let gates = config
         .domains
         .iter()
         .zip(&start.epochs)
         .map(|(d, epoch)| {
-            tracing::info!(domain = %d.name, prefix = %d.prefix, epoch, "domain loaded");
-            Arc::new(Gate::new(
+            tracing::info!(domain = %d.name, prefix = %d.prefix, epoch, election = ?d.election, "domain loaded");
+            let domain_metrics = metrics.domain(&d.name);
+            let view = match (&d.election, &config.etcd) {
+                (Some(election), Some(etcd)) => Some(Arc::new(ElectionView::new(
+                    d.name.as_str().into(),
+                    election.clone(),
+                    ViewSettings {
+                        consistency: etcd.consistency,
+                        on_unavailable: etcd.on_unavailable,
+                        max_staleness: etcd.max_staleness,
+                    },
+                    metrics.election(&d.name),
+                ))),
+                _ => None,
+            };
+            let gate = Arc::new(Gate::new(
                 &d.name,
                 d.prefix.clone(),
-                d.election.clone(),
+                view.clone(),
                 *epoch,
-                metrics.domain(&d.name),
+                domain_metrics,
                 settings.clone(),
-            ))
+            ));
+            if let Some(view) = view {
+                elected.push(Elected {
+                    gate: gate.clone(),
+                    view,
+                });
+            }
+            gate
         })
         .collect();
+    // Until etcd answers, election domains refuse (or, in local mode, fall
+    // back to their epochs); the first read also fences ahead to the leader.
+    let coordinator = match (&config.etcd, etcd, elected.is_empty()) {
+        (Some(etcd_config), Some(options), false) => {
+            tracing::info!(endpoints = ?etcd_config.endpoints, consistency = ?etcd_config.consistency, "connecting to etcd");
+            Some(Coordinator::start(etcd_config, options, elected))
+        }
+        _ => None,
+    };
     let proxy = Arc::new(Proxy::new(&config, Gates::new(gates), metrics.domain(NO_DOMAIN)));
 
     let serving = Arc::new(AtomicBool::new(true));
@@ -114,6 +149,11 @@ pub async fn run(
     let drain = server::serve(listeners.proxy, proxy.clone(), &config.server, shutdown).await;
     stop_admin.cancel();
     let _ = admin_task.await;
+    // The views are no longer needed, and a fence-ahead raise must not
+    // reach the committer after the clean mark.
+    if let Some(coordinator) = coordinator {
+        coordinator.stop().await;
+    }
     // The clean mark promises the next start that no write of ours is still
     // at the store: every connection drained, and every write whose client
     // left has had its answer from the store too.

@@ -61,6 +61,7 @@ impl Fatal {
 /// `fencegate run`: serve until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path, forget: &[String]) -> Result<(), Fatal> {
     let config = Config::load(config_path)?;
+    let etcd = etcd_options(config_path, &config)?;
     let state = StateFile::open(&config.state.path)?;
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
@@ -71,8 +72,22 @@ pub async fn run(config_path: &Path, forget: &[String]) -> Result<(), Fatal> {
         proxy: bind(config.server.listen).await?,
         admin: bind(config.server.admin_listen).await?,
     };
-    app::run(config, state, forget, listeners, crate::shutdown::signal()).await?;
+    app::run(config, state, forget, etcd, listeners, crate::shutdown::signal()).await?;
     Ok(())
+}
+
+/// How to reach etcd; reading the password and TLS files now turns a wrong
+/// path into a configuration error at start rather than endless retries.
+fn etcd_options(config_path: &Path, config: &Config) -> Result<Option<etcd_client::ConnectOptions>, Fatal> {
+    let Some(etcd) = &config.etcd else {
+        return Ok(None);
+    };
+    let options = crate::coordinator::connect_options(etcd).map_err(|e| ConfigError::Invalid {
+        file: config_path.to_owned(),
+        key: format!("etcd.{}", e.key),
+        problem: e.problem,
+    })?;
+    Ok(Some(options))
 }
 
 /// `fencegate init`: create the state file with every domain at epoch 0.
@@ -90,6 +105,7 @@ pub fn init(config_path: &Path) -> Result<(), Fatal> {
 /// `fencegate check-config`.
 pub fn check_config(config_path: &Path) -> Result<(), Fatal> {
     let config = Config::load(config_path)?;
+    etcd_options(config_path, &config)?;
     println!(
         "{}: valid ({} domain(s))",
         config_path.display(),

@@ -136,6 +136,33 @@ pub struct EtcdConfig {
     /// Oldest leader view that may still decide.
     #[serde(with = "humantime_serde", default = "default_max_staleness")]
     pub max_staleness: Duration,
+    /// Time allowed to open a connection to one member.
+    #[serde(with = "humantime_serde", default = "default_etcd_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// User to authenticate as; needs `password_file`.
+    pub user: Option<String>,
+    /// File holding the user's password (a trailing newline is ignored).
+    pub password_file: Option<PathBuf>,
+    /// TLS towards the members; required for `https://` endpoints.
+    pub tls: Option<EtcdTlsConfig>,
+}
+
+/// `[etcd.tls]`: how fencegate verifies etcd and, optionally, proves itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsConfig {
+    /// PEM file of the CA that signed the members' certificates.
+    pub ca_file: PathBuf,
+    /// PEM client certificate, for members that require one; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Name to verify in the members' certificates instead of the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+fn default_etcd_connect_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn default_max_staleness() -> Duration {
@@ -327,29 +354,74 @@ impl Config {
                         format!("`{election}`: give the election prefix without a trailing `/`"),
                     ));
                 }
-                if self.etcd.is_some() {
-                    // Until the etcd leader view lands, an election domain
-                    // could only refuse every write; say so at start.
-                    return Err((
-                        key("election"),
-                        "elections are not supported by this build yet (the etcd leader view is the next milestone)".into(),
-                    ));
-                }
                 if self.etcd.is_none() {
                     return Err((key("election"), "needs an [etcd] section with endpoints".into()));
                 }
             }
         }
         if let Some(etcd) = &self.etcd {
-            if etcd.endpoints.is_empty() {
-                return Err(("etcd.endpoints".into(), "needs at least one endpoint".into()));
-            }
-            if etcd.max_staleness < Duration::from_millis(30) {
-                return Err(("etcd.max_staleness".into(), "must be at least 30ms".into()));
-            }
+            validate_etcd(etcd)?;
         }
         Ok(())
     }
+}
+
+fn validate_etcd(etcd: &EtcdConfig) -> Result<(), (String, String)> {
+    let bad = |key: &str, problem: String| Err((format!("etcd.{key}"), problem));
+    if etcd.endpoints.is_empty() {
+        return bad("endpoints", "needs at least one endpoint".into());
+    }
+    for endpoint in &etcd.endpoints {
+        let uri: http::Uri = match endpoint.parse() {
+            Ok(uri) => uri,
+            Err(e) => return bad("endpoints", format!("`{endpoint}` is not a URL: {e}")),
+        };
+        match uri.scheme_str() {
+            Some("http") if etcd.tls.is_some() => {
+                return bad(
+                    "endpoints",
+                    format!("`{endpoint}`: [etcd.tls] is set, so every endpoint must be https://"),
+                );
+            }
+            Some("http") => {}
+            Some("https") if etcd.tls.is_none() => {
+                return bad(
+                    "endpoints",
+                    format!("`{endpoint}`: https:// needs an [etcd.tls] section with ca_file"),
+                );
+            }
+            Some("https") => {}
+            _ => {
+                return bad(
+                    "endpoints",
+                    format!("`{endpoint}`: use http://host:port or https://host:port"),
+                )
+            }
+        }
+        if uri.authority().is_none() {
+            return bad("endpoints", format!("`{endpoint}`: needs a host and port"));
+        }
+    }
+    if etcd.max_staleness < Duration::from_millis(30) {
+        return bad("max_staleness", "must be at least 30ms".into());
+    }
+    if etcd.connect_timeout.is_zero() {
+        return bad("connect_timeout", "must be above zero".into());
+    }
+    match (&etcd.user, &etcd.password_file) {
+        (Some(user), _) if user.is_empty() => return bad("user", "must not be empty".into()),
+        (Some(_), None) => return bad("password_file", "is needed with `user`".into()),
+        (None, Some(_)) => return bad("user", "is needed with `password_file`".into()),
+        _ => {}
+    }
+    if let Some(tls) = &etcd.tls {
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => return bad("tls.key_file", "is needed with `cert_file`".into()),
+            (None, Some(_)) => return bad("tls.cert_file", "is needed with `key_file`".into()),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -28,6 +28,16 @@ pub enum Leader {
         /// Whether the view comes from a read made after the request arrived.
         confirmed: bool,
     },
+    /// The view is too old to decide and `on_unavailable = "local"`: the
+    /// epoch rule decides, capped by the highest leader revision ever seen.
+    Local {
+        /// The highest leader revision seen (0 if none).
+        highest: u64,
+    },
+    /// The view is too old to decide, or its confirmation failed.
+    Unavailable,
+    /// etcd answered below the epoch: its history cannot be trusted.
+    Regressed,
 }
 
 /// Whether the request may change the store.
@@ -60,8 +70,9 @@ pub fn decide(token: Token, marks: Marks, leader: Leader, access: Access) -> Dec
         return Decision::Refuse(Reason::StaleEpoch);
     }
     // Rule 3: the leader check, for domains with an election.
-    if let Leader::View { revision, confirmed } = leader {
-        match revision {
+    match leader {
+        Leader::NotElected => {}
+        Leader::View { revision, confirmed } => match revision {
             Some(l) if t == l => {}
             Some(l) if t < l => return Decision::Refuse(Reason::SupersededLeader),
             // No candidate, or a token above the leader: the view may be
@@ -69,6 +80,19 @@ pub fn decide(token: Token, marks: Marks, leader: Leader, access: Access) -> Dec
             _ if !confirmed => return Decision::Confirm,
             None => return Decision::Refuse(Reason::NoLeader),
             Some(_) => return Decision::Refuse(Reason::NotLeader),
+        },
+        Leader::Regressed => return Decision::Refuse(Reason::CoordinatorRegressed),
+        Leader::Unavailable => return Decision::Refuse(Reason::CoordinatorUnavailable),
+        Leader::Local { highest } => {
+            // Without etcd, a token below a leader once seen is certainly
+            // deposed, and one above every leader seen (and above the
+            // epoch) cannot be told from a forged or future one.
+            if t < highest {
+                return Decision::Refuse(Reason::SupersededLeader);
+            }
+            if t > highest.max(marks.epoch) {
+                return Decision::Refuse(Reason::CoordinatorUnavailable);
+            }
         }
     }
     // Rule 4: a write above the epoch raises it first; reads never raise.
@@ -141,9 +165,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn without_a_usable_view() {
+        let marks = Marks { epoch: 5, refusal: 5 };
+        let w = Access::Write;
+        let local = Leader::Local { highest: 5 };
+        assert_eq!(decide(tok(5), marks, local, w), Decision::Forward);
+        assert_eq!(
+            decide(tok(6), marks, local, w),
+            Decision::Refuse(Reason::CoordinatorUnavailable)
+        );
+        assert_eq!(
+            decide(tok(4), marks, local, w),
+            Decision::Refuse(Reason::StaleEpoch)
+        );
+        // The highest leader seen is above the epoch: its holder may raise,
+        // anything below it is deposed.
+        let ahead = Leader::Local { highest: 9 };
+        assert_eq!(decide(tok(9), marks, ahead, w), Decision::Raise);
+        assert_eq!(
+            decide(tok(7), marks, ahead, w),
+            Decision::Refuse(Reason::SupersededLeader)
+        );
+        assert_eq!(
+            decide(tok(5), marks, Leader::Unavailable, w),
+            Decision::Refuse(Reason::CoordinatorUnavailable)
+        );
+        assert_eq!(
+            decide(tok(5), marks, Leader::Regressed, w),
+            Decision::Refuse(Reason::CoordinatorRegressed)
+        );
+        assert_eq!(
+            decide(tok(4), marks, Leader::Regressed, w),
+            Decision::Refuse(Reason::StaleEpoch),
+            "rule 2 first: a stale writer is told it is fenced"
+        );
+    }
+
     fn leader() -> impl Strategy<Value = Leader> {
         prop_oneof![
             Just(Leader::NotElected),
+            Just(Leader::Unavailable),
+            Just(Leader::Regressed),
+            (0u64..20).prop_map(|highest| Leader::Local { highest }),
             (proptest::option::of(1u64..20), any::<bool>())
                 .prop_map(|(revision, confirmed)| { Leader::View { revision, confirmed } }),
         ]
@@ -162,8 +226,15 @@ mod tests {
                 if write {
                     prop_assert!(t <= marks.epoch, "forwarded a write above the durable epoch");
                 }
-                if let Leader::View { revision, .. } = leader {
-                    prop_assert_eq!(revision, Some(t), "forwarded a token that is not the leader's");
+                match leader {
+                    Leader::View { revision, .. } => {
+                        prop_assert_eq!(revision, Some(t), "forwarded a token that is not the leader's");
+                    }
+                    Leader::Local { highest } => {
+                        prop_assert!(t >= highest && t <= highest.max(marks.epoch));
+                    }
+                    Leader::Unavailable | Leader::Regressed => prop_assert!(false, "forwarded without etcd"),
+                    Leader::NotElected => {}
                 }
             }
             if decision == Decision::Raise {

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::Committer;
+use crate::election::ElectionView;
 use crate::error::{Problem, Reason};
 use crate::fencing::{decide, Access, Decision, Leader, Marks};
 use crate::metrics::DomainMetrics;
@@ -34,8 +35,8 @@ pub struct Gate {
     pub name: Arc<str>,
     /// The normalized prefix, ending in `/`.
     pub prefix: String,
-    /// The etcd election prefix, if writers here must be its leader.
-    pub election: Option<String>,
+    /// The leader view of the domain's election, if writers here must lead it.
+    pub election: Option<Arc<ElectionView>>,
     /// This domain's metric children.
     pub metrics: DomainMetrics,
     /// The highest token made durable; only ever raised, after the commit.
@@ -122,7 +123,7 @@ impl Gate {
     pub fn new(
         name: &str,
         prefix: String,
-        election: Option<String>,
+        election: Option<Arc<ElectionView>>,
         epoch: u64,
         metrics: DomainMetrics,
         settings: GateSettings,
@@ -162,9 +163,18 @@ impl Gate {
     /// Admits a request with `token`, waiting for a raise when it needs one.
     /// A write gets a [`Ticket`] to hold until the store's response head.
     pub async fn admit(&self, token: Token, access: Access) -> Result<Option<Ticket>, Problem> {
+        // Taken first: only reads that start after this point may confirm.
+        let arrival = self.election.as_ref().map(|view| view.reads.arrival());
+        // The outcome of the confirming read this request waited for, if any.
+        let mut confirmation = None;
+        if let (Some(view), Some(arrival)) = (&self.election, arrival) {
+            if view.linearizable() {
+                confirmation = Some(self.confirm(view, arrival).await);
+            }
+        }
         loop {
             let marks = self.marks();
-            match decide(token, marks, self.leader(), access) {
+            match decide(token, marks, self.leader(confirmation), access) {
                 Decision::Forward if access == Access::Read => return Ok(None),
                 Decision::Forward => {
                     if let Some(ticket) = self.register(token) {
@@ -175,37 +185,69 @@ impl Gate {
                 }
                 Decision::Raise => self.raise(token).await?,
                 Decision::Confirm => {
-                    // The etcd view arrives with the coordinator; until then
-                    // an election domain cannot confirm a leader.
-                    return Err(self.problem(
-                        Reason::CoordinatorUnavailable,
-                        token,
-                        "no leader view is available",
-                    ));
-                }
-                Decision::Refuse(reason) => {
-                    let detail = match reason {
-                        Reason::StaleEpoch => format!(
-                            "token {token} is below the refusal mark {} of domain `{}`",
-                            marks.refusal, self.name
-                        ),
-                        _ => format!("token {token} was refused in domain `{}`", self.name),
+                    // Only a view can ask for a confirmation, and only once:
+                    // afterwards the request decides on what the read said.
+                    let (Some(view), Some(arrival)) = (&self.election, arrival) else {
+                        unreachable!("a domain without an election never needs a confirmation");
                     };
-                    return Err(self.problem(reason, token, detail));
+                    confirmation = Some(self.confirm(view, arrival).await);
                 }
+                Decision::Refuse(reason) => return Err(self.refusal(reason, token, marks)),
             }
         }
     }
 
+    /// Waits for a read of the election that started after `arrival`.
+    async fn confirm(&self, view: &ElectionView, arrival: u64) -> bool {
+        view.count_confirmation();
+        view.reads.confirm(arrival).await
+    }
+
     /// What is known of the leader. Domains without an election skip rule 3.
-    fn leader(&self) -> Leader {
-        match self.election {
+    fn leader(&self, confirmation: Option<bool>) -> Leader {
+        match &self.election {
             None => Leader::NotElected,
-            Some(_) => Leader::View {
-                revision: None,
-                confirmed: false,
-            },
+            Some(view) => view.leader(confirmation),
         }
+    }
+
+    /// The answer for a refused request, saying what the decision saw.
+    fn refusal(&self, reason: Reason, token: Token, marks: Marks) -> Problem {
+        let name = &self.name;
+        let leader = self.election.as_ref().and_then(|v| v.snapshot().leader);
+        let leader_text = || leader.map_or_else(|| "no candidate".to_owned(), |l| format!("leader {l}"));
+        let detail = match reason {
+            Reason::StaleEpoch => format!(
+                "token {token} is below the refusal mark {} of domain `{name}`",
+                marks.refusal
+            ),
+            Reason::SupersededLeader => {
+                format!("token {token} belongs to a deposed leader of domain `{name}` ({})", leader_text())
+            }
+            Reason::NotLeader => format!(
+                "token {token} is not the leader's in domain `{name}` ({}, confirmed by etcd)",
+                leader_text()
+            ),
+            Reason::NoLeader => format!("the election of domain `{name}` has no candidate (confirmed by etcd)"),
+            Reason::CoordinatorUnavailable => {
+                format!("the leader of domain `{name}` cannot be confirmed: etcd did not answer in time")
+            }
+            Reason::CoordinatorRegressed => format!(
+                "etcd's revision is below the epoch {} of domain `{name}`: etcd lost history; an operator must act",
+                marks.epoch
+            ),
+            _ => format!("token {token} was refused in domain `{name}`"),
+        };
+        let mut problem = self.problem(reason, token, detail);
+        problem.leader = leader;
+        problem
+    }
+
+    /// Fence ahead: raises the epoch to a new leader's revision before it
+    /// writes, so its predecessor is refused at once. Called by the
+    /// coordinator; never by the view task itself, which must not wait.
+    pub async fn fence_ahead(&self, leader: Token) -> Result<(), Problem> {
+        self.raise(leader).await
     }
 
     /// Joins the current generation if it is `token`'s and no raise began.
@@ -285,6 +327,9 @@ impl Gate {
             problem.token = token.map(Token::get);
         }
         problem.epoch.get_or_insert_with(|| self.epoch.load(SeqCst));
+        if problem.leader.is_none() {
+            problem.leader = self.election.as_ref().and_then(|v| v.snapshot().leader);
+        }
     }
 
     /// Builds a refusal with this domain's context.

@@ -23,6 +23,8 @@ pub mod commands;
 pub mod committer;
 pub mod config;
 pub mod connector;
+pub mod coordinator;
+pub mod election;
 pub mod error;
 pub mod fencing;
 pub mod forward;

@@ -30,6 +30,7 @@ pub struct Metrics {
     leader_revision: IntGaugeVec,
     view_age: GaugeVec,
     barrier_timeouts: IntCounterVec,
+    confirmations: IntCounterVec,
     inflight: IntGaugeVec,
     /// Time of one durable epoch commit (a group commit counts once).
     pub epoch_persist: Histogram,
@@ -48,14 +49,23 @@ pub struct DomainMetrics {
     pub upstream_duration: Histogram,
     /// The durable epoch.
     pub epoch: IntGauge,
-    /// The leader revision in the view (0 when there is no leader).
-    pub leader_revision: IntGauge,
-    /// Age of the leader view.
-    pub view_age: Gauge,
     /// Lower writes that outlived `request_timeout` while a raise waited.
     pub barrier_timeouts: IntCounter,
     /// Writes in flight.
     pub inflight: IntGauge,
+}
+
+/// The leader-view metrics of one election domain.
+#[derive(Clone)]
+pub struct ElectionMetrics {
+    /// The leader revision in the view (0 when there is no leader).
+    pub leader_revision: IntGauge,
+    /// Age of the view, set when scraped.
+    pub view_age: Gauge,
+    /// Requests that waited for a confirming etcd read.
+    pub confirmations: IntCounter,
+    /// 1 while etcd answers, shared by every domain.
+    pub etcd_up: IntGauge,
 }
 
 impl DomainMetrics {
@@ -129,6 +139,11 @@ impl Metrics {
             "Lower-token writes that outlived request_timeout while a raise waited for them.",
             &["domain"],
         );
+        let confirmations = counter(
+            "fencegate_leader_confirmations_total",
+            "Requests that waited for a linearizable etcd read of the election (rule 3 or linearizable mode).",
+            &["domain"],
+        );
         let inflight = int_gauge("fencegate_inflight_requests", "Writes in flight to the store.");
         let epoch_persist = Histogram::with_opts(
             HistogramOpts::new(
@@ -161,6 +176,7 @@ impl Metrics {
             leader_revision,
             view_age,
             barrier_timeouts,
+            confirmations,
             inflight,
             epoch_persist,
             etcd_up,
@@ -180,10 +196,19 @@ impl Metrics {
             request_duration: self.request_duration.with_label_values(&[name]),
             upstream_duration: self.upstream_duration.with_label_values(&[name]),
             epoch: self.epoch.with_label_values(&[name]),
-            leader_revision: self.leader_revision.with_label_values(&[name]),
-            view_age: self.view_age.with_label_values(&[name]),
             barrier_timeouts: self.barrier_timeouts.with_label_values(&[name]),
             inflight: self.inflight.with_label_values(&[name]),
+        }
+    }
+
+    /// Resolves the leader-view children of an election domain. Only
+    /// election domains have them, so a plain domain never shows a view.
+    pub fn election(&self, name: &str) -> ElectionMetrics {
+        ElectionMetrics {
+            leader_revision: self.leader_revision.with_label_values(&[name]),
+            view_age: self.view_age.with_label_values(&[name]),
+            confirmations: self.confirmations.with_label_values(&[name]),
+            etcd_up: self.etcd_up.clone(),
         }
     }
 

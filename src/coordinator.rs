@@ -1,0 +1,431 @@
+//! etcd as the coordinator: one client for the process, and three tasks
+//! per election domain that keep its [`ElectionView`] true.
+//!
+//! - The **reader** makes the linearizable reads: for requests waiting on a
+//!   confirmation (shared, see [`crate::election::ReadQueue`]) and, when
+//!   none asks, every `max_staleness / 3` so the view never goes stale
+//!   while etcd is healthy. Only its reads (and the watcher's) make the
+//!   view fresh.
+//! - The **watcher** reads every candidate, then watches the prefix from
+//!   the read's revision + 1, so a leader change reaches the view within a
+//!   round trip. On any trouble (error, cancel, compaction, a stream that
+//!   stops answering progress requests) it reads again and watches again:
+//!   a watch is a hint, a read is the truth.
+//! - The **fencer** raises the domain's epoch to each new leader's revision
+//!   (fence ahead). It is separate so the view tasks never wait on a
+//!   barrier or a commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, SortOrder, SortTarget, TlsOptions,
+    WatchOptions,
+};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::config::EtcdConfig;
+use crate::election::ElectionView;
+use crate::gate::Gate;
+use crate::token::Token;
+
+/// Why the etcd settings cannot be used; names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("etcd.{key}: {problem}")]
+pub struct SettingsError {
+    /// The offending key under `[etcd]`.
+    pub key: &'static str,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// The connection options for `config`, reading the password and TLS files.
+pub fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, SettingsError> {
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| SettingsError {
+            key,
+            problem: format!("cannot read `{}`: {e}", path.display()),
+        })
+    };
+    // The TLS library would only complain at the first connection, and
+    // then on every retry; a file that is not PEM at all is caught here.
+    let read_pem = |key: &'static str, path: &std::path::Path| {
+        let bytes = read(key, path)?;
+        if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+            return Err(SettingsError {
+                key,
+                problem: format!("`{}` is not a PEM file", path.display()),
+            });
+        }
+        Ok(bytes)
+    };
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(config.connect_timeout)
+        // HTTP/2 pings find a member that stopped answering (hung, or cut
+        // off without a reset). etcd refuses pings more often than every 5 s.
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        // A member cut off from the raft leader fails requests and watches
+        // at once instead of serving an old state.
+        .with_require_leader(true)
+        .with_auto_token_refresh(true);
+    if let (Some(user), Some(file)) = (&config.user, &config.password_file) {
+        let password = read("password_file", file)?;
+        let password = String::from_utf8(password).map_err(|_| SettingsError {
+            key: "password_file",
+            problem: format!("`{}` is not UTF-8", file.display()),
+        })?;
+        let password = password.strip_suffix('\n').unwrap_or(&password);
+        let password = password.strip_suffix('\r').unwrap_or(password);
+        options = options.with_user(user.clone(), password.to_owned());
+    }
+    if let Some(tls) = &config.tls {
+        let mut tls_options =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem("tls.ca_file", &tls.ca_file)?));
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            tls_options = tls_options.identity(Identity::from_pem(
+                read_pem("tls.cert_file", cert)?,
+                read_pem("tls.key_file", key)?,
+            ));
+        }
+        if let Some(name) = &tls.server_name {
+            tls_options = tls_options.domain_name(name.clone());
+        }
+        options = options.with_tls(tls_options);
+    }
+    Ok(options)
+}
+
+/// One election domain as the coordinator serves it.
+pub struct Elected {
+    /// The domain.
+    pub gate: Arc<Gate>,
+    /// Its leader view (the same one the gate reads).
+    pub view: Arc<ElectionView>,
+}
+
+/// The coordinator's tasks; dropping it stops them.
+pub struct Coordinator {
+    tasks: JoinSet<()>,
+}
+
+impl Coordinator {
+    /// Connects to etcd in the background (retrying until it can) and then
+    /// keeps every view in `elected` current.
+    pub fn start(config: &EtcdConfig, options: ConnectOptions, elected: Vec<Elected>) -> Coordinator {
+        let mut tasks = JoinSet::new();
+        let endpoints = config.endpoints.clone();
+        let period = refresh_period(config.max_staleness);
+        tasks.spawn(async move {
+            let client = connect(&endpoints, options, &elected).await;
+            let mut domain_tasks = JoinSet::new();
+            for Elected { gate, view } in elected {
+                domain_tasks.spawn(reader(client.clone(), view.clone(), gate.clone(), period));
+                domain_tasks.spawn(watcher(client.clone(), view.clone(), gate.clone(), period));
+                domain_tasks.spawn(fencer(view, gate));
+            }
+            // These tasks run until the coordinator is dropped, which
+            // drops this future and with it the set, aborting them.
+            while domain_tasks.join_next().await.is_some() {}
+        });
+        Coordinator { tasks }
+    }
+
+    /// Stops every task.
+    pub async fn stop(mut self) {
+        self.tasks.shutdown().await;
+    }
+}
+
+/// How often the view is read even when nothing asks.
+fn refresh_period(max_staleness: Duration) -> Duration {
+    (max_staleness / 3).max(Duration::from_millis(10))
+}
+
+/// Connects, retrying with backoff. Only authentication touches the
+/// network here; without a user the client connects lazily.
+async fn connect(endpoints: &[String], options: ConnectOptions, elected: &[Elected]) -> Client {
+    let mut backoff = Backoff::new(Duration::from_secs(5));
+    loop {
+        match Client::connect(endpoints, Some(options.clone())).await {
+            Ok(client) => return client,
+            Err(e) => {
+                // etcd says "etcdserver: authentication failed, invalid user
+                // ID or password"; retrying cannot fix that, but an operator can.
+                if e.to_string().contains("authentication failed") {
+                    tracing::error!(error = %e, "etcd authentication failed: check etcd.user and etcd.password_file");
+                }
+                for Elected { view, .. } in elected {
+                    view.record_failure(&e);
+                }
+                tokio::time::sleep(backoff.next()).await;
+            }
+        }
+    }
+}
+
+/// The reader task: linearizable reads of the leader, on demand and on a timer.
+async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period: Duration) {
+    let mut kv = client.kv_client();
+    let key = candidates_prefix(&view.prefix);
+    let options = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1)
+        .with_keys_only();
+    let mut backoff = Backoff::new(period);
+    let mut refresh_at = Instant::now();
+    loop {
+        let seq = view.reads.next(refresh_at).await;
+        // Taken before the read: anything admitted by then came from a view
+        // at a revision this linearizable read cannot be below.
+        let floor = gate.marks().epoch;
+        let started = Instant::now();
+        let answer = tokio::time::timeout(period, kv.get(key.as_str(), Some(options.clone()))).await;
+        let ok = match answer {
+            Ok(Ok(resp)) => match resp.header() {
+                Some(header) => {
+                    let leader = resp.kvs().first().map(|kv| kv.create_revision());
+                    view.record_read(started, header.revision(), leader.and_then(revision), floor);
+                    backoff.reset();
+                    refresh_at = started + period;
+                    true
+                }
+                None => {
+                    view.record_failure(&"a read answered without a header");
+                    false
+                }
+            },
+            Ok(Err(e)) => {
+                view.record_failure(&e);
+                false
+            }
+            Err(_) => {
+                view.record_failure(&format_args!("no answer to a read within {period:?}"));
+                false
+            }
+        };
+        if !ok {
+            refresh_at = Instant::now() + backoff.next();
+        }
+        view.reads.finish(seq, ok);
+    }
+}
+
+/// The watcher task: read all candidates, watch for changes, repeat on trouble.
+async fn watcher(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period: Duration) {
+    let mut backoff = Backoff::new(Duration::from_secs(1));
+    loop {
+        let trouble = watch_once(&client, &view, &gate, period, &mut backoff).await;
+        // The reader reports etcd going away; this only says why the watch
+        // had to start over, which matters when it keeps doing so.
+        tracing::debug!(domain = %view.domain, %trouble, "election watch ended; reading again");
+        tokio::time::sleep(backoff.next()).await;
+    }
+}
+
+/// One read-then-watch cycle; returns why it ended.
+async fn watch_once(
+    client: &Client,
+    view: &ElectionView,
+    gate: &Gate,
+    period: Duration,
+    backoff: &mut Backoff,
+) -> String {
+    let key = candidates_prefix(&view.prefix);
+    let mut kv = client.kv_client();
+    let floor = gate.marks().epoch;
+    let started = Instant::now();
+    let resp = match tokio::time::timeout(
+        period,
+        kv.get(key.as_str(), Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return format!("read failed: {e}"),
+        Err(_) => return format!("no answer to a read within {period:?}"),
+    };
+    let Some(read_revision) = resp.header().map(|h| h.revision()) else {
+        return "a read answered without a header".into();
+    };
+    let mut candidates = Candidates::default();
+    for kv in resp.kvs() {
+        candidates.put(kv.key(), kv.create_revision());
+    }
+    view.record_read(started, read_revision, candidates.leader(), floor);
+
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(read_revision + 1);
+    let mut watch_client = client.watch_client();
+    let (mut requests, mut stream) =
+        match tokio::time::timeout(period, watch_client.watch(key.as_str(), Some(options))).await {
+            Ok(Ok(stream)) => stream.split(),
+            Ok(Err(e)) => return format!("watch failed: {e}"),
+            Err(_) => return format!("no answer to a watch within {period:?}"),
+        };
+    // A hung member keeps the stream open and silent; progress requests
+    // it does not answer tell it apart from a quiet election.
+    let liveness = period.max(Duration::from_millis(500));
+    let mut awaiting_progress = false;
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message,
+            () = tokio::time::sleep(liveness) => {
+                if awaiting_progress {
+                    return format!("the watch did not answer a progress request within {liveness:?}");
+                }
+                if let Err(e) = requests.request_progress().await {
+                    return format!("progress request failed: {e}");
+                }
+                awaiting_progress = true;
+                continue;
+            }
+        };
+        let resp = match message {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return "the watch stream ended".into(),
+            Err(e) => return format!("watch error: {e}"),
+        };
+        awaiting_progress = false;
+        if resp.compact_revision() > 0 {
+            tracing::warn!(
+                domain = %view.domain, compact_revision = resp.compact_revision(), watched_from = read_revision + 1,
+                "watch start revision was compacted; reading again"
+            );
+            return "compacted".into();
+        }
+        if resp.canceled() {
+            return format!("watch canceled: {}", resp.cancel_reason());
+        }
+        if resp.created() {
+            backoff.reset();
+        }
+        let mut newest = 0;
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            match event.event_type() {
+                EventType::Put => candidates.put(kv.key(), kv.create_revision()),
+                EventType::Delete => candidates.delete(kv.key()),
+            }
+            newest = newest.max(kv.mod_revision());
+        }
+        if newest > 0 {
+            // Events arrive in revision order and the set started from a
+            // full read, so after them it is the election at `newest`.
+            view.publish(newest, candidates.leader());
+        }
+    }
+}
+
+/// The fencer task: fence ahead to every new leader.
+async fn fencer(view: Arc<ElectionView>, gate: Arc<Gate>) {
+    let mut leaders = view.subscribe_leaders();
+    loop {
+        let leader = *leaders.borrow_and_update();
+        if let Some(token) = revision(leader).and_then(Token::new) {
+            if gate.marks().refusal < token.get() {
+                let started = Instant::now();
+                match gate.fence_ahead(token).await {
+                    Ok(()) => tracing::info!(
+                        domain = %view.domain, leader = token.get(), took = ?started.elapsed(),
+                        "fenced ahead to the new leader"
+                    ),
+                    Err(problem) => tracing::warn!(
+                        domain = %view.domain, leader = token.get(), detail = %problem.detail,
+                        "could not fence ahead; the new leader's first write will raise"
+                    ),
+                }
+            }
+        }
+        if leaders.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The candidates of an election: key → create revision.
+#[derive(Default)]
+struct Candidates(HashMap<Vec<u8>, i64>);
+
+impl Candidates {
+    fn put(&mut self, key: &[u8], create_revision: i64) {
+        self.0.insert(key.to_vec(), create_revision);
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.0.remove(key);
+    }
+
+    /// The leader: the oldest candidate.
+    fn leader(&self) -> Option<u64> {
+        self.0.values().copied().min().and_then(revision)
+    }
+}
+
+/// The keys of an election's candidates start with `P/`.
+fn candidates_prefix(election: &str) -> String {
+    format!("{election}/")
+}
+
+/// A revision from etcd as a token value; etcd revisions are positive.
+fn revision(r: impl TryInto<u64>) -> Option<u64> {
+    r.try_into().ok().filter(|r| *r > 0)
+}
+
+/// Exponential backoff from 50 ms up to a ceiling.
+struct Backoff {
+    next: Duration,
+    ceiling: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+
+    fn new(ceiling: Duration) -> Backoff {
+        Backoff {
+            next: Backoff::FIRST.min(ceiling),
+            ceiling,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(self.ceiling);
+        now
+    }
+
+    fn reset(&mut self) {
+        self.next = Backoff::FIRST.min(self.ceiling);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_candidate_leads() {
+        let mut c = Candidates::default();
+        assert_eq!(c.leader(), None);
+        c.put(b"/e/b", 20);
+        c.put(b"/e/a", 10);
+        assert_eq!(c.leader(), Some(10));
+        c.put(b"/e/a", 10); // a proclaim rewrites the value, not the revision
+        c.delete(b"/e/a");
+        assert_eq!(c.leader(), Some(20));
+        c.delete(b"/e/b");
+        assert_eq!(c.leader(), None);
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_ceiling() {
+        let mut b = Backoff::new(Duration::from_millis(300));
+        let got: Vec<_> = (0..4).map(|_| b.next().as_millis()).collect();
+        assert_eq!(got, [50, 100, 200, 300]);
+        b.reset();
+        assert_eq!(b.next().as_millis(), 50);
+    }
+}

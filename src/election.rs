@@ -1,0 +1,430 @@
+//! The leader view of one election: who etcd last said leads, at which
+//! revision, how fresh that knowledge is, and the reads that confirm it.
+//!
+//! The view is written by the coordinator's tasks ([`crate::coordinator`])
+//! and read by the gate on every write in the domain, so the read side is
+//! lock-free: one `ArcSwap` load and a few atomics. Three rules keep it
+//! honest:
+//! - A view is versioned by the etcd revision it describes and is never
+//!   replaced by an older one, whichever task (watch or read) brings it.
+//! - Freshness comes from linearizable reads only: the age of the view is
+//!   the time since the *start* of the last successful read, because a watch
+//!   that went quiet cannot tell "nothing happened" from "cut off".
+//! - A confirmation waits for a read that *started* after the request
+//!   arrived ([`ReadQueue`]), and concurrent requests share it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::config::{Consistency, OnUnavailable};
+use crate::fencing::Leader;
+use crate::metrics::ElectionMetrics;
+
+/// How a view judges its own knowledge.
+#[derive(Debug, Clone, Copy)]
+pub struct ViewSettings {
+    /// Whether every write waits for a read.
+    pub consistency: Consistency,
+    /// What writes get when the view is too old.
+    pub on_unavailable: OnUnavailable,
+    /// Oldest view that may still decide.
+    pub max_staleness: Duration,
+}
+
+/// What etcd said about the election at one revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The etcd revision this describes; 0 before the first answer.
+    pub revision: i64,
+    /// The leader's create revision; `None` when there is no candidate.
+    pub leader: Option<u64>,
+}
+
+/// The leader view of one election domain.
+pub struct ElectionView {
+    /// The domain's name, for logs.
+    pub domain: Arc<str>,
+    /// The election prefix `P`; candidates are the keys under `P/`.
+    pub prefix: String,
+    /// How this view judges freshness and what writes wait for.
+    pub settings: ViewSettings,
+    snapshot: ArcSwap<Snapshot>,
+    /// Serializes writers of `snapshot` so the version check and the store
+    /// are one step; readers never take it.
+    publish: Mutex<()>,
+    /// Start of the last successful read, in nanoseconds after `base`, plus
+    /// one; 0 when no read has succeeded yet.
+    fresh_since: AtomicU64,
+    base: Instant,
+    /// The highest leader revision ever seen: the cap of `local` mode.
+    highest_leader: AtomicU64,
+    /// Set once etcd answered with a revision below the domain's epoch.
+    regressed: AtomicBool,
+    /// Whether the last read succeeded, to log changes once.
+    reachable: AtomicBool,
+    /// New leader revisions, for the fence-ahead task.
+    fence: watch::Sender<u64>,
+    /// Shared confirmation reads.
+    pub reads: ReadQueue,
+    metrics: ElectionMetrics,
+}
+
+impl ElectionView {
+    /// A view that knows nothing yet: no read, so not fresh.
+    pub fn new(
+        domain: Arc<str>,
+        prefix: String,
+        settings: ViewSettings,
+        metrics: ElectionMetrics,
+    ) -> ElectionView {
+        metrics.leader_revision.set(0);
+        ElectionView {
+            domain,
+            prefix,
+            settings,
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                revision: 0,
+                leader: None,
+            }),
+            publish: Mutex::new(()),
+            fresh_since: AtomicU64::new(0),
+            base: Instant::now(),
+            highest_leader: AtomicU64::new(0),
+            regressed: AtomicBool::new(false),
+            reachable: AtomicBool::new(true),
+            fence: watch::Sender::new(0),
+            reads: ReadQueue::default(),
+            metrics,
+        }
+    }
+
+    /// The newest snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        **self.snapshot.load()
+    }
+
+    /// Whether every write must wait for a read that started after it arrived.
+    pub fn linearizable(&self) -> bool {
+        self.settings.consistency == Consistency::Linearizable
+    }
+
+    /// What the admission rule may use of this view now. `confirmation` is
+    /// the outcome of a read the request waited for, if it waited for one.
+    pub fn leader(&self, confirmation: Option<bool>) -> Leader {
+        if self.is_regressed() {
+            return Leader::Regressed;
+        }
+        let usable = confirmation.unwrap_or_else(|| self.is_fresh());
+        if !usable {
+            return match self.settings.on_unavailable {
+                OnUnavailable::Reject => Leader::Unavailable,
+                OnUnavailable::Local => Leader::Local {
+                    highest: self.highest_leader.load(SeqCst),
+                },
+            };
+        }
+        Leader::View {
+            revision: self.snapshot().leader,
+            confirmed: confirmation == Some(true),
+        }
+    }
+
+    /// Time since the start of the last successful read; `None` before the first.
+    pub fn age(&self) -> Option<Duration> {
+        match self.fresh_since.load(SeqCst) {
+            0 => None,
+            nanos => {
+                let at = self.base + Duration::from_nanos(nanos - 1);
+                Some(Instant::now().saturating_duration_since(at))
+            }
+        }
+    }
+
+    /// Whether the view is young enough to decide.
+    pub fn is_fresh(&self) -> bool {
+        self.age().is_some_and(|age| age <= self.settings.max_staleness)
+    }
+
+    /// Whether etcd went back below this domain's epoch during this run.
+    pub fn is_regressed(&self) -> bool {
+        self.regressed.load(SeqCst)
+    }
+
+    /// Whether writes here can be decided now: `/readyz` asks every view.
+    pub fn is_ready(&self) -> bool {
+        !self.is_regressed() && (self.settings.on_unavailable == OnUnavailable::Local || self.is_fresh())
+    }
+
+    /// Sets the age gauge; ages change by themselves, so this runs when
+    /// scraped. A view never read counts as infinitely old.
+    pub fn update_age_gauge(&self) {
+        let age = self.age().map_or(f64::INFINITY, |a| a.as_secs_f64());
+        self.metrics.view_age.set(age);
+    }
+
+    /// Counts a request that waited for a confirming read.
+    pub fn count_confirmation(&self) {
+        self.metrics.confirmations.inc();
+    }
+
+    /// Leader revisions as they appear, for the fence-ahead task.
+    pub fn subscribe_leaders(&self) -> watch::Receiver<u64> {
+        self.fence.subscribe()
+    }
+
+    /// Records a successful linearizable read that started at `started`,
+    /// answered at `revision`, while the domain's epoch was `floor` or more.
+    pub fn record_read(&self, started: Instant, revision: i64, leader: Option<u64>, floor: u64) {
+        if u64::try_from(revision).unwrap_or(0) < floor {
+            // Every token admitted here was a leader revision etcd once
+            // showed, and a linearizable read cannot show less than etcd
+            // ever showed: unless etcd lost its history.
+            if !self.regressed.swap(true, SeqCst) {
+                tracing::error!(
+                    domain = %self.domain, etcd_revision = revision, epoch = floor,
+                    "etcd answered with a revision below the domain's epoch (restored from an old backup?): writes here get 503 coordinator_regressed until fencegate is restarted after etcd is repaired or the epoch is lowered with `fencegate epochs set`"
+                );
+            }
+            return;
+        }
+        let nanos =
+            u64::try_from(started.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX - 1);
+        self.fresh_since.fetch_max(nanos + 1, SeqCst);
+        self.metrics.etcd_up.set(1);
+        if !self.reachable.swap(true, SeqCst) {
+            tracing::info!(domain = %self.domain, election = %self.prefix, "etcd reachable again");
+        }
+        self.publish(revision, leader);
+    }
+
+    /// Records a failed read or watch setup.
+    pub fn record_failure(&self, error: &dyn std::fmt::Display) {
+        self.metrics.etcd_up.set(0);
+        if self.reachable.swap(false, SeqCst) {
+            tracing::warn!(domain = %self.domain, election = %self.prefix, error = %error, "etcd unreachable");
+        }
+    }
+
+    /// Installs what etcd says held at `revision`, unless the view already
+    /// describes that revision or a later one.
+    pub fn publish(&self, revision: i64, leader: Option<u64>) {
+        let _serial = self.publish.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.snapshot();
+        if revision <= old.revision {
+            return;
+        }
+        self.snapshot.store(Arc::new(Snapshot { revision, leader }));
+        if leader == old.leader {
+            return;
+        }
+        tracing::info!(
+            domain = %self.domain, election = %self.prefix, revision,
+            from = ?old.leader, to = ?leader, "leader changed"
+        );
+        let gauge = leader.map_or(0, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        self.metrics.leader_revision.set(gauge);
+        if let Some(l) = leader {
+            self.highest_leader.fetch_max(l, SeqCst);
+            self.fence.send_if_modified(|highest| {
+                let newer = l > *highest;
+                if newer {
+                    *highest = l;
+                }
+                newer
+            });
+        }
+    }
+}
+
+/// Linearizable reads shared by the requests waiting for one.
+///
+/// Reads are numbered as they start. A request notes the number of the
+/// last read started when it arrived; any read with a higher number started
+/// after it, so the request waits for the first such read to finish. One
+/// read is in flight at a time and serves every request that arrived
+/// before it started, so a burst of writes costs one or two reads, not one
+/// each.
+#[derive(Default)]
+pub struct ReadQueue {
+    /// Number of the last read started.
+    started: AtomicU64,
+    /// Highest read number a waiting request needs.
+    wanted: AtomicU64,
+    /// Number of the last read finished.
+    finished: AtomicU64,
+    /// Number of the last read that succeeded.
+    succeeded: AtomicU64,
+    wake_reader: Notify,
+    read_done: Notify,
+}
+
+impl ReadQueue {
+    /// A mark to take when a request arrives; reads after it started later.
+    pub fn arrival(&self) -> u64 {
+        self.started.load(SeqCst)
+    }
+
+    /// Waits for a read that started after `arrival`; true if it succeeded.
+    pub async fn confirm(&self, arrival: u64) -> bool {
+        let need = arrival + 1;
+        self.wanted.fetch_max(need, SeqCst);
+        self.wake_reader.notify_one();
+        loop {
+            let done = self.read_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.finished.load(SeqCst) >= need {
+                return self.succeeded.load(SeqCst) >= need;
+            }
+            done.await;
+        }
+    }
+
+    /// For the reader: waits until a request needs a read that has not
+    /// started yet, or until `refresh_at`; returns the number of the read
+    /// it may now start.
+    pub async fn next(&self, refresh_at: Instant) -> u64 {
+        loop {
+            let woken = self.wake_reader.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.wanted.load(SeqCst) > self.started.load(SeqCst) {
+                break;
+            }
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep_until(refresh_at) => break,
+            }
+        }
+        self.started.fetch_add(1, SeqCst) + 1
+    }
+
+    /// For the reader: read `seq` ended, successfully or not.
+    pub fn finish(&self, seq: u64, ok: bool) {
+        if ok {
+            self.succeeded.fetch_max(seq, SeqCst);
+        }
+        self.finished.fetch_max(seq, SeqCst);
+        self.read_done.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(on_unavailable: OnUnavailable) -> ElectionView {
+        let metrics = crate::metrics::Metrics::new().election("d");
+        let settings = ViewSettings {
+            consistency: Consistency::Watch,
+            on_unavailable,
+            max_staleness: Duration::from_secs(5),
+        };
+        ElectionView::new("d".into(), "/e".into(), settings, metrics)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_older_revision_never_replaces_the_view() {
+        let v = view(OnUnavailable::Reject);
+        v.publish(10, Some(7));
+        v.publish(9, Some(3));
+        v.publish(10, None);
+        assert_eq!(
+            v.snapshot(),
+            Snapshot {
+                revision: 10,
+                leader: Some(7)
+            }
+        );
+        v.publish(12, Some(11));
+        assert_eq!(v.snapshot().leader, Some(11));
+        assert_eq!(*v.subscribe_leaders().borrow(), 11);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freshness_runs_from_the_start_of_the_last_read() {
+        let v = view(OnUnavailable::Reject);
+        assert_eq!(v.leader(None), Leader::Unavailable, "no read yet");
+        let started = Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        v.record_read(started, 5, Some(5), 0);
+        assert_eq!(
+            v.leader(None),
+            Leader::View {
+                revision: Some(5),
+                confirmed: false
+            }
+        );
+        tokio::time::advance(Duration::from_millis(4001)).await;
+        assert_eq!(v.leader(None), Leader::Unavailable, "5 s after the read began");
+        assert!(!v.is_ready());
+        assert_eq!(
+            v.leader(Some(true)),
+            Leader::View {
+                revision: Some(5),
+                confirmed: true
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn local_mode_caps_at_the_highest_leader_seen() {
+        let v = view(OnUnavailable::Local);
+        v.record_read(Instant::now(), 8, Some(8), 0);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(v.leader(None), Leader::Local { highest: 8 });
+        assert!(v.is_ready(), "local mode serves without etcd");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revision_below_the_epoch_latches_regressed() {
+        let v = view(OnUnavailable::Reject);
+        v.record_read(Instant::now(), 50, Some(40), 100);
+        assert_eq!(v.leader(None), Leader::Regressed);
+        v.record_read(Instant::now(), 500, Some(400), 100);
+        assert_eq!(v.leader(Some(true)), Leader::Regressed, "stays until restart");
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_waits_for_a_read_that_started_after_it() {
+        let q = Arc::new(ReadQueue::default());
+        // Read 1 (a periodic one) is in flight before the request arrives.
+        let first = q.next(Instant::now()).await;
+        let arrival = q.arrival();
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.confirm(arrival).await }
+        });
+        q.finish(first, true);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "read 1 started before the request");
+        let second = q.next(Instant::now() + Duration::from_secs(60)).await;
+        assert_eq!(second, 2);
+        q.finish(second, true);
+        assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn concurrent_confirmations_share_one_read() {
+        let q = Arc::new(ReadQueue::default());
+        let waiters: Vec<_> = (0..50)
+            .map(|_| {
+                let q = q.clone();
+                let arrival = q.arrival();
+                tokio::spawn(async move { q.confirm(arrival).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let seq = q.next(Instant::now() + Duration::from_secs(60)).await;
+        q.finish(seq, false);
+        for w in waiters {
+            assert!(!w.await.unwrap(), "the shared read failed");
+        }
+        assert_eq!(q.started.load(SeqCst), 1);
+    }
+}
