@@ -132,6 +132,21 @@ impl Coordinator {
         Coordinator { tasks }
     }
 
+    /// Waits until every view has had its first answer from etcd, or
+    /// `limit` passed; returns whether they all did.
+    pub async fn first_views(views: &[Arc<ElectionView>], limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if views.iter().all(|v| v.age().is_some()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Stops every task.
     pub async fn stop(mut self) {
         self.tasks.shutdown().await;

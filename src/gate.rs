@@ -197,10 +197,15 @@ impl Gate {
         }
     }
 
-    /// Waits for a read of the election that started after `arrival`.
+    /// Waits for a read of the election that started after `arrival`. A
+    /// read is bounded by itself, but the reader may still be connecting
+    /// (etcd down at start), so the wait is bounded here too.
     async fn confirm(&self, view: &ElectionView, arrival: u64) -> bool {
         view.count_confirmation();
-        view.reads.confirm(arrival).await
+        let wait = view.settings.max_staleness;
+        tokio::time::timeout(wait, view.reads.confirm(arrival))
+            .await
+            .unwrap_or(false)
     }
 
     /// What is known of the leader. Domains without an election skip rule 3.
