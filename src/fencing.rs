@@ -65,13 +65,20 @@ pub enum Decision {
 /// Decides one request with token `token` against the domain's state.
 pub fn decide(token: Token, marks: Marks, leader: Leader, access: Access) -> Decision {
     let t = token.get();
+    // etcd lost history: its leaders' tokens may sit below the epoch, so
+    // rule 2 would tell the real leader it is fenced and send it to campaign
+    // in a loop. Every write waits for an operator instead.
+    if leader == Leader::Regressed {
+        return Decision::Refuse(Reason::CoordinatorRegressed);
+    }
     // Rule 2: below the refusal mark is stale, whatever the leader view says.
     if t < marks.refusal {
         return Decision::Refuse(Reason::StaleEpoch);
     }
     // Rule 3: the leader check, for domains with an election.
     match leader {
-        Leader::NotElected => {}
+        // Regressed was answered above.
+        Leader::NotElected | Leader::Regressed => {}
         Leader::View { revision, confirmed } => match revision {
             Some(l) if t == l => {}
             Some(l) if t < l => return Decision::Refuse(Reason::SupersededLeader),
@@ -81,7 +88,6 @@ pub fn decide(token: Token, marks: Marks, leader: Leader, access: Access) -> Dec
             None => return Decision::Refuse(Reason::NoLeader),
             Some(_) => return Decision::Refuse(Reason::NotLeader),
         },
-        Leader::Regressed => return Decision::Refuse(Reason::CoordinatorRegressed),
         Leader::Unavailable => return Decision::Refuse(Reason::CoordinatorUnavailable),
         Leader::Local { highest } => {
             // Without etcd, a token below a leader once seen is certainly
@@ -197,8 +203,8 @@ mod tests {
         );
         assert_eq!(
             decide(tok(4), marks, Leader::Regressed, w),
-            Decision::Refuse(Reason::StaleEpoch),
-            "rule 2 first: a stale writer is told it is fenced"
+            Decision::Refuse(Reason::CoordinatorRegressed),
+            "a regressed etcd's leaders sit below the epoch: they must not be sent to campaign again"
         );
     }
 
