@@ -10,11 +10,13 @@ RUN cargo build --release --locked --bin fencegate
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/fencegate fencegate \
-    && mkdir -p /etc/fencegate /var/lib/fencegate \
-    && chown fencegate /var/lib/fencegate
+    && mkdir -p /etc/fencegate /var/lib/fencegate/data \
+    && chown -R fencegate /var/lib/fencegate
 COPY --from=build /src/target/release/fencegate /usr/local/bin/fencegate
 COPY config/fencegate.toml /etc/fencegate/fencegate.toml
 USER fencegate
+# The shipped config's relative state path (data/fencegate.redb) lands in the volume.
+WORKDIR /var/lib/fencegate
 # The configuration, and the state file that must outlive the container.
 VOLUME ["/etc/fencegate", "/var/lib/fencegate"]
 # 8080: the proxy; 9100: /metrics, /healthz, /readyz, /domains.
