@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::coordinator::{Coordinator, Elected};
 use crate::election::{ElectionView, ViewSettings};
 use crate::gate::{Gate, GateSettings, Gates};
-use crate::metrics::{Metrics, NO_DOMAIN};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::server::{self, Drain};
 use crate::state::{StateError, StateFile, WantedDomain};
@@ -120,7 +120,7 @@ pub async fn run(
         }
         _ => None,
     };
-    let proxy = Arc::new(Proxy::new(&config, Gates::new(gates), metrics.domain(NO_DOMAIN)));
+    let proxy = Arc::new(Proxy::new(&config, Gates::new(gates), metrics.outside()));
 
     let serving = Arc::new(AtomicBool::new(true));
     let stop_admin = CancellationToken::new();

@@ -34,7 +34,7 @@ pub struct Metrics {
     inflight: IntGaugeVec,
     /// Time of one durable epoch commit (a group commit counts once).
     pub epoch_persist: Histogram,
-    /// 1 while etcd answers, 0 otherwise.
+    /// 1 while etcd answers, 0 otherwise; exported once an election domain exists.
     pub etcd_up: IntGauge,
 }
 
@@ -158,9 +158,6 @@ impl Metrics {
             .expect("unique metric");
         let etcd_up =
             IntGauge::new("fencegate_etcd_up", "1 while etcd answers, 0 otherwise.").expect("valid metric");
-        registry
-            .register(Box::new(etcd_up.clone()))
-            .expect("unique metric");
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
@@ -183,9 +180,27 @@ impl Metrics {
         }
     }
 
-    /// Resolves the children of one domain (or `none`), registering every
-    /// outcome at zero so dashboards see them before they happen.
+    /// Resolves the children of one domain, registering every outcome at
+    /// zero so dashboards see them before they happen.
     pub fn domain(&self, name: &str) -> DomainMetrics {
+        self.resolve(name, true)
+    }
+
+    /// The requests outside every domain: only their counts and durations
+    /// are exported, since they have no epoch, barrier or writes in flight.
+    pub fn outside(&self) -> DomainMetrics {
+        self.resolve(NO_DOMAIN, false)
+    }
+
+    fn resolve(&self, name: &str, has_state: bool) -> DomainMetrics {
+        let gauge = |vec: &IntGaugeVec| match has_state {
+            true => vec.with_label_values(&[name]),
+            false => IntGauge::new("unexported", "-").expect("valid metric"),
+        };
+        let barrier_timeouts = match has_state {
+            true => self.barrier_timeouts.with_label_values(&[name]),
+            false => IntCounter::new("unexported", "-").expect("valid metric"),
+        };
         let refused = Reason::ALL
             .iter()
             .map(|r| self.requests.with_label_values(&[name, r.as_str()]))
@@ -195,15 +210,18 @@ impl Metrics {
             refused,
             request_duration: self.request_duration.with_label_values(&[name]),
             upstream_duration: self.upstream_duration.with_label_values(&[name]),
-            epoch: self.epoch.with_label_values(&[name]),
-            barrier_timeouts: self.barrier_timeouts.with_label_values(&[name]),
-            inflight: self.inflight.with_label_values(&[name]),
+            epoch: gauge(&self.epoch),
+            barrier_timeouts,
+            inflight: gauge(&self.inflight),
         }
     }
 
     /// Resolves the leader-view children of an election domain. Only
     /// election domains have them, so a plain domain never shows a view.
     pub fn election(&self, name: &str) -> ElectionMetrics {
+        // etcd_up means something only where there is etcd; registering it
+        // again for a second election domain is refused, which is fine.
+        let _ = self.registry.register(Box::new(self.etcd_up.clone()));
         ElectionMetrics {
             leader_revision: self.leader_revision.with_label_values(&[name]),
             view_age: self.view_age.with_label_values(&[name]),
