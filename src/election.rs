@@ -192,6 +192,10 @@ impl ElectionView {
             }
             return;
         }
+        // The leader first, freshness second: the gate checks freshness and
+        // then loads the leader, so it never pairs a renewed freshness with
+        // the leader of a view that had gone stale.
+        self.publish(revision, leader);
         let nanos =
             u64::try_from(started.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX - 1);
         self.fresh_since.fetch_max(nanos + 1, SeqCst);
@@ -199,7 +203,6 @@ impl ElectionView {
         if !self.reachable.swap(true, SeqCst) {
             tracing::info!(domain = %self.domain, election = %self.prefix, "etcd reachable again");
         }
-        self.publish(revision, leader);
     }
 
     /// Records a failed read or watch setup.

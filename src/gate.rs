@@ -234,9 +234,12 @@ impl Gate {
                 leader_text()
             ),
             Reason::NoLeader => format!("the election of domain `{name}` has no candidate (confirmed by etcd)"),
-            Reason::CoordinatorUnavailable => {
-                format!("the leader of domain `{name}` cannot be confirmed: etcd did not answer in time")
-            }
+            Reason::CoordinatorUnavailable => match self.election.as_deref().map(|v| v.leader(None)) {
+                Some(Leader::Local { highest }) => format!(
+                    "etcd cannot be reached and token {token} is above every leader seen in domain `{name}` ({highest}): it cannot be checked until etcd answers"
+                ),
+                _ => format!("the leader of domain `{name}` cannot be confirmed: etcd did not answer in time"),
+            },
             Reason::CoordinatorRegressed => format!(
                 "etcd's revision is below the epoch {} of domain `{name}`: etcd lost history; an operator must act",
                 marks.epoch
