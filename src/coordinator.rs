@@ -16,6 +16,7 @@
 //!   barrier or a commit.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ use etcd_client::{
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::EtcdConfig;
+use crate::config::{EtcdConfig, EtcdTlsConfig};
 use crate::election::ElectionView;
 use crate::gate::Gate;
 use crate::token::Token;
@@ -41,26 +42,11 @@ pub struct SettingsError {
     pub problem: String,
 }
 
-/// The connection options for `config`, reading the password and TLS files.
+/// The connection options for `config`, reading the password and TLS
+/// files. Everything that can be checked without etcd is checked here, so
+/// a wrong file stops the start (exit 64) instead of becoming a bare
+/// "transport error" on every retry.
 pub fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, SettingsError> {
-    let read = |key: &'static str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| SettingsError {
-            key,
-            problem: format!("cannot read `{}`: {e}", path.display()),
-        })
-    };
-    // The TLS library would only complain at the first connection, and
-    // then on every retry; a file that is not PEM at all is caught here.
-    let read_pem = |key: &'static str, path: &std::path::Path| {
-        let bytes = read(key, path)?;
-        if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-            return Err(SettingsError {
-                key,
-                problem: format!("`{}` is not a PEM file", path.display()),
-            });
-        }
-        Ok(bytes)
-    };
     let mut options = ConnectOptions::new()
         .with_connect_timeout(config.connect_timeout)
         // HTTP/2 pings find a member that stopped answering (hung, or cut
@@ -71,30 +57,87 @@ pub fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, SettingsEr
         .with_require_leader(true)
         .with_auto_token_refresh(true);
     if let (Some(user), Some(file)) = (&config.user, &config.password_file) {
-        let password = read("password_file", file)?;
-        let password = String::from_utf8(password).map_err(|_| SettingsError {
+        let password = String::from_utf8(read("password_file", file)?).map_err(|_| SettingsError {
             key: "password_file",
             problem: format!("`{}` is not UTF-8", file.display()),
         })?;
         let password = password.strip_suffix('\n').unwrap_or(&password);
         let password = password.strip_suffix('\r').unwrap_or(password);
+        if password.is_empty() {
+            return Err(SettingsError {
+                key: "password_file",
+                problem: format!("`{}` is empty", file.display()),
+            });
+        }
         options = options.with_user(user.clone(), password.to_owned());
     }
     if let Some(tls) = &config.tls {
-        let mut tls_options =
-            TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem("tls.ca_file", &tls.ca_file)?));
-        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-            tls_options = tls_options.identity(Identity::from_pem(
-                read_pem("tls.cert_file", cert)?,
-                read_pem("tls.key_file", key)?,
-            ));
-        }
-        if let Some(name) = &tls.server_name {
-            tls_options = tls_options.domain_name(name.clone());
-        }
-        options = options.with_tls(tls_options);
+        options = options.with_tls(tls_options(tls)?);
     }
     Ok(options)
+}
+
+fn tls_options(tls: &EtcdTlsConfig) -> Result<TlsOptions, SettingsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let bad = |key: &'static str, problem: String| SettingsError { key, problem };
+    let certificates = |key: &'static str, path: &Path| -> Result<Vec<u8>, SettingsError> {
+        let pem = read(key, path)?;
+        let parsed: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+        match parsed {
+            Ok(certs) if !certs.is_empty() => Ok(pem),
+            Ok(_) => Err(bad(key, format!("`{}` holds no PEM certificate", path.display()))),
+            Err(e) => Err(bad(key, format!("`{}`: {e}", path.display()))),
+        }
+    };
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(certificates("tls.ca_file", &tls.ca_file)?));
+    if let (Some(cert_file), Some(key_file)) = (&tls.cert_file, &tls.key_file) {
+        let cert_pem = certificates("tls.cert_file", cert_file)?;
+        let key_pem = read("tls.key_file", key_file)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| bad("tls.key_file", format!("`{}`: no private key: {e}", key_file.display())))?;
+        let chain = CertificateDer::pem_slice_iter(&cert_pem).filter_map(Result::ok).collect();
+        let provider = rustls::crypto::ring::default_provider();
+        rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+            bad(
+                "tls.key_file",
+                format!("`{}` does not fit `{}`: {e}", key_file.display(), cert_file.display()),
+            )
+        })?;
+        options = options.identity(Identity::from_pem(cert_pem, key_pem));
+    }
+    if let Some(name) = &tls.server_name {
+        if ServerName::try_from(name.as_str()).is_err() {
+            return Err(bad("tls.server_name", format!("`{name}` is not a DNS name or IP address")));
+        }
+        options = options.domain_name(name.clone());
+    }
+    Ok(options)
+}
+
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, SettingsError> {
+    std::fs::read(path).map_err(|e| SettingsError {
+        key,
+        problem: format!("cannot read `{}`: {e}", path.display()),
+    })
+}
+
+/// An error with its causes: tonic's transport errors say only "transport
+/// error" at the top; the reason (a certificate, a refused connection) is
+/// further down the chain.
+pub fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// One election domain as the coordinator serves it.
@@ -171,6 +214,7 @@ async fn connect(endpoints: &[String], options: ConnectOptions, elected: &[Elect
                 if e.to_string().contains("authentication failed") {
                     tracing::error!(error = %e, "etcd authentication failed: check etcd.user and etcd.password_file");
                 }
+                let e = causes(&e);
                 for Elected { view, .. } in elected {
                     view.record_failure(&e);
                 }
@@ -213,7 +257,7 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
                 }
             },
             Ok(Err(e)) => {
-                view.record_failure(&e);
+                view.record_failure(&causes(&e));
                 false
             }
             Err(_) => {
@@ -259,7 +303,7 @@ async fn watch_once(
     .await
     {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return format!("read failed: {e}"),
+        Ok(Err(e)) => return format!("read failed: {}", causes(&e)),
         Err(_) => return format!("no answer to a read within {period:?}"),
     };
     let Some(read_revision) = resp.header().map(|h| h.revision()) else {
@@ -278,7 +322,7 @@ async fn watch_once(
     let (mut requests, mut stream) =
         match tokio::time::timeout(period, watch_client.watch(key.as_str(), Some(options))).await {
             Ok(Ok(stream)) => stream.split(),
-            Ok(Err(e)) => return format!("watch failed: {e}"),
+            Ok(Err(e)) => return format!("watch failed: {}", causes(&e)),
             Err(_) => return format!("no answer to a watch within {period:?}"),
         };
     // A hung member keeps the stream open and silent; progress requests
@@ -302,7 +346,7 @@ async fn watch_once(
         let resp = match message {
             Ok(Some(resp)) => resp,
             Ok(None) => return "the watch stream ended".into(),
-            Err(e) => return format!("watch error: {e}"),
+            Err(e) => return format!("watch error: {}", causes(&e)),
         };
         awaiting_progress = false;
         if resp.compact_revision() > 0 {
