@@ -9,7 +9,12 @@ mod support;
 
 mod barrier;
 mod bypass;
+mod coordinator_faults;
 mod durability;
+mod election;
 mod etcd_harness;
+mod etcd_security;
+mod example_writer;
+mod metrics;
 mod responses;
 mod smoke;

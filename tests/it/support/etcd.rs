@@ -34,6 +34,19 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// run out, short enough that a hung test fails.
 const CAMPAIGN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What a member needs beyond the plain-HTTP defaults: TLS on the client
+/// URL, extra flags, and how health probes connect (certificates,
+/// credentials). Set by `super::etcd_secure`; the default is plain HTTP.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct MemberExtras {
+    /// The client URL is `https://` (the member serves TLS there).
+    pub https: bool,
+    /// Appended to the command line after the harness's own flags.
+    pub args: Vec<String>,
+    /// The base of every health probe's connect options (TLS, user).
+    pub probe_options: ConnectOptions,
+}
+
 /// One etcd process: its name, ports, data dir and, while running, child.
 struct Member {
     name: String,
@@ -46,6 +59,7 @@ struct Member {
     cluster_token: String,
     child: Option<Child>,
     paused: bool,
+    extras: MemberExtras,
 }
 
 impl Member {
@@ -60,11 +74,13 @@ impl Member {
             cluster_token: String::new(),
             child: None,
             paused: false,
+            extras: MemberExtras::default(),
         }
     }
 
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.extras.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn peer_url(&self) -> String {
@@ -107,6 +123,7 @@ impl Member {
             .arg("--logger=zap")
             .arg("--log-outputs")
             .arg(self.log_path())
+            .args(&self.extras.args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -194,8 +211,7 @@ fn wait_healthy(members: &mut [&mut Member], timeout: Duration) -> Result<(), St
             if let Some(exit) = member.exited() {
                 return Err(member.failure(&exit));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                && probe(&member.endpoint()).is_ok()
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() && probe(member).is_ok()
             {
                 break;
             }
@@ -204,7 +220,7 @@ fn wait_healthy(members: &mut [&mut Member], timeout: Duration) -> Result<(), St
                     "etcd {} ({}) not healthy within {timeout:?}: last probe: {}",
                     member.name,
                     member.endpoint(),
-                    probe(&member.endpoint()).err().unwrap_or_default()
+                    probe(member).err().unwrap_or_default()
                 );
                 return Err(member.failure(&msg));
             }
@@ -214,12 +230,19 @@ fn wait_healthy(members: &mut [&mut Member], timeout: Duration) -> Result<(), St
     Ok(())
 }
 
-/// One bounded linearizable get against `endpoint`.
-fn probe(endpoint: &str) -> Result<(), String> {
-    let endpoint = endpoint.to_string();
+/// One bounded linearizable get against `member`, connecting with its
+/// probe options (TLS, and root's credentials once auth is on).
+fn probe(member: &Member) -> Result<(), String> {
+    let endpoint = member.endpoint();
+    let options = member
+        .extras
+        .probe_options
+        .clone()
+        .with_connect_timeout(PROBE_TIMEOUT)
+        .with_timeout(PROBE_TIMEOUT);
     block_on(async move {
         let attempt = async {
-            let mut c = client_with_timeout(&[endpoint], PROBE_TIMEOUT).await;
+            let mut c = Client::connect([endpoint], Some(options)).await?;
             c.get("fencegate-test-probe", None).await.map(|_| ())
         };
         match tokio::time::timeout(PROBE_TIMEOUT * 2, attempt).await {
@@ -261,6 +284,12 @@ impl Etcd {
     /// Start one member and wait (≤ 10 s) until a linearizable get
     /// succeeds; panics with the log tail otherwise.
     pub fn start() -> Etcd {
+        Etcd::start_with(MemberExtras::default())
+    }
+
+    /// [`Etcd::start`] with `extras` (TLS, extra flags, probe options),
+    /// kept for [`Etcd::restart`].
+    pub(crate) fn start_with(extras: MemberExtras) -> Etcd {
         let binary = require_binary("etcd", "etcd-server");
         let mut last_error = String::new();
         // A port taken between free_port() and etcd's bind: try others.
@@ -270,6 +299,7 @@ impl Etcd {
                 .tempdir()
                 .expect("create etcd temp dir");
             let mut member = Member::new("n1".to_string(), dir.path().join("n1"));
+            member.extras = extras.clone();
             member.initial_cluster = format!("n1={}", member.peer_url());
             member.cluster_token = format!("fencegate-test-{}", member.client_port);
             member.spawn(&binary);
@@ -283,7 +313,13 @@ impl Etcd {
         panic!("{last_error}");
     }
 
-    /// `http://127.0.0.1:PORT`: the client URL.
+    /// Replace the health probes' connect options (e.g. with credentials
+    /// once auth is enabled), used by [`Etcd::restart`] from then on.
+    pub(crate) fn set_probe_options(&mut self, options: ConnectOptions) {
+        self.member.extras.probe_options = options;
+    }
+
+    /// `http://127.0.0.1:PORT` (`https://` for a TLS member): the client URL.
     pub fn endpoint(&self) -> String {
         self.member.endpoint()
     }

@@ -3,6 +3,9 @@
 //! - [`require_binary`], [`free_port`]
 //! - [`Etcd`], [`EtcdCluster`]: etcd members on loopback; [`etcd::client`],
 //!   [`Candidate`], [`leader_rev`]: writers campaigning in an election
+//! - [`SecureEtcd`], [`Pki`], [`EtcdTable`]: etcd with TLS (client
+//!   certificates) and/or user/password auth, and fencegate's `[etcd]`
+//!   table for it
 //! - [`Nginx`]: a WebDAV store with a token-recording access log
 //! - [`FencegateConfig`], [`Domain`]: the TOML of SPEC.md's Configuration
 //! - [`Fencegate`]: `fencegate init` + `fencegate run` in a temp dir
@@ -15,6 +18,7 @@
 
 mod config;
 pub mod etcd;
+pub mod etcd_secure;
 mod fencegate;
 mod http;
 mod nginx;
@@ -23,10 +27,11 @@ mod store;
 
 pub use config::{format_duration, Domain, FencegateConfig};
 pub use etcd::{leader_rev, Candidate, Etcd, EtcdCluster};
+pub use etcd_secure::{EtcdTable, Pki, SecureEtcd};
 pub use fencegate::{Fencegate, RunExit};
 pub use http::{client, http_get, parse_response, raw_request, raw_request_timeout, RawResponse};
 pub use nginx::{LogEntry, Nginx};
-pub use process::{require_binary, run_bounded};
+pub use process::{require_binary, run_bounded, send_signal};
 pub use store::{Event, EventKind, ScriptedStore};
 
 use std::collections::HashSet;
