@@ -91,25 +91,39 @@ fn tls_options(tls: &EtcdTlsConfig) -> Result<TlsOptions, SettingsError> {
             Err(e) => Err(bad(key, format!("`{}`: {e}", path.display()))),
         }
     };
-    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(certificates("tls.ca_file", &tls.ca_file)?));
+    let mut options =
+        TlsOptions::new().ca_certificate(Certificate::from_pem(certificates("tls.ca_file", &tls.ca_file)?));
     if let (Some(cert_file), Some(key_file)) = (&tls.cert_file, &tls.key_file) {
         let cert_pem = certificates("tls.cert_file", cert_file)?;
         let key_pem = read("tls.key_file", key_file)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| bad("tls.key_file", format!("`{}`: no private key: {e}", key_file.display())))?;
-        let chain = CertificateDer::pem_slice_iter(&cert_pem).filter_map(Result::ok).collect();
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            bad(
+                "tls.key_file",
+                format!("`{}`: no private key: {e}", key_file.display()),
+            )
+        })?;
+        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .filter_map(Result::ok)
+            .collect();
         let provider = rustls::crypto::ring::default_provider();
         rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
             bad(
                 "tls.key_file",
-                format!("`{}` does not fit `{}`: {e}", key_file.display(), cert_file.display()),
+                format!(
+                    "`{}` does not fit `{}`: {e}",
+                    key_file.display(),
+                    cert_file.display()
+                ),
             )
         })?;
         options = options.identity(Identity::from_pem(cert_pem, key_pem));
     }
     if let Some(name) = &tls.server_name {
         if ServerName::try_from(name.as_str()).is_err() {
-            return Err(bad("tls.server_name", format!("`{name}` is not a DNS name or IP address")));
+            return Err(bad(
+                "tls.server_name",
+                format!("`{name}` is not a DNS name or IP address"),
+            ));
         }
         options = options.domain_name(name.clone());
     }
