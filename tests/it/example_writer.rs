@@ -35,7 +35,7 @@ fn example_binary() -> PathBuf {
     assert!(
         path.is_file(),
         "the example binary {} is missing: run `cargo build --examples` first \
-         (a plain `cargo test` builds it too; `cargo test --test it` does not)",
+         (scripts/test does; `cargo test --all-targets` builds examples only as test harnesses)",
         path.display()
     );
     path
