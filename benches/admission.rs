@@ -1,0 +1,142 @@
+//! Micro-benchmarks of the pure parts of admitting a write: the token
+//! header, the path, and the admission rule. Run with
+//! `cargo bench --bench admission` (criterion; results in
+//! target/criterion/). The hot path is a token equal to the epoch with the
+//! leader view agreeing; the other cases show what a refusal or a raise
+//! decision costs before any waiting.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use fencegate::fencing::{decide, Access, Leader, Marks};
+use fencegate::path::normalize;
+use fencegate::token::Token;
+use http::{HeaderMap, HeaderValue};
+
+const EPOCH: u64 = 1_234_567;
+
+fn token(v: u64) -> Token {
+    Token::new(v).expect("a valid token")
+}
+
+fn bench_decide(c: &mut Criterion) {
+    let marks = Marks {
+        epoch: EPOCH,
+        refusal: EPOCH,
+    };
+    let leader = Leader::View {
+        revision: Some(EPOCH),
+        confirmed: false,
+    };
+    let mut group = c.benchmark_group("decide");
+    group.bench_function("forward (election, token = epoch = leader)", |b| {
+        b.iter(|| {
+            decide(
+                black_box(token(EPOCH)),
+                black_box(marks),
+                black_box(leader),
+                Access::Write,
+            )
+        })
+    });
+    group.bench_function("forward (no election)", |b| {
+        b.iter(|| {
+            decide(
+                black_box(token(EPOCH)),
+                black_box(marks),
+                black_box(Leader::NotElected),
+                Access::Write,
+            )
+        })
+    });
+    group.bench_function("refuse stale_epoch", |b| {
+        b.iter(|| {
+            decide(
+                black_box(token(EPOCH - 1)),
+                black_box(marks),
+                black_box(leader),
+                Access::Write,
+            )
+        })
+    });
+    let next = Leader::View {
+        revision: Some(EPOCH + 1),
+        confirmed: false,
+    };
+    group.bench_function("raise (new leader's first write)", |b| {
+        b.iter(|| {
+            decide(
+                black_box(token(EPOCH + 1)),
+                black_box(marks),
+                black_box(next),
+                Access::Write,
+            )
+        })
+    });
+    group.finish();
+}
+
+fn bench_token(c: &mut Criterion) {
+    let mut group = c.benchmark_group("token");
+    group.bench_function("parse 7 digits", |b| {
+        b.iter(|| Token::parse(black_box(b"1234567")))
+    });
+    group.bench_function("parse 19 digits", |b| {
+        b.iter(|| Token::parse(black_box(b"9223372036854775807")))
+    });
+    group.bench_function("parse malformed", |b| b.iter(|| Token::parse(black_box(b"0123"))));
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("store.internal"));
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert("content-length", HeaderValue::from_static("128"));
+    headers.insert("fencing-token", HeaderValue::from_static("1234567"));
+    group.bench_function("from_values (one header in a map of 4)", |b| {
+        b.iter(|| Token::from_values(black_box(&headers).get_all("fencing-token").iter()))
+    });
+    group.finish();
+}
+
+fn bench_path(c: &mut Criterion) {
+    let mut group = c.benchmark_group("path");
+    group.bench_function("normalize /bench/obj", |b| {
+        b.iter(|| normalize(black_box("/bench/obj")))
+    });
+    group.bench_function("normalize /orders/2024/11/a%41b/./x", |b| {
+        b.iter(|| normalize(black_box("/orders/2024/11/a%41b/./x")))
+    });
+    group.finish();
+}
+
+/// The pure work of one hot-path write, end to end: header, path, rule.
+fn bench_admission(c: &mut Criterion) {
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("store.internal"));
+    headers.insert("content-length", HeaderValue::from_static("128"));
+    headers.insert("fencing-token", HeaderValue::from_static("1234567"));
+    let marks = Marks {
+        epoch: EPOCH,
+        refusal: EPOCH,
+    };
+    let leader = Leader::View {
+        revision: Some(EPOCH),
+        confirmed: false,
+    };
+    c.bench_function("admission (token + path + decide)", |b| {
+        b.iter(|| {
+            let token = Token::from_values(black_box(&headers).get_all("fencing-token").iter())
+                .expect("valid")
+                .expect("present");
+            let path = normalize(black_box("/bench/obj")).expect("valid path");
+            (
+                path,
+                decide(token, black_box(marks), black_box(leader), Access::Write),
+            )
+        })
+    });
+}
+
+criterion_group!(benches, bench_decide, bench_token, bench_path, bench_admission);
+criterion_main!(benches);
