@@ -13,13 +13,13 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::gate::Gates;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
-    /// The data path, for its domains.
-    pub proxy: Arc<Proxy>,
+    /// The domains.
+    pub gates: Arc<Gates>,
     /// The registry to render.
     pub metrics: Metrics,
     /// True while the proxy serves writes; false once shutdown began.
@@ -43,8 +43,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     // A domain whose writes would all get 503 makes the whole proxy unready:
     // a load balancer should prefer a replica that can decide.
     let stuck: Vec<String> = state
-        .proxy
-        .gates()
+        .gates
         .iter()
         .filter_map(|gate| {
             let view = gate.election.as_ref()?;
@@ -87,8 +86,7 @@ struct DomainView {
 
 async fn domains(State(state): State<AdminState>) -> Json<Vec<DomainView>> {
     let mut views: Vec<DomainView> = state
-        .proxy
-        .gates()
+        .gates
         .iter()
         .map(|gate| {
             let marks = gate.marks();
@@ -110,7 +108,7 @@ async fn domains(State(state): State<AdminState>) -> Json<Vec<DomainView>> {
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    for view in state.proxy.gates().iter().filter_map(|g| g.election.as_ref()) {
+    for view in state.gates.iter().filter_map(|g| g.election.as_ref()) {
         view.update_age_gauge();
     }
     (

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::commands::Fatal;
 use crate::committer::Committer;
 use crate::config::Config;
 use crate::coordinator::{Coordinator, Elected};
@@ -20,7 +21,7 @@ use crate::gate::{Gate, GateSettings, Gates};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::server::{self, Drain};
-use crate::state::{StateError, StateFile, WantedDomain};
+use crate::state::{StateFile, WantedDomain};
 
 /// The two listeners, bound by the caller (tests bind port 0).
 pub struct Listeners {
@@ -52,7 +53,7 @@ pub async fn run(
     etcd: Option<etcd_client::ConnectOptions>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), StateError> {
+) -> Result<(), Fatal> {
     let metrics = Metrics::new();
     let start = state.start(&wanted_domains(&config), forget)?;
     let request_timeout = config.upstream.request_timeout;
@@ -120,12 +121,14 @@ pub async fn run(
         }
         _ => None,
     };
-    let proxy = Arc::new(Proxy::new(&config, Gates::new(gates), metrics.outside()));
+    let gates = Arc::new(Gates::new(gates));
+    let outside = metrics.outside();
+    let make_proxy = || Proxy::new(&config, gates.clone(), outside.clone());
 
     let serving = Arc::new(AtomicBool::new(true));
     let stop_admin = CancellationToken::new();
     let admin_router = admin::router(AdminState {
-        proxy: proxy.clone(),
+        gates: gates.clone(),
         metrics,
         serving: serving.clone(),
     });
@@ -152,12 +155,33 @@ pub async fn run(
 
     // Readiness turns 503 as soon as shutdown begins, so load balancers
     // stop sending while the connections drain.
-    let serving_flag = serving.clone();
-    let shutdown = async move {
-        shutdown.await;
-        serving_flag.store(false, Ordering::SeqCst);
+    let stop = CancellationToken::new();
+    let on_signal = {
+        let (stop, serving) = (stop.clone(), serving.clone());
+        async move {
+            shutdown.await;
+            serving.store(false, Ordering::SeqCst);
+            stop.cancel();
+        }
     };
-    let drain = server::serve(listeners.proxy, proxy.clone(), &config.server, shutdown).await;
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    tracing::debug!(workers, "serving threads");
+    let serve = server::serve_workers(
+        listeners.proxy,
+        workers,
+        make_proxy,
+        gates.clone(),
+        &config.server,
+        stop,
+    );
+    tokio::pin!(serve);
+    let ended = tokio::select! {
+        ended = &mut serve => ended,
+        () = on_signal => serve.await,
+    };
     stop_admin.cancel();
     let _ = admin_task.await;
     // The views are no longer needed, and a fence-ahead raise must not
@@ -168,8 +192,8 @@ pub async fn run(
     // The clean mark promises the next start that no write of ours is still
     // at the store: every connection drained, and every write whose client
     // left has had its answer from the store too.
-    let writes_done = drain == Drain::Complete && writes_ended(&proxy, config.server.shutdown_grace).await;
-    if !writes_done {
+    let ended = ended.map_err(Fatal::Serve)?;
+    if ended.drain != Drain::Complete || !ended.writes_ended {
         // The committer is not awaited here: connection tasks that outlived
         // the grace period still hold it, and the process is about to exit.
         tracing::warn!("not recording a clean shutdown: writes were still in flight");
@@ -181,18 +205,4 @@ pub async fn run(
     }
     let _ = committer_task.await;
     Ok(())
-}
-
-/// Waits until no write is in flight in any domain, up to `limit`.
-async fn writes_ended(proxy: &Proxy, limit: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if proxy.gates().iter().all(|g| g.inflight_writes() == 0) {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

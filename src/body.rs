@@ -46,6 +46,11 @@ impl Exchange {
         })
     }
 
+    /// Whether this exchange holds a write's place in its generation.
+    pub fn holds_ticket(&self) -> bool {
+        self._ticket.is_some()
+    }
+
     /// Records that the whole body was handed to the connection. False if
     /// it had been aborted first.
     pub fn complete(&self) -> bool {

@@ -37,6 +37,9 @@ pub enum Fatal {
         /// Why.
         source: std::io::Error,
     },
+    /// The serving threads could not be started.
+    #[error("cannot serve the proxy listener: {0}")]
+    Serve(std::io::Error),
     /// A usage error found after parsing.
     #[error("{0}")]
     Usage(String),
@@ -53,7 +56,7 @@ impl Fatal {
             Fatal::State(StateError::ForgottenDomain { .. }) => EX_USAGE,
             Fatal::State(StateError::AlreadyExists(_)) => EX_CANTCREAT,
             Fatal::State(_) => EX_IOERR,
-            Fatal::Bind { .. } | Fatal::Unhealthy(_) => EX_UNAVAILABLE,
+            Fatal::Bind { .. } | Fatal::Serve(_) | Fatal::Unhealthy(_) => EX_UNAVAILABLE,
         }
     }
 }

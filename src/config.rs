@@ -48,6 +48,9 @@ pub struct ServerConfig {
     /// How long a shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Threads serving the proxy listener, each with its own event loop and
+    /// connections to the store; 0 means one per CPU.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +61,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 65536,
             shutdown_grace: Duration::from_secs(30),
+            workers: 0,
         }
     }
 }
@@ -263,6 +267,9 @@ impl Config {
         let bad = |key: &str, problem: String| Err((key.to_owned(), problem));
         if self.server.max_header_bytes < 1024 {
             return bad("server.max_header_bytes", "must be at least 1024".into());
+        }
+        if self.server.workers > 256 {
+            return bad("server.workers", "at most 256 (0 means one per CPU)".into());
         }
         if self.server.header_read_timeout.is_zero() {
             return bad("server.header_read_timeout", "must be above zero".into());

@@ -29,7 +29,7 @@ pub type ProxyBody = Either<Full<Bytes>, GuardedBody<Incoming>>;
 
 /// Everything the data path needs, shared by every connection.
 pub struct Proxy {
-    gates: Gates,
+    gates: Arc<Gates>,
     upstream: Arc<Upstream>,
     fencing_header: HeaderName,
     read_methods: Vec<Method>,
@@ -40,7 +40,9 @@ pub struct Proxy {
 
 impl Proxy {
     /// The data path for `config`, with the domains' live state in `gates`.
-    pub fn new(config: &Config, gates: Gates, outside: DomainMetrics) -> Proxy {
+    /// Each serving thread has its own, with its own pool of connections
+    /// to the store; the domains are shared.
+    pub fn new(config: &Config, gates: Arc<Gates>, outside: DomainMetrics) -> Proxy {
         Proxy {
             gates,
             upstream: Arc::new(Upstream::new(&config.upstream)),
@@ -260,17 +262,21 @@ impl Proxy {
         let body = GuardedBody::new(body, self.upstream.body_idle_timeout)
             .forwarding(exchange.clone(), fence.clone());
         let sent_at = Instant::now();
-        // The exchange runs in a task of its own that holds the write's
-        // ticket until the store's response head (or the timeout that cuts
-        // the connection): a client that goes away must not release the
-        // barrier while its write is still at the store.
-        let upstream = self.upstream.clone();
-        let task_fence = fence.clone();
         let request = Request::from_parts(parts, body);
-        let result =
+        let result = if exchange.holds_ticket() {
+            // A write's exchange runs in a task of its own that holds the
+            // ticket until the store's response head (or the timeout that
+            // cuts the connection): a client that goes away must not release
+            // the barrier while its write is still at the store.
+            let upstream = self.upstream.clone();
+            let task_fence = fence.clone();
             tokio::spawn(async move { upstream.send(request, &exchange, task_fence.as_ref()).await })
                 .await
-                .unwrap_or_else(|e| Err(ForwardError::Failed(format!("the exchange task failed: {e}"))));
+                .unwrap_or_else(|e| Err(ForwardError::Failed(format!("the exchange task failed: {e}"))))
+        } else {
+            // A read holds back no raise: it may simply end with its client.
+            self.upstream.send(request, &exchange, None).await
+        };
         metrics.upstream_duration.observe(sent_at.elapsed().as_secs_f64());
         let response = result.map_err(|e| {
             if matches!(e, ForwardError::Timeout(_)) && fence.as_ref().is_some_and(|f| f.is_cancelled()) {

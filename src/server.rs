@@ -1,6 +1,14 @@
 //! The proxy listener: accepts connections and serves each with hyper's
 //! HTTP/1.1 server, with the header read timeout and head size limit that
 //! protect it from slow or oversized clients, until shutdown.
+//!
+//! Like nginx's workers, the listener is served by several threads, each
+//! with a single-threaded event loop of its own that accepts connections
+//! from the shared socket and keeps its own connections to the store. A
+//! request and its exchange with the store then stay on one thread: no
+//! wake-ups across threads and no shared connection pool on the data path.
+//! The domains' state is shared (atomics), and so are the committer and
+//! the coordinator, which run on the main runtime.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -11,8 +19,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
+use crate::gate::Gates;
 use crate::proxy::Proxy;
 
 /// Whether every connection ended within the grace period.
@@ -22,6 +32,85 @@ pub enum Drain {
     Complete,
     /// The grace period ran out with requests still in flight.
     TimedOut,
+}
+
+/// How the workers ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// Whether every connection drained within the grace period.
+    pub drain: Drain,
+    /// Whether every write had its answer from the store by then.
+    pub writes_ended: bool,
+}
+
+/// Serves `listener` with `workers` threads until `stop` is cancelled, then
+/// drains. `proxy` builds each worker's data path.
+pub async fn serve_workers(
+    listener: TcpListener,
+    workers: usize,
+    proxy: impl Fn() -> Proxy,
+    gates: Arc<Gates>,
+    settings: &ServerConfig,
+    stop: CancellationToken,
+) -> std::io::Result<Ended> {
+    let listener = listener.into_std()?;
+    let mut done = Vec::new();
+    for i in 0..workers.max(1) {
+        let listener = listener.try_clone()?;
+        let proxy = Arc::new(proxy());
+        let gates = gates.clone();
+        let settings = settings.clone();
+        let stop = stop.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("fencegate-worker-{i}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a worker's event loop");
+                let ended = runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener).expect("a listening socket");
+                    let drain = serve(listener, proxy, &settings, stop.cancelled_owned()).await;
+                    // Dropping this runtime would cancel the exchanges still
+                    // holding back a raise; wait for them like for the
+                    // connections, so the clean mark is never a lie.
+                    let writes_ended = writes_ended(&gates, settings.shutdown_grace).await;
+                    Ended { drain, writes_ended }
+                });
+                let _ = tx.send(ended);
+            })?;
+        done.push(rx);
+    }
+    let mut all = Ended {
+        drain: Drain::Complete,
+        writes_ended: true,
+    };
+    for rx in done {
+        let ended = rx.await.unwrap_or(Ended {
+            drain: Drain::TimedOut,
+            writes_ended: false,
+        });
+        if ended.drain == Drain::TimedOut {
+            all.drain = Drain::TimedOut;
+        }
+        all.writes_ended &= ended.writes_ended;
+    }
+    Ok(all)
+}
+
+/// Waits until no write is in flight in any domain, up to `limit`.
+async fn writes_ended(gates: &Gates, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if gates.iter().all(|g| g.inflight_writes() == 0) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and

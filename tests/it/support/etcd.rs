@@ -660,13 +660,23 @@ impl Candidate {
         &self.leader
     }
 
-    /// Revoke the lease: etcd deletes the key at once.
+    /// Revoke the lease: etcd deletes the key at once. In a cluster that
+    /// just lost a member, the client may still pick the dead one for a
+    /// request: a failed attempt is retried a few times ("lease not found"
+    /// after a retry means the first attempt did it).
     pub async fn revoke(mut self) {
         self.keepalive = AbortOnDrop(None);
-        tokio::time::timeout(REQUEST_TIMEOUT, self.client.lease_revoke(self.lease_id))
-            .await
-            .unwrap_or_else(|_| panic!("lease revoke: no answer within {REQUEST_TIMEOUT:?}"))
-            .unwrap_or_else(|e| panic!("lease revoke {:x}: {e}", self.lease_id));
+        let mut last = String::new();
+        for attempt in 0..5 {
+            match tokio::time::timeout(REQUEST_TIMEOUT, self.client.lease_revoke(self.lease_id)).await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) if attempt > 0 && e.to_string().contains("lease not found") => return,
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("no answer within {REQUEST_TIMEOUT:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("lease revoke {:x}: {last}", self.lease_id);
     }
 
     /// Resign: etcd deletes the key at once. The lease is no longer kept
