@@ -12,8 +12,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::metrics::Metrics;
 use crate::gate::Gates;
+use crate::metrics::Metrics;
 
 /// What the admin endpoints read.
 #[derive(Clone)]

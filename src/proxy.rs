@@ -2,8 +2,11 @@
 //! token, admit it (which may wait for a raise), forward it, and count it.
 //! Refusals are [`Problem`]s, rendered in one place ([`crate::error`]).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -264,15 +267,14 @@ impl Proxy {
         let sent_at = Instant::now();
         let request = Request::from_parts(parts, body);
         let result = if exchange.holds_ticket() {
-            // A write's exchange runs in a task of its own that holds the
-            // ticket until the store's response head (or the timeout that
-            // cuts the connection): a client that goes away must not release
-            // the barrier while its write is still at the store.
+            // A write's exchange holds the ticket until the store's response
+            // head (or the timeout that cuts the connection). A client that
+            // goes away must not release the barrier while its write is
+            // still at the store, so if this handler is dropped, the
+            // exchange finishes in a task of its own.
             let upstream = self.upstream.clone();
             let task_fence = fence.clone();
-            tokio::spawn(async move { upstream.send(request, &exchange, task_fence.as_ref()).await })
-                .await
-                .unwrap_or_else(|e| Err(ForwardError::Failed(format!("the exchange task failed: {e}"))))
+            Detachable::new(async move { upstream.send(request, &exchange, task_fence.as_ref()).await }).await
         } else {
             // A read holds back no raise: it may simply end with its client.
             self.upstream.send(request, &exchange, None).await
@@ -294,6 +296,40 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers, false);
         let body = GuardedBody::new(body, self.upstream.body_idle_timeout);
         Ok(Response::from_parts(parts, Either::Right(body)))
+    }
+}
+
+/// A future that runs inline, and is moved to a task of its own if it is
+/// dropped before it finished, so it always runs to its end. Cheaper than
+/// spawning every write's exchange for the rare client that disconnects.
+struct Detachable<F: Future + Send + 'static>(Option<Pin<Box<F>>>);
+
+impl<F: Future + Send + 'static> Detachable<F> {
+    fn new(future: F) -> Detachable<F> {
+        Detachable(Some(Box::pin(future)))
+    }
+}
+
+impl<F: Future + Send + 'static> Future for Detachable<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let inner = self.0.as_mut().expect("polled after it finished");
+        let output = std::task::ready!(inner.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for Detachable<F> {
+    fn drop(&mut self) {
+        if let Some(unfinished) = self.0.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = unfinished.await;
+                });
+            }
+        }
     }
 }
 

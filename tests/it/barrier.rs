@@ -239,6 +239,43 @@ async fn a_higher_write_reaches_the_store_only_after_the_lower_one_is_answered()
     assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
 }
 
+/// The writer of the held lower write disconnects while the store still
+/// has it: the write is still at the store, so the raise must still wait
+/// for its answer (the exchange outlives the client's connection).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lower_write_whose_client_left_still_holds_the_barrier() {
+    const HOLD: Duration = Duration::from_secs(1);
+    let store = ScriptedStore::start().await;
+    let fg = gate(&store.url(), |c| c);
+    let http = client();
+    establish(&http, &fg, "5").await;
+
+    store.hold_token("5", HOLD);
+    let mut five = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    let body = "held";
+    let head = format!(
+        "PUT /d/five HTTP/1.1\r\nHost: x\r\nFencing-Token: 5\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    five.write_all(head.as_bytes()).await.expect("send the 5-write");
+    wait_event(&store, "/d/five", EventKind::BodyComplete).await;
+    // The writer goes away while the store holds its write.
+    drop(five);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    assert!(six.is_success(), "the 6-write: {six:?}");
+    let events = store.events();
+    let log = describe(&events);
+    let five_answered = index_of(&events, "/d/five", EventKind::Responded).expect(&log);
+    let six_head = index_of(&events, "/d/six", EventKind::HeadArrived).expect(&log);
+    assert!(
+        six_head > five_answered,
+        "the 6-write reached the store before the abandoned 5-write was answered:\n{log}"
+    );
+    assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
+}
+
 // ---------------------------------------------------------------------------
 // 2. No lower-token write is admitted once a raise has begun.
 
