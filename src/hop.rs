@@ -4,27 +4,39 @@
 
 use std::net::SocketAddr;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, EXPECT, HOST, TE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, EXPECT, FORWARDED, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+};
+
+// Names as `HeaderName`s, not strings: a lookup by string parses and
+// hashes the name on every request.
 
 /// Hop-by-hop headers: meaningful for one connection only, never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    TE,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Whether `name` is hop-by-hop, so it would never reach the store.
 pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+    HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
 }
 
 /// Method-override headers: a request carrying one is a write whatever its method.
-pub const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+pub const METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
 
 /// A `Connection` header that would strip a header fencegate relies on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +83,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if is_request {
@@ -85,7 +97,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
 /// Appends the client's address to `X-Forwarded-For` and `Forwarded`.
 pub fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
     let ip = peer.ip();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(previous) => format!("{previous}, {ip}"),
         None => ip.to_string(),
     };
@@ -94,15 +106,15 @@ pub fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
     } else {
         ip.to_string()
     };
-    let forwarded = match headers.get("forwarded").and_then(|v| v.to_str().ok()) {
+    let forwarded = match headers.get(FORWARDED).and_then(|v| v.to_str().ok()) {
         Some(previous) => format!("{previous}, for={node};proto=http"),
         None => format!("for={node};proto=http"),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        headers.insert("forwarded", v);
+        headers.insert(FORWARDED, v);
     }
 }
 

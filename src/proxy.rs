@@ -27,6 +27,9 @@ use crate::metrics::DomainMetrics;
 use crate::path::{normalize, NormalPath};
 use crate::token::{Token, TokenError};
 
+/// WebDAV's target of COPY and MOVE.
+const DESTINATION: HeaderName = HeaderName::from_static("destination");
+
 /// What clients receive: fencegate's own answers, or the store's streamed.
 pub type ProxyBody = Either<Full<Bytes>, GuardedBody<Incoming>>;
 
@@ -199,9 +202,7 @@ impl Proxy {
 
     /// A read only if its method is a read method and nothing overrides it.
     fn access(&self, request: &Request<Incoming>) -> Access {
-        let overridden = METHOD_OVERRIDES
-            .iter()
-            .any(|h| request.headers().contains_key(*h));
+        let overridden = METHOD_OVERRIDES.iter().any(|h| request.headers().contains_key(h));
         if !overridden && self.read_methods.contains(request.method()) {
             Access::Read
         } else {
@@ -217,7 +218,7 @@ impl Proxy {
         gate: &Gate,
         token: Token,
     ) -> Result<(), Problem> {
-        let mut values = request.headers().get_all("destination").iter();
+        let mut values = request.headers().get_all(&DESTINATION).iter();
         let Some(value) = values.next() else {
             return Ok(());
         };
@@ -255,10 +256,10 @@ impl Proxy {
         }
         parts.uri = self.upstream.uri(path, parts.uri.query());
         parts.version = Version::HTTP_11;
-        if let Some(destination) = parts.headers.get("destination") {
+        if let Some(destination) = parts.headers.get(&DESTINATION) {
             let (_, rewritten) =
                 normalized_destination(destination).map_err(|e| Problem::new(Reason::BadPath, e))?;
-            parts.headers.insert("destination", rewritten);
+            parts.headers.insert(DESTINATION, rewritten);
         }
         strip_hop_by_hop(&mut parts.headers, true);
         add_forwarded(&mut parts.headers, peer);
