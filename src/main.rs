@@ -7,12 +7,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use fencegate::commands::{self, Fatal};
 
-// The data path allocates a few small objects per request (headers, the
-// exchange, timers) from two threads; mimalloc's per-thread pages make that
-// cheaper than glibc's arenas (see bench/RESULTS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A storage-side fencing proxy: refuses writes from deposed leaders.
 #[derive(Parser)]
 #[command(version, about)]
