@@ -238,6 +238,13 @@ async fn connect(endpoints: &[String], options: ConnectOptions, elected: &[Elect
     }
 }
 
+/// Reads of one election start at most this often. Under light load reads
+/// are far apart and nothing waits; under heavy load (linearizable mode)
+/// more requests join each read, so etcd's read rate stays bounded while
+/// write throughput grows. A request still never joins a read that started
+/// before it arrived.
+const MIN_READ_INTERVAL: Duration = Duration::from_micros(250);
+
 /// The reader task: linearizable reads of the leader, on demand and on a timer.
 async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period: Duration) {
     let mut kv = client.kv_client();
@@ -249,12 +256,14 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
         .with_keys_only();
     let mut backoff = Backoff::new(period);
     let mut refresh_at = Instant::now();
+    let mut last_start = Instant::now() - MIN_READ_INTERVAL;
     loop {
-        let seq = view.reads.next(refresh_at).await;
+        let seq = view.reads.next(refresh_at, last_start + MIN_READ_INTERVAL).await;
         // Taken before the read: anything admitted by then came from a view
         // at a revision this linearizable read cannot be below.
         let floor = gate.marks().epoch;
         let started = Instant::now();
+        last_start = started;
         let answer = tokio::time::timeout(period, kv.get(key.as_str(), Some(options.clone()))).await;
         let ok = match answer {
             Ok(Ok(resp)) => match resp.header() {

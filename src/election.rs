@@ -289,9 +289,10 @@ impl ReadQueue {
     }
 
     /// For the reader: waits until a request needs a read that has not
-    /// started yet, or until `refresh_at`; returns the number of the read
-    /// it may now start.
-    pub async fn next(&self, refresh_at: Instant) -> u64 {
+    /// started yet, or until `refresh_at`, and not before `not_before`;
+    /// returns the number of the read it may now start. Requests that
+    /// arrive until then join this read.
+    pub async fn next(&self, refresh_at: Instant, not_before: Instant) -> u64 {
         loop {
             let woken = self.wake_reader.notified();
             tokio::pin!(woken);
@@ -304,6 +305,7 @@ impl ReadQueue {
                 () = tokio::time::sleep_until(refresh_at) => break,
             }
         }
+        tokio::time::sleep_until(not_before).await;
         self.started.fetch_add(1, SeqCst) + 1
     }
 
@@ -397,7 +399,7 @@ mod tests {
     async fn a_confirmation_waits_for_a_read_that_started_after_it() {
         let q = Arc::new(ReadQueue::default());
         // Read 1 (a periodic one) is in flight before the request arrives.
-        let first = q.next(Instant::now()).await;
+        let first = q.next(Instant::now(), Instant::now()).await;
         let arrival = q.arrival();
         let waiter = tokio::spawn({
             let q = q.clone();
@@ -406,10 +408,38 @@ mod tests {
         q.finish(first, true);
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "read 1 started before the request");
-        let second = q.next(Instant::now() + Duration::from_secs(60)).await;
+        let second = q
+            .next(Instant::now() + Duration::from_secs(60), Instant::now())
+            .await;
         assert_eq!(second, 2);
         q.finish(second, true);
         assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_held_back_by_not_before_takes_the_requests_that_arrive_meanwhile() {
+        let q = Arc::new(ReadQueue::default());
+        let confirm = |q: &Arc<ReadQueue>| {
+            let (q, arrival) = (q.clone(), q.arrival());
+            tokio::spawn(async move { q.confirm(arrival).await })
+        };
+        let first = confirm(&q);
+        let reader = tokio::spawn({
+            let q = q.clone();
+            async move {
+                let far = Instant::now() + Duration::from_secs(60);
+                q.next(far, Instant::now() + Duration::from_millis(1)).await
+            }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(q.arrival(), 0, "the read has not started: it is held back");
+        let second = confirm(&q);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let seq = reader.await.unwrap();
+        assert_eq!(seq, 1);
+        q.finish(seq, true);
+        assert!(first.await.unwrap() && second.await.unwrap(), "both joined read 1");
+        assert_eq!(q.started.load(SeqCst), 1, "one read served both");
     }
 
     #[tokio::test]
@@ -423,7 +453,9 @@ mod tests {
             })
             .collect();
         tokio::task::yield_now().await;
-        let seq = q.next(Instant::now() + Duration::from_secs(60)).await;
+        let seq = q
+            .next(Instant::now() + Duration::from_secs(60), Instant::now())
+            .await;
         q.finish(seq, false);
         for w in waiters {
             assert!(!w.await.unwrap(), "the shared read failed");
