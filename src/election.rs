@@ -438,7 +438,10 @@ mod tests {
         let seq = reader.await.unwrap();
         assert_eq!(seq, 1);
         q.finish(seq, true);
-        assert!(first.await.unwrap() && second.await.unwrap(), "both joined read 1");
+        assert!(
+            first.await.unwrap() && second.await.unwrap(),
+            "both joined read 1"
+        );
         assert_eq!(q.started.load(SeqCst), 1, "one read served both");
     }
 
