@@ -134,8 +134,13 @@ impl Fencegate {
     /// Spawn `run` again with the same config (no `init`) and wait until
     /// healthy. Panics if it is already running.
     pub fn start_again(&mut self) {
+        self.start_again_with(&[]);
+    }
+
+    /// [`Fencegate::start_again`] with extra arguments after `run --config PATH`.
+    pub fn start_again_with(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "start_again: fencegate is running");
-        self.child = Some(self.spawn_run(&[]));
+        self.child = Some(self.spawn_run(args));
         self.wait_healthy();
     }
 
