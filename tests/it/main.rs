@@ -15,6 +15,7 @@ mod election;
 mod etcd_harness;
 mod etcd_security;
 mod example_writer;
+mod hostile;
 mod logs;
 mod metrics;
 mod responses;
