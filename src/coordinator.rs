@@ -256,7 +256,9 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
         .with_keys_only();
     let mut backoff = Backoff::new(period);
     let mut refresh_at = Instant::now();
-    let mut last_start = Instant::now() - MIN_READ_INTERVAL;
+    let mut last_start = Instant::now()
+        .checked_sub(MIN_READ_INTERVAL)
+        .unwrap_or_else(Instant::now);
     loop {
         let seq = view.reads.next(refresh_at, last_start + MIN_READ_INTERVAL).await;
         // Taken before the read: anything admitted by then came from a view
