@@ -10,6 +10,7 @@ mod support;
 mod barrier;
 mod bypass;
 mod coordinator_faults;
+mod crash_loop;
 mod durability;
 mod election;
 mod etcd_harness;
