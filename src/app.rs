@@ -113,7 +113,6 @@ pub async fn run(
         .collect();
     // Until etcd answers, election domains refuse (or, in local mode, fall
     // back to their epochs); the first read also fences ahead to the leader.
-    let views: Vec<_> = elected.iter().map(|e| e.view.clone()).collect();
     let coordinator = match (&config.etcd, etcd, elected.is_empty()) {
         (Some(etcd_config), Some(options), false) => {
             tracing::info!(endpoints = ?etcd_config.endpoints, consistency = ?etcd_config.consistency, "connecting to etcd");
@@ -137,11 +136,11 @@ pub async fn run(
             .with_graceful_shutdown(stop_admin.clone().cancelled_owned())
             .into_future(),
     );
-    if let (Some(etcd), false) = (&config.etcd, views.is_empty()) {
+    if let (Some(etcd), Some(coordinator)) = (&config.etcd, &coordinator) {
         // Serving before etcd first answers would refuse (or, in local
         // mode, decide without) writes that a healthy etcd settles in a
         // millisecond; connections wait in the listen backlog meanwhile.
-        if !Coordinator::first_views(&views, etcd.max_staleness).await {
+        if !coordinator.first_views(etcd.max_staleness).await {
             tracing::warn!(
                 "etcd has not answered yet: serving anyway; election domains refuse writes (or, in local mode, use their epochs) until it does"
             );

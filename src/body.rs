@@ -33,7 +33,7 @@ pub struct Exchange {
     sent: Notify,
     /// Held until both the handler and the body are done, so a raise waits
     /// for this write to leave the connection.
-    _ticket: Option<Ticket>,
+    ticket: Option<Ticket>,
 }
 
 impl Exchange {
@@ -42,13 +42,13 @@ impl Exchange {
         Arc::new(Exchange {
             state: AtomicU8::new(SENDING),
             sent: Notify::new(),
-            _ticket: ticket,
+            ticket,
         })
     }
 
     /// Whether this exchange holds a write's place in its generation.
     pub fn holds_ticket(&self) -> bool {
-        self._ticket.is_some()
+        self.ticket.is_some()
     }
 
     /// Records that the whole body was handed to the connection. False if

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::config::{EtcdConfig, EtcdTlsConfig};
 use crate::election::ElectionView;
+use crate::error::causes;
 use crate::gate::Gate;
 use crate::token::Token;
 
@@ -137,23 +138,6 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, SettingsError> {
     })
 }
 
-/// An error with its causes: tonic's transport errors say only "transport
-/// error" at the top; the reason (a certificate, a refused connection) is
-/// further down the chain.
-pub fn causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// One election domain as the coordinator serves it.
 pub struct Elected {
     /// The domain.
@@ -165,6 +149,7 @@ pub struct Elected {
 /// The coordinator's tasks; dropping it stops them.
 pub struct Coordinator {
     tasks: JoinSet<()>,
+    views: Vec<Arc<ElectionView>>,
 }
 
 impl Coordinator {
@@ -174,6 +159,7 @@ impl Coordinator {
         let mut tasks = JoinSet::new();
         let endpoints = config.endpoints.clone();
         let period = refresh_period(config.max_staleness);
+        let views = elected.iter().map(|e| e.view.clone()).collect();
         tasks.spawn(async move {
             let client = connect(&endpoints, options, &elected).await;
             let mut domain_tasks = JoinSet::new();
@@ -186,15 +172,15 @@ impl Coordinator {
             // drops this future and with it the set, aborting them.
             while domain_tasks.join_next().await.is_some() {}
         });
-        Coordinator { tasks }
+        Coordinator { tasks, views }
     }
 
     /// Waits until every view has had its first answer from etcd, or
     /// `limit` passed; returns whether they all did.
-    pub async fn first_views(views: &[Arc<ElectionView>], limit: Duration) -> bool {
+    pub async fn first_views(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
-            if views.iter().all(|v| v.age().is_some()) {
+            if self.views.iter().all(|v| v.age().is_some()) {
                 return true;
             }
             if Instant::now() >= deadline {

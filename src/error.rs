@@ -233,6 +233,24 @@ impl Problem {
     }
 }
 
+/// An error with its causes, for logs and details: the top of a chain often
+/// says little (tonic's "transport error", hyper's "client error
+/// (Connect)"); the reason (a certificate, a refused connection) is further
+/// down. A cause whose text is already there is not repeated.
+pub fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

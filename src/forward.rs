@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::{BodyError, Exchange, GuardedBody};
 use crate::config::UpstreamConfig;
 use crate::connector::{KillHandle, KillableConnector};
+use crate::error::causes;
 use crate::path::NormalPath;
 
 /// The body of a request on its way to the store.
@@ -164,18 +165,7 @@ fn classify(e: hyper_util::client::legacy::Error) -> ForwardError {
         source = inner.source();
     }
     if e.is_connect() {
-        return ForwardError::Connect(error_chain(&e));
+        return ForwardError::Connect(causes(&e));
     }
-    ForwardError::Failed(error_chain(&e))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
+    ForwardError::Failed(causes(&e))
 }
