@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The orders epoch after [`Rig::start`].
 const ORDERS: &str = "Fencing-Token: 10";
@@ -101,8 +101,12 @@ impl Rig {
     }
 
     fn log(&self) -> Vec<Entry> {
+        self.log_at_least(0)
+    }
+
+    fn log_at_least(&self, n: usize) -> Vec<Entry> {
         self.nginx
-            .log_entries()
+            .log_entries_at_least(n)
             .into_iter()
             .map(|e| (e.method, e.uri, e.token))
             .collect()
@@ -157,11 +161,7 @@ impl Rig {
 
     /// nginx writes its log line after answering: wait for it.
     fn wait_log(&self, ctx: &str) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.log().len() < self.expected.len() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(self.log(), self.expected, "{ctx}");
+        assert_eq!(self.log_at_least(self.expected.len()), self.expected, "{ctx}");
     }
 
     /// Nothing late reached the store, and its data dir holds `files`.

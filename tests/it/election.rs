@@ -228,21 +228,14 @@ fn as_i64(v: &Value, field: &str) -> Option<i64> {
     v.get(field).and_then(Value::as_i64)
 }
 
-/// The tokens nginx received, oldest first, of every request that carried
-/// one, waiting (≤ 5 s) until it logged at least `at_least` requests in
-/// all (nginx logs after it answered, so a line may lag).
+/// nginx's access log as "METHOD URI TOKEN" lines (`-`: no token), once
+/// it holds at least `at_least` of them.
 fn store_log(nginx: &Nginx, at_least: usize) -> Vec<String> {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let entries = nginx.log_entries();
-        if entries.len() >= at_least || Instant::now() >= deadline {
-            return entries
-                .iter()
-                .map(|e| format!("{} {} {}", e.method, e.uri, e.token.as_deref().unwrap_or("-")))
-                .collect();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let entries = nginx.log_entries_at_least(at_least);
+    entries
+        .iter()
+        .map(|e| format!("{} {} {}", e.method, e.uri, e.token.as_deref().unwrap_or("-")))
+        .collect()
 }
 
 /// The tokens of the writes nginx received, in the order it completed them.

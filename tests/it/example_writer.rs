@@ -195,10 +195,11 @@ fn start_stack() -> (Etcd, Nginx, Fencegate) {
     (etcd, nginx, fg)
 }
 
-/// The store's PUTs under `/orders/`, in completion order.
-fn store_writes(nginx: &Nginx) -> Vec<LogEntry> {
+/// The store's PUTs under `/orders/`, in completion order, once its log
+/// holds at least `at_least` lines.
+fn store_writes(nginx: &Nginx, at_least: usize) -> Vec<LogEntry> {
     nginx
-        .log_entries()
+        .log_entries_at_least(at_least)
         .into_iter()
         .filter(|e| e.method == "PUT" && e.uri.starts_with("/orders/"))
         .collect()
@@ -224,7 +225,7 @@ async fn writer_campaigns_writes_and_resigns() {
         a.transcript()
     );
 
-    let writes: Vec<_> = store_writes(&nginx)
+    let writes: Vec<_> = store_writes(&nginx, 3)
         .into_iter()
         .map(|e| (e.uri, e.token, e.status))
         .collect();
@@ -316,7 +317,7 @@ async fn paused_leader_is_fenced_after_failover() {
 
     // The store: A's 2 writes, then B's 2, and nothing with A's token after
     // B's first write.
-    let writes = store_writes(&nginx);
+    let writes = store_writes(&nginx, 4);
     let tokens: Vec<_> = writes
         .iter()
         .map(|e| e.token.clone().unwrap_or_default())

@@ -94,24 +94,13 @@ fn config(upstream: &str) -> FencegateConfig {
     FencegateConfig::new(upstream).domain("orders", "/orders/")
 }
 
-/// nginx's access log as "METHOD URI TOKEN" lines (`-`: no token).
-fn store_log(nginx: &Nginx) -> Vec<String> {
-    let entries = nginx.log_entries().into_iter();
-    entries
-        .map(|e| format!("{} {} {}", e.method, e.uri, e.token.as_deref().unwrap_or("-")))
-        .collect()
-}
-
-/// Asserts nginx's whole access log is `want`, waiting (≤ 5 s) for it to
-/// have that many lines: nginx logs after it answered, so a line may lag.
+/// Asserts nginx's whole access log, as "METHOD URI TOKEN" lines (`-`: no
+/// token), is `want`.
 #[track_caller]
 fn assert_log<S: AsRef<str>>(nginx: &Nginx, want: &[S]) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut log = store_log(nginx);
-    while log.len() < want.len() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-        log = store_log(nginx);
-    }
+    let log: Vec<String> = (nginx.log_entries_at_least(want.len()).into_iter())
+        .map(|e| format!("{} {} {}", e.method, e.uri, e.token.as_deref().unwrap_or("-")))
+        .collect();
     let want: Vec<&str> = want.iter().map(AsRef::as_ref).collect();
     assert_eq!(log, want, "nginx's access log: what reached the store");
 }

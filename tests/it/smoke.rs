@@ -45,7 +45,7 @@ async fn nginx_stores_puts_and_logs_tokens() {
     );
     assert_eq!(parse_response(&raw).status, 204, "{raw}");
 
-    let log = nginx.log_entries();
+    let log = nginx.log_entries_at_least(4);
     let summary: Vec<_> = log
         .iter()
         .map(|e| (e.method.as_str(), e.uri.as_str(), e.token.as_deref(), e.status))

@@ -12,6 +12,8 @@ use tempfile::TempDir;
 
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a test waits for nginx to write access log lines it owes.
+const LOG_LAG: Duration = Duration::from_secs(5);
 
 /// One line of the store's access log (in completion order, since nginx
 /// runs as a single process).
@@ -97,6 +99,21 @@ impl Nginx {
             .filter(|l| !l.trim().is_empty())
             .map(|l| parse_log_line(l).unwrap_or_else(|| panic!("bad access log line: {l:?}")))
             .collect()
+    }
+
+    /// The access log once it has at least `n` lines, waiting up to 5 s:
+    /// nginx writes a request's line after it has answered, so a client
+    /// can see the response before the line exists. Returns whatever is
+    /// there at the deadline; the caller's assertion says what is missing.
+    pub fn log_entries_at_least(&self, n: usize) -> Vec<LogEntry> {
+        let deadline = Instant::now() + LOG_LAG;
+        loop {
+            let entries = self.log_entries();
+            if entries.len() >= n || Instant::now() >= deadline {
+                return entries;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Stop nginx (SIGTERM, then SIGKILL after 5 s) and wait for it.
