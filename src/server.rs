@@ -70,12 +70,14 @@ pub async fn serve_workers(
                     .build()
                     .expect("a worker's event loop");
                 let ended = runtime.block_on(async move {
+                    let anchor = tokio::spawn(timer_anchor(anchor_period(&settings)));
                     let listener = TcpListener::from_std(listener).expect("a listening socket");
                     let drain = serve(listener, proxy, &settings, stop.cancelled_owned()).await;
                     // Dropping this runtime would cancel the exchanges still
                     // holding back a raise; wait for them like for the
                     // connections, so the clean mark is never a lie.
                     let writes_ended = writes_ended(&gates, settings.shutdown_grace).await;
+                    anchor.abort();
                     Ended { drain, writes_ended }
                 });
                 let _ = tx.send(ended);
@@ -97,6 +99,31 @@ pub async fn serve_workers(
         all.writes_ended &= ended.writes_ended;
     }
     Ok(all)
+}
+
+/// Keeps a timer that expires before any timeout a request arms.
+///
+/// Every request arms timers: hyper's header read timeout, then fencegate's
+/// `request_timeout`. When tokio registers a timer that expires before the
+/// event loop's next planned wake-up, it wakes the loop through its eventfd:
+/// a `write` syscall, then an extra `epoll_wait`, on almost every request,
+/// because at the moment the loop parks under load most connections wait
+/// for the store and have no timer armed. A timer that always expires
+/// sooner than any of those keeps the planned wake-up early enough that
+/// registering them never needs the eventfd. Its price: one wake-up per
+/// period per worker, idle or not.
+async fn timer_anchor(period: Duration) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+    }
+}
+
+/// At most 1 s, and half the header read timeout (the shortest timeout a
+/// request arms by default) if that is shorter.
+fn anchor_period(settings: &ServerConfig) -> Duration {
+    (settings.header_read_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
 /// Waits until no write is in flight in any domain, up to `limit`.
