@@ -15,9 +15,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::gate::Ticket;
+use crate::gate::{AbortSignal, Ticket};
 
 const SENDING: u8 = 0;
 const SENT: u8 = 1;
@@ -49,6 +48,16 @@ impl Exchange {
     /// Whether this exchange holds a write's place in its generation.
     pub fn holds_ticket(&self) -> bool {
         self.ticket.is_some()
+    }
+
+    /// A write's signal that a raise began in its domain.
+    pub fn abort_signal(&self) -> Option<&AbortSignal> {
+        self.ticket.as_ref().map(Ticket::abort_signal)
+    }
+
+    /// Whether a raise began while this write was in flight.
+    pub fn is_fenced(&self) -> bool {
+        self.ticket.as_ref().is_some_and(Ticket::is_fenced)
     }
 
     /// Records that the whole body was handed to the connection. False if
@@ -113,7 +122,6 @@ pub struct GuardedBody<B> {
     idle_timeout: Duration,
     /// Whether the last poll left us waiting on the other side.
     waiting: bool,
-    fence: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     exchange: Option<Arc<Exchange>>,
     ended: bool,
 }
@@ -126,16 +134,16 @@ impl<B> GuardedBody<B> {
             idle: None,
             idle_timeout,
             waiting: false,
-            fence: None,
             exchange: None,
             ended: false,
         }
     }
 
     /// Ties the body to a forwarded write: it reports completion to
-    /// `exchange`, and aborts when `fence` is cancelled before it is whole.
-    pub fn forwarding(mut self, exchange: Arc<Exchange>, fence: Option<CancellationToken>) -> GuardedBody<B> {
-        self.fence = fence.map(|f| Box::pin(f.cancelled_owned()));
+    /// `exchange`, and stops at its next frame once a raise began in the
+    /// write's domain. (The exchange's sender watches the raise while the
+    /// body waits, and cuts the connection: see [`crate::forward`].)
+    pub fn forwarding(mut self, exchange: Arc<Exchange>) -> GuardedBody<B> {
         self.exchange = Some(exchange);
         self
     }
@@ -168,14 +176,10 @@ where
         if this.ended {
             return Poll::Ready(None);
         }
-        let fenced_now = this
-            .fence
-            .as_mut()
-            .is_some_and(|f| f.as_mut().poll(cx).is_ready());
-        let aborted = match this.exchange.as_ref() {
-            Some(exchange) => (fenced_now && exchange.abort()) || exchange.is_aborted(),
-            None => fenced_now,
-        };
+        let aborted = this
+            .exchange
+            .as_ref()
+            .is_some_and(|e| (e.is_fenced() && e.abort()) || e.is_aborted());
         if aborted {
             return this.fail(BodyError::Fenced);
         }
@@ -247,7 +251,7 @@ mod tests {
             http_body_util::Full::new(Bytes::from_static(b"abc")),
             Duration::from_secs(5),
         )
-        .forwarding(exchange.clone(), None);
+        .forwarding(exchange.clone());
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"abc");
         assert!(!exchange.abort(), "a sent body cannot be aborted");
@@ -261,7 +265,7 @@ mod tests {
             http_body_util::Full::new(Bytes::from_static(b"abc")),
             Duration::from_secs(5),
         )
-        .forwarding(exchange.clone(), None);
+        .forwarding(exchange.clone());
         let err = body.collect().await.unwrap_err();
         assert!(matches!(err, BodyError::Fenced), "{err}");
         assert!(!exchange.complete());

@@ -11,12 +11,12 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyError, Exchange, GuardedBody};
 use crate::config::UpstreamConfig;
 use crate::connector::{KillHandle, KillableConnector};
 use crate::error::causes;
+use crate::gate::AbortSignal;
 use crate::path::NormalPath;
 
 /// The body of a request on its way to the store.
@@ -92,14 +92,14 @@ impl Upstream {
             .expect("scheme, authority and path make a URI")
     }
 
-    /// Sends `request` and waits for the final response head. `fence`, when
-    /// cancelled before the body was sent whole, aborts the request.
+    /// Sends `request` and waits for the final response head. A raise in
+    /// the write's domain before its body was sent whole aborts it.
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
         exchange: &Exchange,
-        fence: Option<&CancellationToken>,
     ) -> Result<Response<Incoming>, ForwardError> {
+        let fence = exchange.abort_signal();
         // Writes may need their connection cut (on a raise or a timeout).
         let connection = fence.map(|_| capture_connection(&mut request));
         let response = self.client.request(request);
@@ -145,9 +145,9 @@ fn cut(connection: Option<&CaptureConnection>) {
     }
 }
 
-async fn fenced(fence: Option<&CancellationToken>) {
+async fn fenced(fence: Option<&AbortSignal>) {
     match fence {
-        Some(fence) => fence.cancelled().await,
+        Some(fence) => fence.raised().await,
         None => std::future::pending().await,
     }
 }

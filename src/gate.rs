@@ -19,7 +19,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::committer::Committer;
 use crate::election::ElectionView;
@@ -74,8 +73,8 @@ struct Generation {
     /// finishing writes pay for a wake-up.
     draining: AtomicBool,
     drained: Notify,
-    /// Cancelled when a raise begins: bodies still being sent are aborted.
-    abort: CancellationToken,
+    /// Raised when a raise begins: bodies still being sent are aborted.
+    abort: AbortSignal,
 }
 
 impl Generation {
@@ -85,7 +84,7 @@ impl Generation {
             inflight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             drained: Notify::new(),
-            abort: CancellationToken::new(),
+            abort: AbortSignal::new(),
         }
     }
 }
@@ -97,16 +96,81 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Cancelled when a raise begins in the domain: the write must stop
+    /// Raised when a raise begins in the domain: the write must stop
     /// sending its body.
-    pub fn abort_signal(&self) -> &CancellationToken {
+    pub fn abort_signal(&self) -> &AbortSignal {
         &self.generation.abort
     }
 
     /// Whether a raise is waiting for this write.
     pub fn is_fenced(&self) -> bool {
-        self.generation.abort.is_cancelled()
+        self.generation.abort.is_raised()
     }
+}
+
+/// How many wait lists an [`AbortSignal`] keeps. Each thread uses its own
+/// (threads are given one in turn), so with up to this many threads no two
+/// share one.
+const WAIT_SHARDS: usize = 16;
+
+/// A one-way flag that tells a generation's writes to stop sending, and
+/// wakes those that wait for it.
+///
+/// Writers check the flag with one atomic load. Only a writer that must
+/// wait (its body or its store connection is not done) registers a waker,
+/// and it does so in its own thread's wait list: every write of a domain
+/// shares the generation, and one lock for all of them would be a lock on
+/// the hot path shared by every thread. The raise, which is rare, wakes
+/// every list.
+pub struct AbortSignal {
+    raised: AtomicBool,
+    waiters: [Notify; WAIT_SHARDS],
+}
+
+impl AbortSignal {
+    fn new() -> AbortSignal {
+        AbortSignal {
+            raised: AtomicBool::new(false),
+            waiters: std::array::from_fn(|_| Notify::new()),
+        }
+    }
+
+    /// Raises the flag and wakes every waiter.
+    fn raise(&self) {
+        self.raised.store(true, SeqCst);
+        for list in &self.waiters {
+            list.notify_waiters();
+        }
+    }
+
+    /// Whether the flag is raised.
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(SeqCst)
+    }
+
+    /// Resolves once the flag is raised.
+    pub async fn raised(&self) {
+        let list = &self.waiters[wait_shard()];
+        loop {
+            let notified = list.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a raise after the check wakes it.
+            notified.as_mut().enable();
+            if self.is_raised() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// This thread's wait list in every [`AbortSignal`].
+fn wait_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, SeqCst) % WAIT_SHARDS;
+    }
+    SHARD.with(|shard| *shard)
 }
 
 impl Drop for Ticket {
@@ -308,7 +372,7 @@ impl Gate {
     /// every one of its writes has its response head (or has ended).
     async fn drain(&self, generation: &Generation) {
         generation.draining.store(true, SeqCst);
-        generation.abort.cancel();
+        generation.abort.raise();
         let deadline = Instant::now() + self.drain_limit;
         loop {
             let drained = generation.drained.notified();

@@ -249,7 +249,6 @@ impl Proxy {
         metrics: &DomainMetrics,
     ) -> Result<Response<ProxyBody>, Problem> {
         let (mut parts, body) = request.into_parts();
-        let fence = ticket.as_ref().map(|t| t.abort_signal().clone());
         let exchange = Exchange::new(ticket);
         if body.is_end_stream() {
             exchange.complete();
@@ -263,8 +262,7 @@ impl Proxy {
         }
         strip_hop_by_hop(&mut parts.headers, true);
         add_forwarded(&mut parts.headers, peer);
-        let body = GuardedBody::new(body, self.upstream.body_idle_timeout)
-            .forwarding(exchange.clone(), fence.clone());
+        let body = GuardedBody::new(body, self.upstream.body_idle_timeout).forwarding(exchange.clone());
         let sent_at = Instant::now();
         let request = Request::from_parts(parts, body);
         let result = if exchange.holds_ticket() {
@@ -274,15 +272,15 @@ impl Proxy {
             // still at the store, so if this handler is dropped, the
             // exchange finishes in a task of its own.
             let upstream = self.upstream.clone();
-            let task_fence = fence.clone();
-            Detachable::new(async move { upstream.send(request, &exchange, task_fence.as_ref()).await }).await
+            let task_exchange = exchange.clone();
+            Detachable::new(async move { upstream.send(request, &task_exchange).await }).await
         } else {
             // A read holds back no raise: it may simply end with its client.
-            self.upstream.send(request, &exchange, None).await
+            self.upstream.send(request, &exchange).await
         };
         metrics.upstream_duration.observe(sent_at.elapsed().as_secs_f64());
         let response = result.map_err(|e| {
-            if matches!(e, ForwardError::Timeout(_)) && fence.as_ref().is_some_and(|f| f.is_cancelled()) {
+            if matches!(e, ForwardError::Timeout(_)) && exchange.is_fenced() {
                 metrics.barrier_timeouts.inc();
             }
             forward_problem(e)
