@@ -23,7 +23,10 @@
 //! plays exactly that: after K writes it stops its keep-alive and sleeps
 //! M ms, long enough for the lease to expire and another writer to win,
 //! then carries on with its old token. Only the store's side can refuse
-//! that write, which is what fencegate is for.
+//! that write, which is what fencegate is for. (A real stop, SIGSTOP then
+//! SIGCONT, races the lease watchdog's expired timer against the write
+//! loop: sometimes the watchdog wins and the writer stops without writing.
+//! Watching the lease catches some stalls, never all.)
 //!
 //! # Running it
 //!
