@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,6 +30,12 @@ pub struct Exchange {
     /// write is never both answered "fenced" and completed at the store.
     state: AtomicU8,
     sent: Notify,
+    /// Frames the body handed to the connection so far: the store's reading
+    /// of the body is seen as this count moving.
+    frames: AtomicU64,
+    /// Whether the body is waiting for its client (then a pause is the
+    /// client's, bounded by the body's own idle timer, not the store's).
+    awaiting_client: AtomicBool,
     /// Held until both the handler and the body are done, so a raise waits
     /// for this write to leave the connection.
     ticket: Option<Ticket>,
@@ -41,6 +47,8 @@ impl Exchange {
         Arc::new(Exchange {
             state: AtomicU8::new(SENDING),
             sent: Notify::new(),
+            frames: AtomicU64::new(0),
+            awaiting_client: AtomicBool::new(false),
             ticket,
         })
     }
@@ -83,6 +91,16 @@ impl Exchange {
     /// Whether the body was aborted.
     pub fn is_aborted(&self) -> bool {
         self.state.load(SeqCst) == ABORTED
+    }
+
+    /// Frames handed to the connection so far.
+    pub fn frames(&self) -> u64 {
+        self.frames.load(Relaxed)
+    }
+
+    /// Whether the body is waiting for its client to send more.
+    pub fn awaiting_client(&self) -> bool {
+        self.awaiting_client.load(Relaxed)
     }
 
     /// Resolves once the whole body was handed to the connection.
@@ -196,6 +214,10 @@ where
                     }
                 }
                 this.waiting = false;
+                if let Some(exchange) = &this.exchange {
+                    exchange.frames.fetch_add(1, Relaxed);
+                    exchange.awaiting_client.store(false, Relaxed);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => this.fail(BodyError::Source(e.into())),
@@ -221,6 +243,9 @@ where
                 if !this.waiting {
                     idle.as_mut().reset(deadline);
                     this.waiting = true;
+                    if let Some(exchange) = &this.exchange {
+                        exchange.awaiting_client.store(true, Relaxed);
+                    }
                 }
                 if idle.as_mut().poll(cx).is_ready() {
                     return this.fail(BodyError::Idle(timeout));

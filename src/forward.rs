@@ -31,6 +31,9 @@ pub enum ForwardError {
     /// No final response head within `request_timeout` after the body.
     #[error("the store sent no response within {0:?} after the request")]
     Timeout(Duration),
+    /// The store took none of the request body for `body_idle_timeout`.
+    #[error("the store read none of the request body for {0:?}")]
+    Stalled(Duration),
     /// A raise began before the body was sent whole; the request was aborted.
     #[error(
         "a higher epoch began before the body was sent whole; the request was aborted before it completed"
@@ -105,19 +108,24 @@ impl Upstream {
         let response = self.client.request(request);
         tokio::pin!(response);
         let deadline = async {
-            exchange.wait_sent().await;
+            if let Err(stalled) = self.store_reads_body(exchange).await {
+                return stalled;
+            }
             tokio::time::sleep(self.request_timeout).await;
+            ForwardError::Timeout(self.request_timeout)
         };
         tokio::pin!(deadline);
         let mut watch_fence = fence.is_some();
         loop {
             tokio::select! {
                 result = &mut response => return result.map_err(classify),
-                () = &mut deadline => {
+                timeout = &mut deadline => {
                     // The store's outcome is unknown: the connection is cut
-                    // so nothing more of this write can reach the store.
+                    // so nothing more of this write can reach the store (a
+                    // body not sent whole never will be).
+                    exchange.abort();
                     cut(connection.as_ref());
-                    return Err(ForwardError::Timeout(self.request_timeout));
+                    return Err(timeout);
                 }
                 () = fenced(fence), if watch_fence => {
                     // Only a body not yet sent whole can be aborted; one that
@@ -130,6 +138,31 @@ impl Upstream {
                         return Err(ForwardError::Fenced);
                     }
                     watch_fence = false;
+                }
+            }
+        }
+    }
+}
+
+impl Upstream {
+    /// Resolves when the body was sent whole, or fails when the store took
+    /// none of it for `body_idle_timeout` while it had bytes to take. A
+    /// store that stops reading leaves the body unpolled behind a full
+    /// socket buffer, where the body's own idle timer cannot run (that one
+    /// bounds the client's pauses), so this watch bounds the store's.
+    async fn store_reads_body(&self, exchange: &Exchange) -> Result<(), ForwardError> {
+        let sent = exchange.wait_sent();
+        tokio::pin!(sent);
+        let mut seen = exchange.frames();
+        loop {
+            tokio::select! {
+                () = &mut sent => return Ok(()),
+                () = tokio::time::sleep(self.body_idle_timeout) => {
+                    let now = exchange.frames();
+                    if now == seen && !exchange.awaiting_client() {
+                        return Err(ForwardError::Stalled(self.body_idle_timeout));
+                    }
+                    seen = now;
                 }
             }
         }

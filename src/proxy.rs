@@ -364,7 +364,7 @@ fn normalized_destination(value: &HeaderValue) -> Result<(NormalPath, HeaderValu
 fn forward_problem(e: ForwardError) -> Problem {
     let reason = match e {
         ForwardError::Connect(_) | ForwardError::Failed(_) => Reason::UpstreamUnreachable,
-        ForwardError::Timeout(_) => Reason::UpstreamTimeout,
+        ForwardError::Timeout(_) | ForwardError::Stalled(_) => Reason::UpstreamTimeout,
         ForwardError::Fenced => Reason::StaleEpoch,
         ForwardError::ClientBody(_) => Reason::BadRequest,
     };

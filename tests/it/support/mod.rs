@@ -32,7 +32,7 @@ pub use fencegate::{Fencegate, RunExit};
 pub use http::{client, http_get, parse_response, raw_request, raw_request_timeout, RawResponse};
 pub use nginx::{LogEntry, Nginx};
 pub use process::{require_binary, run_bounded, send_signal};
-pub use store::{Event, EventKind, ScriptedStore};
+pub use store::{Event, EventKind, Fault, ScriptedStore};
 
 use std::collections::HashSet;
 use std::net::TcpListener;

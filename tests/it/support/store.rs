@@ -1,20 +1,28 @@
 //! An in-process store that records when each request's head, body end
-//! and response happen, and can hold requests by token.
+//! and response happen, can hold requests by token, and can misbehave on
+//! a path ([`Fault`]): reset or close the connection part-way, answer a
+//! head and then break the body, never read, or answer an error status.
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
-use http_body_util::{BodyExt, Empty};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,6 +35,31 @@ pub enum EventKind {
     BodyFailed,
     /// The response head was handed to hyper.
     Responded,
+    /// A [`Fault`] broke the exchange: the connection was reset or closed
+    /// (`body` holds what of the request body had been read).
+    Broken,
+}
+
+/// How the store misbehaves for requests to one path
+/// ([`ScriptedStore::fault_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Read at least `n` bytes of the request body (or all of a shorter
+    /// one), then reset the connection (RST: SO_LINGER 0) without answering.
+    ResetAfterBodyBytes(usize),
+    /// Read the whole request, then close the connection (FIN) without
+    /// answering.
+    CloseWithoutAnswer,
+    /// Answer `200` with its head and `sent` bytes of a body that is
+    /// declared longer (`Content-Length: declared`, or chunked when
+    /// `None`), pause 200 ms so all of it is on the wire, then reset.
+    ResetMidResponse { sent: usize, declared: Option<usize> },
+    /// Never read the request body and never answer, until the store stops.
+    NeverRead,
+    /// Read the whole request, then never answer, until the store stops.
+    NeverAnswer,
+    /// Read the whole request, then answer `status` with `body`.
+    Answer { status: u16, body: &'static str },
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +86,8 @@ struct Shared {
     holds: Mutex<HashMap<String, Duration>>,
     /// token → hold between head and reading the body.
     body_holds: Mutex<HashMap<String, Duration>>,
+    /// path → how to misbehave.
+    faults: Mutex<HashMap<String, Fault>>,
 }
 
 /// A store on 127.0.0.1 running on the test's tokio runtime. It answers
@@ -82,6 +117,7 @@ impl ScriptedStore {
             events: Mutex::new(Vec::new()),
             holds: Mutex::new(HashMap::new()),
             body_holds: Mutex::new(HashMap::new()),
+            faults: Mutex::new(HashMap::new()),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
@@ -90,6 +126,24 @@ impl ScriptedStore {
             shared,
             shutdown,
         }
+    }
+
+    /// After [`ScriptedStore::stop`]: listen on the same address again
+    /// (retrying for up to 5 s while the port is still taken), keeping the
+    /// events, holds and faults.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("ScriptedStore::restart: bind {} again: {e}", self.addr),
+            }
+        };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        tokio::spawn(accept_loop(listener, self.shared.clone(), shutdown_rx));
+        self.shutdown = shutdown;
     }
 
     /// "http://127.0.0.1:PORT"
@@ -111,6 +165,11 @@ impl ScriptedStore {
     /// before reading the body (and before `100 Continue` is sent).
     pub fn hold_token_before_body(&self, token: &str, d: Duration) {
         lock(&self.shared.body_holds).insert(token.to_string(), d);
+    }
+
+    /// Misbehave as `fault` for every later request to `path`.
+    pub fn fault_path(&self, path: &str, fault: Fault) {
+        lock(&self.shared.faults).insert(path.to_string(), fault);
     }
 
     /// Remove every hold (requests already holding keep their sleep).
@@ -183,8 +242,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
         let shared = shared.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(shared.clone(), req));
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let reset = Arc::new(AtomicBool::new(false));
+            let tap = Tap {
+                stream,
+                reset: reset.clone(),
+            };
+            let service = service_fn(move |req| handle(shared.clone(), reset.clone(), req));
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(tap), service);
             tokio::select! {
                 _ = conn => {}
                 _ = shutdown.changed() => {}
@@ -193,7 +257,106 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, hyper::Error> {
+/// A connection to the store that closes with a reset (SO_LINGER 0) when
+/// a fault asked for one: hyper drops the connection after a service or
+/// body error, and the socket's linger is set just before it closes.
+struct Tap {
+    stream: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::SeqCst) {
+            let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+impl AsyncRead for Tap {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tap {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The store's response bodies: empty, whole, or broken part-way.
+enum Answer {
+    Empty,
+    Full(Option<Bytes>),
+    /// Sends `first`, waits `pause`, then fails after asking for a reset.
+    Broken {
+        first: Option<Bytes>,
+        pause: Pin<Box<tokio::time::Sleep>>,
+        reset: Arc<AtomicBool>,
+    },
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            Answer::Empty => Poll::Ready(None),
+            Answer::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Answer::Broken { first, pause, reset } => {
+                if let Some(first) = first.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(first))));
+                }
+                std::task::ready!(pause.as_mut().poll(cx));
+                reset.store(true, Ordering::SeqCst);
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "scripted fault: reset in the middle of the response body",
+                ))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Answer::Empty | Answer::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Answer::Empty => SizeHint::with_exact(0),
+            Answer::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Answer::Broken { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// An error that makes hyper drop the connection without answering.
+fn scripted(what: &str) -> Box<dyn std::error::Error + Send + Sync> {
+    format!("scripted fault: {what}").into()
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    reset: Arc<AtomicBool>,
+    req: Request<Incoming>,
+) -> Result<Response<Answer>, Box<dyn std::error::Error + Send + Sync>> {
     let token = req
         .headers()
         .get(shared.header.as_str())
@@ -221,6 +384,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         HeaderMap::new(),
     );
 
+    let fault = lock(&shared.faults).get(&path).copied();
+    if fault == Some(Fault::NeverRead) {
+        // Until the store stops, which drops this future with its connection.
+        std::future::pending::<()>().await;
+    }
     let held =
         |map: &Mutex<HashMap<String, Duration>>| token.as_ref().and_then(|t| lock(map).get(t).copied());
     if let Some(d) = held(&shared.body_holds) {
@@ -247,11 +415,42 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                     data.freeze(),
                     HeaderMap::new(),
                 );
-                return Err(e);
+                return Err(e.into());
+            }
+        }
+        if let Some(Fault::ResetAfterBodyBytes(n)) = fault {
+            if data.len() >= n {
+                break;
             }
         }
     }
+    match fault {
+        Some(Fault::ResetAfterBodyBytes(_)) => {
+            record(
+                EventKind::Broken,
+                HeaderMap::new(),
+                data.freeze(),
+                HeaderMap::new(),
+            );
+            reset.store(true, Ordering::SeqCst);
+            return Err(scripted("reset after part of the request body"));
+        }
+        Some(Fault::CloseWithoutAnswer) => {
+            record(EventKind::BodyComplete, HeaderMap::new(), data.freeze(), trailers);
+            record(
+                EventKind::Broken,
+                HeaderMap::new(),
+                Bytes::new(),
+                HeaderMap::new(),
+            );
+            return Err(scripted("closed without answering"));
+        }
+        _ => {}
+    }
     record(EventKind::BodyComplete, HeaderMap::new(), data.freeze(), trailers);
+    if fault == Some(Fault::NeverAnswer) {
+        std::future::pending::<()>().await;
+    }
 
     if let Some(d) = held(&shared.holds) {
         tokio::time::sleep(d).await;
@@ -264,7 +463,27 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Bytes::new(),
         HeaderMap::new(),
     );
-    let mut resp = Response::new(Empty::new());
+    let mut resp = match fault {
+        Some(Fault::ResetMidResponse { sent, declared }) => {
+            let mut resp = Response::new(Answer::Broken {
+                first: Some(Bytes::from(vec![b'r'; sent])),
+                pause: Box::pin(tokio::time::sleep(Duration::from_millis(200))),
+                reset,
+            });
+            if let Some(len) = declared {
+                resp.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, len.into());
+            }
+            *resp.status_mut() = StatusCode::OK;
+            return Ok(resp);
+        }
+        Some(Fault::Answer { status, body }) => {
+            let mut resp = Response::new(Answer::Full(Some(Bytes::from_static(body.as_bytes()))));
+            *resp.status_mut() = StatusCode::from_u16(status).expect("a valid scripted status");
+            return Ok(resp);
+        }
+        _ => Response::new(Answer::Empty),
+    };
     *resp.status_mut() = status;
     Ok(resp)
 }

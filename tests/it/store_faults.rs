@@ -1,0 +1,721 @@
+//! fencegate when the store misbehaves (SPEC.md: Responses, Guarantee,
+//! HTTP): it refuses connections, resets in the middle of a request body,
+//! closes without answering, answers a head and then breaks the body,
+//! never answers, never reads a large body, or answers 500/503 itself.
+//!
+//! For each fault: the writer gets the right answer (502/504 with the
+//! reason, or the store's own answer untouched, or a body that is visibly
+//! cut short, never a short 2xx that looks complete); no request outlives
+//! `request_timeout` by more than a loaded machine's slack; the epoch that a
+//! faulty write raised stays raised, in `/domains` and in the state file
+//! after a SIGKILL; a raise right after a faulty lower write is not held by
+//! a barrier; fencegate keeps serving; and the fencegate process holds no
+//! more file descriptors afterwards than before the first request (no
+//! leaked sockets). The real binary runs in front of [`ScriptedStore`].
+//!
+//! Already covered elsewhere, not repeated here: the plain 502 and 504
+//! answers (`responses.rs`), a raise aborting a lower body the store is not
+//! reading and a lower write outliving `request_timeout` (`barrier.rs`).
+
+use crate::support::{EventKind, Fault, Fencegate, FencegateConfig, ScriptedStore};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const DOMAIN: &str = "d";
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Slack over `REQUEST_TIMEOUT` for any one answer on a loaded 2-core box.
+const SLACK: Duration = Duration::from_secs(2);
+/// How long a raw exchange may take before the test calls it hung.
+const HANG: Duration = Duration::from_secs(10);
+/// How long the fd count may take to settle after the store closes.
+const FD_SETTLE: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------- helpers
+
+/// The entries of `/proc/PID/fd`: what each descriptor points to.
+fn fds(pid: u32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}"));
+    let mut list: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).map(|t| t.display().to_string());
+            format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                target.unwrap_or_default()
+            )
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+/// The fd count once two samples 100 ms apart agree (at most 2 s).
+async fn settled_fds(pid: u32) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut last = fds(pid).len();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = fds(pid).len();
+        if now == last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Waits (≤ `FD_SETTLE`) until fencegate holds at most `baseline` fds;
+/// returns how many it holds then.
+async fn assert_fds_back(fg: &Fencegate, baseline: &[String]) -> usize {
+    let pid = fg.pid().expect("fencegate runs");
+    let deadline = Instant::now() + FD_SETTLE;
+    loop {
+        let now = fds(pid);
+        if now.len() <= baseline.len() {
+            return now.len();
+        }
+        if Instant::now() >= deadline {
+            let extra: Vec<&String> = now.iter().filter(|f| !baseline.contains(f)).collect();
+            panic!(
+                "fencegate holds {} fds {FD_SETTLE:?} after the store closed every connection, {} \
+                 before the first request: leaked descriptors (new or changed: {extra:#?})\n{}",
+                now.len(),
+                baseline.len(),
+                log_tail(fg)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn log_tail(fg: &Fencegate) -> String {
+    let text = fg.stderr_text();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+    format!("--- fencegate stderr (last 25 lines) ---\n{tail}")
+}
+
+/// fencegate with domain `d` at `/d/` in front of `store`, and the list of
+/// its fds once settled, before any request.
+async fn start(
+    store: &ScriptedStore,
+    tune: impl FnOnce(FencegateConfig) -> FencegateConfig,
+) -> (Fencegate, Vec<String>) {
+    let config = tune(
+        FencegateConfig::new(&store.url())
+            .domain(DOMAIN, "/d/")
+            .request_timeout(REQUEST_TIMEOUT),
+    );
+    let fg = tokio::task::block_in_place(|| Fencegate::start(config));
+    let pid = fg.pid().expect("fencegate runs");
+    settled_fds(pid).await;
+    (fg, fds(pid))
+}
+
+/// A client with no pooled connections (so none to fencegate stays open
+/// and counts against its fds), bounded per request.
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(HANG)
+        .build()
+        .expect("build reqwest client")
+}
+
+/// A healthy `PUT path` with `token`; returns status, reason, time taken.
+async fn put(fg: &Fencegate, path: &str, token: u64) -> (u16, Option<String>, Duration) {
+    let started = Instant::now();
+    let r = http()
+        .put(format!("{}{path}", fg.url()))
+        .header("Fencing-Token", token.to_string())
+        .body("healthy")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {path} (token {token}): {e}\n{}", log_tail(fg)));
+    let status = r.status().as_u16();
+    let reason = r
+        .headers()
+        .get("fencegate-reason")
+        .map(|v| v.to_str().unwrap_or("?").to_string());
+    let _ = r.bytes().await;
+    (status, reason, started.elapsed())
+}
+
+#[track_caller]
+fn assert_admitted(fg: &Fencegate, answer: &(u16, Option<String>, Duration), what: &str) {
+    let (status, reason, _) = answer;
+    assert!(
+        (200..300).contains(status) && reason.is_none(),
+        "{what}: expected the store's 2xx, got {status} {reason:?}\n{}",
+        log_tail(fg)
+    );
+}
+
+/// `(epoch, refusal_mark, inflight_writes)` of `d` in `/domains`.
+fn marks(fg: &Fencegate) -> (u64, u64, u64) {
+    let text = fg.admin_get("/domains").body;
+    let list: Value = serde_json::from_str(&text).expect("/domains is JSON");
+    let d = list
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["name"] == DOMAIN))
+        .cloned();
+    let d = d.unwrap_or_else(|| panic!("no domain {DOMAIN} in /domains: {text}"));
+    let get = |k: &str| d[k].as_u64().unwrap_or_else(|| panic!("/domains {k}: {d}"));
+    (get("epoch"), get("refusal_mark"), get("inflight_writes"))
+}
+
+/// SIGKILL fencegate and read the durable epoch of `d` from the state file.
+fn epoch_after_sigkill(fg: &mut Fencegate) -> u64 {
+    fg.kill9();
+    let out = fg.run_cli(&["epochs", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "epochs --json: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("epochs --json ({e}): {stdout}"));
+    let d = list
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["name"] == DOMAIN))
+        .cloned();
+    d.and_then(|d| d["epoch"].as_u64())
+        .unwrap_or_else(|| panic!("no epoch of {DOMAIN}: {stdout}"))
+}
+
+/// How a raw exchange ended on the client's side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ended {
+    /// fencegate closed the connection (EOF).
+    Closed,
+    /// The connection was reset (or another read error).
+    Reset(String),
+    /// Nothing more arrived within `HANG`: the request hung.
+    Hung,
+}
+
+/// What a client saw of one exchange, byte for byte.
+#[derive(Debug)]
+struct Raw {
+    bytes: Vec<u8>,
+    ended: Ended,
+    took: Duration,
+}
+
+/// The response a [`Raw`] holds, as far as it goes.
+#[derive(Debug)]
+struct Seen {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// Whether the body is complete by its framing: as long as its
+    /// `Content-Length`, or chunked up to the last chunk.
+    complete: bool,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// De-chunks `buf`: the data, and whether the last chunk arrived.
+fn dechunk(mut buf: &[u8]) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = find(buf, b"\r\n") else {
+            return (out, false);
+        };
+        let line = String::from_utf8_lossy(&buf[..eol]);
+        let Ok(size) = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16) else {
+            return (out, false);
+        };
+        buf = &buf[eol + 2..];
+        if size == 0 {
+            return (out, find(buf, b"\r\n").is_some());
+        }
+        if buf.len() < size + 2 {
+            out.extend_from_slice(&buf[..buf.len().min(size)]);
+            return (out, false);
+        }
+        out.extend_from_slice(&buf[..size]);
+        buf = &buf[size + 2..];
+    }
+}
+
+impl Raw {
+    /// Status, reason or body length, and the detail of a problem, for logs.
+    fn summary(&self) -> String {
+        let seen = self.seen();
+        match seen.header("fencegate-reason") {
+            Some(reason) => format!("{} {reason}: {}", seen.status, seen.json()["detail"]),
+            None => format!(
+                "{} with {} body bytes, complete: {}",
+                seen.status,
+                seen.body.len(),
+                seen.complete
+            ),
+        }
+    }
+
+    /// The final response (interim 1xx skipped); panics without a head.
+    fn seen(&self) -> Seen {
+        let mut rest = &self.bytes[..];
+        loop {
+            let end =
+                find(rest, b"\r\n\r\n").unwrap_or_else(|| panic!("no complete response head in {self:?}"));
+            let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+            let body = &rest[end + 4..];
+            let mut lines = head.split("\r\n");
+            let status: u16 = lines
+                .next()
+                .and_then(|l| l.split(' ').nth(1))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+            if (100..200).contains(&status) {
+                rest = body;
+                continue;
+            }
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect();
+            let mut seen = Seen {
+                status,
+                headers,
+                body: Vec::new(),
+                complete: false,
+            };
+            let chunked = seen
+                .header("transfer-encoding")
+                .is_some_and(|t| t.contains("chunked"));
+            let length = seen
+                .header("content-length")
+                .and_then(|v| v.parse::<usize>().ok());
+            (seen.body, seen.complete) = match (chunked, length) {
+                (true, _) => dechunk(body),
+                (false, Some(n)) => (body[..body.len().min(n)].to_vec(), body.len() >= n),
+                // Delimited by close: complete only if closed cleanly.
+                (false, None) => (body.to_vec(), self.ended == Ended::Closed),
+            };
+            return seen;
+        }
+    }
+}
+
+/// Sends `METHOD path` with `token` and a body of `body_len` bytes over a
+/// fresh connection (`Connection: close`), writing the body while reading,
+/// and reads until fencegate closes, the connection breaks, or `HANG`.
+async fn exchange(fg: &Fencegate, method: &str, path: &str, token: Option<u64>, body_len: usize) -> Raw {
+    let started = Instant::now();
+    let stream = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    let (mut reader, mut writer) = stream.into_split();
+    let token = token
+        .map(|t| format!("Fencing-Token: {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: store.test\r\n{token}Content-Length: {body_len}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let sending = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 << 10];
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            writer.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        // Keep the write half open: a FIN is no part of the request.
+        std::future::pending::<()>().await;
+        Ok::<_, std::io::Error>(writer)
+    });
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let ended = loop {
+        let left = HANG.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, reader.read(&mut buf)).await {
+            Err(_) => break Ended::Hung,
+            Ok(Ok(0)) => break Ended::Closed,
+            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => break Ended::Reset(e.to_string()),
+        }
+    };
+    sending.abort();
+    Raw {
+        bytes,
+        ended,
+        took: started.elapsed(),
+    }
+}
+
+/// What the writer must get for a fault.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// fencegate's own answer with this status and reason, saying the
+    /// store's outcome is unknown.
+    Problem(u16, &'static str),
+    /// The store's `200` head, then a body that is visibly cut short.
+    Truncated,
+    /// The store's own answer with this status and body, untouched.
+    Store(u16, &'static str),
+}
+
+/// Asserts that `raw` is what `expect` says and came within the bound.
+#[track_caller]
+fn check(fg: &Fencegate, raw: &Raw, expect: Expect, what: &str) {
+    assert_ne!(
+        raw.ended,
+        Ended::Hung,
+        "{what}: hung for {HANG:?}: {raw:?}\n{}",
+        log_tail(fg)
+    );
+    let bound = REQUEST_TIMEOUT + SLACK;
+    assert!(
+        raw.took < bound,
+        "{what}: answered after {:?}, over {bound:?}\n{}",
+        raw.took,
+        log_tail(fg)
+    );
+    let seen = raw.seen();
+    let context = || format!("{what}: {seen:?} (ended {:?})\n{}", raw.ended, log_tail(fg));
+    match expect {
+        Expect::Problem(status, reason) => {
+            assert_eq!(seen.status, status, "{}", context());
+            assert_eq!(seen.header("fencegate-reason"), Some(reason), "{}", context());
+            assert!(
+                seen.complete,
+                "fencegate's own answer is cut short: {}",
+                context()
+            );
+            let v = seen.json();
+            assert_eq!(v["reason"], reason, "{}", context());
+            let detail = v["detail"].as_str().unwrap_or_default();
+            assert!(
+                detail.contains("outcome is unknown"),
+                "SPEC: the detail says so: {v}"
+            );
+            if status == 504 {
+                assert!(
+                    raw.took + Duration::from_millis(50) >= REQUEST_TIMEOUT,
+                    "{what}: 504 after {:?}, before request_timeout ({REQUEST_TIMEOUT:?})",
+                    raw.took
+                );
+            }
+        }
+        Expect::Truncated => {
+            assert_eq!(seen.status, 200, "{}", context());
+            assert!(seen.header("fencegate-reason").is_none(), "{}", context());
+            assert!(
+                !seen.complete,
+                "a body the store broke off reached the client as complete: {}",
+                context()
+            );
+        }
+        Expect::Store(status, body) => {
+            assert_eq!(seen.status, status, "{}", context());
+            assert!(
+                seen.header("fencegate-reason").is_none(),
+                "the store's own answer: {}",
+                context()
+            );
+            assert!(seen.complete, "{}", context());
+            assert_eq!(String::from_utf8_lossy(&seen.body), body, "{}", context());
+        }
+    }
+}
+
+/// One fault, end to end. Epoch 5 is established; a token-5 write meets
+/// `fault` (on `/d/fault-5`); a raise to 6 right after it must not wait for
+/// a barrier; a raise to 7 meets the fault (on `/d/fault-7`) and must stay
+/// raised; fencegate keeps serving; its fds return to their count before
+/// the first request once the store has closed every connection; and 7 is
+/// the durable epoch after a SIGKILL.
+async fn fault_scenario(fault: Fault, body_len: usize, expect: Expect) {
+    let store = ScriptedStore::start().await;
+    let (mut fg, baseline) = start(&store, |c| c).await;
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.fault_path("/d/fault-5", fault);
+    store.fault_path("/d/fault-7", fault);
+
+    let lower = exchange(&fg, "PUT", "/d/fault-5", Some(5), body_len).await;
+    check(&fg, &lower, expect, &format!("a token-5 write meeting {fault:?}"));
+    let broken = store
+        .events()
+        .iter()
+        .any(|e| e.path == "/d/fault-5" && e.kind == EventKind::Broken);
+    let scripted_break = matches!(fault, Fault::ResetAfterBodyBytes(_) | Fault::CloseWithoutAnswer);
+    assert_eq!(
+        broken,
+        scripted_break,
+        "the store broke the exchange as scripted: {:?}",
+        store.events()
+    );
+
+    let raise = put(&fg, "/d/after-5", 6).await;
+    assert_admitted(&fg, &raise, "the raise to 6 after the faulty token-5 write");
+    assert!(
+        raise.2 < REQUEST_TIMEOUT,
+        "the raise to 6 took {:?}: the faulty token-5 write held the barrier",
+        raise.2
+    );
+
+    let higher = exchange(&fg, "PUT", "/d/fault-7", Some(7), body_len).await;
+    check(&fg, &higher, expect, &format!("a raise to 7 meeting {fault:?}"));
+    assert_eq!(
+        marks(&fg),
+        (7, 7, 0),
+        "(epoch, refusal mark, writes in flight) after the faulty raise"
+    );
+    let stale = put(&fg, "/d/after-7", 6).await;
+    assert_eq!(
+        (stale.0, stale.1.as_deref()),
+        (412, Some("stale_epoch")),
+        "token 6 after the raise to 7"
+    );
+
+    // A read meeting the same fault gets the same kind of answer; it holds
+    // no barrier, so nothing else is asked of it.
+    let read = exchange(&fg, "GET", "/d/fault-5", None, 0).await;
+    check(&fg, &read, expect, &format!("a read meeting {fault:?}"));
+    assert_admitted(
+        &fg,
+        &put(&fg, "/d/after-7", 7).await,
+        "a token-7 write after the faults",
+    );
+    let fetched = http()
+        .get(format!("{}/d/after-7", fg.url()))
+        .send()
+        .await
+        .expect("GET after the faults");
+    // The scripted store answers every healthy request 201, reads too.
+    assert_eq!(fetched.status().as_u16(), 201, "a read after the faults");
+    let in_use = fds(fg.pid().expect("fencegate runs")).len();
+
+    store.stop();
+    let after = assert_fds_back(&fg, &baseline).await;
+    assert_eq!(epoch_after_sigkill(&mut fg), 7, "the durable epoch after SIGKILL");
+    eprintln!(
+        "{fault:?}: token-5 write answered in {:?} ({:?}; {}), raise to 6 in {:?}, faulty raise to 7 in {:?}, \
+         read in {:?}; fds {} before, {in_use} with the store's connections, {after} after",
+        lower.took,
+        lower.ended,
+        lower.summary(),
+        raise.2,
+        higher.took,
+        read.took,
+        baseline.len()
+    );
+}
+
+// ------------------------------------------------------------------ tests
+
+/// The store reads 64 KiB of a 1 MiB body and resets: 502
+/// `upstream_unreachable` (the store's outcome is unknown).
+#[tokio::test(flavor = "multi_thread")]
+async fn store_reset_in_the_middle_of_the_request_body_is_502() {
+    fault_scenario(
+        Fault::ResetAfterBodyBytes(64 << 10),
+        1 << 20,
+        Expect::Problem(502, "upstream_unreachable"),
+    )
+    .await;
+}
+
+/// The store reads the whole request and closes without a word: 502.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_closing_without_an_answer_is_502() {
+    fault_scenario(
+        Fault::CloseWithoutAnswer,
+        100,
+        Expect::Problem(502, "upstream_unreachable"),
+    )
+    .await;
+}
+
+/// The store reads the whole request and never answers: 504 at
+/// `request_timeout`, and the raise is not held past it.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_never_answering_is_504_at_request_timeout() {
+    fault_scenario(Fault::NeverAnswer, 100, Expect::Problem(504, "upstream_timeout")).await;
+}
+
+/// The store answers `200` with `Content-Length: 100000`, sends 1000
+/// bytes and resets: the client sees the head and a body that ends short.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_reset_in_the_middle_of_a_sized_response_body_is_visible_to_the_client() {
+    let fault = Fault::ResetMidResponse {
+        sent: 1000,
+        declared: Some(100_000),
+    };
+    fault_scenario(fault, 100, Expect::Truncated).await;
+}
+
+/// The same with a chunked response: the last chunk must never be sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_reset_in_the_middle_of_a_chunked_response_body_is_visible_to_the_client() {
+    let fault = Fault::ResetMidResponse {
+        sent: 1000,
+        declared: None,
+    };
+    fault_scenario(fault, 100, Expect::Truncated).await;
+}
+
+/// The store's own 503 and 500 are its answers: passed on untouched, not
+/// made into fencegate's, and the raise stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_answering_503_or_500_is_passed_on_untouched() {
+    let busy = Fault::Answer {
+        status: 503,
+        body: "store busy",
+    };
+    fault_scenario(busy, 100, Expect::Store(503, "store busy")).await;
+    let broken = Fault::Answer {
+        status: 500,
+        body: "store broke",
+    };
+    fault_scenario(broken, 100, Expect::Store(500, "store broke")).await;
+}
+
+/// The store is down (its port refuses connections) when a raise arrives:
+/// 502 `upstream_unreachable` saying nothing was sent, the raise stays
+/// (it was durable before forwarding), and once the store is back the
+/// same token is admitted.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_refusing_connections_is_502_and_the_raise_stays() {
+    let mut store = ScriptedStore::start().await;
+    let (mut fg, baseline) = start(&store, |c| c).await;
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.stop();
+    // Let fencegate's pool see its idle connection closed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let raise = exchange(&fg, "PUT", "/d/refused", Some(6), 100).await;
+    check(
+        &fg,
+        &raise,
+        Expect::Problem(502, "upstream_unreachable"),
+        "a raise to 6 while the store refuses",
+    );
+    let detail = raise.seen().json()["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        detail.contains("nothing was sent"),
+        "a refused connection sent nothing: {detail}"
+    );
+    assert_eq!(
+        marks(&fg),
+        (6, 6, 0),
+        "(epoch, refusal mark, writes in flight) after the 502"
+    );
+    let stale = put(&fg, "/d/refused", 5).await;
+    assert_eq!(
+        (stale.0, stale.1.as_deref()),
+        (412, Some("stale_epoch")),
+        "token 5 after the raise to 6"
+    );
+    let read = exchange(&fg, "GET", "/d/refused", None, 0).await;
+    check(
+        &fg,
+        &read,
+        Expect::Problem(502, "upstream_unreachable"),
+        "a read while the store refuses",
+    );
+
+    store.restart().await;
+    let again = put(&fg, "/d/refused", 6).await;
+    assert_admitted(&fg, &again, "token 6 once the store is back");
+    let heads = store
+        .events()
+        .iter()
+        .filter(|e| e.kind == EventKind::HeadArrived)
+        .count();
+    assert_eq!(
+        heads,
+        2,
+        "the store saw the warm-up and the retried write only: {:?}",
+        store.events()
+    );
+    store.stop();
+    let after = assert_fds_back(&fg, &baseline).await;
+    assert_eq!(epoch_after_sigkill(&mut fg), 6, "the durable epoch after SIGKILL");
+    eprintln!(
+        "refused: raise answered in {:?}, read in {:?}; fds {} before, {after} after",
+        raise.took,
+        read.took,
+        baseline.len()
+    );
+}
+
+/// A store that accepts the connection but never reads a 32 MiB body: its
+/// socket buffers fill, so the body is never sent whole and the
+/// `request_timeout` clock (which starts at the end of the body) never
+/// starts. `body_idle_timeout` is "a stalled body, either direction"
+/// (SPEC.md, Configuration): the writer must get 504 `upstream_timeout`
+/// within `request_timeout` + `body_idle_timeout`, not hang; the write must
+/// leave the domain; fencegate must keep serving and free the sockets.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_never_reading_a_large_body_is_504_and_nothing_hangs() {
+    const IDLE: Duration = Duration::from_secs(2);
+    const SIZE: usize = 32 << 20;
+    let store = ScriptedStore::start().await;
+    let (mut fg, baseline) = start(&store, |c| c.body_idle_timeout(IDLE)).await;
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.fault_path("/d/big", Fault::NeverRead);
+
+    let raw = exchange(&fg, "PUT", "/d/big", Some(5), SIZE).await;
+    let bound = REQUEST_TIMEOUT + IDLE + SLACK;
+    let (epoch, mark, inflight) = marks(&fg);
+    assert!(
+        raw.ended != Ended::Hung && raw.took < bound,
+        "a {SIZE}-byte write to a store that never reads got no answer within {:?} \
+         (request_timeout {REQUEST_TIMEOUT:?}, body_idle_timeout {IDLE:?}); {} bytes came back, \
+         /domains says {inflight} write(s) in flight\n{}",
+        raw.took,
+        raw.bytes.len(),
+        log_tail(&fg)
+    );
+    let seen = raw.seen();
+    assert_eq!(
+        (seen.status, seen.header("fencegate-reason")),
+        (504, Some("upstream_timeout")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        (epoch, mark, inflight),
+        (5, 5, 0),
+        "(epoch, refusal mark, writes in flight)"
+    );
+    assert_admitted(
+        &fg,
+        &put(&fg, "/d/after", 5).await,
+        "a write after the stalled one",
+    );
+    store.stop();
+    let after = assert_fds_back(&fg, &baseline).await;
+    assert_eq!(epoch_after_sigkill(&mut fg), 5, "the durable epoch after SIGKILL");
+    eprintln!(
+        "never read: answered in {:?}; fds {} before, {after} after",
+        raw.took,
+        baseline.len()
+    );
+}
