@@ -25,7 +25,7 @@ const STEP: Duration = Duration::from_secs(15);
 
 /// `target/<profile>/examples/leader_writer`, found from this test binary
 /// (`target/<profile>/deps/it-HASH`), so `CARGO_TARGET_DIR` is honoured.
-fn example_binary() -> PathBuf {
+pub(crate) fn example_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe
         .parent()

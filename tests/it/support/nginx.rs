@@ -116,6 +116,24 @@ impl Nginx {
         }
     }
 
+    /// The pids of nginx's process group (nginx leads its own group), from
+    /// `/proc`. With `master_process off` there is exactly one: a single
+    /// event loop answers every request and writes the access log, so the
+    /// log is in completion order. Empty once stopped.
+    pub fn process_ids(&self) -> Vec<u32> {
+        let Some(child) = &self.child else {
+            return Vec::new();
+        };
+        let group = child.id();
+        let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+            .expect("read /proc")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| process_group(*pid) == Some(group))
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
     /// Stop nginx (SIGTERM, then SIGKILL after 5 s) and wait for it.
     /// Idempotent.
     pub fn stop(&mut self) -> Option<ExitStatus> {
@@ -165,6 +183,16 @@ impl Drop for Nginx {
             let _ = child.wait();
         }
     }
+}
+
+/// The process group of `pid` (field 5 of `/proc/PID/stat`, counted after
+/// the command name, which may contain spaces and parentheses); `None`
+/// when the process is gone.
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // After the name: state, ppid, pgrp.
+    after_name.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// SIGKILL the child's process group (it leads its own group).
