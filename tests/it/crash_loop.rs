@@ -79,24 +79,6 @@ fn put(addr: SocketAddr, path: &str, token: u64) -> Outcome {
     Outcome::Status(status)
 }
 
-/// The durable epoch of `orders` of a stopped fencegate (`epochs --json`).
-fn durable_epoch(fg: &Fencegate) -> u64 {
-    let out = fg.run_cli(&["epochs", "--json"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fencegate epochs --json: {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: Value =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("epochs --json is not JSON ({e}): {stdout}"));
-    list.as_array()
-        .and_then(|a| a.iter().find(|d| d["name"] == "orders"))
-        .and_then(|d| d["epoch"].as_u64())
-        .unwrap_or_else(|| panic!("no numeric epoch for `orders` in {stdout}"))
-}
-
 fn admin_epoch(fg: &Fencegate) -> u64 {
     let resp = fg.admin_get("/domains");
     assert_eq!(resp.status, 200, "/domains: {resp:?}");
@@ -119,7 +101,7 @@ fn sigkill_during_concurrent_raises_never_forgets_an_acknowledged_token() {
     let mut rng = XorShift(SEED);
     let next_token = AtomicU64::new(1);
 
-    let mut epoch = durable_epoch(&fg);
+    let mut epoch = fg.durable_epoch("orders");
     assert_eq!(epoch, 0, "a fresh state file starts at epoch 0");
     // Every token sent, with the iteration it was sent in and its outcome.
     let mut sent: Vec<(u64, u32, Outcome)> = Vec::new();
@@ -186,7 +168,7 @@ fn sigkill_during_concurrent_raises_never_forgets_an_acknowledged_token() {
         iterations_with_2xx += u32::from(max_2xx.is_some());
         iterations_with_cut += u32::from(outcomes.iter().any(|(_, o)| *o == Outcome::Cut));
 
-        let now = durable_epoch(&fg);
+        let now = fg.durable_epoch("orders");
         assert!(
             now >= epoch,
             "kill {kills}: the durable epoch went down from {epoch} to {now}"

@@ -1207,27 +1207,9 @@ async fn retire_process(
 
 /// The durable epochs of a stopped fencegate, by domain.
 fn durable_epochs(fg: &Fencegate) -> BTreeMap<String, i64> {
-    let out = fg.run_cli(&["epochs", "--json"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fencegate epochs --json: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: Value =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("epochs --json ({e}): {stdout}"));
-    let list = list
-        .as_array()
-        .unwrap_or_else(|| panic!("epochs --json: {stdout}"));
-    list.iter()
-        .map(|d| {
-            let name = d["name"].as_str().expect("name").to_string();
-            (
-                name,
-                d["epoch"].as_i64().unwrap_or_else(|| panic!("epoch in {d}")),
-            )
-        })
+    let epochs = fg.durable_epochs().into_iter();
+    epochs
+        .map(|(name, epoch)| (name, i64::try_from(epoch).expect("an epoch below 2^63")))
         .collect()
 }
 

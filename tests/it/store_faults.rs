@@ -168,24 +168,10 @@ fn marks(fg: &Fencegate) -> (u64, u64, u64) {
     (get("epoch"), get("refusal_mark"), get("inflight_writes"))
 }
 
-/// SIGKILL fencegate and read the durable epoch of `d` from the state file.
+/// SIGKILL fencegate and read the durable epoch of the domain.
 fn epoch_after_sigkill(fg: &mut Fencegate) -> u64 {
     fg.kill9();
-    let out = fg.run_cli(&["epochs", "--json"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "epochs --json: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: Value =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("epochs --json ({e}): {stdout}"));
-    let d = list
-        .as_array()
-        .and_then(|l| l.iter().find(|d| d["name"] == DOMAIN))
-        .cloned();
-    d.and_then(|d| d["epoch"].as_u64())
-        .unwrap_or_else(|| panic!("no epoch of {DOMAIN}: {stdout}"))
+    fg.durable_epoch(DOMAIN)
 }
 
 /// How a raw exchange ended on the client's side.

@@ -3,6 +3,7 @@
 use super::config::FencegateConfig;
 use super::http::http_get;
 use super::process::{read_text, run_bounded, send_signal, wait_timeout};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -237,6 +238,41 @@ impl Fencegate {
         let mut cmd = Command::new(binary());
         cmd.args(args).arg("--config").arg(&self.config_path);
         run_bounded(&mut cmd, CLI_TIMEOUT)
+    }
+
+    /// The durable epochs in the state file, by domain, as
+    /// `fencegate epochs --json` prints them (fencegate must be stopped).
+    pub fn durable_epochs(&self) -> BTreeMap<String, u64> {
+        let out = self.run_cli(&["epochs", "--json"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "fencegate epochs --json: {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let list: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("epochs --json is not JSON ({e}): {stdout}"));
+        let list = list
+            .as_array()
+            .unwrap_or_else(|| panic!("epochs --json is not a list: {stdout}"));
+        list.iter()
+            .map(|d| {
+                let name = d["name"].as_str().unwrap_or_else(|| panic!("no name in {d}"));
+                let epoch = d["epoch"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("no numeric epoch in {d}"));
+                (name.to_string(), epoch)
+            })
+            .collect()
+    }
+
+    /// The durable epoch of `domain` (see [`Fencegate::durable_epochs`]).
+    pub fn durable_epoch(&self, domain: &str) -> u64 {
+        let epochs = self.durable_epochs();
+        *epochs
+            .get(domain)
+            .unwrap_or_else(|| panic!("no domain `{domain}` in the state file: {epochs:?}"))
     }
 
     /// Run `fencegate ARGS...` exactly as given (no `--config` added).
