@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,6 +25,8 @@ use tokio::net::TcpStream;
 struct Switch {
     killed: AtomicBool,
     waker: AtomicWaker,
+    /// Bytes the kernel took from this connection so far.
+    written: AtomicU64,
 }
 
 /// Cuts one connection to the store.
@@ -42,11 +44,21 @@ impl KillHandle {
     /// and keeps it out of the pool.
     pub fn kill_connection(connected: &Connected) {
         connected.poison();
-        let mut extensions = http::Extensions::new();
-        connected.get_extras(&mut extensions);
-        if let Some(handle) = extensions.get::<KillHandle>() {
+        if let Some(handle) = KillHandle::of(connected) {
             handle.kill();
         }
+    }
+
+    /// The handle of the connection described by `connected`, if it is ours.
+    pub fn of(connected: &Connected) -> Option<KillHandle> {
+        let mut extensions = http::Extensions::new();
+        connected.get_extras(&mut extensions);
+        extensions.get::<KillHandle>().cloned()
+    }
+
+    /// Bytes written to the connection so far: how far the store has read.
+    pub fn written(&self) -> u64 {
+        self.0.written.load(Ordering::Relaxed)
     }
 }
 
@@ -71,6 +83,14 @@ impl KillableStream {
     }
 }
 
+impl KillableStream {
+    fn count(&self, written: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = written {
+            self.switch.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Read for KillableStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -85,7 +105,9 @@ impl Read for KillableStream {
 impl Write for KillableStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.check(cx)?;
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.count(&written);
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -104,7 +126,9 @@ impl Write for KillableStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.check(cx)?;
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.count(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

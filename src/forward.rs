@@ -108,7 +108,7 @@ impl Upstream {
         let response = self.client.request(request);
         tokio::pin!(response);
         let deadline = async {
-            if let Err(stalled) = self.store_reads_body(exchange).await {
+            if let Err(stalled) = self.store_reads_body(exchange, connection.as_ref()).await {
                 return stalled;
             }
             tokio::time::sleep(self.request_timeout).await;
@@ -150,15 +150,28 @@ impl Upstream {
     /// store that stops reading leaves the body unpolled behind a full
     /// socket buffer, where the body's own idle timer cannot run (that one
     /// bounds the client's pauses), so this watch bounds the store's.
-    async fn store_reads_body(&self, exchange: &Exchange) -> Result<(), ForwardError> {
+    /// Progress is a new frame taken from the client or, where the
+    /// connection is known (writes), a byte the kernel took from it: a
+    /// store that reads a big frame slowly is still reading.
+    async fn store_reads_body(
+        &self,
+        exchange: &Exchange,
+        connection: Option<&CaptureConnection>,
+    ) -> Result<(), ForwardError> {
         let sent = exchange.wait_sent();
         tokio::pin!(sent);
-        let mut seen = exchange.frames();
+        let progress = || {
+            let written = connection
+                .and_then(|c| c.connection_metadata().as_ref().and_then(KillHandle::of))
+                .map(|handle| handle.written());
+            (exchange.frames(), written)
+        };
+        let mut seen = progress();
         loop {
             tokio::select! {
                 () = &mut sent => return Ok(()),
                 () = tokio::time::sleep(self.body_idle_timeout) => {
-                    let now = exchange.frames();
+                    let now = progress();
                     if now == seen && !exchange.awaiting_client() {
                         return Err(ForwardError::Stalled(self.body_idle_timeout));
                     }

@@ -652,6 +652,44 @@ async fn store_refusing_connections_is_502_and_the_raise_stays() {
     );
 }
 
+/// A store that reads a large body slowly but steadily, for longer than
+/// several `body_idle_timeout`s in all, is not stalled.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_reading_a_large_body_slowly_is_not_a_stall() {
+    // The store pauses 50 ms after each frame it reads: it takes the body
+    // at a steady pace for several idle periods, never pausing for one.
+    // The body is larger than the socket buffers, and request_timeout
+    // leaves the store time to drain them after the last byte left
+    // fencegate.
+    const IDLE: Duration = Duration::from_millis(200);
+    const SIZE: usize = 12 << 20;
+    let store = ScriptedStore::start().await;
+    let (fg, _) = start(&store, |c| {
+        c.body_idle_timeout(IDLE).request_timeout(Duration::from_secs(10))
+    })
+    .await;
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.fault_path("/d/slow", Fault::ReadSlowly(Duration::from_millis(50)));
+
+    let raw = exchange(&fg, "PUT", "/d/slow", Some(5), SIZE).await;
+    let seen = raw.seen();
+    assert!(
+        (200..300).contains(&seen.status) && seen.header("fencegate-reason").is_none(),
+        "a store reading steadily but slowly must get the whole body; after {:?}: {seen:?}\n{}",
+        raw.took,
+        log_tail(&fg)
+    );
+    assert!(
+        raw.took > IDLE * 4,
+        "the store read {SIZE} bytes in {:?}: too fast to test anything",
+        raw.took
+    );
+    eprintln!(
+        "slow store: {SIZE} bytes in {:?} with body_idle_timeout {IDLE:?}",
+        raw.took
+    );
+}
+
 /// A store that accepts the connection but never reads a 32 MiB body: its
 /// socket buffers fill, so the body is never sent whole and the
 /// `request_timeout` clock (which starts at the end of the body) never

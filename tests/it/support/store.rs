@@ -56,6 +56,8 @@ pub enum Fault {
     ResetMidResponse { sent: usize, declared: Option<usize> },
     /// Never read the request body and never answer, until the store stops.
     NeverRead,
+    /// Read the request body slowly: pause this long after each frame.
+    ReadSlowly(Duration),
     /// Read the whole request, then never answer, until the store stops.
     NeverAnswer,
     /// Read the whole request, then answer `status` with `body`.
@@ -422,6 +424,9 @@ async fn handle(
             if data.len() >= n {
                 break;
             }
+        }
+        if let Some(Fault::ReadSlowly(pause)) = fault {
+            tokio::time::sleep(pause).await;
         }
     }
     match fault {
