@@ -29,7 +29,8 @@ pub struct Exchange {
     /// `ABORTED` (the last byte never will be). Decided once, by CAS, so a
     /// write is never both answered "fenced" and completed at the store.
     state: AtomicU8,
-    sent: Notify,
+    /// Woken when the state leaves `SENDING`.
+    decided: Notify,
     /// Frames the body handed to the connection so far: the store's reading
     /// of the body is seen as this count moving.
     frames: AtomicU64,
@@ -46,7 +47,7 @@ impl Exchange {
     pub fn new(ticket: Option<Ticket>) -> Arc<Exchange> {
         Arc::new(Exchange {
             state: AtomicU8::new(SENDING),
-            sent: Notify::new(),
+            decided: Notify::new(),
             frames: AtomicU64::new(0),
             awaiting_client: AtomicBool::new(false),
             ticket,
@@ -73,7 +74,7 @@ impl Exchange {
     pub fn complete(&self) -> bool {
         match self.state.compare_exchange(SENDING, SENT, SeqCst, SeqCst) {
             Ok(_) => {
-                self.sent.notify_waiters();
+                self.decided.notify_waiters();
                 true
             }
             Err(state) => state == SENT,
@@ -83,7 +84,10 @@ impl Exchange {
     /// Aborts the body unless it was already sent whole. True if aborted.
     pub fn abort(&self) -> bool {
         match self.state.compare_exchange(SENDING, ABORTED, SeqCst, SeqCst) {
-            Ok(_) => true,
+            Ok(_) => {
+                self.decided.notify_waiters();
+                true
+            }
             Err(state) => state == ABORTED,
         }
     }
@@ -103,13 +107,28 @@ impl Exchange {
         self.awaiting_client.load(Relaxed)
     }
 
+    /// Whether the whole body was handed to the connection.
+    pub fn is_sent(&self) -> bool {
+        self.state.load(SeqCst) == SENT
+    }
+
     /// Resolves once the whole body was handed to the connection.
     pub async fn wait_sent(&self) {
+        self.wait_until(|state| state == SENT).await;
+    }
+
+    /// Resolves once the body was sent whole or aborted (a body dropped
+    /// before its end is aborted).
+    pub async fn wait_decided(&self) {
+        self.wait_until(|state| state != SENDING).await;
+    }
+
+    async fn wait_until(&self, done: impl Fn(u8) -> bool) {
         loop {
-            let notified = self.sent.notified();
+            let notified = self.decided.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.state.load(SeqCst) == SENT {
+            if done(self.state.load(SeqCst)) {
                 return;
             }
             notified.await;
@@ -175,6 +194,16 @@ impl<B> GuardedBody<B> {
     /// Tells the exchange the body is whole; false if it was aborted first.
     fn complete(&self) -> bool {
         self.exchange.as_ref().is_none_or(|e| e.complete())
+    }
+}
+
+impl<B> Drop for GuardedBody<B> {
+    /// A body dropped before its end will never be sent whole: whoever
+    /// waits on its exchange learns it now.
+    fn drop(&mut self) {
+        if let Some(exchange) = &self.exchange {
+            exchange.abort();
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! pool itself resends only a request of which no byte was written.
 
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -53,6 +54,7 @@ pub struct Upstream {
     scheme: Scheme,
     authority: Authority,
     request_timeout: Duration,
+    connect_timeout: Duration,
     /// Longest pause allowed inside a body, either direction.
     pub body_idle_timeout: Duration,
 }
@@ -75,8 +77,16 @@ impl Upstream {
             scheme: config.url.scheme().cloned().unwrap_or(Scheme::HTTP),
             authority: config.url.authority().cloned().expect("validated upstream url"),
             request_timeout: config.request_timeout,
+            connect_timeout: config.connect_timeout,
             body_idle_timeout: config.body_idle_timeout,
         }
+    }
+
+    /// The shortest timeout an exchange arms.
+    pub fn shortest_timeout(&self) -> Duration {
+        self.request_timeout
+            .min(self.body_idle_timeout)
+            .min(self.connect_timeout)
     }
 
     /// The store's URI for a normalized path and the original query.
@@ -100,7 +110,7 @@ impl Upstream {
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
-        exchange: &Exchange,
+        exchange: &Arc<Exchange>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let fence = exchange.abort_signal();
         // Writes may need their connection cut (on a raise or a timeout).
@@ -108,7 +118,8 @@ impl Upstream {
         let response = self.client.request(request);
         tokio::pin!(response);
         let deadline = async {
-            if let Err(stalled) = self.store_reads_body(exchange, connection.as_ref()).await {
+            let idle = self.body_idle_timeout;
+            if let Err(stalled) = store_reads_body(exchange, connection.as_ref(), idle).await {
                 return stalled;
             }
             tokio::time::sleep(self.request_timeout).await;
@@ -118,7 +129,13 @@ impl Upstream {
         let mut watch_fence = fence.is_some();
         loop {
             tokio::select! {
-                result = &mut response => return result.map_err(classify),
+                result = &mut response => {
+                    let response = result.map_err(classify)?;
+                    if let (Some(connection), false) = (connection.as_ref(), exchange.is_sent()) {
+                        guard_unsent_body(exchange.clone(), connection.clone(), self.body_idle_timeout);
+                    }
+                    return Ok(response);
+                }
                 timeout = &mut deadline => {
                     // The store's outcome is unknown: the connection is cut
                     // so nothing more of this write can reach the store (a
@@ -144,39 +161,66 @@ impl Upstream {
     }
 }
 
-impl Upstream {
-    /// Resolves when the body was sent whole, or fails when the store took
-    /// none of it for `body_idle_timeout` while it had bytes to take. A
-    /// store that stops reading leaves the body unpolled behind a full
-    /// socket buffer, where the body's own idle timer cannot run (that one
-    /// bounds the client's pauses), so this watch bounds the store's.
-    /// Progress is a new frame taken from the client or, where the
-    /// connection is known (writes), a byte the kernel took from it: a
-    /// store that reads a big frame slowly is still reading.
-    async fn store_reads_body(
-        &self,
-        exchange: &Exchange,
-        connection: Option<&CaptureConnection>,
-    ) -> Result<(), ForwardError> {
-        let sent = exchange.wait_sent();
-        tokio::pin!(sent);
-        let progress = || {
-            let written = connection
-                .and_then(|c| c.connection_metadata().as_ref().and_then(KillHandle::of))
-                .map(|handle| handle.written());
-            (exchange.frames(), written)
-        };
-        let mut seen = progress();
-        loop {
-            tokio::select! {
-                () = &mut sent => return Ok(()),
-                () = tokio::time::sleep(self.body_idle_timeout) => {
-                    let now = progress();
-                    if now == seen && !exchange.awaiting_client() {
-                        return Err(ForwardError::Stalled(self.body_idle_timeout));
-                    }
-                    seen = now;
+/// Keeps fencing a write whose store answered before its body was sent
+/// whole (a store may answer early, and HTTP/1.1 lets the body go on).
+/// The write still holds its place in the generation until its body ends,
+/// so a raise must still be able to abort it, and a store that stops
+/// reading must not hold the raise: both cut the connection, as they would
+/// have before the answer. Ends when the body is sent whole or dropped.
+fn guard_unsent_body(exchange: Arc<Exchange>, connection: CaptureConnection, idle: Duration) {
+    tokio::spawn(async move {
+        let fence = exchange
+            .abort_signal()
+            .expect("only writes capture their connection");
+        tokio::select! {
+            biased;
+            () = exchange.wait_decided() => {}
+            () = fence.raised() => {
+                if exchange.abort() {
+                    cut(Some(&connection));
                 }
+            }
+            Err(_) = store_reads_body(&exchange, Some(&connection), idle) => {
+                if exchange.abort() {
+                    cut(Some(&connection));
+                }
+            }
+        }
+    });
+}
+
+/// Resolves when the body was sent whole, or fails when the store took
+/// none of it for `idle` while it had bytes to take. A store that stops
+/// reading leaves the body unpolled behind a full socket buffer, where the
+/// body's own idle timer cannot run (that one bounds the client's pauses),
+/// so this watch bounds the store's. Progress is a new frame taken from
+/// the client or, where the connection is known (writes), a byte the
+/// kernel took from it. TCP opens its window in steps, so a store reading
+/// slower than about its receive buffer per `idle` looks stalled.
+async fn store_reads_body(
+    exchange: &Exchange,
+    connection: Option<&CaptureConnection>,
+    idle: Duration,
+) -> Result<(), ForwardError> {
+    let sent = exchange.wait_sent();
+    tokio::pin!(sent);
+    let progress = || {
+        let written = connection
+            .and_then(|c| c.connection_metadata().as_ref().and_then(KillHandle::of))
+            .map(|handle| handle.written());
+        (exchange.frames(), written)
+    };
+    let mut seen = progress();
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut sent => return Ok(()),
+            () = tokio::time::sleep(idle) => {
+                let now = progress();
+                if now == seen && !exchange.awaiting_client() && !exchange.is_sent() {
+                    return Err(ForwardError::Stalled(idle));
+                }
+                seen = now;
             }
         }
     }

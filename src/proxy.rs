@@ -65,6 +65,11 @@ impl Proxy {
         }
     }
 
+    /// The shortest timeout the exchange with the store arms.
+    pub fn shortest_timeout(&self) -> std::time::Duration {
+        self.upstream.shortest_timeout()
+    }
+
     /// The domains.
     pub fn gates(&self) -> &Gates {
         &self.gates

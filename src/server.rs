@@ -70,7 +70,8 @@ pub async fn serve_workers(
                     .build()
                     .expect("a worker's event loop");
                 let ended = runtime.block_on(async move {
-                    let anchor = tokio::spawn(timer_anchor(anchor_period(&settings)));
+                    let shortest = proxy.shortest_timeout().min(settings.header_read_timeout);
+                    let anchor = tokio::spawn(timer_anchor(anchor_period(shortest)));
                     let listener = TcpListener::from_std(listener).expect("a listening socket");
                     let drain = serve(listener, proxy, &settings, stop.cancelled_owned()).await;
                     // Dropping this runtime would cancel the exchanges still
@@ -104,7 +105,7 @@ pub async fn serve_workers(
 /// Keeps a timer that expires before any timeout a request arms.
 ///
 /// Every request arms timers: hyper's header read timeout, then fencegate's
-/// `request_timeout`. When tokio registers a timer that expires before the
+/// connect, body idle and request timeouts. When tokio registers a timer that expires before the
 /// event loop's next planned wake-up, it wakes the loop through its eventfd:
 /// a `write` syscall, then an extra `epoll_wait`, on almost every request,
 /// because at the moment the loop parks under load most connections wait
@@ -120,10 +121,9 @@ async fn timer_anchor(period: Duration) {
     }
 }
 
-/// At most 1 s, and half the header read timeout (the shortest timeout a
-/// request arms by default) if that is shorter.
-fn anchor_period(settings: &ServerConfig) -> Duration {
-    (settings.header_read_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
+/// Half the shortest timeout a request arms, at most 1 s (at least 10 ms).
+fn anchor_period(shortest_timeout: Duration) -> Duration {
+    (shortest_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
 /// Waits until no write is in flight in any domain, up to `limit`.

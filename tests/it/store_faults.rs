@@ -743,3 +743,112 @@ async fn store_never_reading_a_large_body_is_504_and_nothing_hangs() {
         baseline.len()
     );
 }
+
+/// Opens a write of `body_len` bytes with `token` to `path`, sends the
+/// first `send` bytes of its body (in the background), and returns once
+/// fencegate relays the store's early answer head, with the connection
+/// still open and the body unfinished (the sending task keeps it so).
+async fn early_answered_write(
+    fg: &Fencegate,
+    path: &str,
+    token: u64,
+    body_len: usize,
+    send: usize,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::task::JoinHandle<std::io::Result<tokio::net::tcp::OwnedWriteHalf>>,
+) {
+    let stream = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    let (mut reader, mut writer) = stream.into_split();
+    let head =
+        format!("PUT {path} HTTP/1.1\r\nHost: store.test\r\nFencing-Token: {token}\r\nContent-Length: {body_len}\r\n\r\n");
+    let sending = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 1 << 20];
+        let mut left = send;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            writer.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        // Keep the body open: the client pauses (or is still blocked above).
+        tokio::time::sleep(HANG).await;
+        Ok::<_, std::io::Error>(writer)
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(HANG, reader.read(&mut buf))
+            .await
+            .expect("the early answer within HANG")
+            .expect("read the early answer");
+        assert!(n > 0, "fencegate closed before relaying the early answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "the store's early answer: {text}"
+    );
+    (reader, sending)
+}
+
+/// A store may answer a write before its body is whole. Until the body is
+/// sent whole, that write still holds its generation, so a raise must still
+/// abort it and cut its connection, as before the answer, and not wait for
+/// a client that pauses or a store that stopped reading.
+async fn raise_past_an_early_answered_lower_write(read_after: Duration, body_len: usize, send: usize) {
+    const IDLE: Duration = Duration::from_secs(8);
+    let store = ScriptedStore::start().await;
+    let (fg, _) = start(&store, |c| {
+        c.body_idle_timeout(IDLE).request_timeout(Duration::from_secs(8))
+    })
+    .await;
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.fault_path("/d/early", Fault::AnswerEarly { read_after });
+    // A small window: the unread body backs up into fencegate at once.
+    store.set_receive_buffer(16 << 10);
+    let _lower = early_answered_write(&fg, "/d/early", 5, body_len, send).await;
+
+    let raise = put(&fg, "/d/six", 6).await;
+    assert_admitted(&fg, &raise, "the raise to 6");
+    assert!(
+        raise.2 < Duration::from_secs(1),
+        "the raise waited {:?} for a lower write the store had answered early \
+         (body_idle_timeout {IDLE:?})\n{}",
+        raise.2,
+        log_tail(&fg)
+    );
+    // The lower body never completes at the store: its connection was cut.
+    let ended = store
+        .wait_for(read_after + Duration::from_secs(3), |events| {
+            events.iter().any(|e| {
+                e.path == "/d/early" && matches!(e.kind, EventKind::BodyFailed | EventKind::BodyComplete)
+            })
+        })
+        .await;
+    let early: Vec<_> = store
+        .events()
+        .into_iter()
+        .filter(|e| e.path == "/d/early")
+        .collect();
+    assert!(ended, "the lower body never ended at the store: {early:?}");
+    let last = early.last().expect("events of the lower write");
+    assert_eq!(
+        last.kind,
+        EventKind::BodyFailed,
+        "the lower body must be cut, not completed ({} bytes)",
+        last.body.len()
+    );
+    assert_eq!(marks(&fg), (6, 6, 0), "(epoch, refusal mark, writes in flight)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_cuts_a_lower_write_answered_early_whose_client_pauses() {
+    raise_past_an_early_answered_lower_write(Duration::ZERO, 1 << 20, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_cuts_a_lower_write_answered_early_whose_store_stopped_reading() {
+    raise_past_an_early_answered_lower_write(Duration::from_secs(2), 64 << 20, 64 << 20).await;
+}

@@ -58,6 +58,10 @@ pub enum Fault {
     NeverRead,
     /// Read the request body slowly: pause this long after each frame.
     ReadSlowly(Duration),
+    /// Answer `200` at once, before reading the body; start reading it
+    /// `read_after` later, in the background, and record how it ended
+    /// (`BodyComplete` or `BodyFailed`, with the bytes read).
+    AnswerEarly { read_after: Duration },
     /// Read the whole request, then never answer, until the store stops.
     NeverAnswer,
     /// Read the whole request, then answer `status` with `body`.
@@ -90,6 +94,8 @@ struct Shared {
     body_holds: Mutex<HashMap<String, Duration>>,
     /// path → how to misbehave.
     faults: Mutex<HashMap<String, Fault>>,
+    /// Receive buffer of new connections, if set (SO_RCVBUF).
+    receive_buffer: Mutex<Option<usize>>,
 }
 
 /// A store on 127.0.0.1 running on the test's tokio runtime. It answers
@@ -120,6 +126,7 @@ impl ScriptedStore {
             holds: Mutex::new(HashMap::new()),
             body_holds: Mutex::new(HashMap::new()),
             faults: Mutex::new(HashMap::new()),
+            receive_buffer: Mutex::new(None),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
@@ -170,6 +177,12 @@ impl ScriptedStore {
     }
 
     /// Misbehave as `fault` for every later request to `path`.
+    /// Gives new connections a receive buffer of `bytes` (SO_RCVBUF), so a
+    /// body the store does not read backs up to fencegate sooner.
+    pub fn set_receive_buffer(&self, bytes: usize) {
+        *lock(&self.shared.receive_buffer) = Some(bytes);
+    }
+
     pub fn fault_path(&self, path: &str, fault: Fault) {
         lock(&self.shared.faults).insert(path.to_string(), fault);
     }
@@ -241,6 +254,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
             },
             _ = shutdown.changed() => return,
         };
+        if let Some(bytes) = *lock(&shared.receive_buffer) {
+            let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(bytes);
+        }
         let shared = shared.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -390,6 +406,51 @@ async fn handle(
     if fault == Some(Fault::NeverRead) {
         // Until the store stops, which drops this future with its connection.
         std::future::pending::<()>().await;
+    }
+    if let Some(Fault::AnswerEarly { read_after }) = fault {
+        let mut body = req.into_body();
+        let (shared, token, method, path, query) = (
+            shared.clone(),
+            token.clone(),
+            method.clone(),
+            path.clone(),
+            query.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(read_after).await;
+            let mut data = BytesMut::new();
+            let kind = loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(chunk) = frame.data_ref() {
+                            data.extend_from_slice(chunk);
+                        }
+                    }
+                    Some(Err(_)) => break EventKind::BodyFailed,
+                    None => break EventKind::BodyComplete,
+                }
+            };
+            lock(&shared.events).push(Event {
+                token,
+                method,
+                path,
+                query,
+                kind,
+                at: Instant::now(),
+                headers: HeaderMap::new(),
+                body: data.freeze(),
+                trailers: HeaderMap::new(),
+            });
+        });
+        record(
+            EventKind::Responded,
+            HeaderMap::new(),
+            Bytes::new(),
+            HeaderMap::new(),
+        );
+        let mut resp = Response::new(Answer::Empty);
+        *resp.status_mut() = StatusCode::OK;
+        return Ok(resp);
     }
     let held =
         |map: &Mutex<HashMap<String, Duration>>| token.as_ref().and_then(|t| lock(map).get(t).copied());
