@@ -665,9 +665,15 @@ async fn election_domain_metrics_pass_promtool_and_match_the_leader() {
             .domain("billing", "/billing/"),
     );
     wait_ready(&fg).await;
+    // The start floor: the leader's revision. Ready means the views are
+    // fresh; the fence-ahead raise to the leader commits in its own task
+    // and may land a moment later (rule 3 refuses lower tokens meanwhile).
+    wait_scrape(&fg, "at the leader's epoch", STEP, |s| {
+        s.value(EPOCH, &[("domain", "orders")]) == l1 as f64
+    })
+    .await;
     let before = scrape(&fg);
     assert_promtool_accepts(&before, "election domains, at start");
-    // The start floor: the leader's revision.
     assert_eq!(before.value(EPOCH, &[("domain", "orders")]), l1 as f64);
     assert_eq!(before.value(LEADER_REVISION, &[("domain", "orders")]), l1 as f64);
     assert_eq!(before.value(LEADER_REVISION, &[("domain", "jobs")]), 0.0);
