@@ -13,7 +13,7 @@ use crate::support::{
     format_duration, http_get, send_signal, Candidate, Etcd, EtcdCluster, Fencegate, FencegateConfig, Nginx,
     RawResponse,
 };
-use etcd_client::{Client, GetOptions};
+use etcd_client::Client;
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -277,32 +277,10 @@ async fn until_admitted(
     }
 }
 
-/// How many candidates (keys under `ELECTION/`) etcd holds.
-async fn candidates(c: &Client) -> i64 {
-    let mut c = c.clone();
-    let options = GetOptions::new().with_prefix().with_count_only();
-    let resp = tokio::time::timeout(STEP, c.get(format!("{ELECTION}/"), Some(options)))
-        .await
-        .unwrap_or_else(|_| panic!("count candidates: no answer within {STEP:?}"))
-        .unwrap_or_else(|e| panic!("count candidates: {e}"));
-    resp.count()
-}
-
 /// Start campaigning as `value` in the background and return once its key
 /// exists (it waits behind the current leader).
 async fn campaign_behind(c: &Client, value: &str) -> tokio::task::JoinHandle<Candidate> {
-    let before = candidates(c).await;
-    let (c2, value) = (c.clone(), value.to_string());
-    let task = tokio::spawn(async move { Candidate::campaign(&c2, ELECTION, &value, LEASE_TTL).await });
-    let deadline = Instant::now() + STEP;
-    while candidates(c).await <= before {
-        assert!(
-            Instant::now() < deadline,
-            "the campaign's key did not appear within {STEP:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-    task
+    Candidate::campaign_behind(c, ELECTION, value, LEASE_TTL).await
 }
 
 /// Await a campaign that should lead by now.

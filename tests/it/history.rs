@@ -42,7 +42,7 @@ use crate::support::etcd::{client as etcd_client, client_with_timeout};
 use crate::support::{
     format_duration, send_signal, Candidate, Etcd, Fencegate, FencegateConfig, LogEntry, Nginx,
 };
-use etcd_client::{Client, GetOptions};
+use etcd_client::Client;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
@@ -992,20 +992,11 @@ fn ttl_for(deposal: Option<Deposal>) -> i64 {
     }
 }
 
-/// The number of candidates (keys) under `election/`.
-async fn candidates(c: &Client, election: &str) -> i64 {
-    let mut c = c.clone();
-    let options = GetOptions::new().with_prefix().with_count_only();
-    c.get(format!("{election}/"), Some(options))
-        .await
-        .unwrap_or_else(|e| panic!("count the candidates of {election}: {e}"))
-        .count()
-}
-
+/// Waits until `election` has `n` candidates (keys under `election/`).
 async fn wait_candidates(c: &Client, election: &str, n: i64) {
     let deadline = Instant::now() + STEP;
     loop {
-        let now = candidates(c, election).await;
+        let now = crate::support::etcd::candidates(c, election).await;
         if now == n {
             return;
         }

@@ -22,7 +22,7 @@
 
 use crate::support::etcd::client as etcd_client;
 use crate::support::{format_duration, Candidate, Etcd, Fencegate, FencegateConfig, Nginx};
-use etcd_client::{Client, GetOptions};
+use etcd_client::Client;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
@@ -282,31 +282,10 @@ fn record(shared: &Shared, sent: &Sent, answer: Answer) {
 
 // ------------------------------------------------------------- failovers
 
-/// How many candidates (keys under `ELECTION/`) etcd holds.
-async fn candidates(c: &Client) -> i64 {
-    let mut c = c.clone();
-    let options = GetOptions::new().with_prefix().with_count_only();
-    tokio::time::timeout(STEP, c.get(format!("{ELECTION}/"), Some(options)))
-        .await
-        .unwrap_or_else(|_| panic!("count candidates: no answer within {STEP:?}"))
-        .unwrap_or_else(|e| panic!("count candidates: {e}"))
-        .count()
-}
-
 /// Revoke `leader`'s lease while the next candidate (`value`) waits
 /// behind it; returns the next leader once it leads.
 async fn fail_over(c: &Client, leader: Candidate, value: &str) -> Candidate {
-    let before = candidates(c).await;
-    let (c2, value) = (c.clone(), value.to_string());
-    let waiting = tokio::spawn(async move { Candidate::campaign(&c2, ELECTION, &value, TTL).await });
-    let deadline = Instant::now() + STEP;
-    while candidates(c).await <= before {
-        assert!(
-            Instant::now() < deadline,
-            "the next candidate's key did not appear within {STEP:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let waiting = Candidate::campaign_behind(c, ELECTION, value, TTL).await;
     leader.revoke().await;
     tokio::time::timeout(STEP, waiting)
         .await

@@ -590,6 +590,18 @@ pub async fn leader_rev(client: &Client, election: &str) -> Option<i64> {
     resp.kvs().first().map(|kv| kv.create_revision())
 }
 
+/// How many candidates campaign in `election` (its keys under
+/// `election + "/"`). Panics on an error or after 10 s.
+pub async fn candidates(client: &Client, election: &str) -> i64 {
+    let mut c = client.clone();
+    let options = GetOptions::new().with_prefix().with_count_only();
+    tokio::time::timeout(REQUEST_TIMEOUT, c.get(format!("{election}/"), Some(options)))
+        .await
+        .unwrap_or_else(|_| panic!("candidates({election}): no answer within {REQUEST_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("candidates({election}): {e}"))
+        .count()
+}
+
 /// Aborts the task when dropped.
 struct AbortOnDrop(Option<JoinHandle<()>>);
 
@@ -664,6 +676,30 @@ impl Candidate {
     /// just lost a member, the client may still pick the dead one for a
     /// request: a failed attempt is retried a few times ("lease not found"
     /// after a retry means the first attempt did it).
+    /// [`Candidate::campaign`] in a task, returned once the candidate's key
+    /// exists: it waits behind the current leader, and the task ends when
+    /// it leads. Panics if the key does not appear within 10 s.
+    pub async fn campaign_behind(
+        client: &Client,
+        election: &str,
+        value: &str,
+        ttl_secs: i64,
+    ) -> JoinHandle<Candidate> {
+        let before = candidates(client, election).await;
+        let (c, election_owned, value) = (client.clone(), election.to_string(), value.to_string());
+        let task =
+            tokio::spawn(async move { Candidate::campaign(&c, &election_owned, &value, ttl_secs).await });
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        while candidates(client, election).await <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the campaign's key did not appear in {election} within {REQUEST_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task
+    }
+
     pub async fn revoke(mut self) {
         self.keepalive = AbortOnDrop(None);
         let mut last = String::new();
