@@ -112,23 +112,14 @@ impl Exchange {
         self.state.load(SeqCst) == SENT
     }
 
-    /// Resolves once the whole body was handed to the connection.
-    pub async fn wait_sent(&self) {
-        self.wait_until(|state| state == SENT).await;
-    }
-
     /// Resolves once the body was sent whole or aborted (a body dropped
     /// before its end is aborted).
     pub async fn wait_decided(&self) {
-        self.wait_until(|state| state != SENDING).await;
-    }
-
-    async fn wait_until(&self, done: impl Fn(u8) -> bool) {
         loop {
             let notified = self.decided.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if done(self.state.load(SeqCst)) {
+            if self.state.load(SeqCst) != SENDING {
                 return;
             }
             notified.await;

@@ -112,51 +112,30 @@ impl Upstream {
         mut request: Request<UpstreamBody>,
         exchange: &Arc<Exchange>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let fence = exchange.abort_signal();
-        // Writes may need their connection cut (on a raise or a timeout).
-        let connection = fence.map(|_| capture_connection(&mut request));
+        // Writes may need their connection cut (on a raise, a stall or a
+        // timeout).
+        let connection = exchange.abort_signal().map(|_| capture_connection(&mut request));
         let response = self.client.request(request);
-        tokio::pin!(response);
         let deadline = async {
-            let idle = self.body_idle_timeout;
-            if let Err(stalled) = store_reads_body(exchange, connection.as_ref(), idle).await {
-                return stalled;
+            if let Err(cut_short) = while_unsent(exchange, connection.as_ref(), self.body_idle_timeout).await
+            {
+                return cut_short;
             }
             tokio::time::sleep(self.request_timeout).await;
+            // The store's outcome is unknown: the connection is cut so
+            // nothing more of this write can reach the store.
+            cut(connection.as_ref());
             ForwardError::Timeout(self.request_timeout)
         };
-        tokio::pin!(deadline);
-        let mut watch_fence = fence.is_some();
-        loop {
-            tokio::select! {
-                result = &mut response => {
-                    let response = result.map_err(classify)?;
-                    if let (Some(connection), false) = (connection.as_ref(), exchange.is_sent()) {
-                        guard_unsent_body(exchange.clone(), connection.clone(), self.body_idle_timeout);
-                    }
-                    return Ok(response);
+        tokio::select! {
+            result = response => {
+                let response = result.map_err(classify)?;
+                if let (Some(connection), false) = (connection, exchange.is_sent()) {
+                    guard_unsent_body(exchange.clone(), connection, self.body_idle_timeout);
                 }
-                timeout = &mut deadline => {
-                    // The store's outcome is unknown: the connection is cut
-                    // so nothing more of this write can reach the store (a
-                    // body not sent whole never will be).
-                    exchange.abort();
-                    cut(connection.as_ref());
-                    return Err(timeout);
-                }
-                () = fenced(fence), if watch_fence => {
-                    // Only a body not yet sent whole can be aborted; one that
-                    // was sent waits for its head like any other.
-                    if exchange.abort() {
-                        // The body may be stuck in the connection's buffer
-                        // behind a store that is not reading: cut it, so no
-                        // byte of it reaches the store after the raise.
-                        cut(connection.as_ref());
-                        return Err(ForwardError::Fenced);
-                    }
-                    watch_fence = false;
-                }
+                Ok(response)
             }
+            error = deadline => Err(error),
         }
     }
 }
@@ -165,45 +144,52 @@ impl Upstream {
 /// whole (a store may answer early, and HTTP/1.1 lets the body go on).
 /// The write still holds its place in the generation until its body ends,
 /// so a raise must still be able to abort it, and a store that stops
-/// reading must not hold the raise: both cut the connection, as they would
-/// have before the answer. Ends when the body is sent whole or dropped.
+/// reading must not hold the raise: [`while_unsent`] goes on watching, in a
+/// task of its own.
 fn guard_unsent_body(exchange: Arc<Exchange>, connection: CaptureConnection, idle: Duration) {
     tokio::spawn(async move {
-        let fence = exchange
-            .abort_signal()
-            .expect("only writes capture their connection");
-        tokio::select! {
-            biased;
-            () = exchange.wait_decided() => {}
-            () = fence.raised() => {
-                if exchange.abort() {
-                    cut(Some(&connection));
-                }
-            }
-            Err(_) = store_reads_body(&exchange, Some(&connection), idle) => {
-                if exchange.abort() {
-                    cut(Some(&connection));
-                }
-            }
-        }
+        let _ = while_unsent(&exchange, Some(&connection), idle).await;
     });
 }
 
-/// Resolves when the body was sent whole, or fails when the store took
-/// none of it for `idle` while it had bytes to take. A store that stops
-/// reading leaves the body unpolled behind a full socket buffer, where the
-/// body's own idle timer cannot run (that one bounds the client's pauses),
-/// so this watch bounds the store's. Progress is a new frame taken from
-/// the client or, where the connection is known (writes), a byte the
-/// kernel took from it. TCP opens its window in steps, so a store reading
-/// slower than about its receive buffer per `idle` looks stalled.
-async fn store_reads_body(
+/// Watches a forwarded request until its body is sent whole (or dropped),
+/// then resolves. Before that, a raise in the write's domain, or a store
+/// that takes none of the body for `idle`, aborts the body and cuts the
+/// connection: the body may be stuck in the connection's buffer behind a
+/// store that is not reading, and no byte of it may reach the store after
+/// the raise. A body sent whole meanwhile is not aborted: its write waits
+/// for its answer like any other.
+async fn while_unsent(
     exchange: &Exchange,
     connection: Option<&CaptureConnection>,
     idle: Duration,
 ) -> Result<(), ForwardError> {
-    let sent = exchange.wait_sent();
-    tokio::pin!(sent);
+    let why = tokio::select! {
+        biased;
+        () = exchange.wait_decided() => return Ok(()),
+        () = fenced(exchange.abort_signal()) => ForwardError::Fenced,
+        stalled = store_stalls(exchange, connection, idle) => stalled,
+    };
+    if !exchange.abort() {
+        return Ok(());
+    }
+    cut(connection);
+    Err(why)
+}
+
+/// Resolves when the store took none of the body for `idle` while it had
+/// bytes to take. A store that stops reading leaves the body unpolled
+/// behind a full socket buffer, where the body's own idle timer cannot run
+/// (that one bounds the client's pauses), so this watch bounds the
+/// store's. Progress is a new frame taken from the client or, where the
+/// connection is known (writes), a byte the kernel took from it. TCP opens
+/// its window in steps, so a store reading slower than about its receive
+/// buffer per `idle` looks stalled.
+async fn store_stalls(
+    exchange: &Exchange,
+    connection: Option<&CaptureConnection>,
+    idle: Duration,
+) -> ForwardError {
     let progress = || {
         let written = connection
             .and_then(|c| c.connection_metadata().as_ref().and_then(KillHandle::of))
@@ -212,17 +198,12 @@ async fn store_reads_body(
     };
     let mut seen = progress();
     loop {
-        tokio::select! {
-            biased;
-            () = &mut sent => return Ok(()),
-            () = tokio::time::sleep(idle) => {
-                let now = progress();
-                if now == seen && !exchange.awaiting_client() && !exchange.is_sent() {
-                    return Err(ForwardError::Stalled(idle));
-                }
-                seen = now;
-            }
+        tokio::time::sleep(idle).await;
+        let now = progress();
+        if now == seen && !exchange.awaiting_client() {
+            return ForwardError::Stalled(idle);
         }
+        seen = now;
     }
 }
 
