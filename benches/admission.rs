@@ -19,7 +19,8 @@ fn token(v: u64) -> Token {
     Token::new(v).expect("a valid token")
 }
 
-fn bench_decide(c: &mut Criterion) {
+/// The hot path's state: no raise pending, the view's leader at the epoch.
+fn steady_state() -> (Marks, Leader) {
     let marks = Marks {
         epoch: EPOCH,
         refusal: EPOCH,
@@ -28,6 +29,11 @@ fn bench_decide(c: &mut Criterion) {
         revision: Some(EPOCH),
         confirmed: false,
     };
+    (marks, leader)
+}
+
+fn bench_decide(c: &mut Criterion) {
+    let (marks, leader) = steady_state();
     let mut group = c.benchmark_group("decide");
     group.bench_function("forward (election, token = epoch = leader)", |b| {
         b.iter(|| {
@@ -116,14 +122,7 @@ fn bench_admission(c: &mut Criterion) {
     headers.insert("host", HeaderValue::from_static("store.internal"));
     headers.insert("content-length", HeaderValue::from_static("128"));
     headers.insert("fencing-token", HeaderValue::from_static("1234567"));
-    let marks = Marks {
-        epoch: EPOCH,
-        refusal: EPOCH,
-    };
-    let leader = Leader::View {
-        revision: Some(EPOCH),
-        confirmed: false,
-    };
+    let (marks, leader) = steady_state();
     c.bench_function("admission (token + path + decide)", |b| {
         b.iter(|| {
             let token = Token::from_values(black_box(&headers).get_all("fencing-token").iter())

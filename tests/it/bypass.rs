@@ -107,8 +107,8 @@ impl Rig {
     fn log_at_least(&self, n: usize) -> Vec<Entry> {
         self.nginx
             .log_entries_at_least(n)
-            .into_iter()
-            .map(|e| (e.method, e.uri, e.token))
+            .iter()
+            .map(|e| e.request())
             .collect()
     }
 

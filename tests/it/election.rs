@@ -232,10 +232,7 @@ fn as_i64(v: &Value, field: &str) -> Option<i64> {
 /// it holds at least `at_least` of them.
 fn store_log(nginx: &Nginx, at_least: usize) -> Vec<String> {
     let entries = nginx.log_entries_at_least(at_least);
-    entries
-        .iter()
-        .map(|e| format!("{} {} {}", e.method, e.uri, e.token.as_deref().unwrap_or("-")))
-        .collect()
+    entries.iter().map(|e| e.line()).collect()
 }
 
 /// The tokens of the writes nginx received, in the order it completed them.

@@ -122,8 +122,8 @@ impl Rig {
     fn log_at_least(&self, n: usize) -> Vec<(String, String, Option<String>)> {
         self.nginx
             .log_entries_at_least(n)
-            .into_iter()
-            .map(|e| (e.method, e.uri, e.token))
+            .iter()
+            .map(LogEntry::request)
             .collect()
     }
 

@@ -99,7 +99,7 @@ fn config(upstream: &str) -> FencegateConfig {
 #[track_caller]
 fn assert_log<S: AsRef<str>>(nginx: &Nginx, want: &[S]) {
     let log: Vec<String> = (nginx.log_entries_at_least(want.len()).into_iter())
-        .map(|e| format!("{} {} {}", e.method, e.uri, e.token.as_deref().unwrap_or("-")))
+        .map(|e| e.line())
         .collect();
     let want: Vec<&str> = want.iter().map(AsRef::as_ref).collect();
     assert_eq!(log, want, "nginx's access log: what reached the store");

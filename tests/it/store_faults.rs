@@ -155,6 +155,23 @@ fn assert_admitted(fg: &Fencegate, answer: &(u16, Option<String>, Duration), wha
     );
 }
 
+/// The domain stands at `epoch` (epoch and refusal mark, nothing in
+/// flight), and the token below it is refused as stale.
+async fn assert_fenced_at(fg: &Fencegate, epoch: u64, when: &str) {
+    assert_eq!(
+        marks(fg),
+        (epoch, epoch, 0),
+        "(epoch, refusal mark, writes in flight) {when}"
+    );
+    let stale = put(fg, &format!("/d/below-{epoch}"), epoch - 1).await;
+    assert_eq!(
+        (stale.0, stale.1.as_deref()),
+        (412, Some("stale_epoch")),
+        "token {} after the raise to {epoch}",
+        epoch - 1
+    );
+}
+
 /// `(epoch, refusal_mark, inflight_writes)` of `d` in `/domains`.
 fn marks(fg: &Fencegate) -> (u64, u64, u64) {
     let text = fg.admin_get("/domains").body;
@@ -465,17 +482,7 @@ async fn fault_scenario(fault: Fault, body_len: usize, expect: Expect) {
 
     let higher = exchange(&fg, "PUT", "/d/fault-7", Some(7), body_len).await;
     check(&fg, &higher, expect, &format!("a raise to 7 meeting {fault:?}"));
-    assert_eq!(
-        marks(&fg),
-        (7, 7, 0),
-        "(epoch, refusal mark, writes in flight) after the faulty raise"
-    );
-    let stale = put(&fg, "/d/after-7", 6).await;
-    assert_eq!(
-        (stale.0, stale.1.as_deref()),
-        (412, Some("stale_epoch")),
-        "token 6 after the raise to 7"
-    );
+    assert_fenced_at(&fg, 7, "after the faulty raise").await;
 
     // A read meeting the same fault gets the same kind of answer; it holds
     // no barrier, so nothing else is asked of it.
@@ -608,17 +615,7 @@ async fn store_refusing_connections_is_502_and_the_raise_stays() {
         detail.contains("nothing was sent"),
         "a refused connection sent nothing: {detail}"
     );
-    assert_eq!(
-        marks(&fg),
-        (6, 6, 0),
-        "(epoch, refusal mark, writes in flight) after the 502"
-    );
-    let stale = put(&fg, "/d/refused", 5).await;
-    assert_eq!(
-        (stale.0, stale.1.as_deref()),
-        (412, Some("stale_epoch")),
-        "token 5 after the raise to 6"
-    );
+    assert_fenced_at(&fg, 6, "after the 502").await;
     let read = exchange(&fg, "GET", "/d/refused", None, 0).await;
     check(
         &fg,

@@ -29,6 +29,23 @@ pub struct LogEntry {
     pub request_length: u64,
 }
 
+impl LogEntry {
+    /// `(method, uri, token)`: what reached the store, for comparing logs.
+    pub fn request(&self) -> (String, String, Option<String>) {
+        (self.method.clone(), self.uri.clone(), self.token.clone())
+    }
+
+    /// "METHOD URI TOKEN" (`-`: no token), for comparing logs as text.
+    pub fn line(&self) -> String {
+        format!(
+            "{} {} {}",
+            self.method,
+            self.uri,
+            self.token.as_deref().unwrap_or("-")
+        )
+    }
+}
+
 /// A running nginx serving WebDAV from `data_dir()` on 127.0.0.1.
 /// Dropping it SIGKILLs its process group and waits for it.
 pub struct Nginx {
