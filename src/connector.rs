@@ -1,12 +1,11 @@
 //! Connections to the store that a raise can cut. Aborting a write whose
 //! body is not sent whole must stop its bytes at once, even when the store
 //! is not reading and hyper is blocked flushing its buffer (where it never
-//! polls the body again). Each connection carries a [`KillHandle`] in its
-//! metadata; killing it fails the connection's next I/O, closes the socket
-//! with a reset (SO_LINGER 0) so queued bytes are dropped, and keeps it out
-//! of the pool.
+//! polls the body again). Each connection comes with a [`KillHandle`];
+//! killing it fails the connection's next I/O and closes the socket with a
+//! reset (SO_LINGER 0), so queued bytes are dropped, and the pool never
+//! hands it out again.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,9 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
-use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -40,20 +37,9 @@ impl KillHandle {
         self.0.waker.wake();
     }
 
-    /// Cuts the connection described by `connected`, if it is one of ours,
-    /// and keeps it out of the pool.
-    pub fn kill_connection(connected: &Connected) {
-        connected.poison();
-        if let Some(handle) = KillHandle::of(connected) {
-            handle.kill();
-        }
-    }
-
-    /// The handle of the connection described by `connected`, if it is ours.
-    pub fn of(connected: &Connected) -> Option<KillHandle> {
-        let mut extensions = http::Extensions::new();
-        connected.get_extras(&mut extensions);
-        extensions.get::<KillHandle>().cloned()
+    /// Whether the connection was cut.
+    pub fn is_killed(&self) -> bool {
+        self.0.killed.load(Ordering::SeqCst)
     }
 
     /// Bytes written to the connection so far: how far the store has read.
@@ -74,8 +60,9 @@ impl KillableStream {
         self.switch.waker.register(cx.waker());
         if !self.switch.killed.load(Ordering::SeqCst) {
             return Ok(());
-        } // The socket closes with a reset (SO_LINGER 0, set at connect): the
-          // kernel drops what is still queued to send.
+        }
+        // The socket closes with a reset (SO_LINGER 0, set at connect): the
+        // kernel drops what is still queued to send.
         Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "connection cut by a raise",
@@ -136,41 +123,42 @@ impl Write for KillableStream {
     }
 }
 
-impl Connection for KillableStream {
-    fn connected(&self) -> Connected {
-        self.io.connected().extra(KillHandle(self.switch.clone()))
-    }
+/// How connecting to the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No connection within `connect_timeout`.
+    #[error("connecting to {0} timed out after {1:?}")]
+    Timeout(String, Duration),
+    /// The connection failed (refused, unreachable, no such host).
+    #[error("cannot connect to {0}: {1}")]
+    Io(String, #[source] io::Error),
 }
 
-/// An [`HttpConnector`] whose connections are [`KillableStream`]s.
-#[derive(Clone)]
-pub struct KillableConnector(pub HttpConnector);
-
-type ConnectFuture =
-    Pin<Box<dyn Future<Output = Result<KillableStream, Box<dyn std::error::Error + Send + Sync>>> + Send>>;
-
-impl tower::Service<Uri> for KillableConnector {
-    type Response = KillableStream;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower::Service::<Uri>::poll_ready(&mut self.0, cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = tower::Service::<Uri>::call(&mut self.0, uri);
-        Box::pin(async move {
-            let io = connecting.await?;
-            // Every close of a store connection is a reset: hyper closes one
-            // only when idle, after an error, or after a finished exchange,
-            // and on the error paths (an aborted or failed body) the bytes
-            // still queued must be dropped, not delivered late.
-            socket2::SockRef::from(io.inner()).set_linger(Some(Duration::ZERO))?;
-            Ok(KillableStream {
-                io,
-                switch: Arc::default(),
-            })
-        })
-    }
+/// Opens a connection to `host:port` within `timeout`, and its kill switch.
+pub async fn connect(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<(KillableStream, KillHandle), ConnectError> {
+    let address = || format!("{host}:{port}");
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| ConnectError::Timeout(address(), timeout))?
+        .map_err(|e| ConnectError::Io(address(), e))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| ConnectError::Io(address(), e))?;
+    // Every close of a store connection is a reset: hyper closes one only
+    // when idle, after an error, or after a finished exchange, and on the
+    // error paths (an aborted or failed body) the bytes still queued must
+    // be dropped, not delivered late.
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .map_err(|e| ConnectError::Io(address(), e))?;
+    let switch = Arc::<Switch>::default();
+    let stream = KillableStream {
+        io: TokioIo::new(stream),
+        switch: switch.clone(),
+    };
+    Ok((stream, KillHandle(switch)))
 }

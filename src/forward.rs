@@ -1,24 +1,26 @@
-//! The store's side: a pooled HTTP/1.1 client and the sending of one
-//! request with fencegate's timeouts. Requests are never retried here; the
-//! pool itself resends only a request of which no byte was written.
+//! The store's side: the sending of one request over a pooled HTTP/1.1
+//! connection, with fencegate's timeouts. A request is resent only if no
+//! byte of it was written, on a pooled connection the store had closed.
 
 use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::header::{HeaderValue, HOST};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection, HttpConnector};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{BodyError, Exchange, GuardedBody};
 use crate::config::UpstreamConfig;
-use crate::connector::{KillHandle, KillableConnector};
+use crate::connector::KillHandle;
 use crate::error::causes;
 use crate::gate::AbortSignal;
 use crate::path::NormalPath;
+use crate::pool::{Pool, PooledBody};
+
+/// How long an unused connection to the store is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The body of a request on its way to the store.
 pub type UpstreamBody = GuardedBody<Incoming>;
@@ -48,11 +50,11 @@ pub enum ForwardError {
     Failed(String),
 }
 
-/// The store and how to reach it.
+/// The store and how to reach it, with one serving thread's connections.
 pub struct Upstream {
-    client: Client<KillableConnector, UpstreamBody>,
-    scheme: Scheme,
-    authority: Authority,
+    pool: Pool,
+    /// `Host` for requests that came without one (HTTP/1.0).
+    host: HeaderValue,
     request_timeout: Duration,
     connect_timeout: Duration,
     /// Longest pause allowed inside a body, either direction.
@@ -60,22 +62,18 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A pooled client for the store of `config` (validated: http with an authority).
+    /// The store of `config` (validated: http with an authority), with a
+    /// pool of its own.
     pub fn new(config: &UpstreamConfig) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .http1_preserve_header_case(false)
-            .build(KillableConnector(connector));
+        let authority = config.url.authority().expect("validated upstream url");
+        let port = authority.port_u16().unwrap_or(80);
+        let host = match authority.port_u16() {
+            Some(80) | None => authority.host(),
+            Some(_) => authority.as_str(),
+        };
         Upstream {
-            client,
-            scheme: config.url.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority: config.url.authority().cloned().expect("validated upstream url"),
+            pool: Pool::new(authority.host(), port, config.connect_timeout, POOL_IDLE_TIMEOUT),
+            host: HeaderValue::from_str(host).expect("an authority is a valid header value"),
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
             body_idle_timeout: config.body_idle_timeout,
@@ -89,20 +87,14 @@ impl Upstream {
             .min(self.connect_timeout)
     }
 
-    /// The store's URI for a normalized path and the original query.
+    /// The request target at the store (origin form) for a normalized
+    /// path and the original query.
     pub fn uri(&self, path: &NormalPath, query: Option<&str>) -> Uri {
         let path_and_query = match query {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(
-                PathAndQuery::try_from(path_and_query).expect("a normalized path is a valid URI path"),
-            )
-            .build()
-            .expect("scheme, authority and path make a URI")
+        Uri::from(PathAndQuery::try_from(path_and_query).expect("a normalized path is a valid URI path"))
     }
 
     /// Sends `request` and waits for the final response head. A raise in
@@ -111,31 +103,52 @@ impl Upstream {
         &self,
         mut request: Request<UpstreamBody>,
         exchange: &Arc<Exchange>,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        // Writes may need their connection cut (on a raise, a stall or a
-        // timeout).
-        let connection = exchange.abort_signal().map(|_| capture_connection(&mut request));
-        let response = self.client.request(request);
-        let deadline = async {
-            if let Err(cut_short) = while_unsent(exchange, connection.as_ref(), self.body_idle_timeout).await
-            {
-                return cut_short;
-            }
-            tokio::time::sleep(self.request_timeout).await;
-            // The store's outcome is unknown: the connection is cut so
-            // nothing more of this write can reach the store.
-            cut(connection.as_ref());
-            ForwardError::Timeout(self.request_timeout)
-        };
-        tokio::select! {
-            result = response => {
-                let response = result.map_err(classify)?;
-                if let (Some(connection), false) = (connection, exchange.is_sent()) {
-                    guard_unsent_body(exchange.clone(), connection, self.body_idle_timeout);
+    ) -> Result<Response<PooledBody>, ForwardError> {
+        if let http::header::Entry::Vacant(host) = request.headers_mut().entry(HOST) {
+            host.insert(self.host.clone());
+        }
+        loop {
+            // A raise while the connection is being made aborts the write
+            // before any byte of it is sent.
+            let mut conn = tokio::select! {
+                biased;
+                conn = self.pool.checkout() => conn.map_err(|e| ForwardError::Connect(causes(&e)))?,
+                Err(why) = while_unsent(exchange, None, self.body_idle_timeout) => return Err(why),
+            };
+            let kill = conn.kill_handle().clone();
+            let response = conn.send(request);
+            let deadline = async {
+                if let Err(cut_short) = while_unsent(exchange, Some(&kill), self.body_idle_timeout).await {
+                    return cut_short;
                 }
-                Ok(response)
+                tokio::time::sleep(self.request_timeout).await;
+                // The store's outcome is unknown: the connection is cut so
+                // nothing more of this write can reach the store.
+                kill.kill();
+                ForwardError::Timeout(self.request_timeout)
+            };
+            let result = tokio::select! {
+                result = response => result,
+                error = deadline => return Err(error),
+            };
+            match result {
+                Ok(response) => {
+                    // The connection is reused only after an exchange that
+                    // is over in both directions.
+                    let reusable = exchange.is_sent();
+                    if !reusable && exchange.holds_ticket() {
+                        guard_unsent_body(exchange.clone(), kill, self.body_idle_timeout);
+                    }
+                    let conn = reusable.then_some(conn);
+                    return Ok(response.map(|body| PooledBody::new(body, conn)));
+                }
+                Err(mut failed) => match failed.take_message() {
+                    // Nothing was written: the store had closed this
+                    // pooled connection. Another one may take the request.
+                    Some(unsent) if conn.is_reused() => request = unsent,
+                    _ => return Err(classify(failed.into_error())),
+                },
             }
-            error = deadline => Err(error),
         }
     }
 }
@@ -146,7 +159,7 @@ impl Upstream {
 /// so a raise must still be able to abort it, and a store that stops
 /// reading must not hold the raise: [`while_unsent`] goes on watching, in a
 /// task of its own.
-fn guard_unsent_body(exchange: Arc<Exchange>, connection: CaptureConnection, idle: Duration) {
+fn guard_unsent_body(exchange: Arc<Exchange>, connection: KillHandle, idle: Duration) {
     tokio::spawn(async move {
         let _ = while_unsent(&exchange, Some(&connection), idle).await;
     });
@@ -161,7 +174,7 @@ fn guard_unsent_body(exchange: Arc<Exchange>, connection: CaptureConnection, idl
 /// for its answer like any other.
 async fn while_unsent(
     exchange: &Exchange,
-    connection: Option<&CaptureConnection>,
+    connection: Option<&KillHandle>,
     idle: Duration,
 ) -> Result<(), ForwardError> {
     let why = tokio::select! {
@@ -185,17 +198,8 @@ async fn while_unsent(
 /// connection is known (writes), a byte the kernel took from it. TCP opens
 /// its window in steps, so a store reading slower than about its receive
 /// buffer per `idle` looks stalled.
-async fn store_stalls(
-    exchange: &Exchange,
-    connection: Option<&CaptureConnection>,
-    idle: Duration,
-) -> ForwardError {
-    let progress = || {
-        let written = connection
-            .and_then(|c| c.connection_metadata().as_ref().and_then(KillHandle::of))
-            .map(|handle| handle.written());
-        (exchange.frames(), written)
-    };
+async fn store_stalls(exchange: &Exchange, connection: Option<&KillHandle>, idle: Duration) -> ForwardError {
+    let progress = || (exchange.frames(), connection.map(KillHandle::written));
     let mut seen = progress();
     loop {
         tokio::time::sleep(idle).await;
@@ -208,11 +212,9 @@ async fn store_stalls(
 }
 
 /// Cuts the connection a request was sent on, if it is known.
-fn cut(connection: Option<&CaptureConnection>) {
-    if let Some(capture) = connection {
-        if let Some(connected) = capture.connection_metadata().as_ref() {
-            KillHandle::kill_connection(connected);
-        }
+fn cut(connection: Option<&KillHandle>) {
+    if let Some(handle) = connection {
+        handle.kill();
     }
 }
 
@@ -224,7 +226,7 @@ async fn fenced(fence: Option<&AbortSignal>) {
 }
 
 /// Sorts a client error by where it came from.
-fn classify(e: hyper_util::client::legacy::Error) -> ForwardError {
+fn classify(e: hyper::Error) -> ForwardError {
     let mut source = e.source();
     while let Some(inner) = source {
         if let Some(body) = inner.downcast_ref::<BodyError>() {
@@ -234,9 +236,6 @@ fn classify(e: hyper_util::client::legacy::Error) -> ForwardError {
             };
         }
         source = inner.source();
-    }
-    if e.is_connect() {
-        return ForwardError::Connect(causes(&e));
     }
     ForwardError::Failed(causes(&e))
 }

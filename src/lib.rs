@@ -32,6 +32,7 @@ pub mod gate;
 pub mod hop;
 pub mod metrics;
 pub mod path;
+pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;

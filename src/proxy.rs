@@ -3,7 +3,6 @@
 //! Refusals are [`Problem`]s, rendered in one place ([`crate::error`]).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -22,16 +21,17 @@ use crate::error::{Problem, Reason};
 use crate::fencing::Access;
 use crate::forward::{ForwardError, Upstream};
 use crate::gate::{Gate, Gates, Ticket};
-use crate::hop::{add_forwarded, check_connection, strip_hop_by_hop, METHOD_OVERRIDES};
+use crate::hop::{add_forwarded, check_connection, strip_hop_by_hop, Peer, METHOD_OVERRIDES};
 use crate::metrics::DomainMetrics;
 use crate::path::{normalize, NormalPath};
+use crate::pool::PooledBody;
 use crate::token::{Token, TokenError};
 
 /// WebDAV's target of COPY and MOVE.
 const DESTINATION: HeaderName = HeaderName::from_static("destination");
 
 /// What clients receive: fencegate's own answers, or the store's streamed.
-pub type ProxyBody = Either<Full<Bytes>, GuardedBody<Incoming>>;
+pub type ProxyBody = Either<Full<Bytes>, GuardedBody<PooledBody>>;
 
 /// Everything the data path needs, shared by every connection.
 pub struct Proxy {
@@ -76,15 +76,11 @@ impl Proxy {
     }
 
     /// Answers one request from `peer`.
-    pub async fn handle(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<ProxyBody> {
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: Arc<Peer>) -> Response<ProxyBody> {
         let started = Instant::now();
         let body_unread = !request.body().is_end_stream();
         let mut domain = None;
-        let result = self.process(request, peer, &mut domain).await;
+        let result = self.process(request, &peer, &mut domain).await;
         let metrics = domain.as_ref().map_or(&self.outside, |g| &g.metrics);
         metrics.request_duration.observe(started.elapsed().as_secs_f64());
         match result {
@@ -103,7 +99,7 @@ impl Proxy {
     async fn process(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         domain: &mut Option<Arc<Gate>>,
     ) -> Result<Response<ProxyBody>, Problem> {
         self.screen(&request)?;
@@ -131,7 +127,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         path: &NormalPath,
-        peer: SocketAddr,
+        peer: &Peer,
         access: Access,
         gate: Option<&Gate>,
         token: Result<Option<Token>, TokenError>,
@@ -249,7 +245,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         path: &NormalPath,
-        peer: SocketAddr,
+        peer: &Peer,
         ticket: Option<Ticket>,
         metrics: &DomainMetrics,
     ) -> Result<Response<ProxyBody>, Problem> {

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
 use crate::gate::Gates;
+use crate::hop::Peer;
 use crate::proxy::Proxy;
 
 /// Whether every connection ended within the grace period.
@@ -173,9 +174,11 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
+        let client = Arc::new(Peer::new(peer));
         let service = service_fn(move |request| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
