@@ -7,6 +7,7 @@
 //! hands it out again.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -135,16 +136,37 @@ pub enum ConnectError {
 }
 
 /// Opens a connection to `host:port` within `timeout`, and its kill switch.
+/// A name with several addresses is tried address by address, each with an
+/// equal share of `timeout` (as hyper-util's connector does), so one
+/// address that drops packets does not use up the whole budget.
 pub async fn connect(
     host: &str,
     port: u16,
     timeout: Duration,
 ) -> Result<(KillableStream, KillHandle), ConnectError> {
     let address = || format!("{host}:{port}");
-    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
+    let addresses: Vec<SocketAddr> = tokio::time::timeout(timeout, tokio::net::lookup_host((host, port)))
         .await
         .map_err(|_| ConnectError::Timeout(address(), timeout))?
-        .map_err(|e| ConnectError::Io(address(), e))?;
+        .map_err(|e| ConnectError::Io(address(), e))?
+        .collect();
+    let share = timeout / u32::try_from(addresses.len()).unwrap_or(u32::MAX).max(1);
+    let mut failure = ConnectError::Io(
+        address(),
+        io::Error::new(io::ErrorKind::NotFound, "the name has no address"),
+    );
+    let mut connected = None;
+    for candidate in addresses {
+        match tokio::time::timeout(share, TcpStream::connect(candidate)).await {
+            Ok(Ok(stream)) => {
+                connected = Some(stream);
+                break;
+            }
+            Ok(Err(e)) => failure = ConnectError::Io(address(), e),
+            Err(_) => failure = ConnectError::Timeout(address(), share),
+        }
+    }
+    let stream = connected.ok_or(failure)?;
     stream
         .set_nodelay(true)
         .map_err(|e| ConnectError::Io(address(), e))?;

@@ -67,13 +67,14 @@ impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Upstream {
         let authority = config.url.authority().expect("validated upstream url");
         let port = authority.port_u16().unwrap_or(80);
-        let host = match authority.port_u16() {
-            Some(80) | None => authority.host(),
-            Some(_) => authority.as_str(),
+        // Like the URL's authority, without any userinfo or default port.
+        let host = match port {
+            80 => authority.host().to_owned(),
+            _ => format!("{}:{port}", authority.host()),
         };
         Upstream {
             pool: Pool::new(authority.host(), port, config.connect_timeout, POOL_IDLE_TIMEOUT),
-            host: HeaderValue::from_str(host).expect("an authority is a valid header value"),
+            host: HeaderValue::from_str(&host).expect("a URL's host is a valid header value"),
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
             body_idle_timeout: config.body_idle_timeout,
@@ -133,13 +134,9 @@ impl Upstream {
             };
             match result {
                 Ok(response) => {
-                    // The connection is reused only after an exchange that
-                    // is over in both directions.
-                    let reusable = exchange.is_sent();
-                    if !reusable && exchange.holds_ticket() {
+                    if !exchange.is_sent() && exchange.holds_ticket() {
                         guard_unsent_body(exchange.clone(), kill, self.body_idle_timeout);
                     }
-                    let conn = reusable.then_some(conn);
                     return Ok(response.map(|body| PooledBody::new(body, conn)));
                 }
                 Err(mut failed) => match failed.take_message() {

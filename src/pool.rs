@@ -4,13 +4,18 @@
 //! that drives the connection stay on one thread.
 //!
 //! hyper drives each connection in a task of its own; the pool holds the
-//! sending half. A connection goes back to the pool only when its exchange
-//! is over in both directions (the request body sent whole, the response
-//! body read to its end), so a connection handed out is ready at once; one
-//! that was cut, failed or abandoned halfway is dropped, which closes it.
-//! Idle connections are reused most recently used first, and dropped after
-//! `idle_timeout` unused (the store's own keep-alive timeout usually closes
-//! them sooner).
+//! sending half. A connection is offered back when its response body was
+//! read to its end, and enters the pool only once hyper says it is ready
+//! for another request: the request may still be queued in hyper's write
+//! buffer behind a store that answered early and stopped reading, and a
+//! checkout must never wait behind another exchange (it would wait with no
+//! timeout, and a lower write could reach the store after a raise). Until
+//! then a small task waits for it; most connections are ready at once. A
+//! connection that was cut, failed or abandoned halfway is dropped, which
+//! closes it. Idle connections are reused most recently used first, and
+//! dropped after `idle_timeout` unused, at the next checkout or return
+//! (there is no reaper: the store's keep-alive timeout closes an idle
+//! connection, and hyper then ends it).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -70,21 +75,20 @@ impl Pool {
     }
 
     /// A connection ready to send: the most recently used idle one, or a
-    /// new one.
+    /// new one. Never waits for a pooled connection, only for a new one
+    /// (within `connect_timeout`).
     pub async fn checkout(&self) -> Result<Conn, ConnectError> {
         loop {
             let Some(idle) = self.shared.idle.lock().expect("pool lock").pop_back() else {
                 break;
             };
-            if idle.since.elapsed() > self.shared.idle_timeout {
-                // The most recent is too old, so all of them are.
-                self.shared.idle.lock().expect("pool lock").clear();
-                break;
-            }
             let mut conn = idle.conn;
-            // Ready at once unless the store closed it meanwhile (then
-            // this fails and the connection is dropped).
-            if conn.sender.ready().await.is_ok() && !conn.kill.is_killed() {
+            // Only ready connections enter the pool; one that is not ready
+            // any more was closed by the store meanwhile, and is dropped.
+            if conn.sender.is_ready()
+                && !conn.kill.is_killed()
+                && idle.since.elapsed() <= self.shared.idle_timeout
+            {
                 conn.reused = true;
                 return Ok(conn);
             }
@@ -136,10 +140,33 @@ impl Conn {
         self.sender.try_send_request(request)
     }
 
-    /// Puts the connection back for the next request: called when its
-    /// exchange is over in both directions.
-    fn recycle(self) {
+    /// Offers the connection back once its response was read whole. It
+    /// enters the pool when hyper is ready to send on it again: at once
+    /// when the exchange is over in both directions, else from a task that
+    /// waits for that (and drops it if the connection closes instead, or
+    /// stays unready for the idle timeout).
+    fn recycle(mut self) {
         if self.kill.is_killed() || self.sender.is_closed() {
+            return;
+        }
+        if self.sender.is_ready() {
+            self.enter_pool();
+            return;
+        }
+        // Bounded: after a flush hyper may not look for a new request until
+        // the store sends something, so a connection whose request tail
+        // drained late can stay unready; it is then closed after the idle
+        // timeout rather than kept open for as long as the store allows.
+        let wait = self.pool.idle_timeout;
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(wait, self.sender.ready()).await {
+                self.enter_pool();
+            }
+        });
+    }
+
+    fn enter_pool(self) {
+        if self.kill.is_killed() {
             return;
         }
         let shared = self.pool.clone();
@@ -158,19 +185,19 @@ impl Conn {
     }
 }
 
-/// A response body from the store that returns its connection to the pool
-/// once read to its end. Dropped before its end, it drops the connection:
-/// the rest of the body is still on it.
+/// A response body from the store that offers its connection back to the
+/// pool once read to its end. Dropped before its end, it drops the
+/// connection: the rest of the body is still on it.
 pub struct PooledBody {
     body: Incoming,
     conn: Option<Conn>,
 }
 
 impl PooledBody {
-    /// `body`, on `conn` if the connection may be reused after it (the
-    /// request was sent whole). A body that is already over returns the
-    /// connection at once.
-    pub fn new(body: Incoming, conn: Option<Conn>) -> PooledBody {
+    /// `body`, received on `conn`. A body that is already over offers the
+    /// connection back at once.
+    pub fn new(body: Incoming, conn: Conn) -> PooledBody {
+        let conn = Some(conn);
         let mut pooled = PooledBody { body, conn };
         if pooled.body.is_end_stream() {
             pooled.recycle();
@@ -196,7 +223,11 @@ impl Body for PooledBody {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.recycle(),
-            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.recycle(),
+            // Trailers end a chunked body: hyper's server stops polling
+            // after them, so the end would never be seen.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() || self.body.is_end_stream() => {
+                self.recycle()
+            }
             Poll::Ready(Some(Err(_))) => self.conn = None,
             _ => {}
         }

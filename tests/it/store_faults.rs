@@ -1,7 +1,8 @@
 //! fencegate when the store misbehaves (SPEC.md: Responses, Guarantee,
 //! HTTP): it refuses connections, resets in the middle of a request body,
 //! closes without answering, answers a head and then breaks the body,
-//! never answers, never reads a large body, or answers 500/503 itself.
+//! never answers, never reads a large body, answers early and leaves the
+//! rest of a body unread, or answers 500/503 itself.
 //!
 //! For each fault: the writer gets the right answer (502/504 with the
 //! reason, or the store's own answer untouched, or a body that is visibly
@@ -848,4 +849,239 @@ async fn a_raise_cuts_a_lower_write_answered_early_whose_client_pauses() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_raise_cuts_a_lower_write_answered_early_whose_store_stopped_reading() {
     raise_past_an_early_answered_lower_write(Duration::from_secs(2), 64 << 20, 64 << 20).await;
+}
+
+/// How long the store leaves the body of a write to `/d/big-*` unread
+/// after answering it early, before it closes the connection.
+const UNREAD_FOR: Duration = Duration::from_secs(5);
+/// The step by which [`body_stuck_behind_an_early_answer`] makes the body
+/// smaller: well under hyper's write buffer (about 400 KiB), which is how
+/// wide the range of sizes is that leave part of a body in that buffer.
+const BODY_STEP: usize = 128 << 10;
+
+/// The largest send buffer Linux gives a TCP socket it sizes itself (the
+/// maximum of `net.ipv4.tcp_wmem`), such as fencegate's to the store.
+fn max_send_buffer() -> usize {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").unwrap_or_default();
+    let max = text.split_whitespace().nth(2).and_then(|v| v.parse().ok());
+    max.unwrap_or(4 << 20)
+}
+
+/// Whether `d` has no write in flight, polling for up to `within`.
+async fn no_write_in_flight(fg: &Fencegate, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if marks(fg).2 == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// fencegate with one serving thread (so one pool of store connections)
+/// and epoch 5, and a token-5 write whose body fencegate took whole from
+/// its client but could not write whole: the store answered it early
+/// (1 s after its head, without reading the body) and leaves the body
+/// unread for [`UNREAD_FOR`], keeping the connection, so the rest of the
+/// body waits in hyper's write buffer. How large a body does that depends
+/// on the kernel's buffers (fencegate's send buffer grows up to
+/// `tcp_wmem`'s maximum, as the congestion control sees fit), so the body
+/// starts above what they can hold and shrinks by [`BODY_STEP`] until
+/// fencegate takes one whole, which it shows by the write leaving the
+/// domain (it holds its place there until its body is taken whole): that
+/// one leaves hyper's write buffer nearly full. (The larger ones are cut
+/// after `body_idle_timeout`, 1 s, with the store taking none of them.)
+/// Returns fencegate, the client's side of the write (held open) and its
+/// path. (`connect_timeout` 1 s makes the barrier's safety limit 3.5 s.)
+async fn body_stuck_behind_an_early_answer(
+    store: &ScriptedStore,
+) -> (
+    Fencegate,
+    (
+        tokio::net::tcp::OwnedReadHalf,
+        tokio::task::JoinHandle<std::io::Result<tokio::net::tcp::OwnedWriteHalf>>,
+    ),
+    String,
+) {
+    let (fg, _) = start(store, |c| {
+        c.workers(1)
+            .connect_timeout(Duration::from_secs(1))
+            .body_idle_timeout(Duration::from_secs(1))
+    })
+    .await;
+    // Every store connection, the warm-up's first, takes little of a body
+    // the store does not read.
+    store.set_receive_buffer(16 << 10);
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    let mut len = max_send_buffer() + (256 << 10);
+    while len > BODY_STEP {
+        let path = format!("/d/big-{len}");
+        let fault = Fault::AnswerEarlyThenClose {
+            answer_after: Duration::from_secs(1),
+            close_after: UNREAD_FOR,
+        };
+        store.fault_path(&path, fault);
+        let (reader, sending) = early_answered_write(&fg, &path, 5, len, len).await;
+        if no_write_in_flight(&fg, Duration::from_millis(300)).await {
+            eprintln!("stuck body: fencegate took {len} bytes whole");
+            return (fg, (reader, sending), path);
+        }
+        // The store takes none of the rest: the write is cut within two
+        // body_idle_timeouts.
+        sending.abort();
+        drop(reader);
+        assert!(
+            no_write_in_flight(&fg, Duration::from_secs(4)).await,
+            "a write whose body the store left unread stayed in flight\n{}",
+            log_tail(&fg)
+        );
+        len -= BODY_STEP;
+    }
+    panic!(
+        "fencegate never took a body whole that the store answered early and left unread\n{}",
+        log_tail(&fg)
+    );
+}
+
+/// What a raw exchange came to, even one with no answer.
+fn outcome(raw: &Raw) -> String {
+    match find(&raw.bytes, b"\r\n\r\n") {
+        Some(_) => raw.summary(),
+        None => format!("no answer, {:?}", raw.ended),
+    }
+}
+
+/// The store's events, one a line: method, path, token, kind, and when
+/// (after the first event).
+fn timeline(events: &[crate::support::Event]) -> String {
+    let Some(first) = events.first() else {
+        return "(no events)".to_string();
+    };
+    let lines: Vec<String> = events
+        .iter()
+        .map(|e| {
+            let at = e.at.duration_since(first.at);
+            let token = e.token.as_deref().unwrap_or("-");
+            format!("  {at:>12.3?} {} {} token {token} {:?}", e.method, e.path, e.kind)
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// `fencegate_barrier_timeouts_total` of `d`.
+fn barrier_timeouts(fg: &Fencegate) -> f64 {
+    let text = fg.admin_get("/metrics").body;
+    let series = format!("fencegate_barrier_timeouts_total{{domain=\"{DOMAIN}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series}in /metrics:\n{text}"))
+}
+
+/// A store may answer a request before reading its body and then stop
+/// reading for a while, keeping the connection. If fencegate has taken the
+/// whole body from its client by then, the rest of it can still be queued
+/// in hyper's write buffer, and the connection is not ready for another
+/// request until the store reads again or closes it. The pool must not
+/// hand it out, or the next request waits behind that body, before its
+/// `request_timeout` starts, for as long as the store pleases. (The
+/// per-thread pool of c73a3d1 did: it pooled a connection once its body
+/// was taken whole, and a checkout waited, with no timeout, for the
+/// connection to become ready.) The next request must take another
+/// connection and be answered at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_after_an_early_answer_whose_body_is_stuck_takes_another_connection() {
+    let store = ScriptedStore::start().await;
+    let (fg, _big, big_path) = body_stuck_behind_an_early_answer(&store).await;
+
+    let next = exchange(&fg, "GET", "/d/next", None, 0).await;
+    assert!(
+        next.took < Duration::from_secs(1),
+        "a bodiless read right after the early answer took {:?} ({}): it waited for the \
+         connection whose body the store leaves unread for {UNREAD_FOR:?}\n{}",
+        next.took,
+        outcome(&next),
+        log_tail(&fg)
+    );
+    check(
+        &fg,
+        &next,
+        Expect::Store(201, ""),
+        "a read right after the early answer",
+    );
+    let events = store.events();
+    let head = events
+        .iter()
+        .position(|e| e.path == "/d/next" && e.kind == EventKind::HeadArrived)
+        .expect("the read reached the store");
+    assert!(
+        !events[..head]
+            .iter()
+            .any(|e| e.path == big_path && e.kind == EventKind::Broken),
+        "the read reached the store only after it closed {big_path}'s connection:\n{}",
+        timeline(&events)
+    );
+    eprintln!("stuck body: the next read answered in {:?}", next.took);
+}
+
+/// The same with fencing, as the reviewer of c73a3d1 found it: a bodiless
+/// write at the current epoch that waits behind the stuck body has its
+/// body (none) sent whole, so a raise does not abort it but waits for it
+/// in the barrier, which gives up at its safety limit and lets the raise
+/// through; when the store then closes the stuck connection, the lower
+/// write is sent on another and reaches the store after the raise. The
+/// lower write must take another connection at once, be answered, and
+/// reach the store before the raise, with no barrier giving up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lower_write_after_an_early_answer_whose_body_is_stuck_reaches_the_store_before_the_raise() {
+    let store = ScriptedStore::start().await;
+    let (fg, _big, _) = body_stuck_behind_an_early_answer(&store).await;
+
+    let lower = exchange(&fg, "DELETE", "/d/lower", Some(5), 0);
+    let raise = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        put(&fg, "/d/raise", 6).await
+    };
+    let (lower, raise) = tokio::join!(lower, raise);
+
+    let events = store.events();
+    let head = |path: &str| {
+        events
+            .iter()
+            .position(|e| e.path == path && e.kind == EventKind::HeadArrived)
+    };
+    let timeouts = barrier_timeouts(&fg);
+    if let (Some(low), Some(high)) = (head("/d/lower"), head("/d/raise")) {
+        assert!(
+            low < high,
+            "the token-5 DELETE reached the store after the raise to 6 (DELETE answered in {:?}: {}; \
+             raise in {:?}; barrier timeouts {timeouts}); the store saw:\n{}\n{}",
+            lower.took,
+            outcome(&lower),
+            raise.2,
+            timeline(&events),
+            log_tail(&fg)
+        );
+    }
+    assert!(
+        lower.took < Duration::from_secs(1),
+        "the token-5 DELETE took {:?} ({}): it waited for the connection whose body the store \
+         leaves unread for {UNREAD_FOR:?}\n{}",
+        lower.took,
+        outcome(&lower),
+        log_tail(&fg)
+    );
+    check(&fg, &lower, Expect::Store(201, ""), "the token-5 DELETE");
+    assert_admitted(&fg, &raise, "the raise to 6");
+    assert_eq!(
+        timeouts, 0.0,
+        "fencegate_barrier_timeouts_total{{domain=\"{DOMAIN}\"}}"
+    );
+    assert_fenced_at(&fg, 6, "after the raise").await;
+    eprintln!(
+        "stuck body: the token-5 DELETE answered in {:?}, the raise to 6 in {:?}",
+        lower.took, raise.2
+    );
 }

@@ -40,6 +40,9 @@ pub struct FencegateConfig {
     pub header_read_timeout: Option<Duration>,
     pub max_header_bytes: Option<u64>,
     pub shutdown_grace: Option<Duration>,
+    /// `server.workers`: serving threads, each with its own store
+    /// connections.
+    pub workers: Option<usize>,
     pub upstream_url: String,
     pub connect_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
@@ -66,6 +69,7 @@ impl FencegateConfig {
             header_read_timeout: None,
             max_header_bytes: None,
             shutdown_grace: None,
+            workers: None,
             upstream_url: upstream_url.to_string(),
             connect_timeout: None,
             request_timeout: None,
@@ -101,6 +105,11 @@ impl FencegateConfig {
 
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.shutdown_grace = Some(d);
+        self
+    }
+
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = Some(n);
         self
     }
 
@@ -173,6 +182,9 @@ impl FencegateConfig {
             kv(&mut t, "max_header_bytes", &n.to_string());
         }
         opt_duration(&mut t, "shutdown_grace", self.shutdown_grace);
+        if let Some(n) = self.workers {
+            kv(&mut t, "workers", &n.to_string());
+        }
 
         t.push_str("\n[upstream]\n");
         kv(&mut t, "url", &quote(&self.upstream_url));

@@ -62,6 +62,15 @@ pub enum Fault {
     /// `read_after` later, in the background, and record how it ended
     /// (`BodyComplete` or `BodyFailed`, with the bytes read).
     AnswerEarly { read_after: Duration },
+    /// Answer `200` `answer_after` after the head arrived, before reading
+    /// the body (time for the client to have sent all of it, so that what
+    /// the store leaves unread waits in the sender's buffers); leave the
+    /// body unread for `close_after`, then close the connection and record
+    /// `Broken`.
+    AnswerEarlyThenClose {
+        answer_after: Duration,
+        close_after: Duration,
+    },
     /// Read the whole request, then never answer, until the store stops.
     NeverAnswer,
     /// Read the whole request, then answer `status` with `body`.
@@ -407,7 +416,16 @@ async fn handle(
         // Until the store stops, which drops this future with its connection.
         std::future::pending::<()>().await;
     }
-    if let Some(Fault::AnswerEarly { read_after }) = fault {
+    let early = match fault {
+        Some(Fault::AnswerEarly { read_after }) => Some((Duration::ZERO, read_after, false)),
+        Some(Fault::AnswerEarlyThenClose {
+            answer_after,
+            close_after,
+        }) => Some((answer_after, close_after, true)),
+        _ => None,
+    };
+    if let Some((answer_after, read_after, close)) = early {
+        tokio::time::sleep(answer_after).await;
         let mut body = req.into_body();
         let (shared, token, method, path, query) = (
             shared.clone(),
@@ -420,6 +438,12 @@ async fn handle(
             tokio::time::sleep(read_after).await;
             let mut data = BytesMut::new();
             let kind = loop {
+                if close {
+                    // hyper closes a connection whose request body was
+                    // dropped unread.
+                    drop(body);
+                    break EventKind::Broken;
+                }
                 match body.frame().await {
                     Some(Ok(frame)) => {
                         if let Some(chunk) = frame.data_ref() {
