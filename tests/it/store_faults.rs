@@ -2,7 +2,8 @@
 //! HTTP): it refuses connections, resets in the middle of a request body,
 //! closes without answering, answers a head and then breaks the body,
 //! never answers, never reads a large body, answers early and leaves the
-//! rest of a body unread, or answers 500/503 itself.
+//! rest of a body unread, answers 500/503 itself, or closes an idle pooled
+//! connection just as fencegate sends the next request on it.
 //!
 //! For each fault: the writer gets the right answer (502/504 with the
 //! reason, or the store's own answer untouched, or a body that is visibly
@@ -18,7 +19,7 @@
 //! answers (`responses.rs`), a raise aborting a lower body the store is not
 //! reading and a lower write outliving `request_timeout` (`barrier.rs`).
 
-use crate::support::{EventKind, Fault, Fencegate, FencegateConfig, ScriptedStore};
+use crate::support::{send_signal, EventKind, Fault, Fencegate, FencegateConfig, ScriptedStore};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1083,5 +1084,324 @@ async fn a_lower_write_after_an_early_answer_whose_body_is_stuck_reaches_the_sto
     eprintln!(
         "stuck body: the token-5 DELETE answered in {:?}, the raise to 6 in {:?}",
         lower.took, raise.2
+    );
+}
+
+// ------------------------------------- a pooled connection closed by the store
+
+/// A keep-alive store speaking raw HTTP/1.1: it answers every request head
+/// `204 No Content` at once, records on which of its connections (numbered
+/// from 0 in the order accepted) each request line arrived, and closes a
+/// connection (FIN) on command. Dropping it stops it.
+struct ConnStore {
+    addr: std::net::SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<StoreConn>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+struct StoreConn {
+    /// The request lines, in order.
+    requests: Vec<String>,
+    /// Closes the connection when sent or dropped.
+    close: Option<tokio::sync::oneshot::Sender<()>>,
+    closed: bool,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ConnStore {
+    async fn start() -> ConnStore {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the store");
+        let addr = listener.local_addr().expect("store address");
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<StoreConn>::new()));
+        let shared = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (close, closing) = tokio::sync::oneshot::channel();
+                let mut list = shared.lock().unwrap();
+                let id = list.len();
+                let task = tokio::spawn(ConnStore::serve(stream, id, shared.clone(), closing));
+                list.push(StoreConn {
+                    requests: Vec::new(),
+                    close: Some(close),
+                    closed: false,
+                    task: Some(task),
+                });
+            }
+        });
+        ConnStore { addr, conns, accept }
+    }
+
+    async fn serve(
+        mut stream: TcpStream,
+        id: usize,
+        conns: std::sync::Arc<std::sync::Mutex<Vec<StoreConn>>>,
+        mut closing: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = tokio::select! {
+                _ = &mut closing => break,
+                n = stream.read(&mut chunk) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some(end) = find(&buf, b"\r\n\r\n") {
+                let head: Vec<u8> = buf.drain(..end + 4).collect();
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                conns.lock().unwrap()[id].requests.push(line);
+                if stream
+                    .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        conns.lock().unwrap()[id].closed = true;
+        // Dropping the stream closes it: a FIN, nothing being unread.
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The connections still open.
+    fn open(&self) -> Vec<usize> {
+        let conns = self.conns.lock().unwrap();
+        (0..conns.len()).filter(|&id| !conns[id].closed).collect()
+    }
+
+    /// The connections on which `line` (e.g. "GET /x HTTP/1.1") arrived,
+    /// once per arrival.
+    fn seen_on(&self, line: &str) -> Vec<usize> {
+        let conns = self.conns.lock().unwrap();
+        let mut on = Vec::new();
+        for (id, conn) in conns.iter().enumerate() {
+            on.extend(conn.requests.iter().filter(|r| *r == line).map(|_| id));
+        }
+        on
+    }
+
+    /// Every connection with its request lines, for failure messages.
+    fn summary(&self) -> String {
+        let conns = self.conns.lock().unwrap();
+        let lines: Vec<String> = conns
+            .iter()
+            .enumerate()
+            .map(|(id, c)| {
+                let state = if c.closed { "closed" } else { "open" };
+                format!("  conn {id} ({state}): {:?}", c.requests)
+            })
+            .collect();
+        lines.join("\n")
+    }
+
+    /// Closes connection `id` and waits (≤ 2 s) until it is closed.
+    async fn close(&self, id: usize) {
+        let close = self.conns.lock().unwrap()[id].close.take();
+        if let Some(close) = close {
+            let _ = close.send(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.conns.lock().unwrap()[id].closed {
+            assert!(
+                Instant::now() < deadline,
+                "the store did not close its connection {id}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for ConnStore {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for conn in self.conns.lock().unwrap().iter_mut() {
+            if let Some(task) = conn.task.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Sends SIGSTOP or SIGCONT to fencegate and waits (≤ 5 s) until every one
+/// of its threads is stopped, or none is.
+fn signal_and_wait(fg: &Fencegate, signal: &str) {
+    let pid = fg.pid().expect("fencegate runs");
+    let want_stopped = signal == "STOP";
+    tokio::task::block_in_place(|| send_signal(i64::from(pid), signal));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("fencegate's threads");
+        let states: Vec<char> = tasks
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+            // The state follows the command, which is in parentheses.
+            .filter_map(|stat| stat.rsplit_once(')')?.1.trim_start().chars().next())
+            .collect();
+        if states.iter().all(|&s| (s == 'T') == want_stopped) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fencegate's threads after SIG{signal}: states {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Reads one response from `stream` (≤ [`HANG`]): its status line and
+/// whether fencegate keeps the connection open; the body is read by its
+/// `Content-Length` (none for 204).
+async fn read_response(stream: &mut TcpStream) -> Result<(String, bool), String> {
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = find(&buf, b"\r\n\r\n") {
+                break end + 4;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&buf))),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("read failed: {e}")),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap_or(0));
+        while buf.len() < end + length {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text.lines().next().unwrap_or("").to_string();
+        let keep = !head.contains("connection: close") && buf.len() >= end + length;
+        Ok((format!("{status} {:?}", &text[end.min(text.len())..]), keep))
+    };
+    tokio::time::timeout(HANG, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {HANG:?}")))
+}
+
+/// The store closes an idle pooled connection, and the next request is
+/// checked out on it before fencegate's connection task has read the FIN
+/// (hyper still calls it ready): hyper then reads the EOF before writing
+/// anything and gives the request back unsent, and fencegate must send it
+/// on another connection (forward.rs, `Upstream::send`), not answer 502.
+///
+/// The race is forced from outside: fencegate (one serving thread, one
+/// event loop) is stopped with SIGSTOP, the store closes the pooled
+/// connection and the client sends its next GET on a kept-alive
+/// connection, and SIGCONT lets the event loop see both at once. Which it
+/// handles first follows the order in which they arrived, so the cycles
+/// alternate: the request first (the connection is still ready when it is
+/// checked out: the resend), then the FIN first (the pool drops the closed
+/// connection itself). Every GET must be answered 204 by the store, which
+/// must have seen it once, on a new connection. (A GET on a new client
+/// connection would always come after the FIN: the task serving it is
+/// spawned when it is accepted, behind the store connection's task.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_on_a_pooled_connection_the_store_just_closed_is_sent_on_another() {
+    const CYCLES: usize = 12;
+    let store = ConnStore::start().await;
+    let config = FencegateConfig::new(&store.url())
+        .workers(1)
+        .request_timeout(REQUEST_TIMEOUT);
+    let fg = tokio::task::block_in_place(|| Fencegate::start(config));
+    let mut client = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: store\r\n\r\n");
+
+    let mut outcomes = Vec::new();
+    for cycle in 0..CYCLES {
+        let request_first = cycle % 2 == 0;
+        let path = format!("/cycle-{cycle}");
+        // A connection to pool, at first and after a cycle that left none
+        // (one answered 502).
+        if store.open().is_empty() {
+            client
+                .write_all(get(&format!("/warm-{cycle}")).as_bytes())
+                .await
+                .unwrap();
+            let warm = read_response(&mut client).await;
+            assert!(
+                matches!(&warm, Ok((status, true)) if status.starts_with("HTTP/1.1 204")),
+                "cycle {cycle}: a GET with no connection to the store open: {warm:?}\n{}",
+                store.summary()
+            );
+        }
+        // Time for the connection to enter the pool after its answer.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let open = store.open();
+        assert_eq!(
+            open.len(),
+            1,
+            "cycle {cycle}: the store should have one connection from fencegate open\n{}",
+            store.summary()
+        );
+        let pooled = open[0];
+
+        let started = Instant::now();
+        signal_and_wait(&fg, "STOP");
+        if request_first {
+            client.write_all(get(&path).as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            store.close(pooled).await;
+        } else {
+            store.close(pooled).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(get(&path).as_bytes()).await.unwrap();
+        }
+        // Both are in fencegate's sockets before it runs again.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        signal_and_wait(&fg, "CONT");
+        let answer = read_response(&mut client).await;
+        let took = started.elapsed();
+
+        let order = if request_first {
+            "request first"
+        } else {
+            "FIN first"
+        };
+        let seen_on = store.seen_on(&format!("GET {path} HTTP/1.1"));
+        eprintln!(
+            "pooled close, cycle {cycle} ({order}): {answer:?} in {took:?}, store saw it on {seen_on:?}"
+        );
+        let keep = matches!(&answer, Ok((_, true)));
+        outcomes.push((cycle, order, answer, seen_on, pooled));
+        if !keep {
+            client = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+        }
+    }
+
+    let wrong: Vec<_> = outcomes
+        .iter()
+        .filter(|(_, _, answer, seen_on, pooled)| {
+            let store_204 = matches!(answer, Ok((status, _)) if status.starts_with("HTTP/1.1 204"));
+            !store_204 || seen_on.len() != 1 || seen_on[0] == *pooled
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {CYCLES} GETs sent just as the store closed the pooled connection were not the store's \
+         204 on a new connection (cycle, order, answer, connections that saw it, the closed one):\n\
+         {wrong:#?}\nthe store's connections:\n{}\n{}",
+        wrong.len(),
+        store.summary(),
+        log_tail(&fg)
     );
 }
