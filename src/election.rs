@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::{Consistency, OnUnavailable};
 use crate::fencing::Leader;
+use crate::gate::{wait_shard, WAIT_SHARDS};
 use crate::metrics::ElectionMetrics;
 
 /// How a view judges its own knowledge.
@@ -252,6 +253,14 @@ impl ElectionView {
 /// read is in flight at a time and serves every request that arrived
 /// before it started, so a burst of writes costs one or two reads, not one
 /// each.
+///
+/// The reader runs on the main runtime, and the waiting requests on the
+/// serving threads. Woken one by one from the reader's thread, each would
+/// cost a wake-up across runtimes (a system call). So each serving thread
+/// runs a [`relay`](ReadQueue::relay): requests wait in their thread's own
+/// list, and the reader wakes only the relays, which wake their thread's
+/// requests locally. Requests on a thread without a relay wait for the
+/// reader directly.
 #[derive(Default)]
 pub struct ReadQueue {
     /// Number of the last read started.
@@ -263,7 +272,13 @@ pub struct ReadQueue {
     /// Number of the last read that succeeded.
     succeeded: AtomicU64,
     wake_reader: Notify,
+    /// Woken when a read finishes: the relays, and requests on threads
+    /// without one.
     read_done: Notify,
+    /// Per thread (see [`wait_shard`]): requests waiting for their relay.
+    relayed: [Notify; WAIT_SHARDS],
+    /// Per thread: whether a relay runs there.
+    relaying: [AtomicBool; WAIT_SHARDS],
 }
 
 impl ReadQueue {
@@ -277,14 +292,49 @@ impl ReadQueue {
         let need = arrival + 1;
         self.wanted.fetch_max(need, SeqCst);
         self.wake_reader.notify_one();
+        let shard = wait_shard();
         loop {
-            let done = self.read_done.notified();
+            let list = match self.relaying[shard].load(SeqCst) {
+                true => &self.relayed[shard],
+                false => &self.read_done,
+            };
+            let done = list.notified();
             tokio::pin!(done);
+            // Registered before the check: a read finishing after the
+            // check wakes it (through the relay, which registers for the
+            // next read before it relays).
             done.as_mut().enable();
             if self.finished.load(SeqCst) >= need {
                 return self.succeeded.load(SeqCst) >= need;
             }
             done.await;
+        }
+    }
+
+    /// Relays the end of every read to the requests of this thread; runs
+    /// until dropped (with the thread's runtime).
+    pub async fn relay(&self) {
+        let shard = wait_shard();
+        /// Stops the relaying when the relay ends: requests waiting for it
+        /// are woken to wait for the reader instead.
+        struct Stop<'a>(&'a ReadQueue, usize);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.relaying[self.1].store(false, SeqCst);
+                self.0.relayed[self.1].notify_waiters();
+            }
+        }
+        let _stop = Stop(self, shard);
+        self.relaying[shard].store(true, SeqCst);
+        loop {
+            let next = self.read_done.notified();
+            tokio::pin!(next);
+            next.as_mut().enable();
+            // Wakes every request that registered before this point; one
+            // registering later finds the read finished, or is woken by
+            // the next pass.
+            self.relayed[shard].notify_waiters();
+            next.await;
         }
     }
 
@@ -443,6 +493,41 @@ mod tests {
             "both joined read 1"
         );
         assert_eq!(q.started.load(SeqCst), 1, "one read served both");
+    }
+
+    #[tokio::test]
+    async fn a_relay_wakes_its_threads_confirmations_and_its_end_hands_them_back() {
+        let q = Arc::new(ReadQueue::default());
+        let relay = tokio::spawn({
+            let q = q.clone();
+            async move { q.relay().await }
+        });
+        tokio::task::yield_now().await;
+        let confirm = |q: &Arc<ReadQueue>| {
+            let (q, arrival) = (q.clone(), q.arrival());
+            tokio::spawn(async move { q.confirm(arrival).await })
+        };
+        let waiters: Vec<_> = (0..10).map(|_| confirm(&q)).collect();
+        tokio::task::yield_now().await;
+        let seq = q
+            .next(Instant::now() + Duration::from_secs(60), Instant::now())
+            .await;
+        q.finish(seq, true);
+        for w in waiters {
+            assert!(w.await.unwrap(), "woken through the relay");
+        }
+        // A request waiting in the relay's list when the relay stops waits
+        // for the reader instead.
+        let late = confirm(&q);
+        tokio::task::yield_now().await;
+        relay.abort();
+        let _ = relay.await;
+        let seq = q
+            .next(Instant::now() + Duration::from_secs(60), Instant::now())
+            .await;
+        q.finish(seq, true);
+        let woken = tokio::time::timeout(Duration::from_secs(5), late).await;
+        assert!(woken.expect("not stranded by the relay's end").unwrap());
     }
 
     #[tokio::test]

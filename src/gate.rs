@@ -111,7 +111,7 @@ impl Ticket {
 /// How many wait lists an [`AbortSignal`] keeps. Each thread uses its own
 /// (threads are given one in turn), so with up to this many threads no two
 /// share one.
-const WAIT_SHARDS: usize = 16;
+pub(crate) const WAIT_SHARDS: usize = 16;
 
 /// A one-way flag that tells a generation's writes to stop sending, and
 /// wakes those that wait for it.
@@ -164,8 +164,9 @@ impl AbortSignal {
     }
 }
 
-/// This thread's wait list in every [`AbortSignal`].
-fn wait_shard() -> usize {
+/// This thread's wait list in every [`AbortSignal`] (and every
+/// [`crate::election::ReadQueue`]).
+pub(crate) fn wait_shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static SHARD: usize = NEXT.fetch_add(1, SeqCst) % WAIT_SHARDS;

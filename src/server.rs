@@ -73,6 +73,11 @@ pub async fn serve_workers(
                 let ended = runtime.block_on(async move {
                     let shortest = proxy.shortest_timeout().min(settings.header_read_timeout);
                     let anchor = tokio::spawn(timer_anchor(anchor_period(shortest)));
+                    let relays: Vec<_> = gates
+                        .iter()
+                        .filter_map(|gate| gate.election.clone())
+                        .map(|view| tokio::spawn(async move { view.reads.relay().await }))
+                        .collect();
                     let listener = TcpListener::from_std(listener).expect("a listening socket");
                     let drain = serve(listener, proxy, &settings, stop.cancelled_owned()).await;
                     // Dropping this runtime would cancel the exchanges still
@@ -80,6 +85,7 @@ pub async fn serve_workers(
                     // connections, so the clean mark is never a lie.
                     let writes_ended = writes_ended(&gates, settings.shutdown_grace).await;
                     anchor.abort();
+                    relays.iter().for_each(tokio::task::JoinHandle::abort);
                     Ended { drain, writes_ended }
                 });
                 let _ = tx.send(ended);
