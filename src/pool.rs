@@ -146,7 +146,7 @@ impl Conn {
     /// waits for that (and drops it if the connection closes instead, or
     /// stays unready for the idle timeout).
     fn recycle(mut self) {
-        if self.kill.is_killed() || self.sender.is_closed() {
+        if self.sender.is_closed() {
             return;
         }
         if self.sender.is_ready() {
@@ -165,6 +165,7 @@ impl Conn {
         });
     }
 
+    /// Pools the connection unless it was cut meanwhile.
     fn enter_pool(self) {
         if self.kill.is_killed() {
             return;

@@ -325,6 +325,22 @@ impl Raw {
     }
 }
 
+/// Writes `len` bytes of body (`x`s), `chunk` bytes at a time.
+async fn write_filler(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    len: usize,
+    chunk: usize,
+) -> std::io::Result<()> {
+    let chunk = vec![b'x'; chunk];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        writer.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    Ok(())
+}
+
 /// Sends `METHOD path` with `token` and a body of `body_len` bytes over a
 /// fresh connection (`Connection: close`), writing the body while reading,
 /// and reads until fencegate closes, the connection breaks, or `HANG`.
@@ -341,13 +357,7 @@ async fn exchange(fg: &Fencegate, method: &str, path: &str, token: Option<u64>, 
     );
     let sending = tokio::spawn(async move {
         writer.write_all(head.as_bytes()).await?;
-        let chunk = vec![b'x'; 64 << 10];
-        let mut left = body_len;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            writer.write_all(&chunk[..n]).await?;
-            left -= n;
-        }
+        write_filler(&mut writer, body_len, 64 << 10).await?;
         // Keep the write half open: a FIN is no part of the request.
         std::future::pending::<()>().await;
         Ok::<_, std::io::Error>(writer)
@@ -763,13 +773,7 @@ async fn early_answered_write(
         format!("PUT {path} HTTP/1.1\r\nHost: store.test\r\nFencing-Token: {token}\r\nContent-Length: {body_len}\r\n\r\n");
     let sending = tokio::spawn(async move {
         writer.write_all(head.as_bytes()).await?;
-        let chunk = vec![b'x'; 1 << 20];
-        let mut left = send;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            writer.write_all(&chunk[..n]).await?;
-            left -= n;
-        }
+        write_filler(&mut writer, send, 1 << 20).await?;
         // Keep the body open: the client pauses (or is still blocked above).
         tokio::time::sleep(HANG).await;
         Ok::<_, std::io::Error>(writer)
