@@ -294,16 +294,21 @@ impl ReadQueue {
         self.wake_reader.notify_one();
         let shard = wait_shard();
         loop {
-            let list = match self.relaying[shard].load(SeqCst) {
+            let relayed = self.relaying[shard].load(SeqCst);
+            let list = match relayed {
                 true => &self.relayed[shard],
                 false => &self.read_done,
             };
             let done = list.notified();
             tokio::pin!(done);
-            // Registered before the check: a read finishing after the
-            // check wakes it (through the relay, which registers for the
-            // next read before it relays).
+            // Registered before the checks: a read finishing after them
+            // wakes it (through the relay, which registers for the next
+            // read before it relays), and so does a relay that ends.
             done.as_mut().enable();
+            if relayed && !self.relaying[shard].load(SeqCst) {
+                // The relay ended before this registered: wait for the reader.
+                continue;
+            }
             if self.finished.load(SeqCst) >= need {
                 return self.succeeded.load(SeqCst) >= need;
             }
