@@ -1,7 +1,7 @@
 # fencegate: multi-stage build, slim non-root runtime.
 # Not built in this project's CI (no Docker engine there); kept conventional.
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler \
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
