@@ -163,6 +163,11 @@ def print_targets(kind, summary, refs):
         print(f"- PUT, 64 connections, fencegate req/s ÷ {ref} ≥ 1.25: " + verdict(g(64, "PUT", ref), lambda m: m >= 1.25))
         print(f"- PUT, 64 connections, fencegate p99 ÷ {ref} p99 ≤ 1: " + verdict(g(64, "PUT", "p99:" + ref), lambda m: m <= 1.0))
         print(f"- GET, 64 connections, fencegate req/s ÷ {ref} ≥ 1: " + verdict(g(64, "GET", ref), lambda m: m >= 1.0))
+        floor = lambda conc, method: summary.get((conc, method, "relay"), {}).get(ref, [])
+        if floor(64, "PUT"):
+            print(f"- the floor, a TCP relay that parses nothing (no HTTP proxy that reads and writes each message "
+                  f"once on each side does less): PUT ÷ {ref} {fmt_ratio(floor(64, 'PUT'))}, "
+                  f"GET ÷ {ref} {fmt_ratio(floor(64, 'GET'))}")
         for conc in sorted({k[0] for k in summary}):
             if conc == 64:
                 continue
