@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use crate::socket::SocketIo;
 
 #[derive(Default)]
 struct Switch {
@@ -51,7 +52,7 @@ impl KillHandle {
 
 /// A TCP connection to the store with a kill switch.
 pub struct KillableStream {
-    io: TokioIo<TcpStream>,
+    io: SocketIo,
     switch: Arc<Switch>,
 }
 
@@ -179,7 +180,7 @@ pub async fn connect(
         .map_err(|e| ConnectError::Io(address(), e))?;
     let switch = Arc::<Switch>::default();
     let stream = KillableStream {
-        io: TokioIo::new(stream),
+        io: SocketIo::new(stream),
         switch: switch.clone(),
     };
     Ok((stream, KillHandle(switch)))

@@ -9,7 +9,8 @@
 //!   in flight) and runs raises with their barrier; [`committer`] makes
 //!   raises durable in the [`state`] file, several raises per commit.
 //! - [`proxy`] is the data path of one request, top to bottom; [`forward`],
-//!   [`body`] and [`hop`] are its store side, bodies and header hygiene.
+//!   [`body`] and [`hop`] are its store side, bodies and header hygiene;
+//!   [`socket`] is how both sides' connections read and write.
 //! - [`error`] is the one place that turns refusals into HTTP answers.
 //! - [`server`], [`admin`], [`metrics`], [`shutdown`] and [`app`] run the
 //!   process; [`commands`] are the subcommands and their exit codes.
@@ -36,5 +37,6 @@ pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
+pub mod socket;
 pub mod state;
 pub mod token;

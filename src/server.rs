@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,7 @@ use crate::config::ServerConfig;
 use crate::gate::Gates;
 use crate::hop::Peer;
 use crate::proxy::Proxy;
+use crate::socket::SocketIo;
 
 /// Whether every connection ended within the grace period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,7 +187,7 @@ pub async fn serve(
             let client = client.clone();
             async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let connection = graceful.watch(http.serve_connection(SocketIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
