@@ -88,10 +88,14 @@ impl Upstream {
             .min(self.connect_timeout)
     }
 
-    /// The request target at the store (origin form) for a normalized
-    /// path and the original query.
-    pub fn uri(&self, path: &NormalPath, query: Option<&str>) -> Uri {
-        let path_and_query = match query {
+    /// The request target at the store (origin form): the normalized path
+    /// and the original query. A target already in that form is kept as
+    /// it is (the common case, which saves building and parsing a new one).
+    pub fn uri(&self, original: Uri, path: &NormalPath) -> Uri {
+        if original.scheme().is_none() && original.path() == path.as_str() {
+            return original;
+        }
+        let path_and_query = match original.query() {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
         };

@@ -13,7 +13,7 @@ use http::header::{
 // hashes the name on every request.
 
 /// Hop-by-hop headers: meaningful for one connection only, never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -23,6 +23,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION,
 ];
+
+const HOP_BY_HOP_COUNT: usize = 8;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -68,30 +70,60 @@ pub fn check_connection(headers: &HeaderMap, fencing_header: &HeaderName) -> Res
 /// `TE: trailers` survives, since it asks the store for trailers we forward;
 /// `Expect` goes too, since fencegate answers `100-continue` itself.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<String> = connection_options(headers).collect();
-        for name in named {
-            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                headers.remove(name);
-            }
+    // One pass over the names finds what is there: most messages carry no
+    // hop-by-hop header but `Connection`, and a `remove` of an absent name
+    // still hashes it (ten of them were a tenth of a read's instructions).
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    let mut expect = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        } else if name == EXPECT {
+            expect = is_request;
+        }
+    }
+    if present[0] {
+        for named in connection_named(headers) {
+            headers.remove(named);
         }
     }
     let wants_trailers = is_request
+        && present[HOP_BY_HOP.iter().position(|h| h == TE).expect("TE is hop-by-hop")]
         && headers
             .get_all(TE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
         headers.remove(name);
     }
-    if is_request {
+    if expect {
         headers.remove(EXPECT);
-        if wants_trailers {
-            headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    if wants_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The headers present in `headers` that its `Connection` header names
+/// (`Connection: keep-alive` names a header that is rarely there).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named = Vec::new();
+    for option in headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+    {
+        let option = option.trim_ascii();
+        if let Some(name) = headers
+            .keys()
+            .find(|k| k.as_str().as_bytes().eq_ignore_ascii_case(option))
+        {
+            named.push(name.clone());
         }
     }
+    named
 }
 
 /// A connection's client as fencegate names it to the store. The values
