@@ -7,6 +7,15 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use fencegate::commands::{self, Fatal};
 
+/// jemalloc rather than glibc's malloc. hyper gives each message it parses
+/// a new 8 KiB read buffer (the last one is still shared with the message),
+/// a size glibc serves from its bins under a lock, not from its per-thread
+/// cache; jemalloc's thread caches cover it. Measured (bench/RESULTS.md):
+/// 4-5 % fewer instructions per request, and less memory with 1,000 idle
+/// connections (26.8 against 28.6 MB), since glibc's arenas fragment.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A storage-side fencing proxy: refuses writes from deposed leaders.
 #[derive(Parser)]
 #[command(version, about)]
