@@ -122,11 +122,12 @@ impl Upstream {
             };
             let kill = conn.kill_handle().clone();
             let response = conn.send(request);
+            let timeout = self.request_timeout;
             let deadline = async {
                 if let Err(cut_short) = while_unsent(exchange, Some(&kill), self.body_idle_timeout).await {
                     return cut_short;
                 }
-                tokio::time::sleep(self.request_timeout).await;
+                conn.request_timer(timeout).await;
                 // The store's outcome is unknown: the connection is cut so
                 // nothing more of this write can reach the store.
                 kill.kill();

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, EXPECT, FORWARDED, HOST, PROXY_AUTHENTICATE,
+    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, EXPECT, FORWARDED, HOST, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
 };
 
@@ -160,22 +160,36 @@ fn forwarded_element(ip: IpAddr) -> String {
 
 /// Appends the client's address to `X-Forwarded-For` and `Forwarded`.
 pub fn add_forwarded(headers: &mut HeaderMap, peer: &Peer) {
-    let previous = |headers: &HeaderMap, name: &HeaderName| {
-        headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-    };
-    let xff = match previous(headers, &X_FORWARDED_FOR) {
-        Some(previous) => HeaderValue::from_str(&format!("{previous}, {}", peer.ip)).ok(),
-        None => peer.xff.clone(),
-    };
-    let forwarded = match previous(headers, &FORWARDED) {
-        Some(previous) => HeaderValue::from_str(&format!("{previous}, {}", forwarded_element(peer.ip))).ok(),
-        None => peer.forwarded.clone(),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
-    if let Some(v) = forwarded {
-        headers.insert(FORWARDED, v);
+    append_hop(headers, X_FORWARDED_FOR, &peer.xff, || peer.ip.to_string());
+    append_hop(headers, FORWARDED, &peer.forwarded, || forwarded_element(peer.ip));
+}
+
+/// Sets `name` to its earlier hops' values, all of them in order, then
+/// ours; or to `own` (made once per connection) when there were none. One
+/// lookup either way.
+fn append_hop(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    own: &Option<HeaderValue>,
+    element: impl Fn() -> String,
+) {
+    match headers.entry(name) {
+        Entry::Vacant(slot) => {
+            if let Some(own) = own {
+                slot.insert(own.clone());
+            }
+        }
+        Entry::Occupied(mut slot) => {
+            let mut joined = Vec::new();
+            for earlier in slot.iter() {
+                joined.extend_from_slice(earlier.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(element().as_bytes());
+            if let Ok(value) = HeaderValue::from_bytes(&joined) {
+                slot.insert(value);
+            }
+        }
     }
 }
 
@@ -239,5 +253,10 @@ mod tests {
         let mut map = headers(&[("forwarded", "for=10.0.0.1")]);
         add_forwarded(&mut map, &Peer::new("[::1]:5000".parse().unwrap()));
         assert_eq!(map["forwarded"], "for=10.0.0.1, for=\"[::1]\";proto=http");
+        // Two lines of earlier hops are one list (RFC 9110 §5.3): none is lost.
+        let mut map = headers(&[("x-forwarded-for", "10.0.0.1"), ("x-forwarded-for", "10.0.0.2")]);
+        add_forwarded(&mut map, &Peer::new("127.0.0.1:5000".parse().unwrap()));
+        let all: Vec<_> = map.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["10.0.0.1, 10.0.0.2, 127.0.0.1"]);
     }
 }
