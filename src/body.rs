@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::gate::{AbortSignal, Ticket};
@@ -29,8 +29,11 @@ pub struct Exchange {
     /// `ABORTED` (the last byte never will be). Decided once, by CAS, so a
     /// write is never both answered "fenced" and completed at the store.
     state: AtomicU8,
-    /// Woken when the state leaves `SENDING`.
-    decided: Notify,
+    /// Wakes whoever waits for the state to leave `SENDING`. One waiter at
+    /// a time: the exchange's sender, which watches the body while it
+    /// connects, then while it sends, then (after an early answer) from the
+    /// guard's task; a `Notify` cost a waiter list for that one waiter.
+    decided: AtomicWaker,
     /// Frames the body handed to the connection so far: the store's reading
     /// of the body is seen as this count moving.
     frames: AtomicU64,
@@ -47,7 +50,7 @@ impl Exchange {
     pub fn new(ticket: Option<Ticket>) -> Arc<Exchange> {
         Arc::new(Exchange {
             state: AtomicU8::new(SENDING),
-            decided: Notify::new(),
+            decided: AtomicWaker::new(),
             frames: AtomicU64::new(0),
             awaiting_client: AtomicBool::new(false),
             ticket,
@@ -74,7 +77,7 @@ impl Exchange {
     pub fn complete(&self) -> bool {
         match self.state.compare_exchange(SENDING, SENT, SeqCst, SeqCst) {
             Ok(_) => {
-                self.decided.notify_waiters();
+                self.decided.wake();
                 true
             }
             Err(state) => state == SENT,
@@ -85,7 +88,7 @@ impl Exchange {
     pub fn abort(&self) -> bool {
         match self.state.compare_exchange(SENDING, ABORTED, SeqCst, SeqCst) {
             Ok(_) => {
-                self.decided.notify_waiters();
+                self.decided.wake();
                 true
             }
             Err(state) => state == ABORTED,
@@ -113,17 +116,22 @@ impl Exchange {
     }
 
     /// Resolves once the body was sent whole or aborted (a body dropped
-    /// before its end is aborted).
+    /// before its end is aborted). One waiter at a time (see `decided`).
     pub async fn wait_decided(&self) {
-        loop {
-            let notified = self.decided.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+        std::future::poll_fn(|cx| {
             if self.state.load(SeqCst) != SENDING {
-                return;
+                return Poll::Ready(());
             }
-            notified.await;
-        }
+            self.decided.register(cx.waker());
+            // Checked again after registering: a decision in between woke
+            // no one.
+            if self.state.load(SeqCst) != SENDING {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
     }
 }
 
@@ -314,6 +322,23 @@ mod tests {
         let err = body.collect().await.unwrap_err();
         assert!(matches!(err, BodyError::Fenced), "{err}");
         assert!(!exchange.complete());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_learns_a_decision_made_after_it_began_waiting() {
+        let exchange = Exchange::new(None);
+        let waiter = tokio::spawn({
+            let exchange = exchange.clone();
+            async move { exchange.wait_decided().await }
+        });
+        // The waiter runs until it waits (single-threaded test runtime).
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "nothing was decided yet");
+        assert!(exchange.complete());
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the decision woke the waiter")
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]

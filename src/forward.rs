@@ -3,6 +3,7 @@
 //! byte of it was written, on a pooled connection the store had closed.
 
 use std::error::Error as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use http::header::{HeaderValue, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::{BodyError, Exchange, GuardedBody};
 use crate::config::UpstreamConfig;
@@ -118,13 +120,16 @@ impl Upstream {
             let mut conn = tokio::select! {
                 biased;
                 conn = self.pool.checkout() => conn.map_err(|e| ForwardError::Connect(causes(&e)))?,
-                Err(why) = while_unsent(exchange, None, self.body_idle_timeout) => return Err(why),
+                Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => return Err(why),
             };
             let kill = conn.kill_handle().clone();
             let response = conn.send(request);
             let timeout = self.request_timeout;
             let deadline = async {
-                if let Err(cut_short) = while_unsent(exchange, Some(&kill), self.body_idle_timeout).await {
+                let stall_timer = Some(conn.timer());
+                if let Err(cut_short) =
+                    while_unsent(exchange, Some(&kill), self.body_idle_timeout, stall_timer).await
+                {
                     return cut_short;
                 }
                 conn.request_timer(timeout).await;
@@ -163,7 +168,7 @@ impl Upstream {
 /// task of its own.
 fn guard_unsent_body(exchange: Arc<Exchange>, connection: KillHandle, idle: Duration) {
     tokio::spawn(async move {
-        let _ = while_unsent(&exchange, Some(&connection), idle).await;
+        let _ = while_unsent(&exchange, Some(&connection), idle, None).await;
     });
 }
 
@@ -173,17 +178,19 @@ fn guard_unsent_body(exchange: Arc<Exchange>, connection: KillHandle, idle: Dura
 /// connection: the body may be stuck in the connection's buffer behind a
 /// store that is not reading, and no byte of it may reach the store after
 /// the raise. A body sent whole meanwhile is not aborted: its write waits
-/// for its answer like any other.
+/// for its answer like any other. The stall watch runs on `timer`, the
+/// connection's, where there is one.
 async fn while_unsent(
     exchange: &Exchange,
     connection: Option<&KillHandle>,
     idle: Duration,
+    timer: Option<Pin<&mut Sleep>>,
 ) -> Result<(), ForwardError> {
     let why = tokio::select! {
         biased;
         () = exchange.wait_decided() => return Ok(()),
         () = fenced(exchange.abort_signal()) => ForwardError::Fenced,
-        stalled = store_stalls(exchange, connection, idle) => stalled,
+        stalled = store_stalls(exchange, connection, idle, timer) => stalled,
     };
     if !exchange.abort() {
         return Ok(());
@@ -200,11 +207,22 @@ async fn while_unsent(
 /// connection is known (writes), a byte the kernel took from it. TCP opens
 /// its window in steps, so a store reading slower than about its receive
 /// buffer per `idle` looks stalled.
-async fn store_stalls(exchange: &Exchange, connection: Option<&KillHandle>, idle: Duration) -> ForwardError {
+async fn store_stalls(
+    exchange: &Exchange,
+    connection: Option<&KillHandle>,
+    idle: Duration,
+    timer: Option<Pin<&mut Sleep>>,
+) -> ForwardError {
+    let mut own = None;
+    let mut timer = match timer {
+        Some(timer) => timer,
+        None => own.insert(Box::pin(tokio::time::sleep(idle))).as_mut(),
+    };
     let progress = || (exchange.frames(), connection.map(KillHandle::written));
     let mut seen = progress();
     loop {
-        tokio::time::sleep(idle).await;
+        timer.as_mut().reset(Instant::now() + idle);
+        timer.as_mut().await;
         let now = progress();
         if now == seen && !exchange.awaiting_client() {
             return ForwardError::Stalled(idle);

@@ -59,11 +59,12 @@ pub struct Conn {
     kill: KillHandle,
     reused: bool,
     pool: Arc<Shared>,
-    /// The timer of each exchange's `request_timeout`, kept with the
+    /// The one timer of the exchanges on this connection (the stall watch
+    /// while a body is sent, then `request_timeout`), kept with the
     /// connection: moving a registered timer's deadline later is one
-    /// atomic store, where a new timer per request was a registration and
-    /// a removal in the runtime's timer wheel (4 % of a read's work).
-    request_timer: Pin<Box<Sleep>>,
+    /// atomic store, where a new timer each time was a registration and a
+    /// removal in the runtime's timer wheel.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Pool {
@@ -121,7 +122,7 @@ impl Pool {
             kill,
             reused: false,
             pool: shared.clone(),
-            request_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         })
     }
 }
@@ -138,9 +139,14 @@ impl Conn {
         self.reused
     }
 
+    /// This connection's timer, for the exchange that holds it to set.
+    pub fn timer(&mut self) -> Pin<&mut Sleep> {
+        self.timer.as_mut()
+    }
+
     /// This connection's timer, set to expire `timeout` from now.
     pub fn request_timer(&mut self, timeout: Duration) -> Pin<&mut Sleep> {
-        let mut timer = self.request_timer.as_mut();
+        let mut timer = self.timer.as_mut();
         timer.as_mut().reset(tokio::time::Instant::now() + timeout);
         timer
     }
