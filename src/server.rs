@@ -2,23 +2,33 @@
 //! HTTP/1.1 server, with the header read timeout and head size limit that
 //! protect it from slow or oversized clients, until shutdown.
 //!
-//! Like nginx's workers, the listener is served by several threads, each
-//! with a single-threaded event loop of its own that accepts connections
-//! from the shared socket and keeps its own connections to the store. A
-//! request and its exchange with the store then stay on one thread: no
-//! wake-ups across threads and no shared connection pool on the data path.
-//! The domains' state is shared (atomics), and so are the committer and
-//! the coordinator, which run on the main runtime.
+//! Like nginx's workers, connections are served by several threads, each
+//! with a single-threaded event loop of its own that keeps its own
+//! connections to the store. A request and its exchange with the store
+//! then stay on one thread: no wake-ups across threads and no shared
+//! connection pool on the data path. The domains' state is shared
+//! (atomics), and so are the committer and the coordinator, which run on
+//! the main runtime.
+//!
+//! One acceptor, on the main runtime, hands each new connection to the
+//! worker with the fewest open connections. Workers that accepted from the
+//! shared socket themselves split a burst of connections by who woke
+//! first: the first to wake took the whole backlog, and in 6 of 12 runs
+//! of wrk's 64 keep-alive connections one thread served all of them while
+//! the other idled (bench/RESULTS.md, step 12).
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
@@ -55,14 +65,21 @@ pub async fn serve_workers(
     settings: &ServerConfig,
     stop: CancellationToken,
 ) -> std::io::Result<Ended> {
-    let listener = listener.into_std()?;
+    let workers = workers.max(1);
+    let open: Arc<[AtomicUsize]> = (0..workers).map(|_| AtomicUsize::new(0)).collect();
+    let mut inboxes = Vec::with_capacity(workers);
     let mut done = Vec::new();
-    for i in 0..workers.max(1) {
-        let listener = listener.try_clone()?;
+    for i in 0..workers {
+        let (inbox, arrivals) = mpsc::unbounded_channel();
+        inboxes.push(inbox);
         let proxy = Arc::new(proxy());
         let gates = gates.clone();
         let settings = settings.clone();
         let stop = stop.clone();
+        let open = OpenCount {
+            open: open.clone(),
+            worker: i,
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name(format!("fencegate-worker-{i}"))
@@ -79,8 +96,7 @@ pub async fn serve_workers(
                         .filter_map(|gate| gate.election.clone())
                         .map(|view| tokio::spawn(async move { view.reads.relay().await }))
                         .collect();
-                    let listener = TcpListener::from_std(listener).expect("a listening socket");
-                    let drain = serve(listener, proxy, &settings, stop.cancelled_owned()).await;
+                    let drain = serve(arrivals, open, proxy, &settings, stop.cancelled_owned()).await;
                     // Dropping this runtime would cancel the exchanges still
                     // holding back a raise; wait for them like for the
                     // connections, so the clean mark is never a lie.
@@ -93,6 +109,9 @@ pub async fn serve_workers(
             })?;
         done.push(rx);
     }
+    accept(listener, &inboxes, &open, stop.cancelled()).await;
+    // Each worker stops at `stop` too; its inbox closing is the same news.
+    drop(inboxes);
     let mut all = Ended {
         drain: Drain::Complete,
         writes_ended: true,
@@ -108,6 +127,86 @@ pub async fn serve_workers(
         all.writes_ended &= ended.writes_ended;
     }
     Ok(all)
+}
+
+/// A new connection on its way to a worker.
+type Arrival = (std::net::TcpStream, SocketAddr);
+
+/// Accepts until `stop`, handing each connection to the worker with the
+/// fewest open connections.
+async fn accept(
+    listener: TcpListener,
+    inboxes: &[mpsc::UnboundedSender<Arrival>],
+    open: &[AtomicUsize],
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut next = 0;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors, most likely: back off rather
+                    // than spin, and keep serving the connections we have.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        // Leaves this runtime's event loop for the worker's.
+        let Ok(mut stream) = stream.into_std() else {
+            continue;
+        };
+        loop {
+            let worker = least_loaded(open, &mut next);
+            open[worker].fetch_add(1, Ordering::Relaxed);
+            match inboxes[worker].send((stream, peer)) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError((back, _))) => {
+                    // That worker's event loop is gone (it panicked): it
+                    // gets nothing more, and the others still serve.
+                    open[worker].store(usize::MAX / 2, Ordering::Relaxed);
+                    stream = back;
+                    if open.iter().all(|n| n.load(Ordering::Relaxed) >= usize::MAX / 2) {
+                        tracing::error!("every serving thread has ended; not accepting");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The worker with the fewest open connections; among equals, the first
+/// from `next` on, so that equal workers take turns.
+fn least_loaded(open: &[AtomicUsize], next: &mut usize) -> usize {
+    let n = open.len();
+    let start = *next % n;
+    let chosen = (0..n)
+        .map(|k| (start + k) % n)
+        .min_by_key(|&i| open[i].load(Ordering::Relaxed))
+        .expect("at least one worker");
+    *next = chosen + 1;
+    chosen
+}
+
+/// One worker's count of open connections, for the acceptor to compare.
+#[derive(Clone)]
+struct OpenCount {
+    open: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+/// Counts one of a worker's connections as open until dropped.
+struct Opened(OpenCount);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.open[self.0.worker].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Keeps a timer that expires before any timeout a request arms.
@@ -148,10 +247,12 @@ async fn writes_ended(gates: &Gates, limit: Duration) -> bool {
     }
 }
 
-/// Serves `listener` until `shutdown` resolves, then stops accepting and
-/// waits up to `settings.shutdown_grace` for open connections.
-pub async fn serve(
-    listener: TcpListener,
+/// Serves the connections that arrive in `arrivals` until `shutdown`
+/// resolves (or the acceptor is gone), then waits up to
+/// `settings.shutdown_grace` for those still open.
+async fn serve(
+    mut arrivals: mpsc::UnboundedReceiver<Arrival>,
+    open: OpenCount,
     proxy: Arc<Proxy>,
     settings: &ServerConfig,
     shutdown: impl Future<Output = ()>,
@@ -167,17 +268,16 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors, most likely: back off rather
-                    // than spin, and keep serving the connections we have.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            arrived = arrivals.recv() => match arrived {
+                Some(arrival) => arrival,
+                None => break,
             },
             () = &mut shutdown => break,
+        };
+        // The acceptor counted it; this guard uncounts it when it ends.
+        let opened = Opened(open.clone());
+        let Ok(stream) = TcpStream::from_std(stream) else {
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
@@ -189,12 +289,15 @@ pub async fn serve(
         });
         let connection = graceful.watch(http.serve_connection(SocketIo::new(stream), service));
         tokio::spawn(async move {
+            let _opened = opened;
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
-    drop(listener);
+    // Connections handed over but not yet taken are closed unserved.
+    arrivals.close();
+    drop(arrivals);
     tracing::info!(grace = ?settings.shutdown_grace, "stopped accepting; draining connections");
     match tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await {
         Ok(()) => Drain::Complete,
@@ -202,5 +305,44 @@ pub async fn serve(
             tracing::warn!(grace = ?settings.shutdown_grace, "grace period ran out with requests in flight");
             Drain::TimedOut
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(counts: &[usize]) -> Vec<AtomicUsize> {
+        counts.iter().map(|&n| AtomicUsize::new(n)).collect()
+    }
+
+    #[test]
+    fn a_new_connection_goes_to_the_worker_with_the_fewest() {
+        let open = loads(&[3, 1, 2]);
+        let mut next = 0;
+        assert_eq!(least_loaded(&open, &mut next), 1);
+    }
+
+    #[test]
+    fn a_burst_of_connections_is_split_evenly() {
+        // wrk opens its 64 connections at once: each worker gets 32.
+        let open = loads(&[0, 0]);
+        let mut next = 0;
+        for _ in 0..64 {
+            let chosen = least_loaded(&open, &mut next);
+            open[chosen].fetch_add(1, Ordering::Relaxed);
+        }
+        assert_eq!(
+            open.iter().map(|n| n.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+            [32, 32]
+        );
+    }
+
+    #[test]
+    fn equal_workers_take_turns() {
+        let open = loads(&[5, 5, 5]);
+        let mut next = 0;
+        let picks: Vec<usize> = (0..6).map(|_| least_loaded(&open, &mut next)).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 }
