@@ -235,8 +235,8 @@ async fn connect(endpoints: &[String], options: ConnectOptions, elected: &[Elect
 /// benchmark, 45 writes each, where one read takes 0.45 ms), not 250 µs.
 /// Measured on 2 shared cores (bench/RESULTS.md): starting each read as
 /// soon as it is due doubled the reads (1,460 a second) and etcd's CPU per
-/// write (10 to 18 µs; etcd spends about 0.4 ms of CPU on each read) for
-/// the same throughput; holding reads 1 or 2 ms lost 15 and 35 % of it.
+/// write (10 to 18 µs; etcd spends about 0.4 ms of CPU on each read) and
+/// gained no throughput; holding reads 1 or 2 ms lost 12 and 35 % of it.
 const MIN_READ_INTERVAL: Duration = Duration::from_micros(250);
 
 /// The reader task: linearizable reads of the leader, on demand and on a timer.
