@@ -4,9 +4,10 @@
 //! chunk a buffer of its own), and tokio turns a vectored write into
 //! `writev`, which takes the file path through the kernel (file position
 //! lock, permission and notification hooks) before it reaches the socket.
-//! `send` and `sendmsg` go to the socket directly. On this project's
-//! benchmark that was 1.3 µs of kernel time per proxied request out of
-//! about 10 (bench/RESULTS.md), for the same bytes in the same segments.
+//! `send` and `sendmsg` go to the socket directly. In this project's
+//! benchmark that took about 1 µs of kernel time off each proxied request,
+//! out of 9.5 to 10.8 (bench/RESULTS.md, step 8), for the same bytes in the
+//! same segments.
 //!
 //! Reads already use `recv`. hyper's buffering is unchanged: the buffers
 //! stay separate (no copy of the body into the head's buffer), so a
