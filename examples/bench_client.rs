@@ -15,6 +15,10 @@
 //! - `idle`: opens N keep-alive connections, sends one GET on each, and
 //!   holds them, so the proxy's RSS can be read meanwhile.
 //! - `startup`: time from exec of `fencegate run` to `/readyz` 200.
+//! - `etcd-reads`: what one read costs etcd, with nothing else running:
+//!   sequential reads of an election prefix as fencegate's reader makes
+//!   them, and serializable ones, timed, with etcd's CPU time read from
+//!   `/proc` around them.
 //!
 //! Every loop is bounded in count and time; every address is loopback.
 
@@ -51,6 +55,8 @@ enum Cmd {
     Idle(IdleArgs),
     /// Time from exec to /readyz 200.
     Startup(StartupArgs),
+    /// Wall and etcd CPU time per read, one read at a time.
+    EtcdReads(EtcdReadsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +148,22 @@ struct StartupArgs {
     log: PathBuf,
 }
 
+#[derive(Args, Debug)]
+struct EtcdReadsArgs {
+    /// etcd client URL.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    etcd: String,
+    /// etcd's process id (its CPU time is read from /proc).
+    #[arg(long)]
+    pid: u32,
+    /// The election prefix read (with a trailing `/`, as the reader reads it).
+    #[arg(long, default_value = "/bench/leader/")]
+    prefix: String,
+    /// Reads of each kind.
+    #[arg(long, default_value_t = 2000)]
+    reads: u32,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -149,6 +171,7 @@ fn main() -> ExitCode {
         Cmd::Raise(a) => raise(&a),
         Cmd::Idle(a) => idle(&a),
         Cmd::Startup(a) => startup(&a),
+        Cmd::EtcdReads(a) => etcd_reads(&a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -905,4 +928,59 @@ fn startup(args: &StartupArgs) -> Res<bool> {
     println!("{TABLE_HEAD}");
     println!("{}", row("exec → ready", &times));
     Ok(ok)
+}
+
+// ---------------------------------------------------------------- etcd-reads
+
+/// User + system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: u32) -> Res<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .ok_or("unexpected /proc/PID/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat(5); 12 and 13 here.
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SC_CLK_TCK is 100 on Linux.
+    Ok(ticks / 100.0)
+}
+
+fn etcd_reads(args: &EtcdReadsArgs) -> Res<bool> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut client = Client::connect([args.etcd.as_str()], None).await?;
+        // The reader's read (coordinator.rs): the oldest candidate, keys only.
+        let reader = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1)
+            .with_keys_only();
+        let kinds = [
+            ("linearizable (fencegate's reader)", reader.clone()),
+            ("serializable (the same read)", reader.with_serializable()),
+        ];
+        println!("| read, one at a time | µs per read | etcd CPU µs per read |");
+        println!("|---|---|---|");
+        for (label, options) in kinds {
+            // Warm the connection and etcd's caches.
+            for _ in 0..args.reads.min(100) {
+                client.get(args.prefix.as_str(), Some(options.clone())).await?;
+            }
+            let cpu0 = cpu_seconds(args.pid)?;
+            let started = Instant::now();
+            for _ in 0..args.reads {
+                client.get(args.prefix.as_str(), Some(options.clone())).await?;
+            }
+            let wall = started.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(args.pid)? - cpu0;
+            let n = f64::from(args.reads);
+            println!("| {label} | {:.0} | {:.0} |", wall / n * 1e6, cpu / n * 1e6);
+        }
+        Ok(true)
+    })
 }
