@@ -224,20 +224,21 @@ async fn connect(endpoints: &[String], options: ConnectOptions, elected: &[Elect
     }
 }
 
-/// Reads of one election start at most this often. Under light load reads
-/// are far apart and nothing waits; under heavy load (linearizable mode)
-/// more requests join each read, so etcd's read rate stays bounded while
-/// write throughput grows. A request still never joins a read that started
-/// before it arrived.
-///
-/// tokio's timers tick in milliseconds, so a read held back starts at the
-/// next tick: under load reads start 1.4 ms apart (720 a second in the
-/// benchmark, 45 writes each, where one read takes 0.45 ms), not 250 µs.
-/// Measured on 2 shared cores (bench/RESULTS.md): starting each read as
-/// soon as it is due doubled the reads (1,460 a second) and etcd's CPU per
-/// write (10 to 18 µs; etcd spends about 0.4 ms of CPU on each read) and
-/// gained no throughput; holding reads 1 or 2 ms lost 12 and 35 % of it.
+/// Reads of one election start at most this often (4,000 a second), a
+/// bound on what one fencegate asks of etcd however its writes arrive.
+/// Under load the hold below spaces reads more widely.
 const MIN_READ_INTERVAL: Duration = Duration::from_micros(250);
+
+/// The latest a read waits, counted from the previous read's start, for
+/// the writes it expects (as many as joined the previous read; see
+/// [`crate::election::ReadQueue`]). Measured in linearizable mode
+/// (bench/RESULTS.md, step 13): at 64 connections 44.7k writes a second
+/// against 33.2k when each read started at the next timer tick, with fewer
+/// reads per write (1 ms gained half as much); with one writer, 2,042
+/// against 791, since a lone writer is the one write expected and is not
+/// held at all. A read held to the end waits at most this plus a timer
+/// tick, about what every read waited before.
+const MAX_READ_HOLD: Duration = Duration::from_millis(2);
 
 /// The reader task: linearizable reads of the leader, on demand and on a timer.
 async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period: Duration) {
@@ -254,7 +255,15 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
         .checked_sub(MIN_READ_INTERVAL)
         .unwrap_or_else(Instant::now);
     loop {
-        let seq = view.reads.next(refresh_at, last_start + MIN_READ_INTERVAL).await;
+        let seq = view
+            .reads
+            .next(
+                refresh_at,
+                last_start + MIN_READ_INTERVAL,
+                last_start + MAX_READ_HOLD,
+            )
+            .await;
+        view.count_read();
         // Taken before the read: anything admitted by then came from a view
         // at a revision this linearizable read cannot be below.
         let floor = gate.marks().epoch;

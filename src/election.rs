@@ -178,6 +178,11 @@ impl ElectionView {
         self.fence.subscribe()
     }
 
+    /// Counts a read the reader starts (`fencegate_leader_reads_total`).
+    pub fn count_read(&self) {
+        self.metrics.leader_reads.inc();
+    }
+
     /// Records a successful linearizable read that started at `started`,
     /// answered at `revision`, while the domain's epoch was `floor` or more.
     pub fn record_read(&self, started: Instant, revision: i64, leader: Option<u64>, floor: u64) {
@@ -254,6 +259,14 @@ impl ElectionView {
 /// before it started, so a burst of writes costs one or two reads, not one
 /// each.
 ///
+/// When a read is due, the reader may hold it a little for the writes it
+/// expects: as many as joined the previous read. Those writers were
+/// answered when that read ended and most send their next write at once;
+/// a read started before they arrive serves few of them, and the rest wait
+/// a whole read more. The hold ends when that many requests have asked
+/// since the previous read started, or at the deadline the reader gives
+/// ([`next`](ReadQueue::next)); a read nobody waits for is never held.
+///
 /// The reader runs on the main runtime, and the waiting requests on the
 /// serving threads. Woken one by one from the reader's thread, each would
 /// cost a wake-up across runtimes (a system call). So each serving thread
@@ -279,6 +292,14 @@ pub struct ReadQueue {
     relayed: [Notify; WAIT_SHARDS],
     /// Per thread: whether a relay runs there.
     relaying: [AtomicBool; WAIT_SHARDS],
+    /// Requests that have asked for a read, ever.
+    asked: AtomicU64,
+    /// `asked` when the last read started.
+    asked_at_start: AtomicU64,
+    /// The `asked` count the next read is held for.
+    expected: AtomicU64,
+    /// Woken by the request that brings `asked` to `expected`.
+    expected_arrived: Notify,
 }
 
 impl ReadQueue {
@@ -292,6 +313,9 @@ impl ReadQueue {
         let need = arrival + 1;
         self.wanted.fetch_max(need, SeqCst);
         self.wake_reader.notify_one();
+        if self.asked.fetch_add(1, SeqCst) + 1 == self.expected.load(SeqCst) {
+            self.expected_arrived.notify_one();
+        }
         let shard = wait_shard();
         loop {
             let relayed = self.relaying[shard].load(SeqCst);
@@ -345,9 +369,11 @@ impl ReadQueue {
 
     /// For the reader: waits until a request needs a read that has not
     /// started yet, or until `refresh_at`, and not before `not_before`;
-    /// returns the number of the read it may now start. Requests that
-    /// arrive until then join this read.
-    pub async fn next(&self, refresh_at: Instant, not_before: Instant) -> u64 {
+    /// then, if requests wait, holds the read for the ones expected (see
+    /// the type's description) until `hold_until` at the latest. Returns
+    /// the number of the read it may now start. Requests that arrive until
+    /// then join this read.
+    pub async fn next(&self, refresh_at: Instant, not_before: Instant, hold_until: Instant) -> u64 {
         loop {
             let woken = self.wake_reader.notified();
             tokio::pin!(woken);
@@ -360,7 +386,27 @@ impl ReadQueue {
                 () = tokio::time::sleep_until(refresh_at) => break,
             }
         }
-        tokio::time::sleep_until(not_before).await;
+        // Checked first: tokio's timers tick in milliseconds, and even a
+        // deadline already passed can wait for the next tick.
+        if Instant::now() < not_before {
+            tokio::time::sleep_until(not_before).await;
+        }
+        loop {
+            let arrived = self.expected_arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let nobody_waits = self.wanted.load(SeqCst) <= self.started.load(SeqCst);
+            if nobody_waits || self.asked.load(SeqCst) >= self.expected.load(SeqCst) {
+                break;
+            }
+            tokio::select! {
+                () = arrived => {}
+                () = tokio::time::sleep_until(hold_until) => break,
+            }
+        }
+        let asked = self.asked.load(SeqCst);
+        let joined = asked - self.asked_at_start.swap(asked, SeqCst);
+        self.expected.store(asked + joined, SeqCst);
         self.started.fetch_add(1, SeqCst) + 1
     }
 
@@ -454,7 +500,7 @@ mod tests {
     async fn a_confirmation_waits_for_a_read_that_started_after_it() {
         let q = Arc::new(ReadQueue::default());
         // Read 1 (a periodic one) is in flight before the request arrives.
-        let first = q.next(Instant::now(), Instant::now()).await;
+        let first = q.next(Instant::now(), Instant::now(), Instant::now()).await;
         let arrival = q.arrival();
         let waiter = tokio::spawn({
             let q = q.clone();
@@ -464,7 +510,11 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "read 1 started before the request");
         let second = q
-            .next(Instant::now() + Duration::from_secs(60), Instant::now())
+            .next(
+                Instant::now() + Duration::from_secs(60),
+                Instant::now(),
+                Instant::now(),
+            )
             .await;
         assert_eq!(second, 2);
         q.finish(second, true);
@@ -483,7 +533,8 @@ mod tests {
             let q = q.clone();
             async move {
                 let far = Instant::now() + Duration::from_secs(60);
-                q.next(far, Instant::now() + Duration::from_millis(1)).await
+                let not_before = Instant::now() + Duration::from_millis(1);
+                q.next(far, not_before, not_before).await
             }
         });
         tokio::task::yield_now().await;
@@ -515,7 +566,11 @@ mod tests {
         let waiters: Vec<_> = (0..10).map(|_| confirm(&q)).collect();
         tokio::task::yield_now().await;
         let seq = q
-            .next(Instant::now() + Duration::from_secs(60), Instant::now())
+            .next(
+                Instant::now() + Duration::from_secs(60),
+                Instant::now(),
+                Instant::now(),
+            )
             .await;
         q.finish(seq, true);
         for w in waiters {
@@ -528,11 +583,84 @@ mod tests {
         relay.abort();
         let _ = relay.await;
         let seq = q
-            .next(Instant::now() + Duration::from_secs(60), Instant::now())
+            .next(
+                Instant::now() + Duration::from_secs(60),
+                Instant::now(),
+                Instant::now(),
+            )
             .await;
         q.finish(seq, true);
         let woken = tokio::time::timeout(Duration::from_secs(5), late).await;
         assert!(woken.expect("not stranded by the relay's end").unwrap());
+    }
+
+    /// The hold: a read is held until as many requests asked as joined
+    /// the read before it, or until `hold_until`; a read nobody waits for
+    /// is not held.
+    #[tokio::test(start_paused = true)]
+    async fn a_read_is_held_for_as_many_requests_as_joined_the_last_one() {
+        let q = Arc::new(ReadQueue::default());
+        let confirm = |q: &Arc<ReadQueue>| {
+            let (q, arrival) = (q.clone(), q.arrival());
+            tokio::spawn(async move { q.confirm(arrival).await })
+        };
+        let far = Instant::now() + Duration::from_secs(60);
+        let hold = Duration::from_millis(2);
+        let read = |q: &Arc<ReadQueue>| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let seq = q.next(far, started, started + hold).await;
+                (seq, started.elapsed())
+            })
+        };
+        let settle = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        // Read 1: three requests join it.
+        let batch: Vec<_> = (0..3).map(|_| confirm(&q)).collect();
+        settle().await;
+        let (seq, held) = read(&q).await.unwrap();
+        assert_eq!(
+            (seq, held),
+            (1, Duration::ZERO),
+            "nothing joined a read before: no hold"
+        );
+        q.finish(seq, true);
+        for w in batch {
+            assert!(w.await.unwrap());
+        }
+        // Read 2 is held for three requests: it does not start with two.
+        let batch: Vec<_> = (0..2).map(|_| confirm(&q)).collect();
+        settle().await;
+        let reader = read(&q);
+        settle().await;
+        assert!(!reader.is_finished(), "held for the third request");
+        let third = confirm(&q);
+        let (seq, held) = reader.await.unwrap();
+        assert_eq!(
+            (seq, held),
+            (2, Duration::ZERO),
+            "started by the third request, not the deadline"
+        );
+        q.finish(seq, true);
+        for w in batch.into_iter().chain([third]) {
+            assert!(w.await.unwrap());
+        }
+        // Read 3 expects three again; one comes: it starts at the deadline.
+        let one = confirm(&q);
+        settle().await;
+        let (seq, held) = read(&q).await.unwrap();
+        assert_eq!((seq, held), (3, hold), "held until the deadline");
+        q.finish(seq, true);
+        assert!(one.await.unwrap());
+        // A periodic read with nobody waiting is not held, though read 4
+        // would expect one request.
+        let due = Instant::now();
+        let seq = q.next(due, due, due + hold).await;
+        assert_eq!((seq, due.elapsed()), (4, Duration::ZERO), "nobody waits: no hold");
     }
 
     #[tokio::test]
@@ -547,7 +675,11 @@ mod tests {
             .collect();
         tokio::task::yield_now().await;
         let seq = q
-            .next(Instant::now() + Duration::from_secs(60), Instant::now())
+            .next(
+                Instant::now() + Duration::from_secs(60),
+                Instant::now(),
+                Instant::now(),
+            )
             .await;
         q.finish(seq, false);
         for w in waiters {

@@ -31,6 +31,7 @@ pub struct Metrics {
     view_age: GaugeVec,
     barrier_timeouts: IntCounterVec,
     confirmations: IntCounterVec,
+    leader_reads: IntCounterVec,
     inflight: IntGaugeVec,
     /// Time of one durable epoch commit (a group commit counts once).
     pub epoch_persist: Histogram,
@@ -64,6 +65,8 @@ pub struct ElectionMetrics {
     pub view_age: Gauge,
     /// Requests that waited for a confirming etcd read.
     pub confirmations: IntCounter,
+    /// Linearizable reads of the election made by the reader.
+    pub leader_reads: IntCounter,
     /// 1 while etcd answers, shared by every domain.
     pub etcd_up: IntGauge,
 }
@@ -144,6 +147,11 @@ impl Metrics {
             "Requests that waited for a linearizable etcd read of the election (rule 3 or linearizable mode).",
             &["domain"],
         );
+        let leader_reads = counter(
+            "fencegate_leader_reads_total",
+            "Linearizable etcd reads of the election made by the reader (confirmations share them).",
+            &["domain"],
+        );
         let inflight = int_gauge("fencegate_inflight_requests", "Writes in flight to the store.");
         let epoch_persist = Histogram::with_opts(
             HistogramOpts::new(
@@ -174,6 +182,7 @@ impl Metrics {
             view_age,
             barrier_timeouts,
             confirmations,
+            leader_reads,
             inflight,
             epoch_persist,
             etcd_up,
@@ -226,6 +235,7 @@ impl Metrics {
             leader_revision: self.leader_revision.with_label_values(&[name]),
             view_age: self.view_age.with_label_values(&[name]),
             confirmations: self.confirmations.with_label_values(&[name]),
+            leader_reads: self.leader_reads.with_label_values(&[name]),
             etcd_up: self.etcd_up.clone(),
         }
     }

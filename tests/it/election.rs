@@ -16,6 +16,7 @@ use crate::support::{
 use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
@@ -712,6 +713,7 @@ struct FirstWrites {
 }
 
 const CONFIRMATIONS: &str = "fencegate_leader_confirmations_total";
+const LEADER_READS: &str = "fencegate_leader_reads_total";
 /// How late fencegate sees etcd behind a [`LaggingRelay`]: more than the
 /// ~0-100 ms etcd itself takes to return a waiting candidate's campaign
 /// after the leader's revoke (its unsynced-watcher loop runs every 100 ms),
@@ -996,6 +998,58 @@ async fn linearizable_refuses_every_write_sent_after_the_revoke() {
             races.refusals
         );
     }
+}
+
+/// `consistency = "linearizable"` under concurrent writers: every write
+/// waits for a read (the confirmations counter moves by exactly the
+/// writes), and the writers share reads instead of making one each
+/// (`fencegate_leader_reads_total`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linearizable_writers_share_reads() {
+    const WRITERS: usize = 16;
+    const WRITES_EACH: usize = 25;
+    let rig = Rig::start("linearizable", None).await;
+    let leader = Candidate::campaign(&rig.c, ELECTION, "w", TTL).await;
+    let token = leader.rev();
+    rig.proxy
+        .wait_domain("showing the leader", STEP, |d| {
+            as_i64(d, "leader_revision") == Some(token)
+        })
+        .await;
+    let proxy = Arc::new(Proxy::new(&rig.fg));
+    let (confirmed0, reads0) = (
+        proxy.metric(CONFIRMATIONS).await.unwrap_or(0.0),
+        proxy.metric(LEADER_READS).await.unwrap_or(0.0),
+    );
+    let started = Instant::now();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                for i in 0..WRITES_EACH {
+                    let r = proxy.put(&format!("/orders/share-{w}-{i}"), token).await;
+                    assert_admitted(&r, &format!("writer {w}, write {i}"));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let took = started.elapsed();
+    let confirmed = proxy.metric(CONFIRMATIONS).await.unwrap_or(0.0) - confirmed0;
+    let reads = proxy.metric(LEADER_READS).await.unwrap_or(0.0) - reads0;
+    let writes = (WRITERS * WRITES_EACH) as f64;
+    println!(
+        "election: linearizable, {WRITERS} writers: {writes} writes in {took:?}, {reads} reads ({:.1} writes per read)",
+        writes / reads
+    );
+    assert_eq!(confirmed, writes, "every write waited for a read");
+    // Periodic reads count too, but they are max_staleness / 3 apart.
+    assert!(
+        reads >= 1.0 && reads <= writes / 4.0,
+        "{reads} reads for {writes} writes from {WRITERS} concurrent writers: not shared"
+    );
 }
 
 /// The same races in watch mode, with fencegate next to etcd and with its

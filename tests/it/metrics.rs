@@ -65,6 +65,7 @@ const LEADER_REVISION: &str = "fencegate_leader_revision";
 const VIEW_AGE: &str = "fencegate_leader_view_age_seconds";
 const ETCD_UP: &str = "fencegate_etcd_up";
 const CONFIRMATIONS: &str = "fencegate_leader_confirmations_total";
+const LEADER_READS: &str = "fencegate_leader_reads_total";
 const INFLIGHT: &str = "fencegate_inflight_requests";
 
 /// Small, so a view that is not refreshed would show within the test.
@@ -728,6 +729,17 @@ async fn election_domain_metrics_pass_promtool_and_match_the_leader() {
     let confirmations = domain_deltas(CONFIRMATIONS, &before, &after);
     let expected: BTreeMap<String, u64> = [("jobs".to_string(), 1), ("orders".to_string(), 1)].into();
     assert_eq!(confirmations, expected, "{CONFIRMATIONS} deltas");
+    // Each of them waited for a read of its domain's election (periodic
+    // reads count too); only election domains have the series.
+    let reads = domain_deltas(LEADER_READS, &before, &after);
+    for (domain, n) in &expected {
+        assert!(
+            reads.get(domain).is_some_and(|r| r >= n),
+            "{LEADER_READS} deltas {reads:?}: {domain} made fewer reads than its {n} confirmations"
+        );
+    }
+    let domains: Vec<String> = after.by_domain(LEADER_READS).into_keys().collect();
+    assert_eq!(domains, ["jobs", "orders"], "{LEADER_READS} series");
 
     let leader = leader_rev(&c, ORDERS_ELECTION).await;
     assert_eq!(leader, Some(l2), "etcd's leader of {ORDERS_ELECTION}");
