@@ -261,11 +261,15 @@ impl ElectionView {
 ///
 /// When a read is due, the reader may hold it a little for the writes it
 /// expects: as many as joined the previous read. Those writers were
-/// answered when that read ended and most send their next write at once;
-/// a read started before they arrive serves few of them, and the rest wait
-/// a whole read more. The hold ends when that many requests have asked
-/// since the previous read started, or at the deadline the reader gives
+/// answered when that read ended, and writers that wait for each answer
+/// send their next write one store round trip later; a read started
+/// before they arrive serves few of them, and the rest wait a whole read
+/// more. The hold ends when that many requests have asked since the
+/// previous read started, or at the deadline the reader gives
 /// ([`next`](ReadQueue::next)); a read nobody waits for is never held.
+/// Writes that arrive at their own pace, not in answer to the last ones,
+/// make the expected count a guess that may hold reads to the deadline:
+/// that deadline is the cost of the hold.
 ///
 /// The reader runs on the main runtime, and the waiting requests on the
 /// serving threads. Woken one by one from the reader's thread, each would
@@ -396,7 +400,9 @@ impl ReadQueue {
             tokio::pin!(arrived);
             arrived.as_mut().enable();
             let nobody_waits = self.wanted.load(SeqCst) <= self.started.load(SeqCst);
-            if nobody_waits || self.asked.load(SeqCst) >= self.expected.load(SeqCst) {
+            let all_came = self.asked.load(SeqCst) >= self.expected.load(SeqCst);
+            // The deadline is checked here too, for the timer's tick.
+            if nobody_waits || all_came || Instant::now() >= hold_until {
                 break;
             }
             tokio::select! {
@@ -610,7 +616,11 @@ mod tests {
             let q = q.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
-                let seq = q.next(far, started, started + hold).await;
+                // Bounded, so a hold that never ends fails the test.
+                let next = q.next(far, started, started + hold);
+                let seq = tokio::time::timeout(Duration::from_secs(30), next)
+                    .await
+                    .expect("the read never started");
                 (seq, started.elapsed())
             })
         };
@@ -661,6 +671,16 @@ mod tests {
         let due = Instant::now();
         let seq = q.next(due, due, due + hold).await;
         assert_eq!((seq, due.elapsed()), (4, Duration::ZERO), "nobody waits: no hold");
+        // A floor that has passed does not wait for the timer's next tick.
+        let one = confirm(&q);
+        settle().await;
+        let floor = Instant::now();
+        tokio::time::advance(Duration::from_micros(300)).await;
+        let due = Instant::now();
+        let seq = q.next(far, floor + Duration::from_micros(250), due + hold).await;
+        assert_eq!((seq, due.elapsed()), (5, Duration::ZERO), "the floor had passed");
+        q.finish(seq, true);
+        assert!(one.await.unwrap());
     }
 
     #[tokio::test]
