@@ -430,6 +430,13 @@ impl ReadQueue {
 mod tests {
     use super::*;
 
+    /// A request asking for a read now, as a task; its answer is whether
+    /// the read it waited for succeeded.
+    fn confirm(q: &Arc<ReadQueue>) -> tokio::task::JoinHandle<bool> {
+        let (q, arrival) = (q.clone(), q.arrival());
+        tokio::spawn(async move { q.confirm(arrival).await })
+    }
+
     fn view(on_unavailable: OnUnavailable) -> ElectionView {
         let metrics = crate::metrics::Metrics::new().election("d");
         let settings = ViewSettings {
@@ -530,10 +537,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_read_held_back_by_not_before_takes_the_requests_that_arrive_meanwhile() {
         let q = Arc::new(ReadQueue::default());
-        let confirm = |q: &Arc<ReadQueue>| {
-            let (q, arrival) = (q.clone(), q.arrival());
-            tokio::spawn(async move { q.confirm(arrival).await })
-        };
         let first = confirm(&q);
         let reader = tokio::spawn({
             let q = q.clone();
@@ -565,10 +568,6 @@ mod tests {
             async move { q.relay().await }
         });
         tokio::task::yield_now().await;
-        let confirm = |q: &Arc<ReadQueue>| {
-            let (q, arrival) = (q.clone(), q.arrival());
-            tokio::spawn(async move { q.confirm(arrival).await })
-        };
         let waiters: Vec<_> = (0..10).map(|_| confirm(&q)).collect();
         tokio::task::yield_now().await;
         let seq = q
@@ -606,10 +605,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_read_is_held_for_as_many_requests_as_joined_the_last_one() {
         let q = Arc::new(ReadQueue::default());
-        let confirm = |q: &Arc<ReadQueue>| {
-            let (q, arrival) = (q.clone(), q.arrival());
-            tokio::spawn(async move { q.confirm(arrival).await })
-        };
         let far = Instant::now() + Duration::from_secs(60);
         let hold = Duration::from_millis(2);
         let read = |q: &Arc<ReadQueue>| {
