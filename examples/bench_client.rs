@@ -19,6 +19,10 @@
 //!   sequential reads of an election prefix as fencegate's reader makes
 //!   them, and serializable ones, timed, with etcd's CPU time read from
 //!   `/proc` around them.
+//! - `open-loop`: fenced writes that arrive at their own pace (Poisson, at
+//!   a set rate), not in answer to the last ones as wrk's do; latency is
+//!   counted from when each write was due, so a write that waits for a
+//!   free connection counts its wait.
 //!
 //! Every loop is bounded in count and time; every address is loopback.
 
@@ -57,6 +61,8 @@ enum Cmd {
     Startup(StartupArgs),
     /// Wall and etcd CPU time per read, one read at a time.
     EtcdReads(EtcdReadsArgs),
+    /// Fenced writes at a set rate, each arriving independently.
+    OpenLoop(OpenLoopArgs),
 }
 
 #[derive(Args, Debug)]
@@ -164,6 +170,37 @@ struct EtcdReadsArgs {
     reads: u32,
 }
 
+#[derive(Args, Debug)]
+struct OpenLoopArgs {
+    /// The row's label.
+    #[arg(long)]
+    label: String,
+    /// fencegate's proxy listener.
+    #[arg(long)]
+    proxy: SocketAddr,
+    /// fencegate's admin listener (its read counter is read around the run).
+    #[arg(long)]
+    admin: SocketAddr,
+    /// The election domain `--path` lies in.
+    #[arg(long, default_value = "bench")]
+    domain: String,
+    /// The path written to.
+    #[arg(long, default_value = "/bench/obj")]
+    path: String,
+    /// The leader's token.
+    #[arg(long)]
+    token: u64,
+    /// Writes per second, offered (exponential gaps between them).
+    #[arg(long)]
+    rate: f64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Connections, one thread each; a write due while all are busy waits.
+    #[arg(long, default_value_t = 128)]
+    connections: usize,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -172,6 +209,7 @@ fn main() -> ExitCode {
         Cmd::Idle(a) => idle(&a),
         Cmd::Startup(a) => startup(&a),
         Cmd::EtcdReads(a) => etcd_reads(&a),
+        Cmd::OpenLoop(a) => open_loop(&a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -983,4 +1021,91 @@ fn etcd_reads(args: &EtcdReadsArgs) -> Res<bool> {
         }
         Ok(true)
     })
+}
+
+// ---------------------------------------------------------------- open loop
+
+/// Due times of `n` writes arriving independently at `rate` per second:
+/// exponential gaps from a fixed seed, so every run offers the same load.
+fn poisson_schedule(rate: f64, n: usize) -> Vec<Duration> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut at = 0.0_f64;
+    (0..n)
+        .map(|_| {
+            // xorshift64*; 53 bits to a uniform in (0, 1].
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
+            let u = (bits as f64 + 1.0) / (1u64 << 53) as f64;
+            at += -u.ln() / rate;
+            Duration::from_secs_f64(at)
+        })
+        .collect()
+}
+
+fn open_loop(args: &OpenLoopArgs) -> Res<bool> {
+    let n = (args.rate * args.seconds).round() as usize;
+    let schedule = Arc::new(poisson_schedule(args.rate, n));
+    let next = Arc::new(AtomicU64::new(0));
+    let request = Arc::new(put_request(&args.path, args.token));
+    let reads = format!("fencegate_leader_reads_total{{domain=\"{}\"}}", args.domain);
+    // None for a build older than the counter.
+    let reads0 = scrape(args.admin, &reads).ok();
+    // Connected before the clock starts: the first writes would pay for it.
+    let mut conns = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        let mut conn = Conn::new(args.proxy);
+        conn.connect()?;
+        conns.push(conn);
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let workers: Vec<_> = conns
+        .into_iter()
+        .map(|mut conn| {
+            let (schedule, next, request) = (schedule.clone(), next.clone(), request.clone());
+            std::thread::spawn(move || {
+                let (mut latencies, mut errors) = (Vec::new(), 0u64);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(offset) = schedule.get(i) else { break };
+                    let due = start + *offset;
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    match conn.send(&request) {
+                        Ok(reply) if (200..300).contains(&reply.status) => {
+                            latencies.push(ms(due.elapsed()));
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let (mut latencies, mut errors) = (Vec::with_capacity(n), 0);
+    for worker in workers {
+        let (l, e) = worker.join().map_err(|_| "an open-loop worker panicked")?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let reads = reads0.and_then(|r0| Some(scrape(args.admin, &reads).ok()? - r0));
+    let s = sorted(latencies);
+    println!(
+        "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
+        args.label,
+        args.rate,
+        s.len() as f64 / elapsed,
+        pct(&s, 50.0),
+        pct(&s, 90.0),
+        pct(&s, 99.0),
+        s.last().copied().unwrap_or(f64::NAN),
+        errors,
+        reads.map_or("–".into(), |r| format!("{r:.0}")),
+        reads.map_or("–".into(), |r| format!("{:.1}", s.len() as f64 / r)),
+    );
+    Ok(errors == 0)
 }

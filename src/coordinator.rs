@@ -231,15 +231,16 @@ async fn connect(endpoints: &[String], options: ConnectOptions, elected: &[Elect
 const MIN_READ_INTERVAL: Duration = Duration::from_micros(250);
 
 /// The latest a read waits, counted from the previous read's start, for
-/// the writes it expects (as many as joined the previous read; see
+/// the writes it expects (nearly as many as joined the previous read; see
 /// [`crate::election::ReadQueue`]). Measured in linearizable mode
 /// (bench/RESULTS.md, step 13): at 64 connections 44.7k writes a second
 /// against 33.2k when each read started at the next timer tick, with fewer
 /// reads per write (1 ms gained half as much); with one writer, 2,042
 /// against 791, since a lone writer is the one write expected and is not
 /// held at all. A read held to the end starts at most this plus a timer
-/// tick after the one before (without the hold, about 1.4 ms under load):
-/// the price when writes arrive at their own pace.
+/// tick after the one before (without the hold, about 1.4 ms under load);
+/// writes that arrive at their own pace held every read that long until
+/// the hold left some slack (step 14, `HOLD_SLACK`).
 const MAX_READ_HOLD: Duration = Duration::from_millis(2);
 
 /// After a failed read the next one starts no sooner than this, even for
