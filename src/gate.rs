@@ -46,6 +46,9 @@ pub struct Gate {
     current: ArcSwap<Generation>,
     /// Serializes raises: each drains what the one before admitted.
     raise_lock: tokio::sync::Mutex<()>,
+    /// Woken when the epoch or the refusal mark rises: raises queued for
+    /// the lock may have nothing left to do (see [`Gate::raise`]).
+    marks_rose: Notify,
     /// After a crash, the first raise waits until this instant, since writes
     /// of the previous run may still be in flight at the store.
     crash_wait_until: Option<Instant>,
@@ -203,6 +206,7 @@ impl Gate {
             refusal: AtomicU64::new(epoch),
             current: ArcSwap::from_pointee(Generation::new(epoch)),
             raise_lock: tokio::sync::Mutex::new(()),
+            marks_rose: Notify::new(),
             crash_wait_until: settings.crash_wait_until,
             drain_limit: settings.drain_limit,
             committer: settings.committer,
@@ -342,10 +346,20 @@ impl Gate {
     /// is durable or the raise is moot; the caller decides again either way.
     async fn raise(&self, token: Token) -> Result<(), Problem> {
         let t = token.get();
-        self.refusal.fetch_max(t, SeqCst);
-        let _serial = self.raise_lock.lock().await;
-        if self.epoch.load(SeqCst) >= t || self.refusal.load(SeqCst) > t {
-            // Done by an earlier raise, or overtaken by a higher one.
+        if self.refusal.fetch_max(t, SeqCst) < t {
+            self.marks_rose.notify_waiters();
+        }
+        // Raises queued here are mostly made moot by the one ahead of them
+        // (a burst of writes with the leader's new token, or of deposed
+        // ones). Each waiting for the lock in turn, only to find nothing
+        // to do, would release them one wake-up after another; they all
+        // wake at once instead.
+        let _serial = tokio::select! {
+            biased;
+            serial = self.raise_lock.lock() => serial,
+            () = self.moot(t) => return Ok(()),
+        };
+        if self.is_moot(t) {
             return Ok(());
         }
         if let Some(until) = self.crash_wait_until {
@@ -362,11 +376,37 @@ impl Gate {
                 format!("the raise to {target} could not be made durable ({e}); nothing was forwarded");
             return Err(self.problem(Reason::StateUnavailable, token, detail));
         }
+        self.publish(target);
+        Ok(())
+    }
+
+    /// The last step of a raise, under its lock: `target` is durable.
+    fn publish(&self, target: u64) {
         self.current.store(Arc::new(Generation::new(target)));
         let from = self.epoch.fetch_max(target, SeqCst);
+        self.marks_rose.notify_waiters();
         self.metrics.epoch.set(to_gauge(target));
         tracing::info!(domain = %self.name, from, to = target, "epoch raised");
-        Ok(())
+    }
+
+    /// Whether a raise to `t` has nothing left to do: an earlier raise
+    /// reached it, or a higher one began (rule 2 then refuses `t`).
+    fn is_moot(&self, t: u64) -> bool {
+        self.epoch.load(SeqCst) >= t || self.refusal.load(SeqCst) > t
+    }
+
+    /// Returns once a raise to `t` is moot.
+    async fn moot(&self, t: u64) {
+        loop {
+            let rose = self.marks_rose.notified();
+            tokio::pin!(rose);
+            // Registered before the check: a rise after it wakes this.
+            rose.as_mut().enable();
+            if self.is_moot(t) {
+                return;
+            }
+            rose.await;
+        }
     }
 
     /// The barrier: aborts unfinished bodies of `generation` and waits until
@@ -499,6 +539,42 @@ mod tests {
             Ok(ticket) => Ok(ticket.expect("a write gets a ticket")),
             Err(problem) => Err(problem.reason),
         }
+    }
+
+    /// Raises queued for the lock return once they are moot, each without
+    /// waiting for its turn: when a higher raise begins, and when the
+    /// raise ahead of them makes the epoch durable.
+    #[tokio::test]
+    async fn queued_raises_return_once_moot_without_their_turn_at_the_lock() {
+        let f = fixture(5);
+        let raise = |t: u64| {
+            let gate = f.gate.clone();
+            tokio::spawn(async move { gate.raise(tok(t)).await.map_err(|p| p.reason) })
+        };
+        async fn bounded(task: tokio::task::JoinHandle<Result<(), Reason>>) -> Result<(), Reason> {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("a moot raise still waits for the lock")
+                .unwrap()
+        }
+        // A raise in progress holds the lock throughout.
+        let in_progress = f.gate.raise_lock.lock().await;
+        let lower = raise(6);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!lower.is_finished(), "a raise waits while another is in progress");
+        let higher = raise(8);
+        assert_eq!(bounded(lower).await, Ok(()), "overtaken: moot");
+        assert_eq!(write(&f.gate, 6).await.err(), Some(Reason::StaleEpoch));
+        let same: Vec<_> = (0..3).map(|_| raise(8)).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!higher.is_finished() && same.iter().all(|r| !r.is_finished()));
+        // The raise in progress reaches 8 and has yet to let go of the lock.
+        f.gate.publish(8);
+        for r in same.into_iter().chain([higher]) {
+            assert_eq!(bounded(r).await, Ok(()), "the epoch reached it: moot");
+        }
+        drop(in_progress);
+        assert!(write(&f.gate, 8).await.is_ok());
     }
 
     #[tokio::test]
