@@ -349,11 +349,12 @@ impl Gate {
         if self.refusal.fetch_max(t, SeqCst) < t {
             self.marks_rose.notify_waiters();
         }
-        // Raises queued here are mostly made moot by the one ahead of them
-        // (a burst of writes with the leader's new token, or of deposed
-        // ones). Each waiting for the lock in turn, only to find nothing
-        // to do, would release them one wake-up after another; they all
-        // wake at once instead.
+        // Raises queued here are mostly made moot by another: the one ahead
+        // publishes their epoch (a burst of writes with the new leader's
+        // token), or a higher one begins (a burst of increasing tokens).
+        // Each waiting for the lock in turn, only to find nothing to do,
+        // would release them one wake-up after another; they all wake at
+        // once instead.
         let _serial = tokio::select! {
             biased;
             serial = self.raise_lock.lock() => serial,
@@ -383,9 +384,11 @@ impl Gate {
     /// The last step of a raise, under its lock: `target` is durable.
     fn publish(&self, target: u64) {
         self.current.store(Arc::new(Generation::new(target)));
+        // Targets only rise under the lock; the gauge goes first, so no
+        // write is admitted at an epoch the gauge does not show yet.
+        self.metrics.epoch.set(to_gauge(target));
         let from = self.epoch.fetch_max(target, SeqCst);
         self.marks_rose.notify_waiters();
-        self.metrics.epoch.set(to_gauge(target));
         tracing::info!(domain = %self.name, from, to = target, "epoch raised");
     }
 
@@ -543,8 +546,8 @@ mod tests {
 
     /// Raises queued for the lock return once they are moot, each without
     /// waiting for its turn: when a higher raise begins, and when the
-    /// raise ahead of them makes the epoch durable.
-    #[tokio::test]
+    /// raise ahead of them makes their epoch durable, not a lower one.
+    #[tokio::test(start_paused = true)]
     async fn queued_raises_return_once_moot_without_their_turn_at_the_lock() {
         let f = fixture(5);
         let raise = |t: u64| {
@@ -566,6 +569,11 @@ mod tests {
         assert_eq!(bounded(lower).await, Ok(()), "overtaken: moot");
         assert_eq!(write(&f.gate, 6).await.err(), Some(Reason::StaleEpoch));
         let same: Vec<_> = (0..3).map(|_| raise(8)).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!higher.is_finished() && same.iter().all(|r| !r.is_finished()));
+        // A raise in progress to 7 (begun before 8 was asked for) does not
+        // make a raise to 8 moot.
+        f.gate.publish(7);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!higher.is_finished() && same.iter().all(|r| !r.is_finished()));
         // The raise in progress reaches 8 and has yet to let go of the lock.
