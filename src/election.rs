@@ -659,8 +659,8 @@ mod tests {
                 assert!(w.await.unwrap());
             }
         };
-        // Read 1: sixteen requests join it, and one asks while it is in flight.
-        let batch: Vec<_> = (0..16).map(|_| confirm(&q)).collect();
+        // Read 1: seventeen requests join it, and one asks while it is in flight.
+        let batch: Vec<_> = (0..17).map(|_| confirm(&q)).collect();
         settle().await;
         let (seq, held) = read(&q).await.unwrap();
         assert_eq!(
@@ -672,36 +672,25 @@ mod tests {
         settle().await;
         q.finish(seq, true);
         confirm_all(batch).await;
-        // Read 2 expects 16 - 1 = 15 requests, the one above and 14 more.
-        let batch: Vec<_> = during.into_iter().chain((0..13).map(|_| confirm(&q))).collect();
-        settle().await;
-        let reader = read(&q);
-        settle().await;
-        assert!(!reader.is_finished(), "held for the fifteenth request");
-        let batch: Vec<_> = batch.into_iter().chain([confirm(&q)]).collect();
-        let (seq, held) = reader.await.unwrap();
-        assert_eq!(
-            (seq, held),
-            (2, Duration::ZERO),
-            "started by the fifteenth request, not the deadline"
-        );
-        q.finish(seq, true);
-        confirm_all(batch).await;
-        // Nothing asked while read 2 was in flight: read 3 expects all 15.
-        let batch: Vec<_> = (0..14).map(|_| confirm(&q)).collect();
-        settle().await;
-        let reader = read(&q);
-        settle().await;
-        assert!(!reader.is_finished(), "no slack: held for the fifteenth request");
-        let batch: Vec<_> = batch.into_iter().chain([confirm(&q)]).collect();
-        let (seq, held) = reader.await.unwrap();
-        assert_eq!(
-            (seq, held),
-            (3, Duration::ZERO),
-            "started by the fifteenth request"
-        );
-        q.finish(seq, true);
-        confirm_all(batch).await;
+        // Read 2 expects 17 - 2 = 15 requests: the one above and 14 more.
+        // Nothing asks while read 2 is in flight: read 3 expects all 15.
+        let mut waiting = during;
+        for (seq_wanted, why) in [(2, "the slack"), (3, "no slack")] {
+            waiting.extend((waiting.len()..14).map(|_| confirm(&q)));
+            settle().await;
+            let reader = read(&q);
+            settle().await;
+            assert!(!reader.is_finished(), "{why}: held for the fifteenth request");
+            waiting.push(confirm(&q));
+            let (seq, held) = reader.await.unwrap();
+            assert_eq!(
+                (seq, held),
+                (seq_wanted, Duration::ZERO),
+                "{why}: started by the fifteenth request, not the deadline"
+            );
+            q.finish(seq, true);
+            confirm_all(std::mem::take(&mut waiting)).await;
+        }
         // Read 4 expects 15 again; two come: it starts at the deadline.
         let two: Vec<_> = (0..2).map(|_| confirm(&q)).collect();
         settle().await;
