@@ -282,9 +282,10 @@ const HOLD_SLACK: u64 = 16;
 /// are what a held read gathers in its interval, so expecting as many
 /// makes the next interval as long again: the intervals only ever grow, to
 /// the deadline. Such writes also ask while a read is in flight, which
-/// writers that wait for each answer (all inside the read) do not; when
-/// some did, the next read expects a sixteenth fewer ([`HOLD_SLACK`]), and
-/// each hold tends to be shorter than the last (bench/RESULTS.md, step 14).
+/// writers that wait for each answer (all inside the read) do not, unless
+/// one missed the read; when some did, the next read expects a sixteenth
+/// fewer ([`HOLD_SLACK`]), and each hold tends to be shorter than the last
+/// (bench/RESULTS.md, step 14).
 ///
 /// The reader runs on the main runtime, and the waiting requests on the
 /// serving threads. Woken one by one from the reader's thread, each would
@@ -320,7 +321,8 @@ pub struct ReadQueue {
     /// How much of `expected` the next read forgoes if requests asked
     /// while the last one was in flight.
     slack: AtomicU64,
-    /// The `asked` count the next read is held for.
+    /// The `asked` count the next read is held for, before the slack (if
+    /// given) is taken off.
     expected: AtomicU64,
     /// Woken by the request that brings `asked` to `expected`.
     expected_arrived: Notify,
@@ -672,6 +674,8 @@ mod tests {
         settle().await;
         q.finish(seq, true);
         confirm_all(batch).await;
+        settle().await;
+        assert!(!during[0].is_finished(), "asked after read 1 started");
         // Read 2 expects 17 - 2 = 15 requests: the one above and 14 more.
         // Nothing asks while read 2 is in flight: read 3 expects all 15.
         let mut waiting = during;
