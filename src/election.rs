@@ -318,11 +318,8 @@ pub struct ReadQueue {
     asked_at_start: AtomicU64,
     /// `asked` when the last read finished.
     asked_at_finish: AtomicU64,
-    /// How much of `expected` the next read forgoes if requests asked
-    /// while the last one was in flight.
-    slack: AtomicU64,
-    /// The `asked` count the next read is held for, before the slack (if
-    /// given) is taken off.
+    /// The `asked` count the next read is held for: `asked_at_start` plus
+    /// the requests that joined the last read, less the slack if given.
     expected: AtomicU64,
     /// Woken by the request that brings `asked` to `expected`.
     expected_arrived: Notify,
@@ -421,8 +418,10 @@ impl ReadQueue {
         // requests that asked while it was in flight came at their own
         // pace (or missed it), and only then does the hold leave slack.
         // Lowered before the checks below, which see it.
-        if self.asked_at_finish.load(SeqCst) > self.asked_at_start.load(SeqCst) {
-            self.expected.fetch_sub(self.slack.swap(0, SeqCst), SeqCst);
+        let last_start = self.asked_at_start.load(SeqCst);
+        if self.asked_at_finish.load(SeqCst) > last_start {
+            let joined = self.expected.load(SeqCst) - last_start;
+            self.expected.fetch_sub(joined.div_ceil(HOLD_SLACK), SeqCst);
         }
         loop {
             let arrived = self.expected_arrived.notified();
@@ -442,7 +441,6 @@ impl ReadQueue {
         let asked = self.asked.load(SeqCst);
         let joined = asked - self.asked_at_start.swap(asked, SeqCst);
         self.expected.store(asked + joined, SeqCst);
-        self.slack.store(joined.div_ceil(HOLD_SLACK), SeqCst);
         self.started.fetch_add(1, SeqCst) + 1
     }
 
