@@ -51,6 +51,8 @@ pub struct ServerConfig {
     /// Threads serving the proxy listener, each with its own event loop and
     /// connections to the store; 0 means one per CPU.
     pub workers: usize,
+    /// Pins each serving thread to a CPU of its own (see [`crate::affinity`]).
+    pub pin_workers: bool,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +64,7 @@ impl Default for ServerConfig {
             max_header_bytes: 65536,
             shutdown_grace: Duration::from_secs(30),
             workers: 0,
+            pin_workers: false,
         }
     }
 }

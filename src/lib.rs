@@ -13,11 +13,12 @@
 //!   [`socket`] is how both sides' connections read and write.
 //! - [`error`] is the one place that turns refusals into HTTP answers.
 //! - [`server`], [`admin`], [`metrics`], [`shutdown`] and [`app`] run the
-//!   process; [`commands`] are the subcommands and their exit codes.
+//!   process ([`affinity`] pins its serving threads where asked); [`commands`] are the subcommands and their exit codes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod affinity;
 pub mod app;
 pub mod body;
 pub mod commands;

@@ -31,6 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::affinity;
 use crate::config::ServerConfig;
 use crate::gate::Gates;
 use crate::hop::Peer;
@@ -66,6 +67,14 @@ pub async fn serve_workers(
     stop: CancellationToken,
 ) -> std::io::Result<Ended> {
     let workers = workers.max(1);
+    let cpus = match settings.pin_workers {
+        true => {
+            let cpus = affinity::placement(workers).map_err(std::io::Error::other)?;
+            tracing::info!(?cpus, "pinning the serving threads, one per CPU in this order");
+            Some(cpus)
+        }
+        false => None,
+    };
     let open: Arc<[AtomicUsize]> = (0..workers).map(|_| AtomicUsize::new(0)).collect();
     let mut inboxes = Vec::with_capacity(workers);
     let mut done = Vec::new();
@@ -81,9 +90,16 @@ pub async fn serve_workers(
             worker: i,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let cpu = cpus.as_ref().map(|cpus| cpus[i]);
         std::thread::Builder::new()
             .name(format!("fencegate-worker-{i}"))
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if !affinity::pin_current_thread(cpu) {
+                        // It serves all the same, where the kernel places it.
+                        tracing::warn!(worker = i, cpu, "could not pin a serving thread");
+                    }
+                }
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod affinity;
 mod barrier;
 mod bypass;
 mod coordinator_faults;

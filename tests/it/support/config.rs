@@ -43,6 +43,8 @@ pub struct FencegateConfig {
     /// `server.workers`: serving threads, each with its own store
     /// connections.
     pub workers: Option<usize>,
+    /// `server.pin_workers`: each serving thread on a CPU of its own.
+    pub pin_workers: Option<bool>,
     pub upstream_url: String,
     pub connect_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
@@ -70,6 +72,7 @@ impl FencegateConfig {
             max_header_bytes: None,
             shutdown_grace: None,
             workers: None,
+            pin_workers: None,
             upstream_url: upstream_url.to_string(),
             connect_timeout: None,
             request_timeout: None,
@@ -110,6 +113,11 @@ impl FencegateConfig {
 
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n);
+        self
+    }
+
+    pub fn pin_workers(mut self, pin: bool) -> Self {
+        self.pin_workers = Some(pin);
         self
     }
 
@@ -184,6 +192,9 @@ impl FencegateConfig {
         opt_duration(&mut t, "shutdown_grace", self.shutdown_grace);
         if let Some(n) = self.workers {
             kv(&mut t, "workers", &n.to_string());
+        }
+        if let Some(pin) = self.pin_workers {
+            kv(&mut t, "pin_workers", &pin.to_string());
         }
 
         t.push_str("\n[upstream]\n");
