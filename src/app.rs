@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::affinity;
 use crate::commands::Fatal;
 use crate::committer::Committer;
 use crate::config::Config;
@@ -54,6 +55,15 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Fatal> {
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Before the state file is touched: a start that cannot pin fails
+    // without spending the previous run's clean-shutdown mark.
+    let cpus = (config.server.pin_workers)
+        .then(|| affinity::placement(workers))
+        .transpose()?;
     let metrics = Metrics::new();
     let start = state.start(&wanted_domains(&config), forget)?;
     let request_timeout = config.upstream.request_timeout;
@@ -163,14 +173,11 @@ pub async fn run(
             stop.cancel();
         }
     };
-    let workers = match config.server.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
     tracing::debug!(workers, "serving threads");
     let serve = server::serve_workers(
         listeners.proxy,
         workers,
+        cpus,
         make_proxy,
         gates.clone(),
         &config.server,

@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::affinity::AffinityError;
 use crate::app::{self, Listeners};
 use crate::config::{Config, ConfigError};
 use crate::state::{StateError, StateFile};
@@ -40,6 +41,9 @@ pub enum Fatal {
     /// The serving threads could not be started.
     #[error("cannot serve the proxy listener: {0}")]
     Serve(std::io::Error),
+    /// See [`AffinityError`].
+    #[error(transparent)]
+    Affinity(#[from] AffinityError),
     /// A usage error found after parsing.
     #[error("{0}")]
     Usage(String),
@@ -56,7 +60,7 @@ impl Fatal {
             Fatal::State(StateError::ForgottenDomain { .. }) => EX_USAGE,
             Fatal::State(StateError::AlreadyExists(_)) => EX_CANTCREAT,
             Fatal::State(_) => EX_IOERR,
-            Fatal::Bind { .. } | Fatal::Serve(_) | Fatal::Unhealthy(_) => EX_UNAVAILABLE,
+            Fatal::Bind { .. } | Fatal::Serve(_) | Fatal::Affinity(_) | Fatal::Unhealthy(_) => EX_UNAVAILABLE,
         }
     }
 }

@@ -51,7 +51,8 @@ pub struct ServerConfig {
     /// Threads serving the proxy listener, each with its own event loop and
     /// connections to the store; 0 means one per CPU.
     pub workers: usize,
-    /// Pins each serving thread to a CPU of its own (see [`crate::affinity`]).
+    /// Pins each serving thread to one CPU of those the process may use
+    /// (see [`crate::affinity`]).
     pub pin_workers: bool,
 }
 

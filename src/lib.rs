@@ -13,7 +13,8 @@
 //!   [`socket`] is how both sides' connections read and write.
 //! - [`error`] is the one place that turns refusals into HTTP answers.
 //! - [`server`], [`admin`], [`metrics`], [`shutdown`] and [`app`] run the
-//!   process ([`affinity`] pins its serving threads where asked); [`commands`] are the subcommands and their exit codes.
+//!   process; [`affinity`] pins its serving threads where asked;
+//!   [`commands`] are the subcommands and their exit codes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -57,24 +57,21 @@ pub struct Ended {
 }
 
 /// Serves `listener` with `workers` threads until `stop` is cancelled, then
-/// drains. `proxy` builds each worker's data path.
+/// drains. `proxy` builds each worker's data path. With `cpus` (from
+/// [`affinity::placement`]), worker `i` is pinned to `cpus[i]`.
 pub async fn serve_workers(
     listener: TcpListener,
     workers: usize,
+    cpus: Option<Vec<usize>>,
     proxy: impl Fn() -> Proxy,
     gates: Arc<Gates>,
     settings: &ServerConfig,
     stop: CancellationToken,
 ) -> std::io::Result<Ended> {
     let workers = workers.max(1);
-    let cpus = match settings.pin_workers {
-        true => {
-            let cpus = affinity::placement(workers).map_err(std::io::Error::other)?;
-            tracing::info!(?cpus, "pinning the serving threads, one per CPU in this order");
-            Some(cpus)
-        }
-        false => None,
-    };
+    if let Some(cpus) = &cpus {
+        tracing::info!(?cpus, "pinning the serving threads to these CPUs, in order");
+    }
     let open: Arc<[AtomicUsize]> = (0..workers).map(|_| AtomicUsize::new(0)).collect();
     let mut inboxes = Vec::with_capacity(workers);
     let mut done = Vec::new();
@@ -90,14 +87,15 @@ pub async fn serve_workers(
             worker: i,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let cpu = cpus.as_ref().map(|cpus| cpus[i]);
+        let cpu = cpus.as_ref().and_then(|cpus| cpus.get(i).copied());
         std::thread::Builder::new()
-            .name(format!("fencegate-worker-{i}"))
+            // Within the 15 bytes Linux keeps of a thread's name (`/proc`, `top -H`).
+            .name(format!("fg-worker-{i}"))
             .spawn(move || {
                 if let Some(cpu) = cpu {
-                    if !affinity::pin_current_thread(cpu) {
+                    if let Err(e) = affinity::pin_current_thread(cpu) {
                         // It serves all the same, where the kernel places it.
-                        tracing::warn!(worker = i, cpu, "could not pin a serving thread");
+                        tracing::warn!(worker = i, cpu, error = %e, "could not pin a serving thread");
                     }
                 }
                 let runtime = tokio::runtime::Builder::new_current_thread()

@@ -26,23 +26,21 @@ fn allowed(pid: u32, tid: &str) -> Vec<usize> {
     parse_cpu_list(line)
 }
 
-/// The allowed CPUs of each serving thread of `pid`, in thread-id order
-/// (the order they were started in), and those of its main thread.
-fn placement(pid: u32) -> (Vec<Vec<usize>>, Vec<usize>) {
-    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
-        .collect();
-    tids.sort_unstable();
-    let workers = tids
-        .iter()
-        .filter(|tid| {
-            // Thread names are cut to 15 bytes: "fencegate-worker-0" reads "fencegate-worke".
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
-            comm.trim() == "fencegate-worke"
-        })
-        .map(|tid| allowed(pid, &tid.to_string()))
-        .collect();
+/// The allowed CPUs of serving threads 0, 1, ... of `pid` (threads named
+/// `fg-worker-N`), and those of its main thread.
+fn placement(pid: u32) -> (Vec<Option<Vec<usize>>>, Vec<usize>) {
+    let mut workers: Vec<Option<Vec<usize>>> = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        if let Some(i) = comm.trim().strip_prefix("fg-worker-") {
+            let i: usize = i.parse().unwrap();
+            if workers.len() <= i {
+                workers.resize(i + 1, None);
+            }
+            workers[i] = Some(allowed(pid, &tid));
+        }
+    }
     (workers, allowed(pid, &pid.to_string()))
 }
 
@@ -51,6 +49,14 @@ fn put(fg: &Fencegate, path: &str) -> u16 {
         "PUT {path} HTTP/1.1\r\nHost: x\r\nFencing-Token: 3\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
     );
     parse_response(&raw_request(&fg.addr(), request.as_bytes())).status
+}
+
+/// Pinned or free cannot be told apart on one CPU.
+fn process_cpus_at_least_two(process: &[usize]) {
+    assert!(
+        process.len() >= 2,
+        "this test needs a process that may run on 2 CPUs or more, it may run on {process:?}"
+    );
 }
 
 #[test]
@@ -62,30 +68,49 @@ fn pinned_serving_threads_each_run_on_one_allowed_cpu_in_order() {
             .workers(3)
             .pin_workers(true),
     );
-    let (workers, process) = placement(fg.pid().expect("running"));
-    assert_eq!(workers.len(), 3, "three serving threads: {workers:?}");
-    // Three workers on the process's CPUs, wrapping round where it has fewer.
-    let expected: Vec<Vec<usize>> = (0..3).map(|i| vec![process[i % process.len()]]).collect();
+    // Pinned threads serve like free ones; the acceptor hands these six
+    // connections to the three threads in turn, so each has started.
+    for i in 0..6 {
+        assert!(matches!(put(&fg, &format!("/d/pinned-{i}")), 201 | 204));
+    }
+    let pid = fg.pid().expect("running");
+    let (_, process) = placement(pid);
+    process_cpus_at_least_two(&process);
+    // Three workers on the process's CPUs, in order, wrapping round where
+    // it has fewer.
+    let expected: Vec<Option<Vec<usize>>> = (0..3).map(|i| Some(vec![process[i % process.len()]])).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let workers = loop {
+        let (workers, _) = placement(pid);
+        if workers == expected || std::time::Instant::now() > deadline {
+            break workers;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert_eq!(workers, expected, "the process may run on {process:?}");
     assert!(
         fg.stderr_text().contains("pinning the serving threads"),
         "the placement is logged:\n{}",
         fg.stderr_text()
     );
-    // Pinned threads serve like free ones.
-    for i in 0..6 {
-        assert!(matches!(put(&fg, &format!("/d/pinned-{i}")), 201 | 204));
-    }
 }
 
 #[test]
 fn serving_threads_are_free_by_default() {
     let nginx = Nginx::start();
     let fg = Fencegate::start(FencegateConfig::new(&nginx.url()).domain("d", "/d/").workers(2));
+    for i in 0..4 {
+        assert!(matches!(put(&fg, &format!("/d/free-{i}")), 201 | 204));
+    }
     let (workers, process) = placement(fg.pid().expect("running"));
+    process_cpus_at_least_two(&process);
     assert_eq!(workers.len(), 2, "{workers:?}");
     for cpus in &workers {
-        assert_eq!(cpus, &process, "a serving thread was pinned without pin_workers");
+        assert_eq!(
+            cpus.as_ref(),
+            Some(&process),
+            "a serving thread was pinned without pin_workers"
+        );
     }
     assert!(!fg.stderr_text().contains("pinning the serving threads"));
 }
