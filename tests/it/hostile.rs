@@ -517,6 +517,98 @@ fn slowloris_does_not_starve_the_listener() {
     rig.finish();
 }
 
+/// Reads one response with a `Content-Length` body from `s`.
+fn read_one_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    loop {
+        let text = show(&buf);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .map_or(0, |v| v.parse::<usize>().unwrap());
+            if buf.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = s.read(&mut chunk).expect("a response");
+        assert!(n > 0, "closed before a whole response: {:?}", show(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// How long after `since` the server closed `s` (reading and discarding),
+/// or `None` if it was still open after `bound`.
+fn closed_after(s: &mut TcpStream, since: Instant, bound: Duration) -> Option<Duration> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        let left = (since + bound).saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) => return Some(since.elapsed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
+            Err(_) => return Some(since.elapsed()),
+        }
+    }
+}
+
+/// The header read timeout bounds every head on a keep-alive connection,
+/// not only the first: after a few answered requests, a connection that
+/// stalls inside its next head, or sends nothing at all, is closed about
+/// `header_read_timeout` later.
+#[test]
+fn heads_after_the_first_on_a_connection_are_bounded_too() {
+    let mut rig = Rig::start(|c| c.header_read_timeout(Duration::from_secs(1)));
+    let addr = rig.fg.addr();
+    let mut stalling = TcpStream::connect(&addr).expect("connect");
+    let mut idle = TcpStream::connect(&addr).expect("connect");
+    let mut answered = [Instant::now(); 2];
+    for round in 0..3 {
+        if round > 0 {
+            // Less than the timeout between heads: answered, not closed.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        for (i, s) in [&mut stalling, &mut idle].into_iter().enumerate() {
+            s.write_all(b"GET /public/raise HTTP/1.1\r\nHost: store.test\r\n\r\n")
+                .unwrap();
+            let text = read_one_response(s);
+            answered[i] = Instant::now();
+            assert_eq!(statuses(&text), [200], "{text:?}");
+            rig.expected.push(("GET".into(), "/public/raise".into(), None));
+        }
+    }
+    stalling
+        .write_all(b"PUT /orders/slow HTTP/1.1\r\nHost: store.test\r\nX-Slow: a")
+        .unwrap();
+    // The timer of the next head starts when the last answer has gone out.
+    for (i, name) in ["stalled head", "idle"].into_iter().enumerate() {
+        let s = if i == 0 { &mut stalling } else { &mut idle };
+        let after = closed_after(s, answered[i], Duration::from_secs(4))
+            .unwrap_or_else(|| panic!("{name}: still open 4 s after its last answer"));
+        assert!(
+            after >= Duration::from_millis(800),
+            "{name}: closed early, after {after:?}"
+        );
+        assert!(
+            after < Duration::from_secs(3),
+            "{name}: closed late, after {after:?}"
+        );
+        eprintln!("{name}: closed {after:?} after its last answer");
+    }
+    rig.wait_log("the keep-alive reads");
+    rig.finish();
+}
+
 #[test]
 fn invalid_bytes_in_paths_and_headers_are_400() {
     let mut rig = Rig::start(|c| c);
