@@ -55,24 +55,30 @@ fn req_bytes(target: &[u8], headers: &[&[u8]]) -> Vec<u8> {
 fn exchange(addr: &str, bytes: &[u8], bound: Duration) -> (String, bool) {
     let mut s = TcpStream::connect(addr).expect("connect to fencegate");
     let _ = s.write_all(bytes);
-    let deadline = Instant::now() + bound;
+    let (buf, closed_at) = read_until_closed(&mut s, Instant::now() + bound);
+    (show(&buf), closed_at.is_some())
+}
+
+/// Reads from `s` until the server closes it (or resets it) or `deadline`
+/// passes. Returns what was read and when it closed, if it did.
+fn read_until_closed(s: &mut TcpStream, deadline: Instant) -> (Vec<u8>, Option<Instant>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
-    let closed = loop {
+    let closed_at = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            break false;
+            break None;
         }
         s.set_read_timeout(Some(left)).expect("read timeout");
         match s.read(&mut chunk) {
-            Ok(0) => break true,
+            Ok(0) => break Some(Instant::now()),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break false,
-            Err(_) => break true, // reset
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break None,
+            Err(_) => break Some(Instant::now()), // reset
         }
     };
-    (String::from_utf8_lossy(&buf).into_owned(), closed)
+    (buf, closed_at)
 }
 
 /// The status of every response in `text`.
@@ -477,22 +483,7 @@ fn slowloris_does_not_starve_the_listener() {
     // began, with no answer but perhaps a 408.
     let mut lifetimes = Vec::new();
     for (mut s, opened) in stalled {
-        let deadline = opened + Duration::from_secs(4);
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
-        let closed_at = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break None;
-            }
-            s.set_read_timeout(Some(left)).unwrap();
-            match s.read(&mut chunk) {
-                Ok(0) => break Some(Instant::now()),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break None,
-                Err(_) => break Some(Instant::now()),
-            }
-        };
+        let (buf, closed_at) = read_until_closed(&mut s, opened + Duration::from_secs(4));
         let text = show(&buf);
         let closed_at =
             closed_at.unwrap_or_else(|| panic!("a stalled connection still open after 4 s: {text:?}"));
@@ -543,25 +534,6 @@ fn read_one_response(s: &mut TcpStream) -> String {
     }
 }
 
-/// How long after `since` the server closed `s` (reading and discarding),
-/// or `None` if it was still open after `bound`.
-fn closed_after(s: &mut TcpStream, since: Instant, bound: Duration) -> Option<Duration> {
-    let mut chunk = [0u8; 1024];
-    loop {
-        let left = (since + bound).saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut chunk) {
-            Ok(0) => return Some(since.elapsed()),
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
-            Err(_) => return Some(since.elapsed()),
-        }
-    }
-}
-
 /// The header read timeout bounds every head on a keep-alive connection,
 /// not only the first: after a few answered requests, a connection that
 /// stalls inside its next head, or sends nothing at all, is closed about
@@ -593,8 +565,9 @@ fn heads_after_the_first_on_a_connection_are_bounded_too() {
     // The timer of the next head starts when the last answer has gone out.
     for (i, name) in ["stalled head", "idle"].into_iter().enumerate() {
         let s = if i == 0 { &mut stalling } else { &mut idle };
-        let after = closed_after(s, answered[i], Duration::from_secs(4))
-            .unwrap_or_else(|| panic!("{name}: still open 4 s after its last answer"));
+        let (_, closed_at) = read_until_closed(s, answered[i] + Duration::from_secs(4));
+        let after =
+            closed_at.unwrap_or_else(|| panic!("{name}: still open 4 s after its last answer")) - answered[i];
         assert!(
             after >= Duration::from_millis(800),
             "{name}: closed early, after {after:?}"
