@@ -1,29 +1,31 @@
 //! Connections to the store that a raise can cut. Aborting a write whose
 //! body is not sent whole must stop its bytes at once, even when the store
-//! is not reading and hyper is blocked flushing its buffer (where it never
-//! polls the body again). Each connection comes with a [`KillHandle`];
-//! killing it fails the connection's next I/O and closes the socket with a
-//! reset (SO_LINGER 0), so queued bytes are dropped, and the pool never
-//! hands it out again.
+//! is not reading and the write is blocked on a full socket buffer. Each
+//! connection comes with a [`KillHandle`]; killing it fails the
+//! connection's next I/O (and wakes whoever waits on it), and the socket
+//! closes with a reset (SO_LINGER 0), so queued bytes are dropped, and the
+//! pool never hands it out again.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
-use hyper::rt::{Read, ReadBufCursor, Write};
+use bytes::BytesMut;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-
-use crate::socket::SocketIo;
 
 #[derive(Default)]
 struct Switch {
     killed: AtomicBool,
-    waker: AtomicWaker,
+    /// The tasks waiting to read and to write: after an early answer the
+    /// rest of a request body is written by another task than the one
+    /// reading the response.
+    reader: AtomicWaker,
+    writer: AtomicWaker,
     /// Bytes the kernel took from this connection so far.
     written: AtomicU64,
 }
@@ -33,10 +35,11 @@ struct Switch {
 pub struct KillHandle(Arc<Switch>);
 
 impl KillHandle {
-    /// Makes the connection fail at its next I/O and wakes its task.
+    /// Makes the connection fail at its next I/O and wakes its tasks.
     pub fn kill(&self) {
         self.0.killed.store(true, Ordering::SeqCst);
-        self.0.waker.wake();
+        self.0.reader.wake();
+        self.0.writer.wake();
     }
 
     /// Whether the connection was cut.
@@ -50,16 +53,17 @@ impl KillHandle {
     }
 }
 
-/// A TCP connection to the store with a kill switch.
-pub struct KillableStream {
-    io: SocketIo,
+/// A TCP connection to the store with a kill switch. Reads and writes
+/// take `&self`, so one task may write while another reads.
+pub struct Wire {
+    stream: TcpStream,
     switch: Arc<Switch>,
 }
 
-impl KillableStream {
-    /// Fails once killed; otherwise registers the task to wake on a kill.
-    fn check(&mut self, cx: &Context<'_>) -> io::Result<()> {
-        self.switch.waker.register(cx.waker());
+impl Wire {
+    /// Fails once killed; otherwise registers `waker` to wake on a kill.
+    fn check(&self, waker: &AtomicWaker, cx: &Context<'_>) -> io::Result<()> {
+        waker.register(cx.waker());
         if !self.switch.killed.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -70,60 +74,71 @@ impl KillableStream {
             "connection cut by a raise",
         ))
     }
-}
 
-impl KillableStream {
-    fn count(&self, written: &Poll<io::Result<usize>>) {
+    /// Reads what the socket has into `buf`; 0 at the end of the stream.
+    pub fn poll_read(&self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+        self.check(&self.switch.reader, cx)?;
+        crate::codec::reserve_for_read(buf);
+        let room = buf.capacity() - buf.len();
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            // A read that leaves room in the buffer drained the socket, so
+            // its readiness is cleared as tokio's own `poll_read` does
+            // (an edge-triggered socket reports new bytes anew): the next
+            // wait goes to epoll instead of costing a read that finds
+            // nothing, and an idle connection's readiness means that
+            // something arrived (see `is_reusable`). A closure's
+            // `WouldBlock` is what clears it.
+            let mut drained = None;
+            let result = self.stream.try_io(Interest::READABLE, || {
+                let n = self.stream.try_read_buf(buf)?;
+                if n > 0 && n < room {
+                    drained = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match (drained, result) {
+                (Some(n), _) => return Poll::Ready(Ok(n)),
+                // The readiness was stale and is now cleared.
+                (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                (None, result) => return Poll::Ready(result),
+            }
+        }
+    }
+
+    /// Writes from `bufs`, in order, as much as the socket takes.
+    pub fn poll_write(&self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        self.check(&self.switch.writer, cx)?;
+        let written = crate::socket::poll_send(&self.stream, cx, bufs);
         if let Poll::Ready(Ok(n)) = written {
-            self.switch.written.fetch_add(*n as u64, Ordering::Relaxed);
+            self.switch.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        written
+    }
+
+    /// Whether an idle connection may carry a request: not cut, and
+    /// nothing arrived on it while idle (the store's close, or bytes no
+    /// request asked for). Uses the readiness the runtime already has, so
+    /// a live connection costs no system call.
+    pub fn is_reusable(&self) -> bool {
+        if self.switch.killed.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
         }
     }
 }
 
-impl Read for KillableStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl Write for KillableStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.check(cx)?;
-        let written = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.count(&written);
-        written
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.check(cx)?;
-        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.count(&written);
-        written
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
+/// Most bytes of a request the kernel holds unsent (TCP_NOTSENT_LOWAT).
+const NOT_SENT_LIMIT: u32 = 128 << 10;
 
 /// How connecting to the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,11 +155,7 @@ pub enum ConnectError {
 /// A name with several addresses is tried address by address, each with an
 /// equal share of `timeout` (as hyper-util's connector does), so one
 /// address that drops packets does not use up the whole budget.
-pub async fn connect(
-    host: &str,
-    port: u16,
-    timeout: Duration,
-) -> Result<(KillableStream, KillHandle), ConnectError> {
+pub async fn connect(host: &str, port: u16, timeout: Duration) -> Result<(Wire, KillHandle), ConnectError> {
     let address = || format!("{host}:{port}");
     let addresses: Vec<SocketAddr> = tokio::time::timeout(timeout, tokio::net::lookup_host((host, port)))
         .await
@@ -171,17 +182,26 @@ pub async fn connect(
     stream
         .set_nodelay(true)
         .map_err(|e| ConnectError::Io(address(), e))?;
-    // Every close of a store connection is a reset: hyper closes one only
-    // when idle, after an error, or after a finished exchange, and on the
+    // Every close of a store connection is a reset: fencegate closes one
+    // only when idle, after an error, or after a finished exchange, and on the
     // error paths (an aborted or failed body) the bytes still queued must
     // be dropped, not delivered late.
-    socket2::SockRef::from(&stream)
+    let socket = socket2::SockRef::from(&stream);
+    socket
         .set_linger(Some(Duration::ZERO))
         .map_err(|e| ConnectError::Io(address(), e))?;
+    // The kernel keeps at most this much of a request not yet sent; the
+    // rest waits in fencegate (see `pool::MAX_QUEUED`), where a raise can
+    // drop it, an early answer is seen as one, and `written` follows what
+    // the store takes rather than what the send buffer grew to hold (it
+    // grows to `tcp_wmem`'s maximum, 4 MiB by default).
+    socket
+        .set_tcp_notsent_lowat(NOT_SENT_LIMIT)
+        .map_err(|e| ConnectError::Io(address(), e))?;
     let switch = Arc::<Switch>::default();
-    let stream = KillableStream {
-        io: SocketIo::new(stream),
+    let wire = Wire {
+        stream,
         switch: switch.clone(),
     };
-    Ok((stream, KillHandle(switch)))
+    Ok((wire, KillHandle(switch)))
 }

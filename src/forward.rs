@@ -1,25 +1,26 @@
 //! The store's side: the sending of one request over a pooled HTTP/1.1
-//! connection, with fencegate's timeouts. A request is resent only if no
+//! connection ([`crate::pool`]), with fencegate's timeouts. A request is resent only if no
 //! byte of it was written, on a pooled connection the store had closed.
 
-use std::error::Error as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, HOST};
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{BodyError, Exchange, GuardedBody};
+use crate::codec::{self, ResponseHead};
 use crate::config::UpstreamConfig;
-use crate::connector::KillHandle;
+use crate::connector::{KillHandle, Wire};
 use crate::error::causes;
 use crate::gate::AbortSignal;
 use crate::path::NormalPath;
-use crate::pool::{Pool, PooledBody};
+use crate::pool::{Conn, ExchangeError, Outgoing, Pool, StoreBody};
 
 /// How long an unused connection to the store is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,6 +51,9 @@ pub enum ForwardError {
     /// The exchange with the store broke.
     #[error("the exchange with the store failed: {0}")]
     Failed(String),
+    /// The store's answer broke HTTP/1.1.
+    #[error("the store's answer is not valid HTTP/1.1: {0}")]
+    BadResponse(String),
 }
 
 /// The store and how to reach it, with one serving thread's connections.
@@ -108,12 +112,21 @@ impl Upstream {
     /// the write's domain before its body was sent whole aborts it.
     pub async fn send(
         &self,
-        mut request: Request<UpstreamBody>,
+        request: Request<UpstreamBody>,
         exchange: &Arc<Exchange>,
-    ) -> Result<Response<PooledBody>, ForwardError> {
-        if let http::header::Entry::Vacant(host) = request.headers_mut().entry(HOST) {
+    ) -> Result<Response<StoreBody>, ForwardError> {
+        let (mut parts, body) = request.into_parts();
+        if let http::header::Entry::Vacant(host) = parts.headers.entry(HOST) {
             host.insert(self.host.clone());
         }
+        let framing = codec::request_framing(
+            &parts.method,
+            body.size_hint().exact(),
+            parts.headers.contains_key(CONTENT_LENGTH),
+        );
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut body = Some(body);
+        let mut pending: Option<Outgoing> = None;
         loop {
             // A raise while the connection is being made aborts the write
             // before any byte of it is sent.
@@ -122,53 +135,123 @@ impl Upstream {
                 conn = self.pool.checkout() => conn.map_err(|e| ForwardError::Connect(causes(&e)))?,
                 Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => return Err(why),
             };
-            let kill = conn.kill_handle().clone();
-            let response = conn.send(request);
-            let timeout = self.request_timeout;
-            let deadline = async {
-                let stall_timer = Some(conn.timer());
-                if let Err(cut_short) =
-                    while_unsent(exchange, Some(&kill), self.body_idle_timeout, stall_timer).await
-                {
-                    return cut_short;
-                }
-                conn.request_timer(timeout).await;
-                // The store's outcome is unknown: the connection is cut so
-                // nothing more of this write can reach the store.
-                kill.kill();
-                ForwardError::Timeout(self.request_timeout)
+            let mut out = match pending.take() {
+                Some(out) => out,
+                None => Outgoing::new(
+                    conn.take_head_buffer(),
+                    &parts.method,
+                    target,
+                    &parts.headers,
+                    framing,
+                    body.take().expect("the body goes into the first request"),
+                ),
             };
-            let result = tokio::select! {
-                result = response => result,
-                error = deadline => return Err(error),
+            let kill = conn.kill_handle().clone();
+            let reused = conn.is_reused();
+            let timeout = self.request_timeout;
+            let result = {
+                let (response, mut timer) = conn.exchange(&mut out, &parts.method);
+                let deadline = async {
+                    if let Err(cut_short) = while_unsent(
+                        exchange,
+                        Some(&kill),
+                        self.body_idle_timeout,
+                        Some(timer.as_mut()),
+                    )
+                    .await
+                    {
+                        return cut_short;
+                    }
+                    timer.as_mut().reset(Instant::now() + timeout);
+                    timer.as_mut().await;
+                    // The store's outcome is unknown: the connection is cut so
+                    // nothing more of this write can reach the store.
+                    kill.kill();
+                    ForwardError::Timeout(timeout)
+                };
+                tokio::select! {
+                    result = response => result,
+                    error = deadline => return Err(error),
+                }
             };
             match result {
-                Ok(response) => {
-                    if !exchange.is_sent() && exchange.holds_ticket() {
-                        guard_unsent_body(exchange.clone(), kill, self.body_idle_timeout);
-                    }
-                    return Ok(response.map(|body| PooledBody::new(body, conn)));
-                }
-                Err(mut failed) => match failed.take_message() {
-                    // Nothing was written: the store had closed this
-                    // pooled connection. Another one may take the request.
-                    Some(unsent) if conn.is_reused() => request = unsent,
-                    _ => return Err(classify(failed.into_error())),
-                },
+                Ok(head) => return Ok(self.respond(conn, head, out, exchange, kill)),
+                // Nothing was written: the store had closed this pooled
+                // connection. Another one may take the request.
+                Err(ExchangeError::Unsent(_)) if reused && out.is_unsent() => pending = Some(out),
+                Err(failed) => return Err(classify(failed)),
             }
         }
     }
+
+    /// The response to hand to the client. A request the store answered
+    /// before it was sent whole goes on being sent (HTTP/1.1 lets a body
+    /// go on after an early answer) from a task of its own.
+    fn respond(
+        &self,
+        mut conn: Conn,
+        head: ResponseHead,
+        out: Outgoing,
+        exchange: &Arc<Exchange>,
+        kill: KillHandle,
+    ) -> Response<StoreBody> {
+        let sent = out.is_done();
+        if sent {
+            conn.reclaim(out);
+        } else {
+            finish_sending(conn.wire(), out, exchange.clone(), kill, self.body_idle_timeout);
+        }
+        let body = conn.into_body(&head, sent);
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        response
+    }
 }
 
-/// Keeps fencing a write whose store answered before its body was sent
-/// whole (a store may answer early, and HTTP/1.1 lets the body go on).
-/// The write still holds its place in the generation until its body ends,
-/// so a raise must still be able to abort it, and a store that stops
-/// reading must not hold the raise: [`while_unsent`] goes on watching, in a
-/// task of its own.
-fn guard_unsent_body(exchange: Arc<Exchange>, connection: KillHandle, idle: Duration) {
+/// Sends the rest of a request whose store answered before it was sent
+/// whole. The write still holds its place in the generation until its body
+/// ends, so a raise must still be able to abort it, and a store that stops
+/// reading must not hold the raise, nor this task: [`while_unsent`] goes on
+/// watching, and after the body was handed over whole, a store that takes
+/// none of what is left for `idle` gets its connection cut.
+fn finish_sending(
+    wire: Arc<Wire>,
+    mut out: Outgoing,
+    exchange: Arc<Exchange>,
+    connection: KillHandle,
+    idle: Duration,
+) {
     tokio::spawn(async move {
-        let _ = while_unsent(&exchange, Some(&connection), idle, None).await;
+        let flush = std::future::poll_fn(|cx| out.poll_send(cx, &wire));
+        tokio::pin!(flush);
+        tokio::select! {
+            biased;
+            _ = &mut flush => return,
+            decided = while_unsent(&exchange, Some(&connection), idle, None) => {
+                if decided.is_err() {
+                    return;
+                }
+            }
+        }
+        // The body was handed over whole: the write leaves its generation
+        // (the exchange holds its place), and what is left is bytes.
+        drop(exchange);
+        let mut seen = connection.written();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut flush => return,
+                () = tokio::time::sleep(idle) => {}
+            }
+            let now = connection.written();
+            if now == seen {
+                connection.kill();
+                return;
+            }
+            seen = now;
+        }
     });
 }
 
@@ -245,17 +328,15 @@ async fn fenced(fence: Option<&AbortSignal>) {
     }
 }
 
-/// Sorts a client error by where it came from.
-fn classify(e: hyper::Error) -> ForwardError {
-    let mut source = e.source();
-    while let Some(inner) = source {
-        if let Some(body) = inner.downcast_ref::<BodyError>() {
-            return match body {
-                BodyError::Fenced => ForwardError::Fenced,
-                other => ForwardError::ClientBody(other.to_string()),
-            };
+/// Sorts a failed exchange by where it failed.
+fn classify(e: ExchangeError) -> ForwardError {
+    match e {
+        ExchangeError::Body(BodyError::Fenced) => ForwardError::Fenced,
+        ExchangeError::Body(other) => ForwardError::ClientBody(other.to_string()),
+        ExchangeError::Unsent(e) | ExchangeError::Io(e) => ForwardError::Failed(e.to_string()),
+        ExchangeError::Closed => {
+            ForwardError::Failed("the store closed the connection without answering".to_owned())
         }
-        source = inner.source();
+        ExchangeError::Protocol(e) => ForwardError::BadResponse(e.to_string()),
     }
-    ForwardError::Failed(causes(&e))
 }

@@ -22,6 +22,7 @@ pub mod admin;
 pub mod affinity;
 pub mod app;
 pub mod body;
+pub mod codec;
 pub mod commands;
 pub mod committer;
 pub mod config;

@@ -1,38 +1,54 @@
 //! The connections to the store of one serving thread, kept open between
-//! requests. Each worker has its own [`Pool`] (see [`crate::server`]), so
-//! its lock is never contended and a request, its connection and the task
-//! that drives the connection stay on one thread.
+//! requests, and the exchange of one request on one of them. Each worker
+//! has its own [`Pool`] (see [`crate::server`]), so its lock is never
+//! contended, and a request, its connection and its response body are
+//! driven by the request's own task: no task per connection, no channel
+//! between the handler and the connection.
 //!
-//! hyper drives each connection in a task of its own; the pool holds the
-//! sending half. A connection is offered back when its response body was
-//! read to its end, and enters the pool only once hyper says it is ready
-//! for another request: the request may still be queued in hyper's write
-//! buffer behind a store that answered early and stopped reading, and a
-//! checkout must never wait behind another exchange (it would wait with no
-//! timeout, and a lower write could reach the store after a raise). Until
-//! then a small task waits for it; most connections are ready at once. A
-//! connection that was cut, failed or abandoned halfway is dropped, which
-//! closes it. Idle connections are reused most recently used first, and
-//! dropped after `idle_timeout` unused, at the next checkout or return
-//! (there is no reaper: the store's keep-alive timeout closes an idle
-//! connection, and hyper then ends it).
+//! A connection enters the pool only when its exchange is over in both
+//! directions: the request written whole and the response read to its
+//! end, with nothing more from the store. A checkout therefore never
+//! waits behind another exchange (it would wait with no timeout, and a
+//! lower write could reach the store after a raise). A connection that was
+//! cut, failed, answered early while its request body was still being sent,
+//! or was abandoned halfway is dropped, which closes it with a reset.
+//! Idle connections are reused most recently used first; one the store
+//! closed meanwhile is seen at checkout (from the readiness the runtime
+//! already holds, no system call) and dropped, and so is one unused for
+//! `idle_timeout`, at the next checkout or return.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response};
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, Method};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::client::conn::TrySendError;
 use tokio::time::Sleep;
 
-use crate::connector::{connect, ConnectError, KillHandle};
+use crate::body::BodyError;
+use crate::codec::{self, BodyDecoder, CodecError, Decoded, Framing, ResponseHead};
+use crate::connector::{connect, ConnectError, KillHandle, Wire};
 use crate::forward::UpstreamBody;
+
+/// Most body bytes taken from the client ahead of the store, as hyper's
+/// write buffer did: a body that is ready faster than the store takes it
+/// waits in the client's socket beyond that. A request the store answers
+/// while some of this is still queued was answered early, and its
+/// connection is not reused; bytes already in the kernel cannot be told
+/// apart from bytes the store read (a proxy that pooled such a connection
+/// would make the next request wait behind them, bounded by
+/// `request_timeout`).
+const MAX_QUEUED: usize = 256 * 1024;
+
+/// How often idle connections are checked for a close by the store: hyper
+/// ended such a connection at once from its task; here nothing polls an
+/// idle connection, so a sweep closes them (and expired ones) within this.
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
 /// One serving thread's connections to the store.
 pub struct Pool {
@@ -42,6 +58,9 @@ pub struct Pool {
 struct Shared {
     /// Oldest first; checkouts take from the back.
     idle: Mutex<VecDeque<Idle>>,
+    /// Whether the sweep task runs (started with the first connection,
+    /// inside the serving thread's runtime).
+    sweeping: std::sync::atomic::AtomicBool,
     host: String,
     port: u16,
     connect_timeout: Duration,
@@ -55,8 +74,12 @@ struct Idle {
 
 /// A connection to the store, checked out for one exchange.
 pub struct Conn {
-    sender: SendRequest<UpstreamBody>,
+    wire: Arc<Wire>,
     kill: KillHandle,
+    /// What the store sent that was not taken yet.
+    read: BytesMut,
+    /// The request head's buffer, kept for its allocation.
+    head: Vec<u8>,
     reused: bool,
     pool: Arc<Shared>,
     /// The one timer of the exchanges on this connection (the stall watch
@@ -73,6 +96,7 @@ impl Pool {
         Pool {
             shared: Arc::new(Shared {
                 idle: Mutex::new(VecDeque::new()),
+                sweeping: std::sync::atomic::AtomicBool::new(false),
                 host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
                 port,
                 connect_timeout,
@@ -90,12 +114,7 @@ impl Pool {
                 break;
             };
             let mut conn = idle.conn;
-            // Only ready connections enter the pool; one that is not ready
-            // any more was closed by the store meanwhile, and is dropped.
-            if conn.sender.is_ready()
-                && !conn.kill.is_killed()
-                && idle.since.elapsed() <= self.shared.idle_timeout
-            {
+            if conn.wire.is_reusable() && idle.since.elapsed() <= self.shared.idle_timeout {
                 conn.reused = true;
                 return Ok(conn);
             }
@@ -105,26 +124,63 @@ impl Pool {
 
     async fn connect(&self) -> Result<Conn, ConnectError> {
         let shared = &self.shared;
-        let (stream, kill) = connect(&shared.host, shared.port, shared.connect_timeout).await?;
-        let address = || format!("{}:{}", shared.host, shared.port);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(stream)
-            .await
-            .map_err(|e| ConnectError::Io(address(), std::io::Error::other(e)))?;
-        tokio::spawn(async move {
-            // Its errors reach the exchange that was using it, if any.
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "store connection closed");
-            }
-        });
+        if !shared.sweeping.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(shared)));
+        }
+        let (wire, kill) = connect(&shared.host, shared.port, shared.connect_timeout).await?;
         Ok(Conn {
-            sender,
+            wire: Arc::new(wire),
             kill,
+            read: BytesMut::new(),
+            head: Vec::new(),
             reused: false,
             pool: shared.clone(),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         })
     }
+}
+
+/// Drops idle connections the store closed (or sent anything on), and
+/// those unused for `idle_timeout`, every [`SWEEP_PERIOD`], until the pool
+/// is gone.
+async fn sweep(pool: std::sync::Weak<Shared>) {
+    let mut ticks = tokio::time::interval(SWEEP_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(shared) = pool.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        // Dropped outside the lock: closing a socket is a system call.
+        let closed: VecDeque<Idle> = {
+            let mut idle = shared.idle.lock().expect("pool lock");
+            let (keep, closed): (VecDeque<Idle>, VecDeque<Idle>) =
+                std::mem::take(&mut *idle).into_iter().partition(|i| {
+                    now.duration_since(i.since) <= shared.idle_timeout && i.conn.wire.is_reusable()
+                });
+            *idle = keep;
+            closed
+        };
+        drop(closed);
+    }
+}
+
+/// How an exchange failed before the final response head.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// Writing failed before any byte of the request was taken: the
+    /// request may go on another connection.
+    Unsent(io::Error),
+    /// The request body from the client failed or was aborted.
+    Body(BodyError),
+    /// The connection failed or closed (the request may have arrived).
+    Io(io::Error),
+    /// The store closed the connection without answering.
+    Closed,
+    /// The store's answer broke HTTP/1.1.
+    Protocol(CodecError),
 }
 
 impl Conn {
@@ -151,45 +207,94 @@ impl Conn {
         timer
     }
 
-    /// Sends `request`; if no byte of it was written, the error gives it back.
-    pub fn send(
-        &mut self,
-        request: Request<UpstreamBody>,
-    ) -> impl std::future::Future<Output = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>>
-    {
-        self.sender.try_send_request(request)
+    /// The request head's buffer, empty, for [`Outgoing::new`].
+    pub fn take_head_buffer(&mut self) -> Vec<u8> {
+        let mut head = std::mem::take(&mut self.head);
+        head.clear();
+        head
     }
 
-    /// Offers the connection back once its response was read whole. It
-    /// enters the pool when hyper is ready to send on it again: at once
-    /// when the exchange is over in both directions, else from a task that
-    /// waits for that (and drops it if the connection closes instead, or
-    /// stays unready for the idle timeout).
-    fn recycle(mut self) {
-        if self.sender.is_closed() {
-            return;
-        }
-        if self.sender.is_ready() {
-            self.enter_pool();
-            return;
-        }
-        // Bounded: after a flush hyper may not look for a new request until
-        // the store sends something, so a connection whose request tail
-        // drained late can stay unready; it is then closed after the idle
-        // timeout rather than kept open for as long as the store allows.
-        let wait = self.pool.idle_timeout;
-        tokio::spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(wait, self.sender.ready()).await {
-                self.enter_pool();
+    /// Sends `out` and reads the store's final response head (1xx
+    /// answers are skipped). Returns with the request still being sent
+    /// if the store answered first. Also returns this connection's timer,
+    /// which the exchange does not use, for a watch to run beside it.
+    pub fn exchange<'a>(
+        &'a mut self,
+        out: &'a mut Outgoing,
+        method: &'a Method,
+    ) -> (
+        impl std::future::Future<Output = Result<ResponseHead, ExchangeError>> + 'a,
+        Pin<&'a mut Sleep>,
+    ) {
+        let Conn {
+            wire, read, timer, ..
+        } = self;
+        let wire: &Wire = wire;
+        let exchange = poll_fn(move |cx| {
+            if !out.is_done() {
+                match out.poll_send(cx, wire) {
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                }
+            }
+            loop {
+                match codec::parse_response_head(read, method) {
+                    Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
+                        continue
+                    }
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Err(ExchangeError::Protocol(e))),
+                }
+                match std::task::ready!(wire.poll_read(cx, read)) {
+                    Ok(0) => return Poll::Ready(Err(ExchangeError::Closed)),
+                    Ok(_) => {}
+                    Err(e) => return Poll::Ready(Err(ExchangeError::Io(e))),
+                }
             }
         });
+        (exchange, timer.as_mut())
     }
 
-    /// Pools the connection unless it was cut meanwhile.
-    fn enter_pool(self) {
-        if self.kill.is_killed() {
-            return;
+    /// A handle on the connection's socket, for sending the rest of a
+    /// request the store answered early (see [`Outgoing::poll_send`]).
+    pub fn wire(&self) -> Arc<Wire> {
+        self.wire.clone()
+    }
+
+    /// The response body that follows `head`, read from this connection.
+    /// `reusable`: whether the request was sent whole, so the connection
+    /// may go back to the pool at the body's end. `out`'s head buffer
+    /// returns to the connection.
+    pub fn into_body(self, head: &ResponseHead, reusable: bool) -> StoreBody {
+        let mut body = StoreBody {
+            decoder: BodyDecoder::new(head.framing),
+            reusable: reusable && head.keep_alive,
+            conn: None,
+        };
+        if body.decoder.is_done() {
+            // hyper's server may never poll a body that is over.
+            self.recycle_if(body.reusable);
+        } else {
+            body.conn = Some(self);
         }
+        body
+    }
+
+    /// Keeps an `Outgoing`'s head buffer for the next exchange.
+    pub fn reclaim(&mut self, out: Outgoing) {
+        self.head = out.head;
+    }
+
+    /// Offers the connection back if `reusable` and nothing unasked for
+    /// is left from the store; drops it (closing it) otherwise.
+    fn recycle_if(self, reusable: bool) {
+        if reusable && self.read.is_empty() && !self.kill.is_killed() {
+            self.enter_pool();
+        }
+    }
+
+    fn enter_pool(self) {
         let shared = self.pool.clone();
         let now = Instant::now();
         let mut idle = shared.idle.lock().expect("pool lock");
@@ -206,61 +311,250 @@ impl Conn {
     }
 }
 
-/// A response body from the store that offers its connection back to the
-/// pool once read to its end. Dropped before its end, it drops the
-/// connection: the rest of the body is still on it.
-pub struct PooledBody {
-    body: Incoming,
+/// A request on its way to the store: what is left to write of it.
+pub struct Outgoing {
+    head: Vec<u8>,
+    /// Bytes of `head` already written.
+    head_at: usize,
+    /// Body pieces (chunk lines and data) taken from the body, not yet
+    /// written, and their length.
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    /// `None` once the body ended.
+    body: Option<UpstreamBody>,
+    chunked: bool,
+}
+
+impl Outgoing {
+    /// A request of `head` (in `buffer`, from [`Conn::take_head_buffer`])
+    /// and `body`, framed by `framing`.
+    pub fn new(
+        mut buffer: Vec<u8>,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        framing: Framing,
+        body: UpstreamBody,
+    ) -> Outgoing {
+        codec::encode_request_head(&mut buffer, method, target, headers, framing);
+        let ended = framing == Framing::Empty || body.is_end_stream() && framing != Framing::Chunked;
+        let mut out = Outgoing {
+            head: buffer,
+            head_at: 0,
+            queue: VecDeque::new(),
+            queued: 0,
+            body: Some(body),
+            chunked: framing == Framing::Chunked,
+        };
+        if ended {
+            // Nothing to take: dropping the body now tells its exchange.
+            out.end_body(None);
+        }
+        out
+    }
+
+    /// Whether no byte of the request was written yet.
+    pub fn is_unsent(&self) -> bool {
+        self.head_at == 0
+    }
+
+    /// Whether the whole request was written.
+    pub fn is_done(&self) -> bool {
+        self.body.is_none() && self.queue.is_empty() && self.head_at == self.head.len()
+    }
+
+    fn push(&mut self, bytes: Bytes) {
+        self.queued += bytes.len();
+        self.queue.push_back(bytes);
+    }
+
+    fn end_body(&mut self, trailers: Option<&HeaderMap>) {
+        if self.chunked {
+            self.push(codec::chunked_end(trailers));
+        }
+        // An ended body completed its exchange when it gave its last
+        // frame; dropping it now aborts nothing.
+        self.body = None;
+    }
+
+    /// Takes what the body has ready, up to [`MAX_QUEUED`].
+    fn fill(&mut self, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
+        loop {
+            let Some(body) = self.body.as_mut() else {
+                return Ok(());
+            };
+            if body.is_end_stream() {
+                // Its last frame is taken: the body (and the write's place
+                // in its generation, which it holds) goes now, not when
+                // the queue drains.
+                self.end_body(None);
+                return Ok(());
+            }
+            if self.queued >= MAX_QUEUED {
+                return Ok(());
+            }
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if self.chunked => {
+                        self.push(codec::chunk_header(data.len()));
+                        self.push(data);
+                        self.push(Bytes::from_static(b"\r\n"));
+                    }
+                    Ok(data) => self.push(data),
+                    Err(frame) => {
+                        // Trailers end a body; only chunks can carry them.
+                        let trailers = frame.into_trailers().ok();
+                        self.end_body(trailers.as_ref());
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Err(ExchangeError::Body(e)),
+                Poll::Ready(None) => self.end_body(None),
+                Poll::Pending => return Ok(()),
+            }
+        }
+    }
+
+    /// Writes the request, taking the body's frames as they come, until
+    /// it is all written. Ready(Ok) when done. A raise that aborts the
+    /// body ends it with [`ExchangeError::Body`]. The caller decides what
+    /// a failure means for the connection.
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, wire: &Wire) -> Poll<Result<(), ExchangeError>> {
+        loop {
+            self.fill(cx)?;
+            if self.is_done() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut slices = [IoSlice::new(&[]); 16];
+            let mut count = 0;
+            if self.head_at < self.head.len() {
+                slices[0] = IoSlice::new(&self.head[self.head_at..]);
+                count = 1;
+            }
+            for piece in self.queue.iter().take(slices.len() - count) {
+                slices[count] = IoSlice::new(piece);
+                count += 1;
+            }
+            if count == 0 {
+                // Everything taken is written; the body has no more yet.
+                return Poll::Pending;
+            }
+            let unsent = self.is_unsent();
+            let mut n = match std::task::ready!(wire.poll_write(cx, &slices[..count])) {
+                Ok(n) => n,
+                Err(e) if unsent => return Poll::Ready(Err(ExchangeError::Unsent(e))),
+                Err(e) => return Poll::Ready(Err(ExchangeError::Io(e))),
+            };
+            let from_head = n.min(self.head.len() - self.head_at);
+            self.head_at += from_head;
+            n -= from_head;
+            self.queued -= n;
+            while n > 0 {
+                let front = self.queue.front_mut().expect("written bytes were queued");
+                if n < front.len() {
+                    front.advance(n);
+                    break;
+                }
+                n -= front.len();
+                self.queue.pop_front();
+            }
+        }
+    }
+}
+
+/// How reading a response body from the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The connection failed (reset, cut by a raise).
+    #[error("reading the response body from the store failed: {0}")]
+    Io(#[from] io::Error),
+    /// The body broke its framing, or ended early.
+    #[error("{0}")]
+    Protocol(#[from] CodecError),
+}
+
+/// A response body from the store, read from its connection by whoever
+/// polls it, which offers the connection back to the pool at its end.
+/// Dropped before its end, it drops the connection: the rest of the body
+/// is still on it.
+pub struct StoreBody {
+    decoder: BodyDecoder,
+    /// Whether the connection may carry another exchange after this body.
+    reusable: bool,
+    /// `None` once the body ended.
     conn: Option<Conn>,
 }
 
-impl PooledBody {
-    /// `body`, received on `conn`. A body that is already over offers the
-    /// connection back at once.
-    pub fn new(body: Incoming, conn: Conn) -> PooledBody {
-        let conn = Some(conn);
-        let mut pooled = PooledBody { body, conn };
-        if pooled.body.is_end_stream() {
-            pooled.recycle();
-        }
-        pooled
-    }
-
-    fn recycle(&mut self) {
+impl StoreBody {
+    fn finish(&mut self) {
         if let Some(conn) = self.conn.take() {
-            conn.recycle();
+            conn.recycle_if(self.reusable);
         }
     }
 }
 
-impl Body for PooledBody {
+impl Body for StoreBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ReadError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.recycle(),
-            // Trailers end a chunked body: hyper's server stops polling
-            // after them, so the end would never be seen.
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() || self.body.is_end_stream() => {
-                self.recycle()
-            }
-            Poll::Ready(Some(Err(_))) => self.conn = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
+        let this = &mut *self;
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        loop {
+            let decoded = match this.decoder.decode(&mut conn.read) {
+                Ok(Decoded::More) => match std::task::ready!(conn.wire.poll_read(cx, &mut conn.read)) {
+                    Ok(0) => {
+                        // The store closed: the end of a body that runs
+                        // until then, else a truncated one.
+                        this.reusable = false;
+                        this.decoder.at_eof()
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                },
+                other => other,
+            };
+            return match decoded {
+                Ok(Decoded::Data(data)) => {
+                    if this.decoder.is_done() {
+                        this.finish();
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Ok(Decoded::Trailers(trailers)) => {
+                    this.finish();
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                }
+                Ok(Decoded::End) => {
+                    this.finish();
+                    Poll::Ready(None)
+                }
+                Ok(Decoded::More) => continue,
+                Err(e) => {
+                    this.conn = None;
+                    Poll::Ready(Some(Err(e.into())))
+                }
+            };
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.conn.is_none() || self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 

@@ -24,14 +24,14 @@ use crate::gate::{Gate, Gates, Ticket};
 use crate::hop::{add_forwarded, check_connection, strip_hop_by_hop, Peer, METHOD_OVERRIDES};
 use crate::metrics::DomainMetrics;
 use crate::path::{normalize, NormalPath};
-use crate::pool::PooledBody;
+use crate::pool::StoreBody;
 use crate::token::{Token, TokenError};
 
 /// WebDAV's target of COPY and MOVE.
 const DESTINATION: HeaderName = HeaderName::from_static("destination");
 
 /// What clients receive: fencegate's own answers, or the store's streamed.
-pub type ProxyBody = Either<Full<Bytes>, GuardedBody<PooledBody>>;
+pub type ProxyBody = Either<Full<Bytes>, GuardedBody<StoreBody>>;
 
 /// Everything the data path needs, shared by every connection.
 pub struct Proxy {
@@ -372,6 +372,7 @@ fn forward_problem(e: ForwardError) -> Problem {
         ForwardError::Connect(_) | ForwardError::Failed(_) => Reason::UpstreamUnreachable,
         ForwardError::Timeout(_) | ForwardError::Stalled(_) => Reason::UpstreamTimeout,
         ForwardError::Fenced => Reason::StaleEpoch,
+        ForwardError::BadResponse(_) => Reason::UpstreamBadResponse,
         ForwardError::ClientBody(_) => Reason::BadRequest,
     };
     let detail = match e {

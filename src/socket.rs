@@ -62,19 +62,7 @@ impl Write for SocketIo {
             // A bodiless message, or a lone chunk: no vector to pass.
             return self.poll_write(cx, one);
         }
-        let stream = self.io.inner();
-        loop {
-            ready!(stream.poll_write_ready(cx))?;
-            let sent = stream.try_io(Interest::WRITABLE, || {
-                socket2::SockRef::from(stream).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)
-            });
-            match sent {
-                // The readiness was stale; try_io cleared it, so the next
-                // poll waits for the socket to drain.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
-            }
-        }
+        poll_send(self.io.inner(), cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -87,6 +75,23 @@ impl Write for SocketIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Writes `bufs` to `stream` with one `sendmsg` (MSG_NOSIGNAL: a closed
+/// peer is an error, never a signal) once the socket is writable.
+pub fn poll_send(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_write_ready(cx))?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            socket2::SockRef::from(stream).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)
+        });
+        match sent {
+            // The readiness was stale; try_io cleared it, so the next
+            // poll waits for the socket to drain.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return Poll::Ready(result),
+        }
     }
 }
 

@@ -860,17 +860,16 @@ async fn a_raise_cuts_a_lower_write_answered_early_whose_store_stopped_reading()
 /// after answering it early, before it closes the connection.
 const UNREAD_FOR: Duration = Duration::from_secs(5);
 /// The step by which [`body_stuck_behind_an_early_answer`] makes the body
-/// smaller: well under hyper's write buffer (about 400 KiB), which is how
-/// wide the range of sizes is that leave part of a body in that buffer.
+/// smaller: half of what fencegate queues of a body ahead of the store
+/// (256 KiB), which is how wide the range of sizes is that leave part of a
+/// body in that queue.
 const BODY_STEP: usize = 128 << 10;
 
-/// The largest send buffer Linux gives a TCP socket it sizes itself (the
-/// maximum of `net.ipv4.tcp_wmem`), such as fencegate's to the store.
-fn max_send_buffer() -> usize {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").unwrap_or_default();
-    let max = text.split_whitespace().nth(2).and_then(|v| v.parse().ok());
-    max.unwrap_or(4 << 20)
-}
+/// The body [`body_stuck_behind_an_early_answer`] starts with: more than
+/// the kernel holds of it (the store's receive buffer, 16 KiB, and at most
+/// 128 KiB unsent in fencegate's socket: TCP_NOTSENT_LOWAT) and
+/// fencegate's queue together.
+const START_LEN: usize = 1 << 20;
 
 /// Whether `d` has no write in flight, polling for up to `within`.
 async fn no_write_in_flight(fg: &Fencegate, within: Duration) -> bool {
@@ -891,13 +890,11 @@ async fn no_write_in_flight(fg: &Fencegate, within: Duration) -> bool {
 /// its client but could not write whole: the store answered it early
 /// (1 s after its head, without reading the body) and leaves the body
 /// unread for [`UNREAD_FOR`], keeping the connection, so the rest of the
-/// body waits in hyper's write buffer. How large a body does that depends
-/// on the kernel's buffers (fencegate's send buffer grows up to
-/// `tcp_wmem`'s maximum, as the congestion control sees fit), so the body
-/// starts above what they can hold and shrinks by [`BODY_STEP`] until
+/// body waits in fencegate's queue. The body starts above what the
+/// kernel's buffers and that queue hold and shrinks by [`BODY_STEP`] until
 /// fencegate takes one whole, which it shows by the write leaving the
 /// domain (it holds its place there until its body is taken whole): that
-/// one leaves hyper's write buffer nearly full. (The larger ones are cut
+/// one leaves more than a step's worth in the queue. (The larger ones are cut
 /// after `body_idle_timeout`, 1 s, with the store taking none of them.)
 /// Returns fencegate, the client's side of the write (held open) and its
 /// path. (`connect_timeout` 1 s makes the barrier's safety limit 3.5 s.)
@@ -921,7 +918,7 @@ async fn body_stuck_behind_an_early_answer(
     // the store does not read.
     store.set_receive_buffer(16 << 10);
     assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
-    let mut len = max_send_buffer() + (256 << 10);
+    let mut len = START_LEN;
     while len > BODY_STEP {
         let path = format!("/d/big-{len}");
         let fault = Fault::AnswerEarlyThenClose {
@@ -988,7 +985,7 @@ fn barrier_timeouts(fg: &Fencegate) -> f64 {
 /// A store may answer a request before reading its body and then stop
 /// reading for a while, keeping the connection. If fencegate has taken the
 /// whole body from its client by then, the rest of it can still be queued
-/// in hyper's write buffer, and the connection is not ready for another
+/// in fencegate's queue, and the connection is not ready for another
 /// request until the store reads again or closes it. The pool must not
 /// hand it out, or the next request waits behind that body, before its
 /// `request_timeout` starts, for as long as the store pleases. (The

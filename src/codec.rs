@@ -1,0 +1,648 @@
+//! HTTP/1.1 on the wire to the store: the request head fencegate writes,
+//! the framing of its body, and the parsing of the store's answer (RFC
+//! 9112). Pure functions over buffers; the I/O is in [`crate::pool`].
+//!
+//! Written for one peer and one job, so it does less than a general
+//! client: it never pipelines, treats every message it cannot frame for
+//! certain as the end of the connection, and refuses a head it cannot
+//! read rather than guessing. Parsing is httparse's, the parser hyper uses.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{Method, StatusCode, Version};
+
+/// The longest response head (or chunked trailer section) accepted.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The most header fields a response head (or trailer section) may have.
+pub const MAX_HEADERS: usize = 100;
+/// The longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// How the store's answer broke the protocol.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    /// A head (or trailer section) over [`MAX_HEAD_BYTES`].
+    #[error("the response head is longer than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    /// A head httparse or `http` refused.
+    #[error("the response head is malformed: {0}")]
+    Malformed(String),
+    /// A Content-Length that is not one decimal length.
+    #[error("the response has an invalid Content-Length")]
+    BadContentLength,
+    /// A chunk-size line or chunk end that is not RFC 9112's.
+    #[error("the response body has a malformed chunk")]
+    BadChunk,
+    /// The connection ended inside a body that had a length or chunks.
+    #[error("the store closed the connection before the end of the response body")]
+    Truncated,
+}
+
+/// How a message body is delimited (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the store closes the connection (responses only).
+    UntilClose,
+}
+
+/// The framing fencegate gives a request: the body's length where it is
+/// known, else chunks. A body known to be empty gets no framing header
+/// unless the client sent one or the method is one that carries a body.
+pub fn request_framing(method: &Method, exact: Option<u64>, had_length: bool) -> Framing {
+    match exact {
+        Some(0) if !had_length && !matches!(*method, Method::PUT | Method::POST | Method::PATCH) => {
+            Framing::Empty
+        }
+        Some(n) => Framing::Length(n),
+        None => Framing::Chunked,
+    }
+}
+
+/// Appends a request head to `out`. The framing headers of `headers`
+/// are ignored: `framing` decides them, so the head can never disagree
+/// with the bytes that follow.
+pub fn encode_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: Framing,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::UntilClose => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The line that opens a chunk of `len` bytes.
+pub fn chunk_header(len: usize) -> Bytes {
+    Bytes::from(format!("{len:x}\r\n"))
+}
+
+/// The last chunk and the trailer section that ends a chunked body.
+pub fn chunked_end(trailers: Option<&HeaderMap>) -> Bytes {
+    let mut out = b"0\r\n".to_vec();
+    for (name, value) in trailers.into_iter().flatten() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
+}
+
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// A response head from the store.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// Its status (never 1xx other than 101: those are skipped).
+    pub status: StatusCode,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// Every field, the framing and connection ones included.
+    pub headers: HeaderMap,
+    /// How its body is delimited.
+    pub framing: Framing,
+    /// Whether the connection may carry another exchange afterwards.
+    pub keep_alive: bool,
+}
+
+/// Parses the response head at the start of `buf`, and removes it from
+/// `buf`. `None` while the head is incomplete. `method` is the request's:
+/// the answer to a HEAD has no body, whatever its head says.
+pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, CodecError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => return Err(CodecError::HeadTooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(CodecError::Malformed(format!(
+                "more than {MAX_HEADERS} header fields"
+            )))
+        }
+        Err(e) => return Err(CodecError::Malformed(e.to_string())),
+    };
+    if len > MAX_HEAD_BYTES {
+        return Err(CodecError::HeadTooLarge);
+    }
+    let status = StatusCode::from_u16(response.code.unwrap_or(0))
+        .map_err(|_| CodecError::Malformed("invalid status code".into()))?;
+    let version = match response.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // Header values are slices of the head, not copies.
+    let offsets: Vec<(HeaderName, usize, usize)> = response
+        .headers
+        .iter()
+        .map(|h| {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+                CodecError::Malformed(format!("invalid header name `{}`", h.name.escape_debug()))
+            })?;
+            let start = h.value.as_ptr() as usize - buf.as_ptr() as usize;
+            Ok((name, start, start + h.value.len()))
+        })
+        .collect::<Result<_, CodecError>>()?;
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(offsets.len());
+    for (name, start, end) in offsets {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            .map_err(|_| CodecError::Malformed(format!("invalid value of header `{name}`")))?;
+        headers.append(name, value);
+    }
+    let (framing, framing_sure) = response_framing(status, method, &headers)?;
+    let keep_alive = framing_sure && framing != Framing::UntilClose && persistent(version, &headers);
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// How the body of a response is delimited (RFC 9112 §6.3), and whether
+/// that is beyond doubt (a response with both Transfer-Encoding and
+/// Content-Length is read by the former, and its connection not reused).
+fn response_framing(
+    status: StatusCode,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(Framing, bool), CodecError> {
+    if status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || method == Method::HEAD
+    {
+        return Ok((Framing::Empty, true));
+    }
+    let has_length = headers.contains_key(CONTENT_LENGTH);
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .rfind(|coding| !coding.is_empty());
+        let chunked = last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+        let framing = if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        };
+        return Ok((framing, !has_length));
+    }
+    if has_length {
+        return content_length(headers).map(|n| (Framing::Length(n), true));
+    }
+    Ok((Framing::UntilClose, true))
+}
+
+/// The one length all Content-Length values agree on (RFC 9110 §8.6: a
+/// list of identical values may stand for one; anything else is an error).
+fn content_length(headers: &HeaderMap) -> Result<u64, CodecError> {
+    let mut length = None;
+    for part in headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+    {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(CodecError::BadContentLength);
+        }
+        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|l| l != n) {
+            return Err(CodecError::BadContentLength);
+        }
+        length = Some(n);
+    }
+    length.ok_or(CodecError::BadContentLength)
+}
+
+/// Whether the connection persists after this response (RFC 9112 §9.3).
+fn persistent(version: Version, headers: &HeaderMap) -> bool {
+    let has = |option: &[u8]| {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|o| o.trim_ascii().eq_ignore_ascii_case(option))
+    };
+    if version == Version::HTTP_10 {
+        has(b"keep-alive")
+    } else {
+        !has(b"close")
+    }
+}
+
+/// What a body decoder found in the buffer.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// The trailer section of a chunked body; the body is over.
+    Trailers(HeaderMap),
+    /// The body is over.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+/// Takes a response body out of a connection's read buffer.
+#[derive(Debug)]
+pub struct BodyDecoder {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// This many bytes left of a sized body.
+    Length(u64),
+    /// The next chunk-size line.
+    ChunkSize,
+    /// This many bytes left of the current chunk.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// The trailer section after the last chunk.
+    Trailers,
+    UntilClose,
+    Done,
+}
+
+impl BodyDecoder {
+    /// A decoder for a body framed by `framing`.
+    pub fn new(framing: Framing) -> BodyDecoder {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        };
+        BodyDecoder { state }
+    }
+
+    /// Whether the body is over.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Bytes left of a sized body, if it is one.
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// The next piece of the body from `buf`, removed from it.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, CodecError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::End),
+                State::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = left.min(buf.len() as u64);
+                    self.state = match left - take {
+                        0 => State::Done,
+                        rest => State::Length(rest),
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take as usize).freeze()));
+                }
+                State::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                State::ChunkSize => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, _))) if used > MAX_CHUNK_LINE => {
+                        return Err(CodecError::BadChunk)
+                    }
+                    Ok(httparse::Status::Complete((used, 0))) => {
+                        let _ = buf.split_to(used);
+                        self.state = State::Trailers;
+                    }
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        let _ = buf.split_to(used);
+                        self.state = State::ChunkData(size);
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                        return Err(CodecError::BadChunk)
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::More),
+                    Err(_) => return Err(CodecError::BadChunk),
+                },
+                State::ChunkData(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = left.min(buf.len() as u64);
+                    self.state = match left - take {
+                        0 => State::ChunkEnd,
+                        rest => State::ChunkData(rest),
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take as usize).freeze()));
+                }
+                State::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(CodecError::BadChunk);
+                    }
+                    let _ = buf.split_to(2);
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers => return self.trailers(buf),
+            }
+        }
+    }
+
+    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Decoded, CodecError> {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let (used, fields) = match httparse::parse_headers(buf, &mut slots) {
+            Ok(httparse::Status::Complete(done)) => done,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+                return Err(CodecError::HeadTooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(Decoded::More),
+            Err(e) => return Err(CodecError::Malformed(format!("trailers: {e}"))),
+        };
+        let mut trailers = HeaderMap::with_capacity(fields.len());
+        for field in fields.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| CodecError::Malformed("invalid trailer name".into()))?;
+            let value = HeaderValue::from_bytes(field.value)
+                .map_err(|_| CodecError::Malformed(format!("invalid value of trailer `{name}`")))?;
+            trailers.append(name, value);
+        }
+        let _ = buf.split_to(used);
+        self.state = State::Done;
+        Ok(if trailers.is_empty() {
+            Decoded::End
+        } else {
+            Decoded::Trailers(trailers)
+        })
+    }
+
+    /// What the end of the connection means at this point of the body.
+    pub fn at_eof(&mut self) -> Result<Decoded, CodecError> {
+        match self.state {
+            State::UntilClose | State::Done => {
+                self.state = State::Done;
+                Ok(Decoded::End)
+            }
+            _ => Err(CodecError::Truncated),
+        }
+    }
+}
+
+/// Makes room in `buf` for at least one more read.
+pub fn reserve_for_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(8 * 1024);
+    }
+    debug_assert!(buf.remaining_mut() > 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(bytes: &str, method: Method) -> Result<Option<ResponseHead>, CodecError> {
+        parse_response_head(&mut BytesMut::from(bytes), &method)
+    }
+
+    fn framing(bytes: &str) -> (Framing, bool) {
+        let h = head(bytes, Method::GET).unwrap().unwrap();
+        (h.framing, h.keep_alive)
+    }
+
+    #[test]
+    fn request_heads_carry_exactly_one_framing_of_fencegates_choosing() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("store"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert("fencing-token", HeaderValue::from_static("7"));
+        let mut out = Vec::new();
+        encode_request_head(&mut out, &Method::PUT, "/a?b", &headers, Framing::Length(12));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "PUT /a?b HTTP/1.1\r\nhost: store\r\nfencing-token: 7\r\ncontent-length: 12\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_request_head(&mut out, &Method::POST, "/", &HeaderMap::new(), Framing::Chunked);
+        assert_eq!(out, b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(request_framing(&Method::GET, Some(0), false), Framing::Empty);
+        assert_eq!(request_framing(&Method::GET, Some(0), true), Framing::Length(0));
+        assert_eq!(request_framing(&Method::PUT, Some(0), false), Framing::Length(0));
+        assert_eq!(request_framing(&Method::DELETE, None, false), Framing::Chunked);
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+    }
+
+    #[test]
+    fn response_heads_are_framed_by_rfc_9112() {
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
+            (Framing::Chunked, true)
+        );
+        // Both: chunked wins, and the connection is not trusted again.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"),
+            (Framing::Chunked, false)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            (Framing::UntilClose, false)
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), (Framing::UntilClose, false));
+        assert_eq!(
+            framing("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
+            (Framing::Length(0), false)
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            (Framing::Length(0), false)
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\ncontent-length: 0\r\nConnection: Keep-Alive\r\n\r\n"),
+            (Framing::Length(0), true)
+        );
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::HEAD)
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Empty, true));
+        for bad in ["5, 6", "-1", "", "0x5", "99999999999999999999"] {
+            let text = format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n");
+            assert_eq!(
+                head(&text, Method::GET).unwrap_err(),
+                CodecError::BadContentLength,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_head_is_taken_whole_from_the_buffer_and_its_values_kept() {
+        let mut buf =
+            BytesMut::from("HTTP/1.1 201 Created\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 3\r\n\r\nabcHTTP");
+        assert!(
+            parse_response_head(&mut BytesMut::from("HTTP/1.1 201 Cre"), &Method::GET)
+                .unwrap()
+                .is_none()
+        );
+        let h = parse_response_head(&mut buf, &Method::PUT).unwrap().unwrap();
+        assert_eq!(h.status, StatusCode::CREATED);
+        let values: Vec<_> = h.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(&buf[..], b"abcHTTP");
+        let mut decoder = BodyDecoder::new(h.framing);
+        assert_eq!(
+            decoder.decode(&mut buf).unwrap(),
+            Decoded::Data(Bytes::from_static(b"abc"))
+        );
+        assert_eq!(decoder.decode(&mut buf).unwrap(), Decoded::End);
+        assert_eq!(&buf[..], b"HTTP", "bytes after the body stay in the buffer");
+    }
+
+    #[test]
+    fn oversized_and_malformed_heads_are_refused() {
+        let long = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD_BYTES));
+        assert_eq!(head(&long, Method::GET).unwrap_err(), CodecError::HeadTooLarge);
+        assert!(matches!(
+            head("HTTP/1.1 200 OK\r\nx y: 1\r\n\r\n", Method::GET),
+            Err(CodecError::Malformed(_))
+        ));
+        assert!(matches!(
+            head("HTTX/1.1 200 OK\r\n\r\n", Method::GET),
+            Err(CodecError::Malformed(_))
+        ));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        let text = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        assert!(matches!(head(&text, Method::GET), Err(CodecError::Malformed(_))));
+    }
+
+    /// Decodes `wire` fed in pieces of `step` bytes; the body and trailers.
+    fn dechunk(wire: &[u8], step: usize) -> Result<(Vec<u8>, Option<HeaderMap>, BytesMut), CodecError> {
+        let mut decoder = BodyDecoder::new(Framing::Chunked);
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut fed = 0;
+        loop {
+            match decoder.decode(&mut buf)? {
+                Decoded::Data(d) => body.extend_from_slice(&d),
+                Decoded::Trailers(t) => return Ok((body, Some(t), buf)),
+                Decoded::End => return Ok((body, None, buf)),
+                Decoded::More if fed < wire.len() => {
+                    let to = (fed + step).min(wire.len());
+                    buf.extend_from_slice(&wire[fed..to]);
+                    fed = to;
+                }
+                Decoded::More => return decoder.at_eof().map(|_| (body, None, buf)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_in_any_split() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 9\r\n\r\nNEXT";
+        for step in 1..wire.len() {
+            let (body, trailers, rest) = dechunk(wire, step).unwrap();
+            assert_eq!(body, b"hello world", "step {step}");
+            assert_eq!(trailers.unwrap()["x-sum"], "9");
+            assert!(
+                b"NEXT".starts_with(&rest),
+                "step {step}: only what follows the body is left"
+            );
+        }
+        let (body, trailers, _) = dechunk(b"3\r\nabc\r\n0\r\n\r\n", 4).unwrap();
+        assert_eq!((body.as_slice(), trailers), (&b"abc"[..], None));
+    }
+
+    #[test]
+    fn broken_chunked_bodies_are_errors() {
+        assert_eq!(
+            dechunk(b"3\r\nabcX\r\n0\r\n\r\n", 64).unwrap_err(),
+            CodecError::BadChunk
+        );
+        assert_eq!(dechunk(b"zz\r\n", 64).unwrap_err(), CodecError::BadChunk);
+        assert_eq!(
+            dechunk(b"ffffffffffffffffff\r\n", 64).unwrap_err(),
+            CodecError::BadChunk
+        );
+        assert_eq!(dechunk(b"5\r\nab", 64).unwrap_err(), CodecError::Truncated);
+        let long = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
+        assert_eq!(dechunk(long.as_bytes(), 64).unwrap_err(), CodecError::BadChunk);
+    }
+
+    #[test]
+    fn a_sized_body_ends_short_only_as_an_error() {
+        let mut decoder = BodyDecoder::new(Framing::Length(4));
+        let mut buf = BytesMut::from("ab");
+        assert_eq!(
+            decoder.decode(&mut buf).unwrap(),
+            Decoded::Data(Bytes::from_static(b"ab"))
+        );
+        assert_eq!(decoder.remaining(), Some(2));
+        assert_eq!(decoder.at_eof().unwrap_err(), CodecError::Truncated);
+        let mut until_close = BodyDecoder::new(Framing::UntilClose);
+        assert_eq!(until_close.at_eof().unwrap(), Decoded::End);
+    }
+}
