@@ -190,7 +190,11 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
         headers.append(name, value);
     }
     let (framing, framing_sure) = response_framing(status, method, &headers)?;
-    let keep_alive = framing_sure && framing != Framing::UntilClose && persistent(version, &headers);
+    // After a 101 the connection speaks another protocol.
+    let keep_alive = framing_sure
+        && framing != Framing::UntilClose
+        && status != StatusCode::SWITCHING_PROTOCOLS
+        && persistent(version, &headers);
     Ok(Some(ResponseHead {
         status,
         version,
@@ -524,6 +528,10 @@ mod tests {
         assert_eq!(
             framing("HTTP/1.0 200 OK\r\ncontent-length: 0\r\nConnection: Keep-Alive\r\n\r\n"),
             (Framing::Length(0), true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n"),
+            (Framing::Empty, false)
         );
         let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::HEAD)
             .unwrap()

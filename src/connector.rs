@@ -1,15 +1,15 @@
 //! Connections to the store that a raise can cut. Aborting a write whose
 //! body is not sent whole must stop its bytes at once, even when the store
 //! is not reading and the write is blocked on a full socket buffer. Each
-//! connection comes with a [`KillHandle`]; killing it fails the
-//! connection's next I/O (and wakes whoever waits on it), and the socket
-//! closes with a reset (SO_LINGER 0), so queued bytes are dropped, and the
-//! pool never hands it out again.
+//! connection comes with a [`KillHandle`]; killing it resets the
+//! connection at once (the kernel drops what it still holds to send),
+//! fails its next I/O, wakes whoever waits on it, and the pool never hands
+//! it out again.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -18,8 +18,9 @@ use bytes::BytesMut;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-#[derive(Default)]
 struct Switch {
+    /// The connection, to reset on a kill.
+    wire: Weak<Wire>,
     killed: AtomicBool,
     /// The tasks waiting to read and to write: after an early answer the
     /// rest of a request body is written by another task than the one
@@ -35,9 +36,19 @@ struct Switch {
 pub struct KillHandle(Arc<Switch>);
 
 impl KillHandle {
-    /// Makes the connection fail at its next I/O and wakes its tasks.
+    /// Resets the connection, makes it fail at its next I/O and wakes its
+    /// tasks.
     pub fn kill(&self) {
         self.0.killed.store(true, Ordering::SeqCst);
+        if let Some(wire) = self.0.wire.upgrade() {
+            // connect(AF_UNSPEC) on a connected TCP socket is Linux's
+            // tcp_disconnect: a reset is sent and the send queue purged
+            // now, whoever still holds the socket (after an early answer
+            // the response body does, and it may not be read for a while).
+            // Closing it would wait for every holder; SO_LINGER 0 resets
+            // it then too.
+            let _ = rustix::net::connect_unspec(&wire.stream);
+        }
         self.0.reader.wake();
         self.0.writer.wake();
     }
@@ -155,7 +166,11 @@ pub enum ConnectError {
 /// A name with several addresses is tried address by address, each with an
 /// equal share of `timeout` (as hyper-util's connector does), so one
 /// address that drops packets does not use up the whole budget.
-pub async fn connect(host: &str, port: u16, timeout: Duration) -> Result<(Wire, KillHandle), ConnectError> {
+pub async fn connect(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<(Arc<Wire>, KillHandle), ConnectError> {
     let address = || format!("{host}:{port}");
     let addresses: Vec<SocketAddr> = tokio::time::timeout(timeout, tokio::net::lookup_host((host, port)))
         .await
@@ -198,10 +213,16 @@ pub async fn connect(host: &str, port: u16, timeout: Duration) -> Result<(Wire, 
     socket
         .set_tcp_notsent_lowat(NOT_SENT_LIMIT)
         .map_err(|e| ConnectError::Io(address(), e))?;
-    let switch = Arc::<Switch>::default();
-    let wire = Wire {
+    let wire = Arc::new_cyclic(|wire| Wire {
         stream,
-        switch: switch.clone(),
-    };
-    Ok((wire, KillHandle(switch)))
+        switch: Arc::new(Switch {
+            wire: wire.clone(),
+            killed: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+            writer: AtomicWaker::new(),
+            written: AtomicU64::new(0),
+        }),
+    });
+    let kill = KillHandle(wire.switch.clone());
+    Ok((wire, kill))
 }

@@ -129,7 +129,7 @@ impl Pool {
         }
         let (wire, kill) = connect(&shared.host, shared.port, shared.connect_timeout).await?;
         Ok(Conn {
-            wire: Arc::new(wire),
+            wire,
             kill,
             read: BytesMut::new(),
             head: Vec::new(),
