@@ -190,6 +190,17 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
         headers.append(name, value);
     }
     let (framing, framing_sure) = response_framing(status, method, &headers)?;
+    if version == Version::HTTP_10 && headers.contains_key(TRANSFER_ENCODING) {
+        // RFC 9112 §6.1: faulty framing, whatever else the head says.
+        return Err(CodecError::Malformed(
+            "Transfer-Encoding in an HTTP/1.0 response".into(),
+        ));
+    }
+    if !framing_sure {
+        // Read by its Transfer-Encoding (RFC 9112 §6.3): the length must
+        // not reach the client, which would frame the body by it.
+        headers.remove(CONTENT_LENGTH);
+    }
     // After a 101 the connection speaks another protocol.
     let keep_alive = framing_sure
         && framing != Framing::UntilClose

@@ -78,8 +78,8 @@ impl Wire {
         if !self.switch.killed.load(Ordering::SeqCst) {
             return Ok(());
         }
-        // The socket closes with a reset (SO_LINGER 0, set at connect): the
-        // kernel drops what is still queued to send.
+        // `kill` has reset the socket already: the kernel dropped what was
+        // still queued to send.
         Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "connection cut by a raise",
@@ -131,7 +131,10 @@ impl Wire {
     /// Whether an idle connection may carry a request: not cut, and
     /// nothing arrived on it while idle (the store's close, or bytes no
     /// request asked for). Uses the readiness the runtime already has, so
-    /// a live connection costs no system call.
+    /// a live connection costs no system call; a close the runtime has not
+    /// yet taken from epoll is missed, as it was with hyper's connection
+    /// task (the request then fails as sent, or is resent if nothing of it
+    /// was written).
     pub fn is_reusable(&self) -> bool {
         if self.switch.killed.load(Ordering::SeqCst) {
             return false;

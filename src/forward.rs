@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
@@ -184,7 +184,9 @@ impl Upstream {
                 Ok(head) => return Ok(self.respond(conn, head, out, exchange, kill)),
                 // Nothing was written: the store had closed this pooled
                 // connection. Another one may take the request.
-                Err(ExchangeError::Unsent(_)) if reused && out.is_unsent() => pending = Some(out),
+                Err(ExchangeError::Unsent(_)) if reused && out.is_unsent() && !kill.is_killed() => {
+                    pending = Some(out)
+                }
                 Err(failed) => return Err(classify(failed)),
             }
         }
@@ -204,6 +206,10 @@ impl Upstream {
         let sent = out.is_done();
         if sent {
             conn.reclaim(out);
+        } else if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection speaks another protocol now (and the answer
+            // becomes a 502): the rest of the request has nowhere to go.
+            kill.kill();
         } else {
             finish_sending(conn.wire(), out, exchange.clone(), kill, self.body_idle_timeout);
         }
@@ -217,11 +223,13 @@ impl Upstream {
 }
 
 /// Sends the rest of a request whose store answered before it was sent
-/// whole. The write still holds its place in the generation until its body
-/// ends, so a raise must still be able to abort it, and a store that stops
-/// reading must not hold the raise, nor this task: [`while_unsent`] goes on
-/// watching, and after the body was handed over whole, a store that takes
-/// none of what is left for `idle` gets its connection cut.
+/// whole (HTTP/1.1 lets a body go on after an early answer). The write
+/// holds its place in its generation until the last byte is written, so a
+/// raise still cuts it (the reset drops what the kernel holds too), and so
+/// does a store that takes none of it for `idle`: before the client's body
+/// was taken whole through [`while_unsent`], after that by watching the
+/// bytes the kernel takes. A request that fails or is aborted on the way
+/// has its connection cut: nothing more of it may reach the store.
 fn finish_sending(
     wire: Arc<Wire>,
     mut out: Outgoing,
@@ -232,32 +240,35 @@ fn finish_sending(
     tokio::spawn(async move {
         let flush = std::future::poll_fn(|cx| out.poll_send(cx, &wire));
         tokio::pin!(flush);
-        tokio::select! {
+        let completed = tokio::select! {
             biased;
-            _ = &mut flush => return,
+            sent = &mut flush => sent.is_ok(),
             decided = while_unsent(&exchange, Some(&connection), idle, None) => {
                 if decided.is_err() {
                     return;
                 }
+                let mut seen = connection.written();
+                loop {
+                    tokio::select! {
+                        biased;
+                        sent = &mut flush => break sent.is_ok(),
+                        () = fenced(exchange.abort_signal()) => break false,
+                        () = tokio::time::sleep(idle) => {}
+                    }
+                    let now = connection.written();
+                    if now == seen {
+                        break false;
+                    }
+                    seen = now;
+                }
             }
+        };
+        if !completed {
+            connection.kill();
         }
-        // The body was handed over whole: the write leaves its generation
-        // (the exchange holds its place), and what is left is bytes.
+        // Only now, with every byte written or the connection cut, does
+        // the write leave its generation.
         drop(exchange);
-        let mut seen = connection.written();
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut flush => return,
-                () = tokio::time::sleep(idle) => {}
-            }
-            let now = connection.written();
-            if now == seen {
-                connection.kill();
-                return;
-            }
-            seen = now;
-        }
     });
 }
 

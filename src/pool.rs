@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -81,7 +81,8 @@ pub struct Conn {
     /// The request head's buffer, kept for its allocation.
     head: Vec<u8>,
     reused: bool,
-    pool: Arc<Shared>,
+    /// Weak: the pool holds its idle connections.
+    pool: Weak<Shared>,
     /// The one timer of the exchanges on this connection (the stall watch
     /// while a body is sent, then `request_timeout`), kept with the
     /// connection: moving a registered timer's deadline later is one
@@ -134,7 +135,7 @@ impl Pool {
             read: BytesMut::new(),
             head: Vec::new(),
             reused: false,
-            pool: shared.clone(),
+            pool: Arc::downgrade(shared),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         })
     }
@@ -143,7 +144,7 @@ impl Pool {
 /// Drops idle connections the store closed (or sent anything on), and
 /// those unused for `idle_timeout`, every [`SWEEP_PERIOD`], until the pool
 /// is gone.
-async fn sweep(pool: std::sync::Weak<Shared>) {
+async fn sweep(pool: Weak<Shared>) {
     let mut ticks = tokio::time::interval(SWEEP_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
@@ -230,10 +231,16 @@ impl Conn {
             wire, read, timer, ..
         } = self;
         let wire: &Wire = wire;
+        // A write that fails after some of the request went out stops the
+        // sending, not the reading: a store that answers early and then
+        // resets (a 413, say) has its answer read and passed on, rather
+        // than a 502 that calls its outcome unknown.
+        let mut write_failed = None;
         let exchange = poll_fn(move |cx| {
-            if !out.is_done() {
+            if write_failed.is_none() && !out.is_done() {
                 match out.poll_send(cx, wire) {
                     Poll::Ready(Ok(())) | Poll::Pending => {}
+                    Poll::Ready(Err(ExchangeError::Io(e))) => write_failed = Some(e),
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 }
             }
@@ -247,9 +254,13 @@ impl Conn {
                     Err(e) => return Poll::Ready(Err(ExchangeError::Protocol(e))),
                 }
                 match std::task::ready!(wire.poll_read(cx, read)) {
-                    Ok(0) => return Poll::Ready(Err(ExchangeError::Closed)),
+                    Ok(0) => {
+                        return Poll::Ready(Err(write_failed
+                            .take()
+                            .map_or(ExchangeError::Closed, ExchangeError::Io)))
+                    }
                     Ok(_) => {}
-                    Err(e) => return Poll::Ready(Err(ExchangeError::Io(e))),
+                    Err(e) => return Poll::Ready(Err(ExchangeError::Io(write_failed.take().unwrap_or(e)))),
                 }
             }
         });
@@ -295,7 +306,9 @@ impl Conn {
     }
 
     fn enter_pool(self) {
-        let shared = self.pool.clone();
+        let Some(shared) = self.pool.upgrade() else {
+            return;
+        };
         let now = Instant::now();
         let mut idle = shared.idle.lock().expect("pool lock");
         while idle

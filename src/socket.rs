@@ -1,4 +1,6 @@
-//! hyper's I/O on a TCP connection, written with the socket system calls.
+//! Writing to a TCP connection with the socket system calls, for both
+//! sides: hyper's I/O on the listener's connections (`SocketIo`), and
+//! [`poll_send`], which the store side (`connector::Wire`) writes with.
 //!
 //! hyper writes a message as a vectored write (the head and each body
 //! chunk a buffer of its own), and tokio turns a vectored write into
@@ -7,12 +9,7 @@
 //! `send` and `sendmsg` go to the socket directly. In this project's
 //! benchmark that took about 1 µs of kernel time off each proxied request,
 //! out of 9.5 to 10.8 (bench/RESULTS.md, step 8), for the same bytes in the
-//! same segments.
-//!
-//! Reads already use `recv`. hyper's buffering is unchanged: the buffers
-//! stay separate (no copy of the body into the head's buffer), so a
-//! connection's readiness still means that nothing of the last request is
-//! left queued in hyper (see [`crate::pool`]).
+//! same segments. Reads already use `recv`.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;

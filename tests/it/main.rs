@@ -24,4 +24,5 @@ mod metrics;
 mod responses;
 mod smoke;
 mod soak;
+mod store_answers;
 mod store_faults;

@@ -859,17 +859,13 @@ async fn a_raise_cuts_a_lower_write_answered_early_whose_store_stopped_reading()
 /// How long the store leaves the body of a write to `/d/big-*` unread
 /// after answering it early, before it closes the connection.
 const UNREAD_FOR: Duration = Duration::from_secs(5);
-/// The step by which [`body_stuck_behind_an_early_answer`] makes the body
-/// smaller: half of what fencegate queues of a body ahead of the store
-/// (256 KiB), which is how wide the range of sizes is that leave part of a
-/// body in that queue.
-const BODY_STEP: usize = 128 << 10;
-
-/// The body [`body_stuck_behind_an_early_answer`] starts with: more than
-/// the kernel holds of it (the store's receive buffer, 16 KiB, and at most
-/// 128 KiB unsent in fencegate's socket: TCP_NOTSENT_LOWAT) and
-/// fencegate's queue together.
-const START_LEN: usize = 1 << 20;
+/// The body of the write [`body_stuck_behind_an_early_answer`] leaves
+/// stuck: more than the kernel holds of it (the store's receive buffer,
+/// 16 KiB, and at most 128 KiB unsent in fencegate's socket to the store:
+/// TCP_NOTSENT_LOWAT), so some of it is always still to be written by
+/// fencegate when the store answers (in fencegate's queue, at most
+/// 256 KiB, and beyond that in its client's socket).
+const STUCK_LEN: usize = 1 << 20;
 
 /// Whether `d` has no write in flight, polling for up to `within`.
 async fn no_write_in_flight(fg: &Fencegate, within: Duration) -> bool {
@@ -886,18 +882,16 @@ async fn no_write_in_flight(fg: &Fencegate, within: Duration) -> bool {
 }
 
 /// fencegate with one serving thread (so one pool of store connections)
-/// and epoch 5, and a token-5 write whose body fencegate took whole from
-/// its client but could not write whole: the store answered it early
-/// (1 s after its head, without reading the body) and leaves the body
-/// unread for [`UNREAD_FOR`], keeping the connection, so the rest of the
-/// body waits in fencegate's queue. The body starts above what the
-/// kernel's buffers and that queue hold and shrinks by [`BODY_STEP`] until
-/// fencegate takes one whole, which it shows by the write leaving the
-/// domain (it holds its place there until its body is taken whole): that
-/// one leaves more than a step's worth in the queue. (The larger ones are cut
-/// after `body_idle_timeout`, 1 s, with the store taking none of them.)
-/// Returns fencegate, the client's side of the write (held open) and its
-/// path. (`connect_timeout` 1 s makes the barrier's safety limit 3.5 s.)
+/// and epoch 5, and a token-5 write whose body fencegate could not write
+/// whole: the store answered it early (1 s after its head, without reading
+/// the body) and leaves the body unread for [`UNREAD_FOR`], keeping the
+/// connection, so the rest of the body waits in fencegate (see
+/// [`STUCK_LEN`]). The write still holds its place in the domain (its
+/// request is not written whole) until a raise or the stall watch cuts it;
+/// `body_idle_timeout` is 3 s so the stall watch leaves the state in place
+/// for the test that follows. Returns fencegate, the client's side of the
+/// write (held open) and its path. (`connect_timeout` 1 s makes the
+/// barrier's safety limit 3.5 s.)
 async fn body_stuck_behind_an_early_answer(
     store: &ScriptedStore,
 ) -> (
@@ -911,41 +905,26 @@ async fn body_stuck_behind_an_early_answer(
     let (fg, _) = start(store, |c| {
         c.workers(1)
             .connect_timeout(Duration::from_secs(1))
-            .body_idle_timeout(Duration::from_secs(1))
+            .body_idle_timeout(Duration::from_secs(3))
     })
     .await;
     // Every store connection, the warm-up's first, takes little of a body
     // the store does not read.
     store.set_receive_buffer(16 << 10);
     assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
-    let mut len = START_LEN;
-    while len > BODY_STEP {
-        let path = format!("/d/big-{len}");
-        let fault = Fault::AnswerEarlyThenClose {
-            answer_after: Duration::from_secs(1),
-            close_after: UNREAD_FOR,
-        };
-        store.fault_path(&path, fault);
-        let (reader, sending) = early_answered_write(&fg, &path, 5, len, len).await;
-        if no_write_in_flight(&fg, Duration::from_millis(300)).await {
-            eprintln!("stuck body: fencegate took {len} bytes whole");
-            return (fg, (reader, sending), path);
-        }
-        // The store takes none of the rest: the write is cut within two
-        // body_idle_timeouts.
-        sending.abort();
-        drop(reader);
-        assert!(
-            no_write_in_flight(&fg, Duration::from_secs(4)).await,
-            "a write whose body the store left unread stayed in flight\n{}",
-            log_tail(&fg)
-        );
-        len -= BODY_STEP;
-    }
-    panic!(
-        "fencegate never took a body whole that the store answered early and left unread\n{}",
+    let path = "/d/big".to_string();
+    let fault = Fault::AnswerEarlyThenClose {
+        answer_after: Duration::from_secs(1),
+        close_after: UNREAD_FOR,
+    };
+    store.fault_path(&path, fault);
+    let (reader, sending) = early_answered_write(&fg, &path, 5, STUCK_LEN, STUCK_LEN).await;
+    assert!(
+        !no_write_in_flight(&fg, Duration::from_millis(100)).await,
+        "the early-answered write left the domain with its body not written whole\n{}",
         log_tail(&fg)
     );
+    (fg, (reader, sending), path)
 }
 
 /// What a raw exchange came to, even one with no answer.
@@ -983,9 +962,8 @@ fn barrier_timeouts(fg: &Fencegate) -> f64 {
 }
 
 /// A store may answer a request before reading its body and then stop
-/// reading for a while, keeping the connection. If fencegate has taken the
-/// whole body from its client by then, the rest of it can still be queued
-/// in fencegate's queue, and the connection is not ready for another
+/// reading for a while, keeping the connection. The rest of the body is
+/// then still to be written, and the connection is not ready for another
 /// request until the store reads again or closes it. The pool must not
 /// hand it out, or the next request waits behind that body, before its
 /// `request_timeout` starts, for as long as the store pleases. (The

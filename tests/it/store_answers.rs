@@ -1,0 +1,252 @@
+//! The store's answers on the wire, byte for byte: fencegate reads the
+//! store's side of HTTP/1.1 with a codec of its own (src/codec.rs), so
+//! answers that nginx never sends are scripted here by a raw TCP store:
+//! informational answers before the final one, answers framed in ways that
+//! cannot be trusted, and answers that run until the store closes. Each
+//! test also checks which store connection the next request takes: a
+//! connection whose answer was not framed beyond doubt is never reused.
+
+use crate::support::{Fencegate, FencegateConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A store that answers each request head with the bytes scripted for its
+/// path (a bodiless `204` otherwise), then closes the connection if the
+/// script says so, and records on which connection (numbered from 0 in the
+/// order accepted) each request arrived.
+struct RawStore {
+    addr: std::net::SocketAddr,
+    arrivals: Arc<Mutex<Vec<(usize, String)>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+/// What the store sends for a path: the bytes, and whether it closes the
+/// connection after them.
+type Script = HashMap<&'static str, (&'static [u8], bool)>;
+
+impl RawStore {
+    async fn start(script: Script) -> RawStore {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the store");
+        let addr = listener.local_addr().expect("store address");
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let record = arrivals.clone();
+        let script = Arc::new(script);
+        let accept = tokio::spawn(async move {
+            let mut id = 0;
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(RawStore::serve(stream, id, record.clone(), script.clone()));
+                id += 1;
+            }
+        });
+        RawStore {
+            addr,
+            arrivals,
+            accept,
+        }
+    }
+
+    async fn serve(
+        mut stream: TcpStream,
+        id: usize,
+        record: Arc<Mutex<Vec<(usize, String)>>>,
+        script: Arc<Script>,
+    ) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head: Vec<u8> = buf.drain(..end + 4).collect();
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                record.lock().unwrap().push((id, path.clone()));
+                let (answer, close) = script
+                    .get(path.as_str())
+                    .copied()
+                    .unwrap_or((b"HTTP/1.1 204 No Content\r\n\r\n", false));
+                if stream.write_all(answer).await.is_err() || close {
+                    return;
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The store connection each request for `path` arrived on, in order.
+    fn connections_of(&self, path: &str) -> Vec<usize> {
+        let arrivals = self.arrivals.lock().unwrap();
+        arrivals
+            .iter()
+            .filter(|(_, p)| p == path)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn arrivals(&self) -> String {
+        format!("{:?}", self.arrivals.lock().unwrap())
+    }
+}
+
+impl Drop for RawStore {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// fencegate with one serving thread (one pool of store connections) in
+/// front of `store`.
+fn gate(store: &RawStore) -> Fencegate {
+    let config = FencegateConfig::new(&store.url())
+        .domain("d", "/d/")
+        .workers(1)
+        .request_timeout(Duration::from_secs(5));
+    tokio::task::block_in_place(|| Fencegate::start(config))
+}
+
+/// GETs `path` through fencegate: status, `Fencegate-Reason`, body.
+async fn get(fg: &Fencegate, path: &str) -> (u16, Option<String>, String) {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        http.get(format!("{}{path}", fg.url())).send(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("GET {path}: no answer within 10 s"))
+    .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = response.status().as_u16();
+    let reason = response
+        .headers()
+        .get("fencegate-reason")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = response
+        .text()
+        .await
+        .unwrap_or_else(|e| format!("<body failed: {e}>"));
+    (status, reason, body)
+}
+
+/// `path` is answered `want`, and the request after it (`/d/next`) goes
+/// on the same store connection if `reused`, else on a new one.
+async fn check(store: &RawStore, fg: &Fencegate, path: &str, want: (u16, Option<&str>, &str), reused: bool) {
+    let (status, reason, body) = get(fg, path).await;
+    let what = format!("GET {path}");
+    if want.1.is_some() {
+        assert_eq!((status, reason.as_deref()), (want.0, want.1), "{what}: {body}");
+    } else {
+        assert_eq!((status, reason.as_deref(), body.as_str()), want, "{what}");
+    }
+    let before = store.connections_of("/d/next").len();
+    let (status, _, _) = get(fg, "/d/next").await;
+    assert_eq!(status, 204, "the request after {what}");
+    let on = store.connections_of(path);
+    let next = store.connections_of("/d/next");
+    assert_eq!(next.len(), before + 1, "{}", store.arrivals());
+    let (answered_on, next_on) = (*on.last().unwrap(), *next.last().unwrap());
+    assert_eq!(
+        answered_on == next_on,
+        reused,
+        "after {what}, the next request went on store connection {next_on}, the answer came on \
+         {answered_on}: that connection should {}be reused\n{}",
+        if reused { "" } else { "not " },
+        store.arrivals()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn informational_answers_are_skipped_and_the_final_one_forwarded() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/hints",
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n\
+              HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    check(&store, &fg, "/d/hints", (201, None, "ok"), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_that_cannot_be_framed_are_502_and_their_connection_is_dropped() {
+    let mut script = Script::new();
+    // Two lengths that differ: either could be the truth (RFC 9110 §8.6).
+    script.insert(
+        "/d/two-lengths",
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
+            false,
+        ),
+    );
+    script.insert(
+        "/d/bad-length",
+        (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", false),
+    );
+    script.insert("/d/not-http", (b"HTTX/1.1 200 OK\r\n\r\n", false));
+    script.insert("/d/bad-header", (b"HTTP/1.1 200 OK\r\nx y: 1\r\n\r\n", false));
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    let refused = (502, Some("upstream_bad_response"), "");
+    for path in ["/d/two-lengths", "/d/bad-length", "/d/not-http", "/d/bad-header"] {
+        check(&store, &fg, path, refused, false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_with_both_framings_is_read_by_its_chunks_and_its_connection_dropped() {
+    let mut script = Script::new();
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and the
+    // connection is not to be trusted after such a message.
+    script.insert(
+        "/d/both",
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n\
+              2\r\nok\r\n0\r\n\r\n",
+            false,
+        ),
+    );
+    script.insert(
+        "/d/chunked",
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    check(&store, &fg, "/d/both", (200, None, "ok"), false).await;
+    check(&store, &fg, "/d/chunked", (200, None, "abcde"), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_that_run_until_the_store_closes_arrive_whole() {
+    let mut script = Script::new();
+    script.insert("/d/http10", (b"HTTP/1.0 200 OK\r\n\r\nuntil the end", true));
+    script.insert(
+        "/d/close",
+        (
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 4\r\n\r\nbye!",
+            true,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    check(&store, &fg, "/d/http10", (200, None, "until the end"), false).await;
+    check(&store, &fg, "/d/close", (200, None, "bye!"), false).await;
+}
