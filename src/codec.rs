@@ -357,15 +357,15 @@ impl BodyDecoder {
             match self.state {
                 State::Done => return Ok(Decoded::End),
                 State::Length(left) => {
-                    if buf.is_empty() {
+                    let Some((data, rest)) = take_up_to(buf, left) else {
                         return Ok(Decoded::More);
-                    }
-                    let take = left.min(buf.len() as u64);
-                    self.state = match left - take {
-                        0 => State::Done,
-                        rest => State::Length(rest),
                     };
-                    return Ok(Decoded::Data(buf.split_to(take as usize).freeze()));
+                    self.state = if rest == 0 {
+                        State::Done
+                    } else {
+                        State::Length(rest)
+                    };
+                    return Ok(Decoded::Data(data));
                 }
                 State::UntilClose => {
                     if buf.is_empty() {
@@ -392,15 +392,15 @@ impl BodyDecoder {
                     Err(_) => return Err(CodecError::BadChunk),
                 },
                 State::ChunkData(left) => {
-                    if buf.is_empty() {
+                    let Some((data, rest)) = take_up_to(buf, left) else {
                         return Ok(Decoded::More);
-                    }
-                    let take = left.min(buf.len() as u64);
-                    self.state = match left - take {
-                        0 => State::ChunkEnd,
-                        rest => State::ChunkData(rest),
                     };
-                    return Ok(Decoded::Data(buf.split_to(take as usize).freeze()));
+                    self.state = if rest == 0 {
+                        State::ChunkEnd
+                    } else {
+                        State::ChunkData(rest)
+                    };
+                    return Ok(Decoded::Data(data));
                 }
                 State::ChunkEnd => {
                     if buf.len() < 2 {
@@ -454,6 +454,16 @@ impl BodyDecoder {
             _ => Err(CodecError::Truncated),
         }
     }
+}
+
+/// Up to `left` bytes from the front of `buf`, and how many of `left`
+/// remain after them; `None` while `buf` is empty.
+fn take_up_to(buf: &mut BytesMut, left: u64) -> Option<(Bytes, u64)> {
+    if buf.is_empty() {
+        return None;
+    }
+    let take = left.min(buf.len() as u64);
+    Some((buf.split_to(take as usize).freeze(), left - take))
 }
 
 /// Makes room in `buf` for at least one more read.

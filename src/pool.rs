@@ -196,13 +196,10 @@ impl Conn {
         self.reused
     }
 
-    /// This connection's timer, for the exchange that holds it to set.
-    pub fn timer(&mut self) -> Pin<&mut Sleep> {
-        self.timer.as_mut()
-    }
-
-    /// This connection's timer, set to expire `timeout` from now.
-    pub fn request_timer(&mut self, timeout: Duration) -> Pin<&mut Sleep> {
+    /// This connection's timer, set to expire `timeout` from now (the
+    /// exchange sets it through [`Conn::exchange`]'s second half).
+    #[cfg(test)]
+    fn request_timer(&mut self, timeout: Duration) -> Pin<&mut Sleep> {
         let mut timer = self.timer.as_mut();
         timer.as_mut().reset(tokio::time::Instant::now() + timeout);
         timer
