@@ -232,9 +232,9 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 // The last frame of a sized body, or the trailers of a
-                // chunked one, completes the request at the store (hyper
-                // writes the final chunk itself after trailers), so it is
-                // only handed over if the exchange agrees.
+                // chunked one, completes the request at the store (the
+                // last chunk goes with the trailers: `pool::Outgoing`), so
+                // it is only handed over if the exchange agrees.
                 if frame.is_trailers() || this.inner.is_end_stream() {
                     this.ended = true;
                     if !this.complete() {
