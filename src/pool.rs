@@ -242,7 +242,14 @@ impl Conn {
                 }
             }
             loop {
-                match codec::parse_response_head(read, method) {
+                // Nothing to parse before the store sent something (the
+                // first poll, and the wake-up for its answer).
+                let parsed = if read.is_empty() {
+                    Ok(None)
+                } else {
+                    codec::parse_response_head(read, method)
+                };
+                match parsed {
                     Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
                         continue
                     }
