@@ -251,6 +251,11 @@ where
             Poll::Ready(Some(Err(e))) => this.fail(BodyError::Source(e.into())),
             Poll::Ready(None) => {
                 this.ended = true;
+                // An ended body waits for nobody: a stall from here on is
+                // the store's (`forward::finish_sending` watches for it).
+                if let Some(exchange) = &this.exchange {
+                    exchange.awaiting_client.store(false, Relaxed);
+                }
                 // A chunked body is complete only with its last chunk, which
                 // the connection writes when it sees this end.
                 if this.complete() {

@@ -184,9 +184,7 @@ impl Upstream {
                 Ok(head) => return Ok(self.respond(conn, head, out, exchange, kill)),
                 // Nothing was written: the store had closed this pooled
                 // connection. Another one may take the request.
-                Err(ExchangeError::Unsent(_)) if reused && out.is_unsent() && !kill.is_killed() => {
-                    pending = Some(out)
-                }
+                Err(ExchangeError::Unsent(_)) if reused && !kill.is_killed() => pending = Some(out),
                 Err(failed) => return Err(classify(failed)),
             }
         }
@@ -247,19 +245,11 @@ fn finish_sending(
                 if decided.is_err() {
                     return;
                 }
-                let mut seen = connection.written();
-                loop {
-                    tokio::select! {
-                        biased;
-                        sent = &mut flush => break sent.is_ok(),
-                        () = fenced(exchange.abort_signal()) => break false,
-                        () = tokio::time::sleep(idle) => {}
-                    }
-                    let now = connection.written();
-                    if now == seen {
-                        break false;
-                    }
-                    seen = now;
+                tokio::select! {
+                    biased;
+                    sent = &mut flush => sent.is_ok(),
+                    () = fenced(exchange.abort_signal()) => false,
+                    _ = store_stalls(&exchange, Some(&connection), idle, None) => false,
                 }
             }
         };

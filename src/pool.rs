@@ -13,9 +13,9 @@
 //! cut, failed, answered early while its request body was still being sent,
 //! or was abandoned halfway is dropped, which closes it with a reset.
 //! Idle connections are reused most recently used first; one the store
-//! closed meanwhile is seen at checkout (from the readiness the runtime
-//! already holds, no system call) and dropped, and so is one unused for
-//! `idle_timeout`, at the next checkout or return.
+//! closed meanwhile, or one unused for `idle_timeout`, is dropped at
+//! checkout (seen from the readiness the runtime already holds, no system
+//! call) or by a sweep within a second ([`sweep`]).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -309,22 +309,17 @@ impl Conn {
         }
     }
 
+    /// Expired connections are left to the sweep and the checkout.
     fn enter_pool(self) {
         let Some(shared) = self.pool.upgrade() else {
             return;
         };
-        let now = Instant::now();
-        let mut idle = shared.idle.lock().expect("pool lock");
-        while idle
-            .front()
-            .is_some_and(|oldest| now.duration_since(oldest.since) > shared.idle_timeout)
-        {
-            idle.pop_front();
-        }
-        idle.push_back(Idle {
-            conn: self,
-            since: now,
-        });
+        let since = Instant::now();
+        shared
+            .idle
+            .lock()
+            .expect("pool lock")
+            .push_back(Idle { conn: self, since });
     }
 }
 
