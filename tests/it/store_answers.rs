@@ -6,7 +6,7 @@
 //! test also checks which store connection the next request takes: a
 //! connection whose answer was not framed beyond doubt is never reused.
 
-use crate::support::{Fencegate, FencegateConfig};
+use crate::support::{client, take_request_head, Fencegate, FencegateConfig};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,13 +59,7 @@ impl RawStore {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
-            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head: Vec<u8> = buf.drain(..end + 4).collect();
-                let line = String::from_utf8_lossy(&head)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
+            while let Some(line) = take_request_head(&mut buf) {
                 let path = line.split(' ').nth(1).unwrap_or("").to_string();
                 record.lock().unwrap().push((id, path.clone()));
                 let (answer, close) = script
@@ -120,7 +114,7 @@ fn gate(store: &RawStore) -> Fencegate {
 
 /// GETs `path` through fencegate: status, `Fencegate-Reason`, body.
 async fn get(fg: &Fencegate, path: &str) -> (u16, Option<String>, String) {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = client();
     let response = tokio::time::timeout(
         Duration::from_secs(10),
         http.get(format!("{}{path}", fg.url())).send(),

@@ -19,7 +19,9 @@
 //! answers (`responses.rs`), a raise aborting a lower body the store is not
 //! reading and a lower write outliving `request_timeout` (`barrier.rs`).
 
-use crate::support::{send_signal, EventKind, Fault, Fencegate, FencegateConfig, ScriptedStore};
+use crate::support::{
+    send_signal, take_request_head, EventKind, Fault, Fencegate, FencegateConfig, ScriptedStore,
+};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1129,13 +1131,7 @@ impl ConnStore {
                 },
             };
             buf.extend_from_slice(&chunk[..n]);
-            while let Some(end) = find(&buf, b"\r\n\r\n") {
-                let head: Vec<u8> = buf.drain(..end + 4).collect();
-                let line = String::from_utf8_lossy(&head)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
+            while let Some(line) = take_request_head(&mut buf) {
                 conns.lock().unwrap()[id].requests.push(line);
                 if stream
                     .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")

@@ -185,6 +185,21 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// For test stores: takes the first complete request head off `buf` and
+/// returns its request line ("PUT /x HTTP/1.1"); `None` until a head is
+/// complete.
+pub fn take_request_head(buf: &mut Vec<u8>) -> Option<String> {
+    let end = find(buf, b"\r\n\r\n")?;
+    let head: Vec<u8> = buf.drain(..end + 4).collect();
+    Some(
+        String::from_utf8_lossy(&head)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+    )
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }

@@ -29,7 +29,9 @@ pub use config::{format_duration, Domain, FencegateConfig};
 pub use etcd::{leader_rev, Candidate, Etcd, EtcdCluster};
 pub use etcd_secure::{EtcdTable, Pki, SecureEtcd};
 pub use fencegate::{Fencegate, RunExit};
-pub use http::{client, http_get, parse_response, raw_request, raw_request_timeout, RawResponse};
+pub use http::{
+    client, http_get, parse_response, raw_request, raw_request_timeout, take_request_head, RawResponse,
+};
 pub use nginx::{LogEntry, Nginx};
 pub use process::{require_binary, run_bounded, send_signal};
 pub use store::{Event, EventKind, Fault, ScriptedStore};
