@@ -7,9 +7,11 @@
 //! certain as the end of the connection, and refuses a head it cannot
 //! read rather than guessing. Parsing is httparse's, the parser hyper uses.
 
-use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, StatusCode, Version};
+
+use crate::hop;
 
 /// The longest response head (or chunked trailer section) accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -64,21 +66,22 @@ pub fn request_framing(method: &Method, exact: Option<u64>, had_length: bool) ->
     }
 }
 
-/// Appends a request head to `out`. The framing headers of `headers`
-/// are ignored: `framing` decides them, so the head can never disagree
-/// with the bytes that follow.
-pub fn encode_request_head(
+/// Appends a request head to `out`, with the header lines `fields`
+/// ([`crate::hop::RequestHop::fields`]). Framing headers among them are
+/// ignored: `framing` decides them, so the head can never disagree with
+/// the bytes that follow.
+pub fn encode_request_head<'h>(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
-    headers: &HeaderMap,
+    fields: impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
     framing: Framing,
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for (name, value) in fields {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }
@@ -136,12 +139,61 @@ pub struct ResponseHead {
     pub status: StatusCode,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
-    /// Every field, the framing and connection ones included.
+    /// Its end-to-end fields: the hop-by-hop ones (RFC 9110 §7.6.1), those
+    /// its `Connection` names, and a `Content-Length` that does not frame
+    /// the body are consumed here.
     pub headers: HeaderMap,
     /// How its body is delimited.
     pub framing: Framing,
     /// Whether the connection may carry another exchange afterwards.
     pub keep_alive: bool,
+}
+
+/// What a head's framing and connection fields say, gathered as the
+/// fields are read.
+#[derive(Default)]
+struct HopFields {
+    /// `Content-Length` was given; `length` is its one value, if valid.
+    has_length: bool,
+    length: Option<Result<u64, CodecError>>,
+    /// `Transfer-Encoding` was given; `chunked` if its last coding is.
+    has_coding: bool,
+    chunked: bool,
+    close: bool,
+    keep_alive: bool,
+    /// Other fields `Connection` names.
+    named: Vec<HeaderName>,
+}
+
+impl HopFields {
+    /// Takes note of one field; whether it is hop-by-hop.
+    fn read(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+        match name.as_str() {
+            "content-length" => {
+                self.has_length = true;
+                if !matches!(self.length, Some(Err(_))) {
+                    self.length = Some(content_length(value, self.length.take()));
+                }
+                false
+            }
+            "transfer-encoding" => {
+                self.has_coding = true;
+                if let Some(last) = hop::list_items(value).last() {
+                    self.chunked = last.eq_ignore_ascii_case(b"chunked");
+                }
+                true
+            }
+            "connection" => {
+                for option in hop::list_items(value) {
+                    self.close |= option.eq_ignore_ascii_case(b"close");
+                    self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+                }
+                hop::connection_named(value, &mut self.named);
+                true
+            }
+            other => hop::is_hop_by_hop_lower(other),
+        }
+    }
 }
 
 /// Parses the response head at the start of `buf`, and removes it from
@@ -174,42 +226,50 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Header values are slices of the head, not copies.
-    let offsets: Vec<(HeaderName, usize, usize)> = response
-        .headers
-        .iter()
-        .map(|h| {
-            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
-                CodecError::Malformed(format!("invalid header name `{}`", h.name.escape_debug()))
-            })?;
-            let start = h.value.as_ptr() as usize - buf.as_ptr() as usize;
-            Ok((name, start, start + h.value.len()))
-        })
-        .collect::<Result<_, CodecError>>()?;
-    let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(offsets.len());
-    for (name, start, end) in offsets {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+    // The values are slices of a copy of the head: the read buffer stays
+    // the connection's alone, so its room is reused for the next answer
+    // (splitting the head off shared it, and the next read allocated).
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    let mut hop_fields = HopFields::default();
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    for field in response.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| {
+            CodecError::Malformed(format!("invalid header name `{}`", field.name.escape_debug()))
+        })?;
+        if hop_fields.read(&name, field.value) {
+            continue;
+        }
+        let start = field.value.as_ptr() as usize - buf.as_ptr() as usize;
+        let value = HeaderValue::from_maybe_shared(head.slice(start..start + field.value.len()))
             .map_err(|_| CodecError::Malformed(format!("invalid value of header `{name}`")))?;
         headers.append(name, value);
     }
-    let (framing, framing_sure) = response_framing(status, method, &headers)?;
-    if version == Version::HTTP_10 && headers.contains_key(TRANSFER_ENCODING) {
+    buf.advance(len);
+    if version == Version::HTTP_10 && hop_fields.has_coding {
         // RFC 9112 §6.1: faulty framing, whatever else the head says.
         return Err(CodecError::Malformed(
             "Transfer-Encoding in an HTTP/1.0 response".into(),
         ));
     }
+    let (framing, framing_sure) = response_framing(status, method, &mut hop_fields)?;
     if !framing_sure {
         // Read by its Transfer-Encoding (RFC 9112 §6.3): the length must
         // not reach the client, which would frame the body by it.
         headers.remove(CONTENT_LENGTH);
     }
+    for named in &hop_fields.named {
+        headers.remove(named);
+    }
     // After a 101 the connection speaks another protocol.
+    let persistent = if version == Version::HTTP_10 {
+        hop_fields.keep_alive
+    } else {
+        !hop_fields.close
+    };
     let keep_alive = framing_sure
         && framing != Framing::UntilClose
         && status != StatusCode::SWITCHING_PROTOCOLS
-        && persistent(version, &headers);
+        && persistent;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -225,7 +285,7 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
 fn response_framing(
     status: StatusCode,
     method: &Method,
-    headers: &HeaderMap,
+    fields: &mut HopFields,
 ) -> Result<(Framing, bool), CodecError> {
     if status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -234,37 +294,26 @@ fn response_framing(
     {
         return Ok((Framing::Empty, true));
     }
-    let has_length = headers.contains_key(CONTENT_LENGTH);
-    if headers.contains_key(TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|coding| !coding.is_empty());
-        let chunked = last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
-        let framing = if chunked {
+    if fields.has_coding {
+        let framing = if fields.chunked {
             Framing::Chunked
         } else {
             Framing::UntilClose
         };
-        return Ok((framing, !has_length));
+        return Ok((framing, !fields.has_length));
     }
-    if has_length {
-        return content_length(headers).map(|n| (Framing::Length(n), true));
+    match fields.length.take() {
+        Some(length) => length.map(|n| (Framing::Length(n), true)),
+        None => Ok((Framing::UntilClose, true)),
     }
-    Ok((Framing::UntilClose, true))
 }
 
-/// The one length all Content-Length values agree on (RFC 9110 §8.6: a
-/// list of identical values may stand for one; anything else is an error).
-fn content_length(headers: &HeaderMap) -> Result<u64, CodecError> {
-    let mut length = None;
-    for part in headers
-        .get_all(CONTENT_LENGTH)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-    {
+/// The one length all Content-Length values agree on, `earlier` being
+/// the previous lines' (RFC 9110 §8.6: a list of identical values may
+/// stand for one; anything else is an error).
+fn content_length(value: &[u8], earlier: Option<Result<u64, CodecError>>) -> Result<u64, CodecError> {
+    let mut length = earlier.transpose()?;
+    for part in value.split(|b| *b == b',') {
         let part = part.trim_ascii();
         if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
             return Err(CodecError::BadContentLength);
@@ -276,22 +325,6 @@ fn content_length(headers: &HeaderMap) -> Result<u64, CodecError> {
         length = Some(n);
     }
     length.ok_or(CodecError::BadContentLength)
-}
-
-/// Whether the connection persists after this response (RFC 9112 §9.3).
-fn persistent(version: Version, headers: &HeaderMap) -> bool {
-    let has = |option: &[u8]| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .any(|o| o.trim_ascii().eq_ignore_ascii_case(option))
-    };
-    if version == Version::HTTP_10 {
-        has(b"keep-alive")
-    } else {
-        !has(b"close")
-    }
 }
 
 /// What a body decoder found in the buffer.
@@ -498,13 +531,25 @@ mod tests {
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
         headers.insert("fencing-token", HeaderValue::from_static("7"));
         let mut out = Vec::new();
-        encode_request_head(&mut out, &Method::PUT, "/a?b", &headers, Framing::Length(12));
+        encode_request_head(
+            &mut out,
+            &Method::PUT,
+            "/a?b",
+            headers.iter(),
+            Framing::Length(12),
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "PUT /a?b HTTP/1.1\r\nhost: store\r\nfencing-token: 7\r\ncontent-length: 12\r\n\r\n"
         );
         let mut out = Vec::new();
-        encode_request_head(&mut out, &Method::POST, "/", &HeaderMap::new(), Framing::Chunked);
+        encode_request_head(
+            &mut out,
+            &Method::POST,
+            "/",
+            HeaderMap::new().iter(),
+            Framing::Chunked,
+        );
         assert_eq!(out, b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
         assert_eq!(request_framing(&Method::GET, Some(0), false), Framing::Empty);
         assert_eq!(request_framing(&Method::GET, Some(0), true), Framing::Length(0));
@@ -593,6 +638,34 @@ mod tests {
         );
         assert_eq!(decoder.decode(&mut buf).unwrap(), Decoded::End);
         assert_eq!(&buf[..], b"HTTP", "bytes after the body stay in the buffer");
+    }
+
+    #[test]
+    fn a_heads_hop_by_hop_fields_are_consumed_and_the_rest_kept_in_order() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nx-secret: 1\r\nServer: s\r\nConnection: keep-alive, X-Secret\r\n\
+             Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\n\
+             Proxy-Authenticate: Basic\r\netag: \"e\"\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, true));
+        let names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["server", "etag"]);
+        // A length beside chunked coding does not frame the body, so it
+        // does not reach the client either.
+        let h = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.headers.is_empty());
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.headers[CONTENT_LENGTH], "5");
     }
 
     #[test]

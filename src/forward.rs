@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use http::header::HeaderValue;
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
@@ -19,6 +19,7 @@ use crate::config::UpstreamConfig;
 use crate::connector::{KillHandle, Wire};
 use crate::error::causes;
 use crate::gate::AbortSignal;
+use crate::hop::RequestHop;
 use crate::path::NormalPath;
 use crate::pool::{Conn, ExchangeError, Outgoing, Pool, StoreBody};
 
@@ -108,22 +109,17 @@ impl Upstream {
         Uri::from(PathAndQuery::try_from(path_and_query).expect("a normalized path is a valid URI path"))
     }
 
-    /// Sends `request` and waits for the final response head. A raise in
-    /// the write's domain before its body was sent whole aborts it.
+    /// Sends `request`, its head written as `hop` says, and waits for the
+    /// final response head. A raise in the write's domain before its body
+    /// was sent whole aborts it.
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
+        hop: &RequestHop,
         exchange: &Arc<Exchange>,
     ) -> Result<Response<StoreBody>, ForwardError> {
-        let (mut parts, body) = request.into_parts();
-        if let http::header::Entry::Vacant(host) = parts.headers.entry(HOST) {
-            host.insert(self.host.clone());
-        }
-        let framing = codec::request_framing(
-            &parts.method,
-            body.size_hint().exact(),
-            parts.headers.contains_key(CONTENT_LENGTH),
-        );
+        let (parts, body) = request.into_parts();
+        let framing = codec::request_framing(&parts.method, body.size_hint().exact(), hop.had_length());
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut body = Some(body);
         let mut pending: Option<Outgoing> = None;
@@ -147,7 +143,7 @@ impl Upstream {
                     conn.take_head_buffer(),
                     &parts.method,
                     target,
-                    &parts.headers,
+                    hop.fields(&parts.headers, &self.host),
                     framing,
                     body.take().expect("the body goes into the first request"),
                 ),

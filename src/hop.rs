@@ -1,40 +1,56 @@
 //! Header hygiene between the client and the store: hop-by-hop headers are
 //! removed both ways (RFC 9110 §7.6.1, and whatever `Connection` names), and
 //! the client's address is added in `X-Forwarded-For` and `Forwarded`.
+//!
+//! Neither direction edits a header map. A request's head is written from
+//! the client's map through [`RequestHop`], which leaves out what must not
+//! go on and adds fencegate's lines; a response's map is built by
+//! [`crate::codec`] without the hop-by-hop headers. Editing the map cost
+//! a hash per removal and a regrowth of the map for the two forwarding
+//! headers on every request (bench/RESULTS.md, step 18).
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{
-    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, EXPECT, FORWARDED, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, TE};
 
-// Names as `HeaderName`s, not strings: a lookup by string parses and
-// hashes the name on every request.
+/// `X-Forwarded-For`, `Forwarded`, `Host` and `TE` as names a head can
+/// borrow for as long as it likes.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static FORWARDED_NAME: HeaderName = FORWARDED;
+static HOST_NAME: HeaderName = HOST;
+static TE_NAME: HeaderName = TE;
+static TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
 
-/// Hop-by-hop headers: meaningful for one connection only, never forwarded.
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
-    CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    TE,
-    TRANSFER_ENCODING,
-    UPGRADE,
-    PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION,
-];
+/// Whether `name` is hop-by-hop: meaningful for one connection only, never
+/// forwarded. A `HeaderName` is lower-case, so one `match` on its text
+/// decides it (comparing it with eight names one by one was a twentieth
+/// of a read's instructions).
+pub fn hop_by_hop(name: &HeaderName) -> bool {
+    is_hop_by_hop_lower(name.as_str())
+}
 
-const HOP_BY_HOP_COUNT: usize = 8;
+/// [`hop_by_hop`] of a lower-case name.
+pub fn is_hop_by_hop_lower(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
+}
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-
-/// Whether `name` is hop-by-hop, so it would never reach the store.
+/// Whether `name`, in any case, is hop-by-hop, so it would never reach the store.
 pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
+    is_hop_by_hop_lower(&name.to_ascii_lowercase())
 }
 
 /// Method-override headers: a request carrying one is a write whatever its method.
-pub const METHOD_OVERRIDES: [HeaderName; 3] = [
+pub static METHOD_OVERRIDES: [HeaderName; 3] = [
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
@@ -44,86 +60,153 @@ pub const METHOD_OVERRIDES: [HeaderName; 3] = [
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtectedHeader(pub String);
 
-/// The header names listed in `Connection`, lower-cased.
-fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .filter(|name| !name.is_empty())
+/// The options of one `Connection` value (or the codings of one `TE`):
+/// comma-separated, trimmed, empty ones skipped.
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|item| !item.is_empty())
 }
 
 /// Refuses a `Connection` header that names `Host` or the fencing header:
 /// removing those as hop-by-hop would forward a write without its token.
 pub fn check_connection(headers: &HeaderMap, fencing_header: &HeaderName) -> Result<(), ProtectedHeader> {
-    for name in connection_options(headers) {
-        if name == HOST.as_str() || name == fencing_header.as_str() {
-            return Err(ProtectedHeader(name));
+    for value in headers.get_all(CONNECTION) {
+        for option in list_items(value.as_bytes()) {
+            if option.eq_ignore_ascii_case(HOST.as_str().as_bytes())
+                || option.eq_ignore_ascii_case(fencing_header.as_str().as_bytes())
+            {
+                return Err(ProtectedHeader(
+                    String::from_utf8_lossy(option).to_ascii_lowercase(),
+                ));
+            }
         }
     }
     Ok(())
 }
 
-/// Removes hop-by-hop headers and those named in `Connection`. On requests,
-/// `TE: trailers` survives, since it asks the store for trailers we forward;
-/// `Expect` goes too, since fencegate answers `100-continue` itself.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
-    // One pass over the names finds what is there: most messages carry no
-    // hop-by-hop header but `Connection`, and a `remove` of an absent name
-    // still hashes it (ten of them were a tenth of a read's instructions).
-    let mut present = [false; HOP_BY_HOP_COUNT];
-    let mut expect = false;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
-        } else if name == EXPECT {
-            expect = is_request;
+/// The headers a `Connection` value names beyond the hop-by-hop ones
+/// (which go anyway): `Connection: keep-alive` names none.
+pub fn connection_named(value: &[u8], named: &mut Vec<HeaderName>) {
+    for option in list_items(value) {
+        // The usual options, named without making a `HeaderName` of them.
+        if option.eq_ignore_ascii_case(b"keep-alive") || option.eq_ignore_ascii_case(b"close") {
+            continue;
         }
-    }
-    if present[0] {
-        for named in connection_named(headers) {
-            headers.remove(named);
+        if let Ok(name) = HeaderName::from_bytes(option) {
+            if !hop_by_hop(&name) && !named.contains(&name) {
+                named.push(name);
+            }
         }
-    }
-    let wants_trailers = is_request
-        && present[HOP_BY_HOP.iter().position(|h| h == TE).expect("TE is hop-by-hop")]
-        && headers
-            .get_all(TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
-        headers.remove(name);
-    }
-    if expect {
-        headers.remove(EXPECT);
-    }
-    if wants_trailers {
-        headers.insert(TE, HeaderValue::from_static("trailers"));
     }
 }
 
-/// The headers present in `headers` that its `Connection` header names
-/// (`Connection: keep-alive` names a header that is rarely there).
-fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
-    let mut named = Vec::new();
-    for option in headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-    {
-        let option = option.trim_ascii();
-        if let Some(name) = headers
-            .keys()
-            .find(|k| k.as_str().as_bytes().eq_ignore_ascii_case(option))
-        {
-            named.push(name.clone());
+/// How a request's head reaches the store, decided by one pass over its
+/// headers: which of the client's headers go on, and the lines fencegate
+/// adds (`Host` for a request without one, `TE: trailers`, and the
+/// forwarding headers).
+#[derive(Debug)]
+pub struct RequestHop {
+    /// Headers the client's `Connection` names (rarely any).
+    named: Vec<HeaderName>,
+    has_host: bool,
+    had_length: bool,
+    /// The client asked for trailers, which fencegate forwards.
+    trailers: bool,
+    x_forwarded_for: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
+}
+
+impl RequestHop {
+    /// The plan for `headers`, a request from `peer`.
+    pub fn new(headers: &HeaderMap, peer: &Peer) -> RequestHop {
+        let mut hop = RequestHop {
+            named: Vec::new(),
+            has_host: false,
+            had_length: false,
+            trailers: false,
+            x_forwarded_for: None,
+            forwarded: None,
+        };
+        let (mut earlier_xff, mut earlier_forwarded, mut te_named) = (false, false, false);
+        // Every value, so each name is seen once per line.
+        for (name, value) in headers {
+            match name.as_str() {
+                "host" => hop.has_host = true,
+                "content-length" => hop.had_length = true,
+                "te" => {
+                    hop.trailers |= list_items(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+                }
+                "connection" => {
+                    connection_named(value.as_bytes(), &mut hop.named);
+                    te_named |= list_items(value.as_bytes()).any(|o| o.eq_ignore_ascii_case(b"te"));
+                }
+                "x-forwarded-for" => earlier_xff = true,
+                "forwarded" => earlier_forwarded = true,
+                _ => {}
+            }
         }
+        // A header `Connection` names is gone before anything reads it.
+        hop.trailers &= !te_named;
+        hop.x_forwarded_for = if earlier_xff && !hop.named.contains(&X_FORWARDED_FOR) {
+            joined(headers, &X_FORWARDED_FOR, &peer.ip.to_string())
+        } else {
+            peer.xff.clone()
+        };
+        hop.forwarded = if earlier_forwarded && !hop.named.contains(&FORWARDED_NAME) {
+            joined(headers, &FORWARDED_NAME, &forwarded_element(peer.ip))
+        } else {
+            peer.forwarded.clone()
+        };
+        hop
     }
-    named
+
+    /// Whether the client sent a `Content-Length`.
+    pub fn had_length(&self) -> bool {
+        self.had_length
+    }
+
+    /// Whether the client's header `name` goes on to the store.
+    /// `Expect` stays behind: fencegate answers `100-continue` itself.
+    fn forwards(&self, name: &HeaderName) -> bool {
+        !(hop_by_hop(name)
+            || matches!(name.as_str(), "expect" | "x-forwarded-for" | "forwarded")
+            || (!self.named.is_empty() && self.named.contains(name)))
+    }
+
+    /// The header lines of the head sent to the store: the client's that
+    /// go on, in their order, then fencegate's. `host` is the store's
+    /// authority, for a request that came without a `Host` (HTTP/1.0).
+    pub fn fields<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        host: &'a HeaderValue,
+    ) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + 'a {
+        let added = [
+            (&HOST_NAME, (!self.has_host).then_some(host)),
+            (&TE_NAME, self.trailers.then_some(&TRAILERS)),
+            (&X_FORWARDED_FOR, self.x_forwarded_for.as_ref()),
+            (&FORWARDED_NAME, self.forwarded.as_ref()),
+        ];
+        headers.iter().filter(|(name, _)| self.forwards(name)).chain(
+            added
+                .into_iter()
+                .filter_map(|(name, value)| value.map(|v| (name, v))),
+        )
+    }
+}
+
+/// `name`'s earlier hops' values, all of them in order, then `own`, as
+/// one line (RFC 9110 §5.3: several lines are one list, so none is lost).
+fn joined(headers: &HeaderMap, name: &HeaderName, own: &str) -> Option<HeaderValue> {
+    let mut joined = Vec::new();
+    for earlier in headers.get_all(name) {
+        joined.extend_from_slice(earlier.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(own.as_bytes());
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 /// A connection's client as fencegate names it to the store. The values
@@ -158,41 +241,6 @@ fn forwarded_element(ip: IpAddr) -> String {
     }
 }
 
-/// Appends the client's address to `X-Forwarded-For` and `Forwarded`.
-pub fn add_forwarded(headers: &mut HeaderMap, peer: &Peer) {
-    append_hop(headers, X_FORWARDED_FOR, &peer.xff, || peer.ip.to_string());
-    append_hop(headers, FORWARDED, &peer.forwarded, || forwarded_element(peer.ip));
-}
-
-/// Sets `name` to its earlier hops' values, all of them in order, then
-/// ours; or to `own` (made once per connection) when there were none. One
-/// lookup either way.
-fn append_hop(
-    headers: &mut HeaderMap,
-    name: HeaderName,
-    own: &Option<HeaderValue>,
-    element: impl Fn() -> String,
-) {
-    match headers.entry(name) {
-        Entry::Vacant(slot) => {
-            if let Some(own) = own {
-                slot.insert(own.clone());
-            }
-        }
-        Entry::Occupied(mut slot) => {
-            let mut joined = Vec::new();
-            for earlier in slot.iter() {
-                joined.extend_from_slice(earlier.as_bytes());
-                joined.extend_from_slice(b", ");
-            }
-            joined.extend_from_slice(element().as_bytes());
-            if let Ok(value) = HeaderValue::from_bytes(&joined) {
-                slot.insert(value);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,31 +256,69 @@ mod tests {
         map
     }
 
+    /// The header lines a request of `list` from `peer` carries to the store.
+    fn sent(list: &[(&str, &str)], peer: &str) -> Vec<(String, String)> {
+        let map = headers(list);
+        let hop = RequestHop::new(&map, &Peer::new(peer.parse().unwrap()));
+        let host = HeaderValue::from_static("store:80");
+        hop.fields(&map, &host)
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    fn lines(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
     #[test]
-    fn strips_hop_by_hop_and_connection_named_headers() {
-        let mut map = headers(&[
-            ("connection", "keep-alive, X-Secret"),
-            ("x-secret", "1"),
-            ("keep-alive", "timeout=5"),
-            ("upgrade", "websocket"),
-            ("transfer-encoding", "chunked"),
-            ("te", "gzip, trailers"),
-            ("expect", "100-continue"),
-            ("fencing-token", "5"),
-            ("host", "store"),
-        ]);
-        strip_hop_by_hop(&mut map, true);
-        let mut names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
-        names.sort();
-        assert_eq!(names, vec!["fencing-token", "host", "te"]);
-        assert_eq!(map["te"], "trailers");
+    fn hop_by_hop_and_connection_named_headers_stay_behind() {
+        let out = sent(
+            &[
+                ("connection", "keep-alive, X-Secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("upgrade", "websocket"),
+                ("transfer-encoding", "chunked"),
+                ("te", "gzip, trailers"),
+                ("expect", "100-continue"),
+                ("proxy-authorization", "x"),
+                ("fencing-token", "5"),
+                ("host", "store"),
+            ],
+            "127.0.0.1:5000",
+        );
+        assert_eq!(
+            out,
+            lines(&[
+                ("fencing-token", "5"),
+                ("host", "store"),
+                ("te", "trailers"),
+                ("x-forwarded-for", "127.0.0.1"),
+                ("forwarded", "for=127.0.0.1;proto=http"),
+            ])
+        );
+        // A `TE` that `Connection` names is gone, trailers and all; a
+        // request without `Host` gets the store's.
+        let out = sent(&[("connection", "te"), ("te", "trailers")], "127.0.0.1:5000");
+        assert_eq!(
+            out,
+            lines(&[
+                ("host", "store:80"),
+                ("x-forwarded-for", "127.0.0.1"),
+                ("forwarded", "for=127.0.0.1;proto=http"),
+            ])
+        );
+        assert!(is_hop_by_hop("Keep-Alive") && is_hop_by_hop("TE") && !is_hop_by_hop("fencing-token"));
     }
 
     #[test]
     fn connection_may_not_name_the_token_or_host() {
         let token = HeaderName::from_static("fencing-token");
         assert!(check_connection(&headers(&[("connection", "close")]), &token).is_ok());
-        assert!(check_connection(&headers(&[("connection", "keep-alive, Fencing-Token")]), &token).is_err());
+        assert_eq!(
+            check_connection(&headers(&[("connection", "keep-alive, Fencing-Token")]), &token),
+            Err(ProtectedHeader("fencing-token".into()))
+        );
         assert!(check_connection(
             &headers(&[("connection", "close"), ("connection", "host")]),
             &token
@@ -242,21 +328,54 @@ mod tests {
 
     #[test]
     fn forwarded_headers_append() {
-        let mut map = headers(&[("x-forwarded-for", "10.0.0.1")]);
-        add_forwarded(&mut map, &Peer::new("127.0.0.1:5000".parse().unwrap()));
-        assert_eq!(map["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(map["forwarded"], "for=127.0.0.1;proto=http");
-        let mut map = HeaderMap::new();
-        add_forwarded(&mut map, &Peer::new("[::1]:5000".parse().unwrap()));
-        assert_eq!(map["x-forwarded-for"], "::1");
-        assert_eq!(map["forwarded"], "for=\"[::1]\";proto=http");
-        let mut map = headers(&[("forwarded", "for=10.0.0.1")]);
-        add_forwarded(&mut map, &Peer::new("[::1]:5000".parse().unwrap()));
-        assert_eq!(map["forwarded"], "for=10.0.0.1, for=\"[::1]\";proto=http");
+        let forwarding = |list: &[(&str, &str)], peer: &str| -> Vec<(String, String)> {
+            sent(list, peer)
+                .into_iter()
+                .filter(|(k, _)| k != "host")
+                .collect()
+        };
+        assert_eq!(
+            forwarding(&[("x-forwarded-for", "10.0.0.1")], "127.0.0.1:5000"),
+            lines(&[
+                ("x-forwarded-for", "10.0.0.1, 127.0.0.1"),
+                ("forwarded", "for=127.0.0.1;proto=http"),
+            ])
+        );
+        assert_eq!(
+            forwarding(&[], "[::1]:5000"),
+            lines(&[
+                ("x-forwarded-for", "::1"),
+                ("forwarded", "for=\"[::1]\";proto=http")
+            ])
+        );
+        assert_eq!(
+            forwarding(&[("forwarded", "for=10.0.0.1")], "[::1]:5000"),
+            lines(&[
+                ("x-forwarded-for", "::1"),
+                ("forwarded", "for=10.0.0.1, for=\"[::1]\";proto=http"),
+            ])
+        );
         // Two lines of earlier hops are one list (RFC 9110 §5.3): none is lost.
-        let mut map = headers(&[("x-forwarded-for", "10.0.0.1"), ("x-forwarded-for", "10.0.0.2")]);
-        add_forwarded(&mut map, &Peer::new("127.0.0.1:5000".parse().unwrap()));
-        let all: Vec<_> = map.get_all("x-forwarded-for").iter().collect();
-        assert_eq!(all, ["10.0.0.1, 10.0.0.2, 127.0.0.1"]);
+        assert_eq!(
+            forwarding(
+                &[("x-forwarded-for", "10.0.0.1"), ("x-forwarded-for", "10.0.0.2")],
+                "127.0.0.1:5000"
+            ),
+            lines(&[
+                ("x-forwarded-for", "10.0.0.1, 10.0.0.2, 127.0.0.1"),
+                ("forwarded", "for=127.0.0.1;proto=http"),
+            ])
+        );
+        // Earlier hops that `Connection` names are gone: ours stands alone.
+        assert_eq!(
+            forwarding(
+                &[("connection", "x-forwarded-for"), ("x-forwarded-for", "10.0.0.1")],
+                "127.0.0.1:5000"
+            ),
+            lines(&[
+                ("x-forwarded-for", "127.0.0.1"),
+                ("forwarded", "for=127.0.0.1;proto=http")
+            ])
+        );
     }
 }

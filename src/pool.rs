@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
@@ -340,15 +340,15 @@ pub struct Outgoing {
 impl Outgoing {
     /// A request of `head` (in `buffer`, from [`Conn::take_head_buffer`])
     /// and `body`, framed by `framing`.
-    pub fn new(
+    pub fn new<'h>(
         mut buffer: Vec<u8>,
         method: &Method,
         target: &str,
-        headers: &HeaderMap,
+        fields: impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
         framing: Framing,
         body: UpstreamBody,
     ) -> Outgoing {
-        codec::encode_request_head(&mut buffer, method, target, headers, framing);
+        codec::encode_request_head(&mut buffer, method, target, fields, framing);
         let ended = framing == Framing::Empty || body.is_end_stream() && framing != Framing::Chunked;
         let mut out = Outgoing {
             head: buffer,

@@ -21,7 +21,7 @@ use crate::error::{Problem, Reason};
 use crate::fencing::Access;
 use crate::forward::{ForwardError, Upstream};
 use crate::gate::{Gate, Gates, Ticket};
-use crate::hop::{add_forwarded, check_connection, strip_hop_by_hop, Peer, METHOD_OVERRIDES};
+use crate::hop::{check_connection, Peer, RequestHop, METHOD_OVERRIDES};
 use crate::metrics::DomainMetrics;
 use crate::path::{normalize, NormalPath};
 use crate::pool::StoreBody;
@@ -266,8 +266,7 @@ impl Proxy {
                 normalized_destination(destination).map_err(|e| Problem::new(Reason::BadPath, e))?;
             parts.headers.insert(DESTINATION, rewritten);
         }
-        strip_hop_by_hop(&mut parts.headers, true);
-        add_forwarded(&mut parts.headers, peer);
+        let hop = RequestHop::new(&parts.headers, peer);
         let body = GuardedBody::new(body, self.upstream.body_idle_timeout).forwarding(exchange.clone());
         let sent_at = Instant::now();
         let request = Request::from_parts(parts, body);
@@ -279,10 +278,10 @@ impl Proxy {
             // exchange finishes in a task of its own.
             let upstream = self.upstream.clone();
             let task_exchange = exchange.clone();
-            Detachable::new(async move { upstream.send(request, &task_exchange).await }).await
+            Detachable::new(async move { upstream.send(request, &hop, &task_exchange).await }).await
         } else {
             // A read holds back no raise: it may simply end with its client.
-            self.upstream.send(request, &exchange).await
+            self.upstream.send(request, &hop, &exchange).await
         };
         metrics.upstream_duration.observe(sent_at.elapsed().as_secs_f64());
         let response = result.map_err(|e| {
@@ -297,8 +296,8 @@ impl Proxy {
                 "the store switched protocols, which fencegate never tunnels",
             ));
         }
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
+        // The codec kept only the end-to-end headers.
+        let (parts, body) = response.into_parts();
         let body = GuardedBody::new(body, self.upstream.body_idle_timeout);
         Ok(Response::from_parts(parts, Either::Right(body)))
     }

@@ -6,7 +6,7 @@
 //! test also checks which store connection the next request takes: a
 //! connection whose answer was not framed beyond doubt is never reused.
 
-use crate::support::{client, take_request_head, Fencegate, FencegateConfig};
+use crate::support::{client, parse_response, raw_request, take_request_head, Fencegate, FencegateConfig};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +20,8 @@ use tokio::net::TcpStream;
 struct RawStore {
     addr: std::net::SocketAddr,
     arrivals: Arc<Mutex<Vec<(usize, String)>>>,
+    /// Every request head, whole, in order of arrival.
+    heads: Arc<Mutex<Vec<String>>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -34,18 +36,21 @@ impl RawStore {
             .expect("bind the store");
         let addr = listener.local_addr().expect("store address");
         let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let record = arrivals.clone();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (record, all_heads) = (arrivals.clone(), heads.clone());
         let script = Arc::new(script);
         let accept = tokio::spawn(async move {
             let mut id = 0;
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(RawStore::serve(stream, id, record.clone(), script.clone()));
+                let (record, heads) = (record.clone(), all_heads.clone());
+                tokio::spawn(RawStore::serve(stream, id, record, heads, script.clone()));
                 id += 1;
             }
         });
         RawStore {
             addr,
             arrivals,
+            heads,
             accept,
         }
     }
@@ -54,14 +59,16 @@ impl RawStore {
         mut stream: TcpStream,
         id: usize,
         record: Arc<Mutex<Vec<(usize, String)>>>,
+        heads: Arc<Mutex<Vec<String>>>,
         script: Arc<Script>,
     ) {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
-            while let Some(line) = take_request_head(&mut buf) {
-                let path = line.split(' ').nth(1).unwrap_or("").to_string();
+            while let Some(head) = take_request_head(&mut buf) {
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
                 record.lock().unwrap().push((id, path.clone()));
+                heads.lock().unwrap().push(head);
                 let (answer, close) = script
                     .get(path.as_str())
                     .copied()
@@ -243,4 +250,54 @@ async fn answers_that_run_until_the_store_closes_arrive_whole() {
     let fg = gate(&store);
     check(&store, &fg, "/d/http10", (200, None, "until the end"), false).await;
     check(&store, &fg, "/d/close", (200, None, "bye!"), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_headers_stay_on_their_hop_both_ways() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/hop",
+        (
+            b"HTTP/1.1 200 OK\r\nx-private: 1\r\nConnection: keep-alive, X-Private\r\n\
+              Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nx-kept: yes\r\n\
+              content-length: 2\r\n\r\nok",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    let request = "GET /d/hop HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Secret\r\n\
+                   X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: gzip, trailers\r\n\
+                   Proxy-Authorization: Basic eA==\r\nUpgrade: h2c\r\nX-Forwarded-For: 10.0.0.1\r\n\
+                   X-Forwarded-For: 10.0.0.2\r\nx-kept: yes\r\nConnection: close\r\n\r\n";
+    let addr = fg.url();
+    let answer = tokio::task::block_in_place(|| raw_request(&addr, request.as_bytes()));
+    let answer = parse_response(&answer);
+    assert_eq!((answer.status, answer.body.as_str()), (200, "ok"), "{answer:?}");
+    let mut names: Vec<String> = answer
+        .headers
+        .iter()
+        .map(|(k, _)| k.to_ascii_lowercase())
+        .collect();
+    names.retain(|n| !["date", "content-length", "connection"].contains(&n.as_str()));
+    assert_eq!(
+        names,
+        ["x-kept"],
+        "the client got the store's hop headers: {answer:?}"
+    );
+
+    let head = store.heads.lock().unwrap()[0].to_ascii_lowercase();
+    let mut fields: Vec<&str> = head.split("\r\n").skip(1).filter(|l| !l.is_empty()).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "forwarded: for=127.0.0.1;proto=http",
+            "host: h",
+            "te: trailers",
+            "x-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1",
+            "x-kept: yes",
+        ],
+        "the store got the client's hop headers: {head}"
+    );
 }

@@ -1131,7 +1131,8 @@ impl ConnStore {
                 },
             };
             buf.extend_from_slice(&chunk[..n]);
-            while let Some(line) = take_request_head(&mut buf) {
+            while let Some(head) = take_request_head(&mut buf) {
+                let line = head.lines().next().unwrap_or("").to_string();
                 conns.lock().unwrap()[id].requests.push(line);
                 if stream
                     .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")

@@ -186,18 +186,12 @@ fn dechunk(mut s: &str) -> String {
 }
 
 /// For test stores: takes the first complete request head off `buf` and
-/// returns its request line ("PUT /x HTTP/1.1"); `None` until a head is
-/// complete.
+/// returns it, request line first ("PUT /x HTTP/1.1\r\n..."); `None`
+/// until a head is complete.
 pub fn take_request_head(buf: &mut Vec<u8>) -> Option<String> {
     let end = find(buf, b"\r\n\r\n")?;
     let head: Vec<u8> = buf.drain(..end + 4).collect();
-    Some(
-        String::from_utf8_lossy(&head)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string(),
-    )
+    Some(String::from_utf8_lossy(&head).into_owned())
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
