@@ -161,7 +161,7 @@ struct HopFields {
     chunked: bool,
     close: bool,
     keep_alive: bool,
-    /// Other fields `Connection` names.
+    /// Other fields `Connection` names: they are left out.
     named: Vec<HeaderName>,
 }
 
@@ -188,7 +188,6 @@ impl HopFields {
                     self.close |= option.eq_ignore_ascii_case(b"close");
                     self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
                 }
-                hop::connection_named(value, &mut self.named);
                 true
             }
             other => hop::is_hop_by_hop_lower(other),
@@ -231,12 +230,22 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
     // (splitting the head off shared it, and the next read allocated).
     let head = Bytes::copy_from_slice(&buf[..len]);
     let mut hop_fields = HopFields::default();
+    // What `Connection` names is known before the fields are taken, so
+    // they keep their order (a removal afterwards would move the last
+    // field into the gap).
+    for field in response.headers.iter() {
+        if field.name.eq_ignore_ascii_case("connection") {
+            hop::connection_named(field.value, &mut hop_fields.named);
+        }
+    }
     let mut headers = HeaderMap::with_capacity(response.headers.len());
     for field in response.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| {
             CodecError::Malformed(format!("invalid header name `{}`", field.name.escape_debug()))
         })?;
-        if hop_fields.read(&name, field.value) {
+        if hop_fields.read(&name, field.value)
+            || (!hop_fields.named.is_empty() && hop_fields.named.contains(&name))
+        {
             continue;
         }
         let start = field.value.as_ptr() as usize - buf.as_ptr() as usize;
@@ -256,9 +265,6 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
         // Read by its Transfer-Encoding (RFC 9112 §6.3): the length must
         // not reach the client, which would frame the body by it.
         headers.remove(CONTENT_LENGTH);
-    }
-    for named in &hop_fields.named {
-        headers.remove(named);
     }
     // After a 101 the connection speaks another protocol.
     let persistent = if version == Version::HTTP_10 {
