@@ -25,18 +25,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::TokioTimer;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::affinity;
 use crate::config::ServerConfig;
+use crate::drain::Connections;
 use crate::gate::Gates;
 use crate::hop::Peer;
 use crate::proxy::Proxy;
 use crate::socket::SocketIo;
+use crate::timer::Clock;
 
 /// Whether every connection ended within the grace period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,14 +103,14 @@ pub async fn serve_workers(
                     .build()
                     .expect("a worker's event loop");
                 let ended = runtime.block_on(async move {
-                    let shortest = proxy.shortest_timeout().min(settings.header_read_timeout);
-                    let anchor = tokio::spawn(timer_anchor(anchor_period(shortest)));
+                    let clock = Clock::new(proxy.shortest_timeout().min(settings.header_read_timeout));
+                    let anchor = tokio::spawn(clock.clone().run());
                     let relays: Vec<_> = gates
                         .iter()
                         .filter_map(|gate| gate.election.clone())
                         .map(|view| tokio::spawn(async move { view.reads.relay().await }))
                         .collect();
-                    let drain = serve(arrivals, open, proxy, &settings, stop.cancelled_owned()).await;
+                    let drain = serve(arrivals, open, proxy, &settings, clock, stop.cancelled_owned()).await;
                     // Dropping this runtime would cancel the exchanges still
                     // holding back a raise; wait for them like for the
                     // connections, so the clean mark is never a lie.
@@ -223,30 +223,6 @@ impl Drop for Opened {
     }
 }
 
-/// Keeps a timer that expires before any timeout a request arms.
-///
-/// Every request arms timers: hyper's header read timeout, then fencegate's
-/// connect, body idle and request timeouts. When tokio registers a timer that expires before the
-/// event loop's next planned wake-up, it wakes the loop through its eventfd:
-/// a `write` syscall, then an extra `epoll_wait`, on almost every request,
-/// because at the moment the loop parks under load most connections wait
-/// for the store and have no timer armed. A timer that always expires
-/// sooner than any of those keeps the planned wake-up early enough that
-/// registering them never needs the eventfd. Its price: one wake-up per
-/// period per worker, idle or not.
-async fn timer_anchor(period: Duration) {
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-    }
-}
-
-/// Half the shortest timeout a request arms, at most 1 s (at least 10 ms).
-fn anchor_period(shortest_timeout: Duration) -> Duration {
-    (shortest_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
-}
-
 /// Waits until no write is in flight in any domain, up to `limit`.
 async fn writes_ended(gates: &Gates, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
@@ -269,16 +245,17 @@ async fn serve(
     open: OpenCount,
     proxy: Arc<Proxy>,
     settings: &ServerConfig,
+    clock: Clock,
     shutdown: impl Future<Output = ()>,
 ) -> Drain {
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    http.timer(clock.timer())
         .header_read_timeout(settings.header_read_timeout)
         // hyper answers a bare 431 past this buffer; below it, fencegate's
         // own check answers 431 with a problem body at max_header_bytes.
         .max_buf_size((settings.max_header_bytes + 16 * 1024).max(8192))
         .keep_alive(true);
-    let graceful = GracefulShutdown::new();
+    let connections = Connections::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -301,7 +278,7 @@ async fn serve(
             let client = client.clone();
             async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
         });
-        let connection = graceful.watch(http.serve_connection(SocketIo::new(stream), service));
+        let connection = connections.watch(http.serve_connection(SocketIo::new(stream), service));
         tokio::spawn(async move {
             let _opened = opened;
             if let Err(e) = connection.await {
@@ -313,7 +290,7 @@ async fn serve(
     arrivals.close();
     drop(arrivals);
     tracing::info!(grace = ?settings.shutdown_grace, "stopped accepting; draining connections");
-    match tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await {
+    match tokio::time::timeout(settings.shutdown_grace, connections.stop()).await {
         Ok(()) => Drain::Complete,
         Err(_) => {
             tracing::warn!(grace = ?settings.shutdown_grace, "grace period ran out with requests in flight");
