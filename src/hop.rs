@@ -89,6 +89,10 @@ pub fn check_connection(headers: &HeaderMap, fencing_header: &HeaderName) -> Res
 /// The headers a `Connection` value names beyond the hop-by-hop ones
 /// (which go anyway): `Connection: keep-alive` names none.
 pub fn connection_named(value: &[u8], named: &mut Vec<HeaderName>) {
+    // Nearly every `Connection` is one of these: no list to split.
+    if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
+        return;
+    }
     for option in list_items(value) {
         // The usual options, named without making a `HeaderName` of them.
         if option.eq_ignore_ascii_case(b"keep-alive") || option.eq_ignore_ascii_case(b"close") {
