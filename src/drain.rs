@@ -173,4 +173,29 @@ mod tests {
             "the idle connection is closed"
         );
     }
+
+    #[tokio::test]
+    async fn a_connection_first_polled_after_the_stop_closes_too() {
+        let connections = Arc::new(Connections::new());
+        let (mut client, server) = tokio::io::duplex(4096);
+        let watched = connections.watch(connection(server, Duration::ZERO));
+        let stopping = connections.clone();
+        let stopped = tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(5), stopping.stop())
+                .await
+                .is_ok()
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !stopped.is_finished(),
+            "the stop waits for the connection not yet polled"
+        );
+        tokio::spawn(watched);
+        assert!(
+            stopped.await.unwrap(),
+            "the stop ended once the late connection closed"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
+    }
 }

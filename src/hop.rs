@@ -11,15 +11,18 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, TE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, FORWARDED, HOST, TE};
 
-/// `X-Forwarded-For`, `Forwarded`, `Host` and `TE` as names a head can
+/// `X-Forwarded-For`, `Forwarded`, `Host`, `TE` and `Connection` as names a head can
 /// borrow for as long as it likes.
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static FORWARDED_NAME: HeaderName = FORWARDED;
 static HOST_NAME: HeaderName = HOST;
 static TE_NAME: HeaderName = TE;
+static CONNECTION_NAME: HeaderName = CONNECTION;
 static TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
+/// `TE` is hop-by-hop, and its sender must say so (RFC 9110 §10.1.4).
+static TE_OPTION: HeaderValue = HeaderValue::from_static("te");
 
 /// Whether `name` is hop-by-hop: meaningful for one connection only, never
 /// forwarded. A `HeaderName` is lower-case, so one `match` on its text
@@ -31,9 +34,12 @@ pub fn hop_by_hop(name: &HeaderName) -> bool {
 
 /// [`hop_by_hop`] of a lower-case name.
 pub fn is_hop_by_hop_lower(name: &str) -> bool {
+    // `close` is no header, but RFC 9110 §7.6.1 reserves the name so a
+    // field called so cannot pass as one the `Connection: close` names.
     matches!(
         name,
         "connection"
+            | "close"
             | "proxy-connection"
             | "keep-alive"
             | "te"
@@ -108,8 +114,8 @@ pub fn connection_named(value: &[u8], named: &mut Vec<HeaderName>) {
 
 /// How a request's head reaches the store, decided by one pass over its
 /// headers: which of the client's headers go on, and the lines fencegate
-/// adds (`Host` for a request without one, `TE: trailers`, and the
-/// forwarding headers).
+/// adds (`Host` for a request without one, `TE: trailers` with its
+/// `Connection: te`, and the forwarding headers).
 #[derive(Debug)]
 pub struct RequestHop {
     /// Headers the client's `Connection` names (rarely any).
@@ -153,6 +159,7 @@ impl RequestHop {
         }
         // A header `Connection` names is gone before anything reads it.
         hop.trailers &= !te_named;
+        hop.had_length &= !hop.named.contains(&CONTENT_LENGTH);
         hop.x_forwarded_for = if earlier_xff && !hop.named.contains(&X_FORWARDED_FOR) {
             joined(headers, &X_FORWARDED_FOR, &peer.ip.to_string())
         } else {
@@ -190,6 +197,7 @@ impl RequestHop {
         let added = [
             (&HOST_NAME, (!self.has_host).then_some(host)),
             (&TE_NAME, self.trailers.then_some(&TRAILERS)),
+            (&CONNECTION_NAME, self.trailers.then_some(&TE_OPTION)),
             (&X_FORWARDED_FOR, self.x_forwarded_for.as_ref()),
             (&FORWARDED_NAME, self.forwarded.as_ref()),
         ];
@@ -297,6 +305,7 @@ mod tests {
                 ("fencing-token", "5"),
                 ("host", "store"),
                 ("te", "trailers"),
+                ("connection", "te"),
                 ("x-forwarded-for", "127.0.0.1"),
                 ("forwarded", "for=127.0.0.1;proto=http"),
             ])
@@ -313,6 +322,19 @@ mod tests {
             ])
         );
         assert!(is_hop_by_hop("Keep-Alive") && is_hop_by_hop("TE") && !is_hop_by_hop("fencing-token"));
+        // A field named `Close` never passes (RFC 9110 §7.6.1); a length
+        // `Connection` names does not count as the client's.
+        let map = headers(&[
+            ("connection", "close, content-length"),
+            ("close", "1"),
+            ("content-length", "0"),
+        ]);
+        let hop = RequestHop::new(&map, &Peer::new("127.0.0.1:5000".parse().unwrap()));
+        assert!(!hop.had_length());
+        let host = HeaderValue::from_static("store:80");
+        assert!(hop
+            .fields(&map, &host)
+            .all(|(k, _)| k != "close" && k != "content-length"));
     }
 
     #[test]

@@ -285,6 +285,8 @@ async fn hop_by_hop_headers_stay_on_their_hop_both_ways() {
         ["x-kept"],
         "the client got the store's hop headers: {answer:?}"
     );
+    // The only `Connection` is hyper's own, for the client's `close`.
+    assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
 
     let head = store.heads.lock().unwrap()[0].to_ascii_lowercase();
     let mut fields: Vec<&str> = head.split("\r\n").skip(1).filter(|l| !l.is_empty()).collect();
@@ -292,6 +294,7 @@ async fn hop_by_hop_headers_stay_on_their_hop_both_ways() {
     assert_eq!(
         fields,
         [
+            "connection: te",
             "forwarded: for=127.0.0.1;proto=http",
             "host: h",
             "te: trailers",
