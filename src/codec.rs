@@ -153,12 +153,12 @@ pub struct ResponseHead {
 /// fields are read.
 #[derive(Default)]
 struct HopFields {
-    /// `Content-Length` was given; `length` is its one value, if valid.
-    has_length: bool,
+    /// The one value of the `Content-Length` lines, if any were given.
     length: Option<Result<u64, CodecError>>,
     /// `Transfer-Encoding` was given; `chunked` if its last coding is.
     has_coding: bool,
     chunked: bool,
+    /// `Connection` says `close`, or `keep-alive`.
     close: bool,
     keep_alive: bool,
     /// Other fields `Connection` names: they are left out.
@@ -166,11 +166,23 @@ struct HopFields {
 }
 
 impl HopFields {
-    /// Takes note of one field; whether it is hop-by-hop.
+    /// Takes note of one `Connection` value. Read before the other fields,
+    /// so those it names are left out in order (a removal afterwards would
+    /// move the last field into the gap).
+    fn connection(&mut self, value: &[u8]) {
+        for option in hop::list_items(value) {
+            self.close |= option.eq_ignore_ascii_case(b"close");
+            self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+        }
+        hop::connection_named(value, &mut self.named);
+    }
+
+    /// Takes note of one field; whether it stays out of the map: a
+    /// hop-by-hop field (`Connection` among them), or one `Connection`
+    /// names.
     fn read(&mut self, name: &HeaderName, value: &[u8]) -> bool {
-        match name.as_str() {
+        let hop_by_hop = match name.as_str() {
             "content-length" => {
-                self.has_length = true;
                 if !matches!(self.length, Some(Err(_))) {
                     self.length = Some(content_length(value, self.length.take()));
                 }
@@ -183,15 +195,9 @@ impl HopFields {
                 }
                 true
             }
-            "connection" => {
-                for option in hop::list_items(value) {
-                    self.close |= option.eq_ignore_ascii_case(b"close");
-                    self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
-                }
-                true
-            }
             other => hop::is_hop_by_hop_lower(other),
-        }
+        };
+        hop_by_hop || (!self.named.is_empty() && self.named.contains(name))
     }
 }
 
@@ -230,12 +236,9 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
     // (splitting the head off shared it, and the next read allocated).
     let head = Bytes::copy_from_slice(&buf[..len]);
     let mut hop_fields = HopFields::default();
-    // What `Connection` names is known before the fields are taken, so
-    // they keep their order (a removal afterwards would move the last
-    // field into the gap).
     for field in response.headers.iter() {
         if field.name.eq_ignore_ascii_case("connection") {
-            hop::connection_named(field.value, &mut hop_fields.named);
+            hop_fields.connection(field.value);
         }
     }
     let mut headers = HeaderMap::with_capacity(response.headers.len());
@@ -243,9 +246,7 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| {
             CodecError::Malformed(format!("invalid header name `{}`", field.name.escape_debug()))
         })?;
-        if hop_fields.read(&name, field.value)
-            || (!hop_fields.named.is_empty() && hop_fields.named.contains(&name))
-        {
+        if hop_fields.read(&name, field.value) {
             continue;
         }
         let start = field.value.as_ptr() as usize - buf.as_ptr() as usize;
@@ -266,12 +267,12 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
         // not reach the client, which would frame the body by it.
         headers.remove(CONTENT_LENGTH);
     }
-    // After a 101 the connection speaks another protocol.
     let persistent = if version == Version::HTTP_10 {
         hop_fields.keep_alive
     } else {
         !hop_fields.close
     };
+    // After a 101 the connection speaks another protocol.
     let keep_alive = framing_sure
         && framing != Framing::UntilClose
         && status != StatusCode::SWITCHING_PROTOCOLS
@@ -306,7 +307,7 @@ fn response_framing(
         } else {
             Framing::UntilClose
         };
-        return Ok((framing, !fields.has_length));
+        return Ok((framing, fields.length.is_none()));
     }
     match fields.length.take() {
         Some(length) => length.map(|n| (Framing::Length(n), true)),
