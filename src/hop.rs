@@ -131,25 +131,17 @@ pub struct RequestHop {
 impl RequestHop {
     /// The plan for `headers`, a request from `peer`.
     pub fn new(headers: &HeaderMap, peer: &Peer) -> RequestHop {
-        let mut hop = RequestHop {
-            named: Vec::new(),
-            has_host: false,
-            had_length: false,
-            trailers: false,
-            x_forwarded_for: None,
-            forwarded: None,
-        };
+        let mut named = Vec::new();
+        let (mut has_host, mut had_length, mut trailers) = (false, false, false);
         let (mut earlier_xff, mut earlier_forwarded, mut te_named) = (false, false, false);
         // Every value, so each name is seen once per line.
         for (name, value) in headers {
             match name.as_str() {
-                "host" => hop.has_host = true,
-                "content-length" => hop.had_length = true,
-                "te" => {
-                    hop.trailers |= list_items(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers"));
-                }
+                "host" => has_host = true,
+                "content-length" => had_length = true,
+                "te" => trailers |= list_items(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers")),
                 "connection" => {
-                    connection_named(value.as_bytes(), &mut hop.named);
+                    connection_named(value.as_bytes(), &mut named);
                     te_named |= list_items(value.as_bytes()).any(|o| o.eq_ignore_ascii_case(b"te"));
                 }
                 "x-forwarded-for" => earlier_xff = true,
@@ -158,19 +150,24 @@ impl RequestHop {
             }
         }
         // A header `Connection` names is gone before anything reads it.
-        hop.trailers &= !te_named;
-        hop.had_length &= !hop.named.contains(&CONTENT_LENGTH);
-        hop.x_forwarded_for = if earlier_xff && !hop.named.contains(&X_FORWARDED_FOR) {
+        let x_forwarded_for = if earlier_xff && !named.contains(&X_FORWARDED_FOR) {
             joined(headers, &X_FORWARDED_FOR, &peer.ip.to_string())
         } else {
             peer.xff.clone()
         };
-        hop.forwarded = if earlier_forwarded && !hop.named.contains(&FORWARDED_NAME) {
+        let forwarded = if earlier_forwarded && !named.contains(&FORWARDED_NAME) {
             joined(headers, &FORWARDED_NAME, &forwarded_element(peer.ip))
         } else {
             peer.forwarded.clone()
         };
-        hop
+        RequestHop {
+            had_length: had_length && !named.contains(&CONTENT_LENGTH),
+            trailers: trailers && !te_named,
+            named,
+            has_host,
+            x_forwarded_for,
+            forwarded,
+        }
     }
 
     /// Whether the client sent a `Content-Length`.
