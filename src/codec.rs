@@ -201,10 +201,55 @@ impl HopFields {
     }
 }
 
+/// What reading one connection's answers keeps from one to the next.
+#[derive(Default)]
+pub struct Fields {
+    /// The previous answer's field names as spelled, and as names, in
+    /// their order. A store sends the same ones every time, and comparing
+    /// the bytes costs a fraction of making the name anew
+    /// (`HeaderName::from_bytes` lowercases and looks it up).
+    names: Vec<(Vec<u8>, HeaderName)>,
+    /// The map the next answer's fields go into (see [`Fields::lend`]).
+    map: HeaderMap,
+}
+
+impl Fields {
+    /// Gives the next answer `map` to fill, emptied: the request's map,
+    /// whose head is written, so one map per connection goes round
+    /// between hyper and the store instead of two allocated per request.
+    pub fn lend(&mut self, mut map: HeaderMap) {
+        map.clear();
+        self.map = map;
+    }
+
+    /// The name of the `i`-th field, spelled `raw`.
+    fn name(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        if let Some((spelled, name)) = self.names.get(i) {
+            if spelled == raw {
+                return Ok(name.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        if let Some((spelled, known)) = self.names.get_mut(i) {
+            spelled.clear();
+            spelled.extend_from_slice(raw);
+            *known = name.clone();
+        } else {
+            self.names.push((raw.to_vec(), name.clone()));
+        }
+        Ok(name)
+    }
+}
+
 /// Parses the response head at the start of `buf`, and removes it from
 /// `buf`. `None` while the head is incomplete. `method` is the request's:
-/// the answer to a HEAD has no body, whatever its head says.
-pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, CodecError> {
+/// the answer to a HEAD has no body, whatever its head says. `fields` are
+/// the connection's, for the next answer to reuse.
+pub fn parse_response_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    fields: &mut Fields,
+) -> Result<Option<ResponseHead>, CodecError> {
     // Uninitialized slots: 100 of them zeroed for every answer cost more
     // than parsing the three or four it has.
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -241,9 +286,10 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
             hop_fields.connection(field.value);
         }
     }
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
-    for field in response.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| {
+    let mut headers = std::mem::take(&mut fields.map);
+    headers.reserve(response.headers.len());
+    for (i, field) in response.headers.iter().enumerate() {
+        let name = fields.name(i, field.name.as_bytes()).map_err(|_| {
             CodecError::Malformed(format!("invalid header name `{}`", field.name.escape_debug()))
         })?;
         if hop_fields.read(&name, field.value) {
@@ -523,7 +569,7 @@ mod tests {
     use super::*;
 
     fn head(bytes: &str, method: Method) -> Result<Option<ResponseHead>, CodecError> {
-        parse_response_head(&mut BytesMut::from(bytes), &method)
+        parse_response_head(&mut BytesMut::from(bytes), &method, &mut Fields::default())
     }
 
     fn framing(bytes: &str) -> (Framing, bool) {
@@ -624,16 +670,90 @@ mod tests {
         }
     }
 
+    /// The fields of `text`, parsed with `fields`, as (name, value) pairs.
+    fn fields_of(text: &str, fields: &mut Fields) -> Vec<(String, String)> {
+        let head = parse_response_head(&mut BytesMut::from(text), &Method::GET, fields)
+            .unwrap()
+            .unwrap();
+        head.headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_connections_answers_get_their_own_names_whatever_the_last_one_sent() {
+        let mut fields = Fields::default();
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert_eq!(
+            fields_of(
+                "HTTP/1.1 200 OK\r\nServer: a\r\nX-Thing: 1\r\nContent-Length: 0\r\n\r\n",
+                &mut fields
+            ),
+            pairs(&[("server", "a"), ("x-thing", "1"), ("content-length", "0")])
+        );
+        // The same names in another case, then names in other places, a
+        // new one and one fewer: each answer has exactly its own.
+        assert_eq!(
+            fields_of(
+                "HTTP/1.1 200 OK\r\nSERVER: b\r\nx-thing: 2\r\ncontent-length: 0\r\n\r\n",
+                &mut fields
+            ),
+            pairs(&[("server", "b"), ("x-thing", "2"), ("content-length", "0")])
+        );
+        assert_eq!(
+            fields_of(
+                "HTTP/1.1 200 OK\r\nX-Thing: 3\r\nServer: c\r\nDate: d\r\nContent-Length: 0\r\n\r\n",
+                &mut fields
+            ),
+            pairs(&[
+                ("x-thing", "3"),
+                ("server", "c"),
+                ("date", "d"),
+                ("content-length", "0")
+            ])
+        );
+        assert_eq!(
+            fields_of("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &mut fields),
+            pairs(&[("content-length", "0")])
+        );
+    }
+
+    #[test]
+    fn a_lent_map_comes_back_with_the_answers_fields_only() {
+        let mut request = HeaderMap::new();
+        request.insert("x-request", HeaderValue::from_static("1"));
+        request.insert("fencing-token", HeaderValue::from_static("7"));
+        let mut fields = Fields::default();
+        fields.lend(request);
+        assert_eq!(
+            fields_of(
+                "HTTP/1.1 200 OK\r\nX-Answer: 2\r\nContent-Length: 0\r\n\r\n",
+                &mut fields
+            ),
+            [
+                ("x-answer".to_owned(), "2".to_owned()),
+                ("content-length".to_owned(), "0".to_owned())
+            ]
+        );
+    }
+
     #[test]
     fn a_head_is_taken_whole_from_the_buffer_and_its_values_kept() {
         let mut buf =
             BytesMut::from("HTTP/1.1 201 Created\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 3\r\n\r\nabcHTTP");
-        assert!(
-            parse_response_head(&mut BytesMut::from("HTTP/1.1 201 Cre"), &Method::GET)
-                .unwrap()
-                .is_none()
-        );
-        let h = parse_response_head(&mut buf, &Method::PUT).unwrap().unwrap();
+        assert!(parse_response_head(
+            &mut BytesMut::from("HTTP/1.1 201 Cre"),
+            &Method::GET,
+            &mut Fields::default()
+        )
+        .unwrap()
+        .is_none());
+        let h = parse_response_head(&mut buf, &Method::PUT, &mut Fields::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(h.status, StatusCode::CREATED);
         let values: Vec<_> = h.headers.get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);

@@ -118,7 +118,7 @@ impl Upstream {
         hop: &RequestHop,
         exchange: &Arc<Exchange>,
     ) -> Result<Response<StoreBody>, ForwardError> {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let framing = codec::request_framing(&parts.method, body.size_hint().exact(), hop.had_length());
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut body = Some(body);
@@ -148,6 +148,9 @@ impl Upstream {
                     body.take().expect("the body goes into the first request"),
                 ),
             };
+            // The head is encoded: the request's map takes the answer (an
+            // empty one when the request is resent on another connection).
+            conn.lend_map(std::mem::take(&mut parts.headers));
             let kill = conn.kill_handle().clone();
             let reused = conn.is_reused();
             let timeout = self.request_timeout;

@@ -80,6 +80,9 @@ pub struct Conn {
     read: BytesMut,
     /// The request head's buffer, kept for its allocation.
     head: Vec<u8>,
+    /// What reading the answers keeps from one to the next. Boxed: a
+    /// connection is moved whole through the exchange's futures.
+    fields: Box<codec::Fields>,
     reused: bool,
     /// Weak: the pool holds its idle connections.
     pool: Weak<Shared>,
@@ -134,6 +137,7 @@ impl Pool {
             kill,
             read: BytesMut::new(),
             head: Vec::new(),
+            fields: Box::default(),
             reused: false,
             pool: Arc::downgrade(shared),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -212,6 +216,12 @@ impl Conn {
         head
     }
 
+    /// Gives the answer of the next exchange `map` to fill: the map of
+    /// the request just encoded (see [`codec::Fields::lend`]).
+    pub fn lend_map(&mut self, map: HeaderMap) {
+        self.fields.lend(map);
+    }
+
     /// Sends `out` and reads the store's final response head (1xx
     /// answers are skipped). Returns with the request still being sent
     /// if the store answered first. Also returns this connection's timer,
@@ -225,7 +235,11 @@ impl Conn {
         Pin<&'a mut Sleep>,
     ) {
         let Conn {
-            wire, read, timer, ..
+            wire,
+            read,
+            fields,
+            timer,
+            ..
         } = self;
         let wire: &Wire = wire;
         // A write that fails after some of the request went out stops the
@@ -247,7 +261,7 @@ impl Conn {
                 let parsed = if read.is_empty() {
                     Ok(None)
                 } else {
-                    codec::parse_response_head(read, method)
+                    codec::parse_response_head(read, method, fields)
                 };
                 match parsed {
                     Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
