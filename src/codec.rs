@@ -158,25 +158,13 @@ struct HopFields {
     /// `Transfer-Encoding` was given; `chunked` if its last coding is.
     has_coding: bool,
     chunked: bool,
-    /// `Connection` says `close`, or `keep-alive`.
-    close: bool,
-    keep_alive: bool,
-    /// Other fields `Connection` names: they are left out.
-    named: Vec<HeaderName>,
+    /// What `Connection` says. Read before the other fields, so those it
+    /// names are left out in order (a removal afterwards would move the
+    /// last field into the gap).
+    connection: hop::ConnectionOptions,
 }
 
 impl HopFields {
-    /// Takes note of one `Connection` value. Read before the other fields,
-    /// so those it names are left out in order (a removal afterwards would
-    /// move the last field into the gap).
-    fn connection(&mut self, value: &[u8]) {
-        for option in hop::list_items(value) {
-            self.close |= option.eq_ignore_ascii_case(b"close");
-            self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
-        }
-        hop::connection_named(value, &mut self.named);
-    }
-
     /// Takes note of one field; whether it stays out of the map: a
     /// hop-by-hop field (`Connection` among them), or one `Connection`
     /// names.
@@ -197,7 +185,7 @@ impl HopFields {
             }
             other => hop::is_hop_by_hop_lower(other),
         };
-        hop_by_hop || (!self.named.is_empty() && self.named.contains(name))
+        hop_by_hop || self.connection.names(name)
     }
 }
 
@@ -283,7 +271,7 @@ pub fn parse_response_head(
     let mut hop_fields = HopFields::default();
     for field in response.headers.iter() {
         if field.name.eq_ignore_ascii_case("connection") {
-            hop_fields.connection(field.value);
+            hop_fields.connection.read(field.value);
         }
     }
     let mut headers = std::mem::take(&mut fields.map);
@@ -314,9 +302,9 @@ pub fn parse_response_head(
         headers.remove(CONTENT_LENGTH);
     }
     let persistent = if version == Version::HTTP_10 {
-        hop_fields.keep_alive
+        hop_fields.connection.keep_alive
     } else {
-        !hop_fields.close
+        !hop_fields.connection.close
     };
     // After a 101 the connection speaks another protocol.
     let keep_alive = framing_sure

@@ -92,23 +92,51 @@ pub fn check_connection(headers: &HeaderMap, fencing_header: &HeaderName) -> Res
     Ok(())
 }
 
-/// The headers a `Connection` value names beyond the hop-by-hop ones
-/// (which go anyway): `Connection: keep-alive` names none.
-pub fn connection_named(value: &[u8], named: &mut Vec<HeaderName>) {
-    // Nearly every `Connection` is one of these: no list to split.
-    if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
-        return;
-    }
-    for option in list_items(value) {
-        // The usual options, named without making a `HeaderName` of them.
-        if option.eq_ignore_ascii_case(b"keep-alive") || option.eq_ignore_ascii_case(b"close") {
-            continue;
+/// What `Connection` values say (RFC 9110 §7.6.1), read in one pass over
+/// each: the `close`, `keep-alive` and `te` options, and the headers they
+/// name beyond the hop-by-hop ones (which go anyway).
+#[derive(Debug, Default)]
+pub struct ConnectionOptions {
+    /// `close`: the connection ends after this message.
+    pub close: bool,
+    /// `keep-alive`: an HTTP/1.0 connection persists.
+    pub keep_alive: bool,
+    /// `te` is named: a `TE` field is this hop's alone.
+    pub te: bool,
+    /// Other headers named, to be left out (rarely any).
+    pub named: Vec<HeaderName>,
+}
+
+impl ConnectionOptions {
+    /// Takes note of one `Connection` value.
+    pub fn read(&mut self, value: &[u8]) {
+        // Nearly every `Connection` is one of these: no list to split.
+        if value.eq_ignore_ascii_case(b"keep-alive") {
+            self.keep_alive = true;
+            return;
         }
-        if let Ok(name) = HeaderName::from_bytes(option) {
-            if !hop_by_hop(&name) && !named.contains(&name) {
-                named.push(name);
+        if value.eq_ignore_ascii_case(b"close") {
+            self.close = true;
+            return;
+        }
+        for option in list_items(value) {
+            // The usual options, read without making a `HeaderName` of them.
+            if option.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if option.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if let Ok(name) = HeaderName::from_bytes(option) {
+                self.te |= name == TE;
+                if !hop_by_hop(&name) && !self.named.contains(&name) {
+                    self.named.push(name);
+                }
             }
         }
+    }
+
+    /// Whether `name` is one of the headers named.
+    pub fn names(&self, name: &HeaderName) -> bool {
+        !self.named.is_empty() && self.named.contains(name)
     }
 }
 
@@ -118,8 +146,8 @@ pub fn connection_named(value: &[u8], named: &mut Vec<HeaderName>) {
 /// `Connection: te`, and the forwarding headers).
 #[derive(Debug)]
 pub struct RequestHop {
-    /// Headers the client's `Connection` names (rarely any).
-    named: Vec<HeaderName>,
+    /// What the client's `Connection` says.
+    connection: ConnectionOptions,
     has_host: bool,
     had_length: bool,
     /// The client asked for trailers, which fencegate forwards.
@@ -131,39 +159,36 @@ pub struct RequestHop {
 impl RequestHop {
     /// The plan for `headers`, a request from `peer`.
     pub fn new(headers: &HeaderMap, peer: &Peer) -> RequestHop {
-        let mut named = Vec::new();
+        let mut connection = ConnectionOptions::default();
         let (mut has_host, mut had_length, mut trailers) = (false, false, false);
-        let (mut earlier_xff, mut earlier_forwarded, mut te_named) = (false, false, false);
+        let (mut earlier_xff, mut earlier_forwarded) = (false, false);
         // Every value, so each name is seen once per line.
         for (name, value) in headers {
             match name.as_str() {
                 "host" => has_host = true,
                 "content-length" => had_length = true,
                 "te" => trailers |= list_items(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers")),
-                "connection" => {
-                    connection_named(value.as_bytes(), &mut named);
-                    te_named |= list_items(value.as_bytes()).any(|o| o.eq_ignore_ascii_case(b"te"));
-                }
+                "connection" => connection.read(value.as_bytes()),
                 "x-forwarded-for" => earlier_xff = true,
                 "forwarded" => earlier_forwarded = true,
                 _ => {}
             }
         }
         // A header `Connection` names is gone before anything reads it.
-        let x_forwarded_for = if earlier_xff && !named.contains(&X_FORWARDED_FOR) {
+        let x_forwarded_for = if earlier_xff && !connection.names(&X_FORWARDED_FOR) {
             joined(headers, &X_FORWARDED_FOR, &peer.ip.to_string())
         } else {
             peer.xff.clone()
         };
-        let forwarded = if earlier_forwarded && !named.contains(&FORWARDED_NAME) {
+        let forwarded = if earlier_forwarded && !connection.names(&FORWARDED_NAME) {
             joined(headers, &FORWARDED_NAME, &forwarded_element(peer.ip))
         } else {
             peer.forwarded.clone()
         };
         RequestHop {
-            had_length: had_length && !named.contains(&CONTENT_LENGTH),
-            trailers: trailers && !te_named,
-            named,
+            had_length: had_length && !connection.names(&CONTENT_LENGTH),
+            trailers: trailers && !connection.te,
+            connection,
             has_host,
             x_forwarded_for,
             forwarded,
@@ -180,7 +205,7 @@ impl RequestHop {
     fn forwards(&self, name: &HeaderName) -> bool {
         !(hop_by_hop(name)
             || matches!(name.as_str(), "expect" | "x-forwarded-for" | "forwarded")
-            || (!self.named.is_empty() && self.named.contains(name)))
+            || self.connection.names(name))
     }
 
     /// The header lines of the head sent to the store: the client's that
