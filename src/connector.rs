@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use bytes::BytesMut;
+use rustix::event::{PollFd, PollFlags, Timespec};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -128,6 +129,42 @@ impl Wire {
         written
     }
 
+    /// Whether the kernel holds nothing unsent of what was written to
+    /// this connection: every byte has gone out to the store (though
+    /// maybe not yet been acknowledged), or the connection failed or was
+    /// cut, which dropped what was unsent. One `poll` system call: with
+    /// TCP_NOTSENT_LOWAT at one byte (see [`connect`]) the socket polls
+    /// writable only when nothing is unsent.
+    pub fn nothing_unsent(&self) -> bool {
+        let mut fds = [PollFd::new(&self.stream, PollFlags::OUT)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&zero)) {
+            Ok(_) => fds[0]
+                .revents()
+                .intersects(PollFlags::OUT | PollFlags::ERR | PollFlags::HUP),
+            // Not knowing is not nothing.
+            Err(_) => false,
+        }
+    }
+
+    /// Resolves once [`Wire::nothing_unsent`] holds. The kernel wakes epoll
+    /// when the last unsent byte goes out (the poll that found some left
+    /// asked it to).
+    pub async fn sent_out(&self) {
+        // tokio's write readiness may be stale; the poll is the truth, and
+        // its `WouldBlock` clears the readiness for the next wait.
+        let _ = self
+            .stream
+            .async_io(Interest::WRITABLE, || match self.nothing_unsent() {
+                true => Ok(()),
+                false => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+            })
+            .await;
+    }
+
     /// Whether an idle connection may carry a request: not cut, and
     /// nothing arrived on it while idle (the store's close, or bytes no
     /// request asked for). Uses the readiness the runtime already has, so
@@ -151,8 +188,12 @@ impl Wire {
     }
 }
 
-/// Most bytes of a request the kernel holds unsent (TCP_NOTSENT_LOWAT).
-const NOT_SENT_LIMIT: u32 = 128 << 10;
+/// TCP_NOTSENT_LOWAT: the kernel takes more of a request only when it
+/// holds none of it unsent, so it never holds more than one write's worth
+/// (one segment buffer, 64 KiB at most) that has not gone out, and the
+/// socket polls writable only with nothing unsent ([`Wire::nothing_unsent`]).
+/// Bytes in flight do not count: the link stays full.
+const NOT_SENT_LIMIT: u32 = 1;
 
 /// How connecting to the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -208,11 +249,12 @@ pub async fn connect(
     socket
         .set_linger(Some(Duration::ZERO))
         .map_err(|e| ConnectError::Io(address(), e))?;
-    // The kernel keeps at most this much of a request not yet sent; the
-    // rest waits in fencegate (see `pool::MAX_QUEUED`), where a raise can
-    // drop it, an early answer is seen as one, and `written` follows what
-    // the store takes rather than what the send buffer grew to hold (it
-    // grows to `tcp_wmem`'s maximum, 4 MiB by default).
+    // The kernel keeps little of a request not yet sent; the rest waits
+    // in fencegate (see `pool::MAX_QUEUED`), where a raise can drop it, an
+    // early answer is seen as one, and `written` follows what the store
+    // takes rather than what the send buffer grew to hold (it grows to
+    // `tcp_wmem`'s maximum, 4 MiB by default). And whether the kernel
+    // still holds any of a write unsent is one poll away.
     socket
         .set_tcp_notsent_lowat(NOT_SENT_LIMIT)
         .map_err(|e| ConnectError::Io(address(), e))?;

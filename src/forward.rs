@@ -200,9 +200,18 @@ impl Upstream {
         exchange: &Arc<Exchange>,
         kill: KillHandle,
     ) -> Response<StoreBody> {
-        let sent = out.is_done();
-        if sent {
+        // Whether the connection may go back to the pool after the answer.
+        let mut reusable = out.is_done();
+        if reusable {
             conn.reclaim(out);
+            // A write answered before the store read all of it may still
+            // have bytes unsent in the kernel: the write keeps its place
+            // until they have gone out, and the connection is not reused.
+            if exchange.holds_ticket() && !conn.wire_ref().nothing_unsent() {
+                reusable = false;
+                let (wire, exchange, idle) = (conn.wire(), exchange.clone(), self.body_idle_timeout);
+                tokio::spawn(async move { until_sent_out(&wire, exchange, &kill, idle).await });
+            }
         } else if head.status == StatusCode::SWITCHING_PROTOCOLS {
             // The connection speaks another protocol now (and the answer
             // becomes a 502): the rest of the request has nowhere to go.
@@ -210,7 +219,7 @@ impl Upstream {
         } else {
             finish_sending(conn.wire(), out, exchange.clone(), kill, self.body_idle_timeout);
         }
-        let body = conn.into_body(&head, sent);
+        let body = conn.into_body(&head, reusable);
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
@@ -221,8 +230,9 @@ impl Upstream {
 
 /// Sends the rest of a request whose store answered before it was sent
 /// whole (HTTP/1.1 lets a body go on after an early answer). The write
-/// holds its place in its generation until the last byte is written, so a
-/// raise still cuts it (the reset drops what the kernel holds too), and so
+/// holds its place in its generation until the kernel has sent its last
+/// byte, so a raise still cuts it (the reset drops what the kernel holds
+/// too), and so
 /// does a store that takes none of it for `idle`: before the client's body
 /// was taken whole through [`while_unsent`], after that by watching the
 /// bytes the kernel takes. A request that fails or is aborted on the way
@@ -252,13 +262,34 @@ fn finish_sending(
                 }
             }
         };
-        if !completed {
+        if completed {
+            until_sent_out(&wire, exchange, &connection, idle).await;
+        } else {
             connection.kill();
         }
-        // Only now, with every byte written or the connection cut, does
-        // the write leave its generation.
-        drop(exchange);
     });
+}
+
+/// Holds a write in its generation until the kernel has sent the last
+/// byte of its request. The kernel took the request whole, but a store
+/// that answered before reading it all may have left some of it unsent in
+/// fencegate's socket, and those bytes would reach the store after a
+/// higher write's first. Until they have gone out, a raise cuts the
+/// connection (the reset drops them), and so does a store that takes none
+/// of them for `idle`.
+async fn until_sent_out(wire: &Wire, exchange: Arc<Exchange>, connection: &KillHandle, idle: Duration) {
+    let sent = tokio::select! {
+        biased;
+        () = wire.sent_out() => true,
+        () = fenced(exchange.abort_signal()) => false,
+        _ = store_stalls(&exchange, Some(connection), idle, None) => false,
+    };
+    if !sent {
+        connection.kill();
+    }
+    // Only now, with every byte sent or the connection cut, does the
+    // write leave its generation.
+    drop(exchange);
 }
 
 /// Watches a forwarded request until its body is sent whole (or dropped),

@@ -285,6 +285,11 @@ impl Conn {
         (exchange, timer.as_mut())
     }
 
+    /// The connection's socket.
+    pub fn wire_ref(&self) -> &Wire {
+        &self.wire
+    }
+
     /// A handle on the connection's socket, for sending the rest of a
     /// request the store answered early (see [`Outgoing::poll_send`]).
     pub fn wire(&self) -> Arc<Wire> {

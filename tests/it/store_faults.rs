@@ -858,12 +858,145 @@ async fn a_raise_cuts_a_lower_write_answered_early_whose_store_stopped_reading()
     raise_past_an_early_answered_lower_write(Duration::from_secs(2), 64 << 20, 64 << 20).await;
 }
 
+/// A write the kernel took whole is not yet at the store: the store may
+/// answer before reading it all and leave some of it unsent in
+/// fencegate's socket. That write keeps its place in its generation until
+/// the kernel has sent its last byte, so a raise in the meantime cuts it
+/// (the reset drops what is unsent) instead of letting those bytes reach
+/// the store after the higher write's first. `before_answer`: how much of
+/// the body the client sends before the store's early answer reaches it;
+/// the rest follows the answer.
+async fn raise_past_a_write_the_kernel_holds_unsent(before_answer: usize) {
+    const READ_AFTER: Duration = Duration::from_secs(2);
+    // Past the store's receive buffer (16 KiB, doubled by the kernel).
+    const BODY: usize = 96 << 10;
+    let store = ScriptedStore::start().await;
+    let (fg, _) = start(&store, |c| {
+        c.body_idle_timeout(Duration::from_secs(8))
+            .request_timeout(Duration::from_secs(8))
+    })
+    .await;
+    // Every store connection, the warm-up's first, takes little of a body
+    // the store does not read.
+    store.set_receive_buffer(16 << 10);
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.fault_path(
+        "/d/early",
+        Fault::AnswerEarly {
+            read_after: READ_AFTER,
+        },
+    );
+    let stream = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    let (mut reader, mut writer) = stream.into_split();
+    let head = format!(
+        "PUT /d/early HTTP/1.1\r\nHost: store.test\r\nFencing-Token: 5\r\nContent-Length: {BODY}\r\n\r\n"
+    );
+    writer.write_all(head.as_bytes()).await.expect("send the head");
+    write_filler(&mut writer, before_answer, 1 << 20)
+        .await
+        .expect("send the first part of the body");
+    let mut answer = [0u8; 256];
+    let n = tokio::time::timeout(HANG, reader.read(&mut answer))
+        .await
+        .expect("the early answer within HANG")
+        .expect("read the early answer");
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "the store's early answer: {}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    write_filler(&mut writer, BODY - before_answer, 1 << 20)
+        .await
+        .expect("send the rest of the body");
+    // The client's body is all with fencegate now, and what the store's
+    // buffer did not take is unsent in fencegate's socket: the store reads
+    // nothing for READ_AFTER.
+    assert!(
+        !no_write_in_flight(&fg, Duration::from_millis(500)).await,
+        "the early-answered write left the domain while the kernel held its bytes unsent\n{}",
+        log_tail(&fg)
+    );
+
+    let raise = put(&fg, "/d/six", 6).await;
+    assert_admitted(&fg, &raise, "the raise to 6");
+    assert!(
+        raise.2 < Duration::from_secs(1),
+        "the raise waited {:?} for the early-answered write\n{}",
+        raise.2,
+        log_tail(&fg)
+    );
+    // (Only the cut ends the body at the store: hyper, which the test
+    // store runs on, leaves a body answered early open after its last
+    // byte, so a body that arrives whole shows no event here.)
+    let ended = store
+        .wait_for(READ_AFTER + Duration::from_secs(3), |events| {
+            events
+                .iter()
+                .any(|e| e.path == "/d/early" && e.kind == EventKind::BodyFailed)
+        })
+        .await;
+    assert!(
+        ended,
+        "the lower write's connection was not cut: its unsent bytes reached the store after \
+         the raise\n{}",
+        timeline(&store.events())
+    );
+    assert_eq!(marks(&fg), (6, 6, 0), "(epoch, refusal mark, writes in flight)");
+}
+
+/// The kernel took the whole request before the store's answer came.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_cuts_an_early_answered_write_the_kernel_took_whole_before_the_answer() {
+    raise_past_a_write_the_kernel_holds_unsent(96 << 10).await;
+}
+
+/// Most of the body followed the answer (`forward::finish_sending`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_cuts_an_early_answered_write_the_kernel_took_whole_after_the_answer() {
+    raise_past_a_write_the_kernel_holds_unsent(1 << 10).await;
+}
+
+/// The same write with no raise: once the store reads again and the
+/// kernel sends the rest, the write leaves its generation at once, not
+/// when the stall watch (`body_idle_timeout`) gives up on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_early_answered_write_leaves_its_generation_once_the_kernel_sent_it() {
+    const READ_AFTER: Duration = Duration::from_secs(1);
+    const BODY: usize = 96 << 10;
+    let store = ScriptedStore::start().await;
+    let (fg, _) = start(&store, |c| {
+        c.body_idle_timeout(Duration::from_secs(20))
+            .request_timeout(Duration::from_secs(20))
+    })
+    .await;
+    // Every store connection, the warm-up's first, takes little of a body
+    // the store does not read.
+    store.set_receive_buffer(16 << 10);
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.fault_path(
+        "/d/early",
+        Fault::AnswerEarly {
+            read_after: READ_AFTER,
+        },
+    );
+    let _lower = early_answered_write(&fg, "/d/early", 5, BODY, BODY).await;
+    // (The store's own end of the body cannot be waited for: hyper, which
+    // the test store runs on, leaves a body answered early open when its
+    // last byte arrives. What it read is what counts here.)
+    assert!(
+        no_write_in_flight(&fg, READ_AFTER + Duration::from_secs(3)).await,
+        "the write still holds its place 3 s after the store began to read it again\n{}",
+        log_tail(&fg)
+    );
+    assert_eq!(marks(&fg), (5, 5, 0), "(epoch, refusal mark, writes in flight)");
+}
+
 /// How long the store leaves the body of a write to `/d/big-*` unread
 /// after answering it early, before it closes the connection.
 const UNREAD_FOR: Duration = Duration::from_secs(5);
 /// The body of the write [`body_stuck_behind_an_early_answer`] leaves
 /// stuck: more than the kernel holds of it (the store's receive buffer,
-/// 16 KiB, and at most 128 KiB unsent in fencegate's socket to the store:
+/// 16 KiB, and at most one segment buffer unsent in fencegate's socket:
 /// TCP_NOTSENT_LOWAT), so some of it is always still to be written by
 /// fencegate when the store answers (in fencegate's queue, at most
 /// 256 KiB, and beyond that in its client's socket).
