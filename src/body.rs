@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, CONTENT_LENGTH, HOST, TRAILER};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
@@ -43,17 +44,27 @@ pub struct Exchange {
     /// Held until both the handler and the body are done, so a raise waits
     /// for this write to leave the connection.
     ticket: Option<Ticket>,
+    /// The fencing header, for a body that may end in trailers (chunked):
+    /// the token the store sees must be the one fencegate checked.
+    fencing_header: Option<HeaderName>,
 }
 
 impl Exchange {
     /// A new exchange; `ticket` is the write's place in its generation.
     pub fn new(ticket: Option<Ticket>) -> Arc<Exchange> {
+        Exchange::with_trailers(ticket, None)
+    }
+
+    /// A new exchange whose body may end in trailers, from which
+    /// `fencing_header` is removed with the fields no trailer may carry.
+    pub fn with_trailers(ticket: Option<Ticket>, fencing_header: Option<HeaderName>) -> Arc<Exchange> {
         Arc::new(Exchange {
             state: AtomicU8::new(SENDING),
             decided: AtomicWaker::new(),
             frames: AtomicU64::new(0),
             awaiting_client: AtomicBool::new(false),
             ticket,
+            fencing_header,
         })
     }
 
@@ -149,6 +160,28 @@ pub enum BodyError {
     Fenced,
 }
 
+/// Takes out of a request's trailers what no trailer may carry (RFC 9110
+/// §6.5.1): fields of one connection, framing and routing
+/// (`Content-Length`, `Host`), and a second fencing token, which would
+/// reach the store unchecked (the header given twice is refused; in a
+/// trailer it would come too late to refuse).
+fn keep_trailers(trailers: &mut HeaderMap, fencing_header: Option<&HeaderName>) {
+    let forbidden = |name: &HeaderName| {
+        crate::hop::hop_by_hop(name)
+            || *name == CONTENT_LENGTH
+            || *name == HOST
+            || *name == TRAILER
+            || fencing_header == Some(name)
+    };
+    if trailers.keys().any(forbidden) {
+        let mut kept = HeaderMap::with_capacity(trailers.len());
+        for (name, value) in trailers.iter().filter(|(name, _)| !forbidden(name)) {
+            kept.append(name.clone(), value.clone());
+        }
+        *trailers = kept;
+    }
+}
+
 /// A body with an idle timeout and, for forwarded writes, an abort.
 pub struct GuardedBody<B> {
     inner: B,
@@ -242,9 +275,13 @@ where
                     }
                 }
                 this.waiting = false;
+                let mut frame = frame;
                 if let Some(exchange) = &this.exchange {
                     exchange.frames.fetch_add(1, Relaxed);
                     exchange.awaiting_client.store(false, Relaxed);
+                    if let Some(trailers) = frame.trailers_mut() {
+                        keep_trailers(trailers, exchange.fencing_header.as_ref());
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

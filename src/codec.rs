@@ -155,9 +155,11 @@ pub struct ResponseHead {
 struct HopFields {
     /// The one value of the `Content-Length` lines, if any were given.
     length: Option<Result<u64, CodecError>>,
-    /// `Transfer-Encoding` was given; `chunked` if its last coding is.
+    /// `Transfer-Encoding` was given; `chunked` if its last coding is;
+    /// `other_coding` if any is not `chunked`.
     has_coding: bool,
     chunked: bool,
+    other_coding: bool,
     /// What `Connection` says. Read before the other fields, so those it
     /// names are left out in order (a removal afterwards would move the
     /// last field into the gap).
@@ -178,8 +180,9 @@ impl HopFields {
             }
             "transfer-encoding" => {
                 self.has_coding = true;
-                if let Some(last) = hop::list_items(value).last() {
-                    self.chunked = last.eq_ignore_ascii_case(b"chunked");
+                for coding in hop::list_items(value) {
+                    self.chunked = coding.eq_ignore_ascii_case(b"chunked");
+                    self.other_coding |= !self.chunked;
                 }
                 true
             }
@@ -293,6 +296,14 @@ pub fn parse_response_head(
         // RFC 9112 §6.1: faulty framing, whatever else the head says.
         return Err(CodecError::Malformed(
             "Transfer-Encoding in an HTTP/1.0 response".into(),
+        ));
+    }
+    if hop_fields.other_coding {
+        // Only `chunked` is undone here, and hyper would frame the answer
+        // anew: any other coding would reach the client as if it were the
+        // content.
+        return Err(CodecError::Malformed(
+            "a transfer coding other than chunked, which fencegate does not pass on".into(),
         ));
     }
     let (framing, framing_sure) = response_framing(status, method, &mut hop_fields)?;
@@ -619,10 +630,12 @@ mod tests {
             framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"),
             (Framing::Chunked, false)
         );
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
-            (Framing::UntilClose, false)
-        );
+        // Other codings are not undone, so the answer is refused rather
+        // than passed on as if the coded bytes were the content.
+        for coded in ["gzip", "gzip, chunked", "chunked, gzip"] {
+            let answer = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {coded}\r\n\r\n");
+            assert!(head(&answer, Method::GET).is_err(), "{coded}");
+        }
         assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), (Framing::UntilClose, false));
         assert_eq!(
             framing("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),

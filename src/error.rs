@@ -28,6 +28,9 @@ pub enum Reason {
     MethodNotAllowed,
     /// 431: the request head is larger than `server.max_header_bytes`.
     HeaderTooLarge,
+    /// 501: a transfer coding other than `chunked`, which fencegate would
+    /// have to undo to frame the request.
+    NotImplemented,
     /// 412: the token is below the domain's refusal mark.
     StaleEpoch,
     /// 412: the token belongs to a leader that has been replaced.
@@ -52,7 +55,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::MissingToken,
         Reason::MalformedToken,
         Reason::BadPath,
@@ -61,6 +64,7 @@ impl Reason {
         Reason::CrossDomain,
         Reason::MethodNotAllowed,
         Reason::HeaderTooLarge,
+        Reason::NotImplemented,
         Reason::StaleEpoch,
         Reason::SupersededLeader,
         Reason::NotLeader,
@@ -84,6 +88,7 @@ impl Reason {
             Reason::CrossDomain => "cross_domain",
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::HeaderTooLarge => "header_too_large",
+            Reason::NotImplemented => "not_implemented",
             Reason::StaleEpoch => "stale_epoch",
             Reason::SupersededLeader => "superseded_leader",
             Reason::NotLeader => "not_leader",
@@ -105,6 +110,7 @@ impl Reason {
             Reason::NoDomain | Reason::CrossDomain => StatusCode::FORBIDDEN,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Reason::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             Reason::StaleEpoch | Reason::SupersededLeader | Reason::NotLeader | Reason::NoLeader => {
                 StatusCode::PRECONDITION_FAILED
             }
@@ -126,6 +132,7 @@ impl Reason {
             Reason::CrossDomain => "Destination in another domain",
             Reason::MethodNotAllowed => "Method not allowed",
             Reason::HeaderTooLarge => "Request header fields too large",
+            Reason::NotImplemented => "Transfer coding not supported",
             Reason::StaleEpoch => "Fenced: stale epoch",
             Reason::SupersededLeader => "Fenced: superseded leader",
             Reason::NotLeader => "Fenced: not the leader",

@@ -221,8 +221,9 @@ impl Upstream {
         }
         let body = conn.into_body(&head, reusable);
         let mut response = Response::new(body);
+        // The version stays fencegate's own (RFC 9110 §6.2): the store's
+        // framed only the store's side.
         *response.status_mut() = head.status;
-        *response.version_mut() = head.version;
         *response.headers_mut() = head.headers;
         response
     }

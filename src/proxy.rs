@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
@@ -21,7 +21,7 @@ use crate::error::{Problem, Reason};
 use crate::fencing::Access;
 use crate::forward::{ForwardError, Upstream};
 use crate::gate::{Gate, Gates, Ticket};
-use crate::hop::{check_connection, Peer, RequestHop, METHOD_OVERRIDES};
+use crate::hop::{check_connection, list_items, Peer, RequestHop, METHOD_OVERRIDES};
 use crate::metrics::DomainMetrics;
 use crate::path::{normalize, NormalPath};
 use crate::pool::StoreBody;
@@ -190,6 +190,24 @@ impl Proxy {
                 ),
             ));
         }
+        // hyper undoes `chunked` only, and refuses a request whose last
+        // coding is not `chunked`; any coding before it would reach the
+        // store undone, as if it were the content (RFC 9112 §6.1).
+        if request.body().size_hint().exact().is_none() {
+            let codings = request.headers().get_all(TRANSFER_ENCODING).iter();
+            if let Some(other) = codings
+                .flat_map(|value| list_items(value.as_bytes()))
+                .find(|coding| !coding.eq_ignore_ascii_case(b"chunked"))
+            {
+                return Err(Problem::new(
+                    Reason::NotImplemented,
+                    format!(
+                        "the transfer coding `{}` is not supported: only `chunked` is",
+                        String::from_utf8_lossy(other)
+                    ),
+                ));
+            }
+        }
         check_connection(request.headers(), &self.fencing_header).map_err(|named| {
             Problem::new(
                 Reason::BadRequest,
@@ -255,7 +273,10 @@ impl Proxy {
         metrics: &DomainMetrics,
     ) -> Result<Response<ProxyBody>, Problem> {
         let (mut parts, body) = request.into_parts();
-        let exchange = Exchange::new(ticket);
+        // Only a body of unknown length (chunked) can end in trailers.
+        let may_have_trailers = body.size_hint().exact().is_none();
+        let exchange =
+            Exchange::with_trailers(ticket, may_have_trailers.then(|| self.fencing_header.clone()));
         if body.is_end_stream() {
             exchange.complete();
         }
@@ -278,18 +299,22 @@ impl Proxy {
             // exchange finishes in a task of its own.
             let upstream = self.upstream.clone();
             let task_exchange = exchange.clone();
-            Detachable::new(async move { upstream.send(request, &hop, &task_exchange).await }).await
+            // Counted in here, so a write whose client left is counted too.
+            let barrier_timeouts = metrics.barrier_timeouts.clone();
+            Detachable::new(async move {
+                let result = upstream.send(request, &hop, &task_exchange).await;
+                if matches!(result, Err(ForwardError::Timeout(_))) && task_exchange.is_fenced() {
+                    barrier_timeouts.inc();
+                }
+                result
+            })
+            .await
         } else {
             // A read holds back no raise: it may simply end with its client.
             self.upstream.send(request, &hop, &exchange).await
         };
         metrics.upstream_duration.observe(sent_at.elapsed().as_secs_f64());
-        let response = result.map_err(|e| {
-            if matches!(e, ForwardError::Timeout(_)) && exchange.is_fenced() {
-                metrics.barrier_timeouts.inc();
-            }
-            forward_problem(e)
-        })?;
+        let response = result.map_err(forward_problem)?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             return Err(Problem::new(
                 Reason::UpstreamBadResponse,

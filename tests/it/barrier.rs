@@ -596,6 +596,40 @@ async fn a_lower_write_that_outlives_request_timeout_no_longer_holds_the_barrier
     assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
 }
 
+/// The same with the lower write's client gone during the raise (clients
+/// give up, usually well before `request_timeout`): its exchange ends in a
+/// task of its own, and the cut is still counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lower_write_cut_at_request_timeout_is_counted_when_its_client_left() {
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+    let store = ScriptedStore::start().await;
+    let fg = gate(&store.url(), |c| {
+        c.request_timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+    });
+    let http = client();
+    establish(&http, &fg, "5").await;
+
+    store.hold_token("5", Duration::from_secs(5));
+    let mut five = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    five.write_all(b"PUT /d/held HTTP/1.1\r\nHost: x\r\nFencing-Token: 5\r\nContent-Length: 4\r\n\r\nheld")
+        .await
+        .expect("send the 5-write");
+    wait_event(&store, "/d/held", EventKind::BodyComplete).await;
+    let six = spawn_put(&http, &fg.url(), "/d/six", "6");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(five);
+    let six = six.await.expect("six task");
+    assert!(six.is_success(), "the 6-write: {six:?}");
+
+    let metrics = admin_text(&fg, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "fencegate_barrier_timeouts_total{domain=\"d\"}"),
+        Some(1.0),
+        "the lower write cut at request_timeout was not counted\n{metrics}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 5. The hot path has no per-domain serialization.
 

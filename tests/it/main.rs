@@ -10,6 +10,7 @@ mod support;
 mod affinity;
 mod barrier;
 mod bypass;
+mod codings;
 mod coordinator_faults;
 mod crash_loop;
 mod durability;

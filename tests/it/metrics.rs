@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 /// Every reason fencegate may answer with (SPEC.md, "Responses made by
-/// fencegate", plus the names of its 400 for a bad `Connection`, 405, 431
-/// and 502 for a bad store answer). An `outcome` label is one of these or
+/// fencegate", plus the names of its 400 for a bad `Connection`, 405, 431,
+/// 501 for a transfer coding and 502 for a bad store answer). An `outcome` label is one of these or
 /// `forwarded`; a new reason must be added here on purpose.
 const REASONS: &[&str] = &[
     "missing_token",
@@ -41,6 +41,7 @@ const REASONS: &[&str] = &[
     "cross_domain",
     "method_not_allowed",
     "header_too_large",
+    "not_implemented",
     "stale_epoch",
     "superseded_leader",
     "not_leader",
