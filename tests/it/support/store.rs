@@ -105,6 +105,10 @@ struct Shared {
     faults: Mutex<HashMap<String, Fault>>,
     /// Receive buffer of new connections, if set (SO_RCVBUF).
     receive_buffer: Mutex<Option<usize>>,
+    /// The listening socket (a second descriptor of it), whose SO_RCVBUF
+    /// new connections start with: the window a connection first offers
+    /// follows the listener's buffer, not one set after the accept.
+    listening: Mutex<Option<socket2::Socket>>,
 }
 
 /// A store on 127.0.0.1 running on the test's tokio runtime. It answers
@@ -114,6 +118,13 @@ pub struct ScriptedStore {
     addr: SocketAddr,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
+}
+
+/// A second descriptor of `listener`, to set its options from the test.
+fn listening(listener: &TcpListener) -> socket2::Socket {
+    socket2::SockRef::from(listener)
+        .try_clone()
+        .expect("dup the ScriptedStore's listening socket")
 }
 
 impl ScriptedStore {
@@ -136,6 +147,7 @@ impl ScriptedStore {
             body_holds: Mutex::new(HashMap::new()),
             faults: Mutex::new(HashMap::new()),
             receive_buffer: Mutex::new(None),
+            listening: Mutex::new(Some(listening(&listener))),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
@@ -159,6 +171,10 @@ impl ScriptedStore {
                 Err(e) => panic!("ScriptedStore::restart: bind {} again: {e}", self.addr),
             }
         };
+        if let Some(bytes) = *lock(&self.shared.receive_buffer) {
+            let _ = socket2::SockRef::from(&listener).set_recv_buffer_size(bytes);
+        }
+        *lock(&self.shared.listening) = Some(listening(&listener));
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(accept_loop(listener, self.shared.clone(), shutdown_rx));
         self.shutdown = shutdown;
@@ -190,6 +206,9 @@ impl ScriptedStore {
     /// body the store does not read backs up to fencegate sooner.
     pub fn set_receive_buffer(&self, bytes: usize) {
         *lock(&self.shared.receive_buffer) = Some(bytes);
+        if let Some(listener) = lock(&self.shared.listening).as_ref() {
+            let _ = listener.set_recv_buffer_size(bytes);
+        }
     }
 
     pub fn fault_path(&self, path: &str, fault: Fault) {
@@ -237,6 +256,8 @@ impl ScriptedStore {
 
     /// Stop accepting and close every connection. Idempotent.
     pub fn stop(&self) {
+        // The second descriptor would keep the port listening.
+        lock(&self.shared.listening).take();
         let _ = self.shutdown.send(true);
     }
 }
