@@ -444,10 +444,8 @@ fn epochs_set_lowers_only_with_force_and_only_while_stopped() {
 
     let set = ["epochs", "set", "--domain", "orders", "--value", "3", "--force"];
     let out = fg.run_cli(&set);
-    assert!(
-        !out.status.success(),
-        "epochs set while running succeeded: {out:?}"
-    );
+    assert_exit(&out, 64, "epochs set while running");
+    assert_says_stop_the_proxy_first(&out);
     assert_stale(&put(&fg, "/orders/a", 3), "token 3 after a refused epochs set");
     assert_terminates_cleanly(&mut fg);
 
@@ -456,11 +454,10 @@ fn epochs_set_lowers_only_with_force_and_only_while_stopped() {
     assert!(text(&out.stderr).contains("--force"), "{out:?}");
     assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(10));
 
+    // A domain the file does not have is a usage error, like a bad flag.
     let out = fg.run_cli(&["epochs", "set", "--domain", "nope", "--value", "3", "--force"]);
-    assert!(
-        !out.status.success(),
-        "epochs set on an unknown domain succeeded: {out:?}"
-    );
+    assert_exit(&out, 64, "epochs set on an unknown domain");
+    assert!(text(&out.stderr).contains("`nope`"), "{out:?}");
 
     let out = fg.run_cli(&set);
     assert_exit(&out, 0, "epochs set --force");
@@ -475,6 +472,17 @@ fn epochs_set_lowers_only_with_force_and_only_while_stopped() {
     assert_stale(&put(&fg, "/orders/a", 2), "token 2 at epoch 3");
     assert_admitted(&put(&fg, "/orders/a", 3), "token 3 after lowering to 3");
     assert_admitted(&put(&fg, "/orders/a", 4), "token 4 after lowering to 3");
+}
+
+/// `epochs set` refused because a proxy runs: its own message (not the one
+/// `epochs` gives, which points to /metrics), saying to stop the proxy.
+#[track_caller]
+fn assert_says_stop_the_proxy_first(out: &Output) {
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("in use") && stderr.contains("stop the proxy") && !stderr.contains("/metrics"),
+        "epochs set while running: should say the file is in use and to stop the proxy first: {stderr}"
+    );
 }
 
 #[test]
