@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-/// Domain name → (epoch, prefix). The prefix lets a new domain inherit the
-/// epoch of a stored domain that used to guard its paths.
+/// Domain name → (epoch, prefix). The prefix lets a new domain, or one whose
+/// prefix moved, inherit the epoch of a stored domain that used to guard its
+/// paths.
 const DOMAINS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("domains");
 /// Bookkeeping: `format` and `clean_shutdown`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -294,7 +295,10 @@ impl StateFile {
     /// Makes the stored domains agree with the configuration and clears the
     /// clean-shutdown mark, in one durable commit. New domains inherit the
     /// epoch of the stored domain with the longest prefix containing theirs;
-    /// stored domains not configured stop the start unless in `forget`.
+    /// a domain whose prefix moved takes the higher of its own epoch and
+    /// that one (the paths it now guards never drop below the epoch that
+    /// guarded them, and epochs never go down); stored domains not
+    /// configured stop the start unless in `forget`.
     pub fn start(&self, wanted: &[WantedDomain], forget: &[String]) -> Result<StartState, StateError> {
         let stored = self.domains()?;
         for s in &stored {
@@ -307,13 +311,7 @@ impl StateFile {
             }
         }
         let was_clean = self.meta(CLEAN_KEY)? == Some(1);
-        let epochs: Vec<u64> = wanted
-            .iter()
-            .map(|w| match stored.iter().find(|s| s.name == w.name) {
-                Some(s) => s.epoch,
-                None => inherited_epoch(&stored, &w.prefix),
-            })
-            .collect();
+        let epochs: Vec<u64> = wanted.iter().map(|w| start_epoch(&stored, w)).collect();
         self.write(|table, meta| {
             for s in stored.iter().filter(|s| forget.contains(&s.name)) {
                 if !wanted.iter().any(|w| w.name == s.name) {
@@ -461,14 +459,40 @@ fn read_domains(path: &Path, txn: &redb::ReadTransaction) -> Result<Vec<StoredDo
     Ok(out)
 }
 
-/// The epoch a new domain with `prefix` starts at: that of the stored domain
-/// with the longest prefix containing it (the one that guarded its paths).
-fn inherited_epoch(stored: &[StoredDomain], prefix: &str) -> u64 {
+/// The epoch `wanted` starts at: its stored one if its prefix is unchanged;
+/// else (a new domain, or one whose prefix moved) the higher of its stored
+/// one, if any, and that of the stored domain that guarded its new paths.
+fn start_epoch(stored: &[StoredDomain], wanted: &WantedDomain) -> u64 {
+    let own = stored.iter().find(|s| s.name == wanted.name);
+    if let Some(own) = own.filter(|s| s.prefix == wanted.prefix) {
+        return own.epoch;
+    }
+    let guard = guarding(stored, &wanted.prefix);
+    let inherited = guard.map_or(0, |g| g.epoch);
+    let (name, prefix) = (&wanted.name, &wanted.prefix);
+    match (own, guard) {
+        (None, Some(g)) => tracing::info!(
+            domain = %name, prefix = %prefix, from = %g.name, epoch = g.epoch,
+            "new domain starts at the epoch of the stored domain whose prefix contains its prefix"
+        ),
+        (None, None) => {}
+        (Some(own), _) => tracing::info!(
+            domain = %name, from_prefix = %own.prefix, to_prefix = %prefix, own_epoch = own.epoch,
+            guarded_by = guard.map(|g| g.name.as_str()), guarded_at = inherited,
+            epoch = own.epoch.max(inherited),
+            "domain moved to a new prefix: it takes the higher of its own epoch and that of the stored domain whose prefix contains the new one"
+        ),
+    }
+    own.map_or(0, |s| s.epoch).max(inherited)
+}
+
+/// The stored domain that guarded the paths under `prefix`: the one with
+/// the longest prefix containing it.
+fn guarding<'a>(stored: &'a [StoredDomain], prefix: &str) -> Option<&'a StoredDomain> {
     stored
         .iter()
         .filter(|s| prefix.starts_with(s.prefix.as_str()))
         .max_by_key(|s| s.prefix.len())
-        .map_or(0, |s| s.epoch)
 }
 
 fn open_error(path: &Path, e: DatabaseError) -> StateError {
@@ -569,6 +593,36 @@ mod tests {
         assert_eq!(start.epochs, vec![3, 8, 3]);
         let names: Vec<String> = state.domains().unwrap().into_iter().map(|d| d.name).collect();
         assert_eq!(names, vec!["ab", "all", "c"]);
+    }
+
+    /// A configured domain whose prefix moved under a stored domain with a
+    /// higher epoch takes that epoch: the paths it now guards never fall
+    /// below the epoch that guarded them. Moved under a lower one, it keeps
+    /// its own: epochs never go down.
+    #[test]
+    fn a_moved_prefix_takes_the_higher_epoch_of_the_domain_that_guarded_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = wanted(&[("root", "/"), ("a", "/a/"), ("b", "/b/")]);
+        let state = StateFile::create(&path, &old).unwrap();
+        state.start(&old, &[]).unwrap();
+        let raised = [("root", 9), ("a", 2), ("b", 12)].map(|(n, e)| (n.to_owned(), e));
+        state.raise(&BTreeMap::from(raised)).unwrap();
+        // `a` now guards /c/, which `root` guarded at 9; `b` moved to /d/,
+        // which `root` guarded too, at less than `b`'s own 12.
+        let moved = wanted(&[("root", "/"), ("a", "/c/"), ("b", "/d/")]);
+        let start = state.start(&moved, &[]).unwrap();
+        assert_eq!(start.epochs, vec![9, 9, 12]);
+        let stored: Vec<(String, String, u64)> = state
+            .domains()
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.name, d.prefix, d.epoch))
+            .collect();
+        assert_eq!(
+            stored,
+            [("a", "/c/", 9), ("b", "/d/", 12), ("root", "/", 9)].map(|(n, p, e)| (n.into(), p.into(), e))
+        );
     }
 
     /// Between a failed commit and the reopening, redb's handle is closed;
