@@ -57,7 +57,8 @@ impl Fatal {
     pub fn exit_code(&self) -> u8 {
         match self {
             Fatal::Config(_) | Fatal::Usage(_) => EX_USAGE,
-            Fatal::State(StateError::ForgottenDomain { .. }) => EX_USAGE,
+            // `epochs set --domain` naming a domain the file does not have.
+            Fatal::State(StateError::ForgottenDomain { .. } | StateError::UnknownDomain { .. }) => EX_USAGE,
             Fatal::State(StateError::AlreadyExists(_)) => EX_CANTCREAT,
             Fatal::State(_) => EX_IOERR,
             Fatal::Bind { .. } | Fatal::Serve(_) | Fatal::Affinity(_) | Fatal::Unhealthy(_) => EX_UNAVAILABLE,
@@ -160,7 +161,13 @@ pub fn epochs_set(config_path: &Path, domain: &str, value: u64, force: bool) -> 
         )));
     }
     let config = Config::load(config_path)?;
-    let state = StateFile::open(&config.state.path)?;
+    let state = StateFile::open(&config.state.path).map_err(|e| match e {
+        StateError::InUse(path) => Fatal::Usage(format!(
+            "state file {} is in use by a running fencegate: stop the proxy first, then run `epochs set` again (a running proxy keeps its epochs in memory: it would neither see nor keep the new value)",
+            path.display()
+        )),
+        other => Fatal::State(other),
+    })?;
     let old = state.force_set(domain, value)?;
     tracing::warn!(domain, old, new = value, "epoch set by operator");
     println!("domain {domain}: epoch {old} -> {value}");

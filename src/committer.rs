@@ -4,17 +4,18 @@
 //!
 //! redb is blocking, so each commit runs on the blocking pool. After a failed
 //! commit the file is closed and reopened before the next one, since redb's
-//! in-memory state may no longer match the file.
+//! in-memory state may no longer match the file (and redb refuses every later
+//! transaction on that handle). The state file's lock file stays locked
+//! meanwhile ([`StateLock`]), so no other fencegate opens the file between.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::state::{StateError, StateFile};
+use crate::state::{StateError, StateFile, StateLock};
 
 /// A commit that did not become durable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -68,10 +69,10 @@ fn closed() -> CommitError {
     CommitError("the state file is closed".into())
 }
 
-/// The file, or its path while it waits to be reopened after a failure.
+/// The file, or its lock while it waits to be reopened after a failure.
 enum Slot {
     Open(StateFile),
-    Broken(PathBuf),
+    Broken(Arc<StateLock>),
     Closed,
 }
 
@@ -121,12 +122,12 @@ async fn run(state: StateFile, mut rx: mpsc::UnboundedReceiver<Message>, metrics
 fn commit(slot: Slot, updates: &BTreeMap<String, u64>, close: bool) -> (Slot, Result<(), StateError>) {
     let state = match slot {
         Slot::Open(state) => state,
-        Slot::Broken(path) => match StateFile::open(&path) {
+        Slot::Broken(lock) => match StateFile::reopen(&lock) {
             Ok(state) => {
-                tracing::info!(path = %path.display(), "state file reopened");
+                tracing::info!(path = %state.path().display(), "state file reopened");
                 state
             }
-            Err(e) => return (Slot::Broken(path), Err(e)),
+            Err(e) => return (Slot::Broken(lock), Err(e)),
         },
         Slot::Closed => return (Slot::Closed, Ok(())),
     };
@@ -141,11 +142,8 @@ fn commit(slot: Slot, updates: &BTreeMap<String, u64>, close: bool) -> (Slot, Re
     match (&result, close) {
         (_, true) => (Slot::Closed, result),
         (Ok(()), false) => (Slot::Open(state), result),
-        (Err(_), false) => {
-            let path = state.path().to_owned();
-            // Dropping the database releases its lock so it can be reopened.
-            drop(state);
-            (Slot::Broken(path), result)
-        }
+        // redb's handle is closed (and its lock on the file released) so
+        // that it can be reopened; the lock file stays locked.
+        (Err(_), false) => (Slot::Broken(state.close()), result),
     }
 }

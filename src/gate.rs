@@ -44,8 +44,9 @@ pub struct Gate {
     refusal: AtomicU64,
     /// The generation of writes admitted at the current epoch.
     current: ArcSwap<Generation>,
-    /// Serializes raises: each drains what the one before admitted.
-    raise_lock: tokio::sync::Mutex<()>,
+    /// Serializes raises: each drains what the one before admitted. Owned
+    /// guards: a raise's commit task holds it until it has published.
+    raise_lock: Arc<tokio::sync::Mutex<()>>,
     /// Woken when the epoch or the refusal mark rises: raises queued for
     /// the lock may have nothing left to do (see [`Gate::raise`]).
     marks_rose: Notify,
@@ -205,7 +206,7 @@ impl Gate {
             epoch: AtomicU64::new(epoch),
             refusal: AtomicU64::new(epoch),
             current: ArcSwap::from_pointee(Generation::new(epoch)),
-            raise_lock: tokio::sync::Mutex::new(()),
+            raise_lock: Arc::new(tokio::sync::Mutex::new(())),
             marks_rose: Notify::new(),
             crash_wait_until: settings.crash_wait_until,
             drain_limit: settings.drain_limit,
@@ -231,7 +232,7 @@ impl Gate {
 
     /// Admits a request with `token`, waiting for a raise when it needs one.
     /// A write gets a [`Ticket`] to hold until the store's response head.
-    pub async fn admit(&self, token: Token, access: Access) -> Result<Option<Ticket>, Problem> {
+    pub async fn admit(self: &Arc<Self>, token: Token, access: Access) -> Result<Option<Ticket>, Problem> {
         // Taken first: only reads that start after this point may confirm.
         let arrival = self.election.as_ref().map(|view| view.reads.arrival());
         // The outcome of the confirming read this request waited for, if any.
@@ -323,7 +324,7 @@ impl Gate {
     /// Fence ahead: raises the epoch to a new leader's revision before it
     /// writes, so its predecessor is refused at once. Called by the
     /// coordinator; never by the view task itself, which must not wait.
-    pub async fn fence_ahead(&self, leader: Token) -> Result<(), Problem> {
+    pub async fn fence_ahead(self: &Arc<Self>, leader: Token) -> Result<(), Problem> {
         self.raise(leader).await
     }
 
@@ -344,7 +345,12 @@ impl Gate {
 
     /// Raises the epoch to at least `token` (rule 4). Returns once the epoch
     /// is durable or the raise is moot; the caller decides again either way.
-    async fn raise(&self, token: Token) -> Result<(), Problem> {
+    ///
+    /// A caller dropped before the commit (its writer left during the
+    /// barrier) leaves nothing to undo: the refusal mark stays, and the next
+    /// write above the epoch raises again. Once the commit is sent, dropping
+    /// the caller stops nothing: see below.
+    async fn raise(self: &Arc<Self>, token: Token) -> Result<(), Problem> {
         let t = token.get();
         if self.refusal.fetch_max(t, SeqCst) < t {
             self.marks_rose.notify_waiters();
@@ -355,9 +361,9 @@ impl Gate {
         // Each waiting for the lock in turn, only to find nothing to do,
         // would release them one wake-up after another; they all wake at
         // once instead.
-        let _serial = tokio::select! {
+        let serial = tokio::select! {
             biased;
-            serial = self.raise_lock.lock() => serial,
+            serial = self.raise_lock.clone().lock_owned() => serial,
             () = self.moot(t) => return Ok(()),
         };
         if self.is_moot(t) {
@@ -372,13 +378,29 @@ impl Gate {
         // barrier (no write above the old epoch was admitted), so one commit
         // of the highest mark serves them all.
         let target = self.refusal.load(SeqCst).max(t);
-        if let Err(e) = self.committer.raise(self.name.clone(), target).await {
-            let detail =
-                format!("the raise to {target} could not be made durable ({e}); nothing was forwarded");
-            return Err(self.problem(Reason::StateUnavailable, token, detail));
-        }
-        self.publish(target);
-        Ok(())
+        // The commit and the publish run in a task of their own, which the
+        // caller's going away cannot stop: a commit that succeeds is always
+        // published, so memory (the admission, /domains, fencegate_epoch,
+        // fence ahead) never stays behind the file. The task holds the raise
+        // lock until it has published, so targets still only rise under it.
+        let gate = Arc::clone(self);
+        let commit = tokio::spawn(async move {
+            let committed = gate.committer.raise(gate.name.clone(), target).await;
+            if committed.is_ok() {
+                gate.publish(target);
+            }
+            drop(serial);
+            committed
+        });
+        let failure = match commit.await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            // Only when the runtime shuts down.
+            Err(e) => format!("the commit task ended: {e}"),
+        };
+        let detail =
+            format!("the raise to {target} could not be made durable ({failure}); nothing was forwarded");
+        Err(self.problem(Reason::StateUnavailable, token, detail))
     }
 
     /// The last step of a raise, under its lock: `target` is durable.
@@ -537,7 +559,7 @@ mod tests {
         Token::new(v).unwrap()
     }
 
-    async fn write(gate: &Gate, t: u64) -> Result<Ticket, Reason> {
+    async fn write(gate: &Arc<Gate>, t: u64) -> Result<Ticket, Reason> {
         match gate.admit(tok(t), Access::Write).await {
             Ok(ticket) => Ok(ticket.expect("a write gets a ticket")),
             Err(problem) => Err(problem.reason),
@@ -612,6 +634,43 @@ mod tests {
         assert_eq!(f.gate.inflight_writes(), 1);
         drop(held);
         assert_eq!(f.gate.inflight_writes(), 0);
+    }
+
+    /// A raise whose caller goes away (the writer disconnected) while its
+    /// commit runs still publishes the epoch once the commit is durable:
+    /// memory (and /domains, fencegate_epoch) never stay behind the file.
+    #[tokio::test]
+    async fn a_raise_whose_caller_leaves_during_its_commit_still_publishes() {
+        let f = fixture(5);
+        let gate = f.gate.clone();
+        let raise = tokio::spawn(async move { gate.raise(tok(6)).await.map_err(|p| p.reason) });
+        // Current-thread runtime: the raise runs until it awaits the commit,
+        // which the blocking pool runs (and fsyncs) meanwhile.
+        tokio::task::yield_now().await;
+        assert!(!raise.is_finished(), "the raise waits for its commit");
+        assert_eq!(f.gate.marks(), Marks { epoch: 5, refusal: 6 });
+        raise.abort();
+        assert!(raise.await.unwrap_err().is_cancelled());
+        let published = async {
+            while f.gate.marks().epoch < 6 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let waited = tokio::time::timeout(Duration::from_secs(10), published).await;
+        assert!(
+            waited.is_ok(),
+            "the commit of 6 was never published: {:?}",
+            f.gate.marks()
+        );
+        assert_eq!(f.gate.marks(), Marks { epoch: 6, refusal: 6 });
+        assert_eq!(f.gate.metrics.epoch.get(), 6, "fencegate_epoch");
+        assert!(
+            write(&f.gate, 6).await.is_ok(),
+            "the new leader writes without a raise"
+        );
+        f.gate.committer.close_clean().await.unwrap();
+        let durable = StateFile::read_only(&f._dir.path().join("s.redb")).unwrap()[0].epoch;
+        assert_eq!(durable, 6);
     }
 
     #[tokio::test]

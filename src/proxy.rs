@@ -112,7 +112,7 @@ impl Proxy {
         let metrics = gate.as_ref().map_or(&self.outside, |g| &g.metrics);
         let _inflight = (access == Access::Write).then(|| InflightGuard::enter(&metrics.inflight));
         let result = self
-            .admit_and_forward(request, &path, peer, access, gate.as_deref(), token)
+            .admit_and_forward(request, &path, peer, access, gate.as_ref(), token)
             .await;
         // Whatever failed, the writer learns the domain, token and epoch.
         result.map_err(|mut problem| {
@@ -129,7 +129,7 @@ impl Proxy {
         path: &NormalPath,
         peer: &Peer,
         access: Access,
-        gate: Option<&Gate>,
+        gate: Option<&Arc<Gate>>,
         token: Result<Option<Token>, TokenError>,
     ) -> Result<Response<ProxyBody>, Problem> {
         let token = token

@@ -6,12 +6,16 @@
 //! leader.
 
 use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-/// Domain name → (epoch, prefix). The prefix lets a new domain inherit the
-/// epoch of a stored domain that used to guard its paths.
+/// Domain name → (epoch, prefix). The prefix lets a new domain, or one whose
+/// prefix moved, inherit the epoch of a stored domain that used to guard its
+/// paths.
 const DOMAINS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("domains");
 /// Bookkeeping: `format` and `clean_shutdown`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -31,6 +35,14 @@ pub enum StateError {
     /// Another process (a running fencegate) holds the file.
     #[error("state file {0} is in use by a running fencegate: read the epochs from its /metrics or /domains instead")]
     InUse(PathBuf),
+    /// The lock file beside the state file cannot be made or locked.
+    #[error("cannot lock {path}, the lock file that keeps a second fencegate off the state file: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The file exists but is not a fencegate state file.
     #[error("state file {path} is not a fencegate state file: {problem}")]
     NotState {
@@ -99,8 +111,95 @@ pub struct StartState {
 /// An open state file, held exclusively by this process.
 #[derive(Debug)]
 pub struct StateFile {
+    /// Declared first, so dropped first: redb closes before the lock goes.
     db: Database,
-    path: PathBuf,
+    lock: Arc<StateLock>,
+}
+
+/// A fencegate's claim on a state file for as long as it uses the file: an
+/// flock(2) on `<state file>.lock` beside it, taken before redb opens the
+/// file by every way this module opens it ([`StateFile::create`],
+/// [`StateFile::open`], [`StateFile::read_only`]), so by every command.
+///
+/// redb's own lock on the file lasts only while its handle is open, and a
+/// commit that fails leaves the handle unusable (redb refuses every later
+/// transaction on it): the committer must close it and open the file anew.
+/// In between, redb's lock is gone, and a second `run` or an `epochs set
+/// --force` could open the file under the running proxy. This lock outlives
+/// the handle ([`StateFile::close`] keeps it, [`StateFile::reopen`] uses
+/// it), so a running fencegate holds its file from start to exit without a
+/// gap. Reopening at once after a failure would only narrow the window, not
+/// close it: some other process could still take the file in between.
+///
+/// The kernel releases the lock when the process ends, killed or not, so a
+/// lock file left behind is harmless. It is never deleted: deleting it while
+/// a fencegate holds it would let another one lock a new file.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+    /// The state file (not the lock file).
+    state: PathBuf,
+}
+
+impl StateLock {
+    /// The lock of a fencegate that writes the state file at `state`.
+    fn exclusive(state: &Path) -> Result<StateLock, StateError> {
+        let path = lock_path(state);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| StateError::Lock { path, source })?;
+        StateLock::take(file, state, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+    }
+
+    /// The lock of a reader (`epochs`), shared with other readers. `None`
+    /// when there is no lock file and none can be made (a read-only
+    /// directory): no fencegate holds the file then either.
+    fn shared(state: &Path) -> Result<Option<StateLock>, StateError> {
+        let path = lock_path(state);
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            // flock(2) needs no write access.
+            .or_else(|_| File::open(&path));
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Lock { path, source }),
+        };
+        StateLock::take(file, state, rustix::fs::FlockOperation::NonBlockingLockShared).map(Some)
+    }
+
+    fn take(
+        file: File,
+        state: &Path,
+        operation: rustix::fs::FlockOperation,
+    ) -> Result<StateLock, StateError> {
+        match rustix::fs::flock(&file, operation) {
+            Ok(()) => Ok(StateLock {
+                _file: file,
+                state: state.to_owned(),
+            }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(StateError::InUse(state.to_owned())),
+            Err(e) => Err(StateError::Lock {
+                path: lock_path(state),
+                source: e.into(),
+            }),
+        }
+    }
+}
+
+/// `<state file>.lock`: see [`StateLock`].
+pub fn lock_path(state: &Path) -> PathBuf {
+    let mut path = state.as_os_str().to_owned();
+    path.push(".lock");
+    PathBuf::from(path)
 }
 
 impl StateFile {
@@ -112,10 +211,15 @@ impl StateFile {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| io_error(path, e.into()))?;
         }
+        let lock = StateLock::exclusive(path)?;
+        // Another `init` may have made it while this one waited to lock.
+        if path.exists() {
+            return Err(StateError::AlreadyExists(path.to_owned()));
+        }
         let db = Database::create(path).map_err(|e| io_error(path, e.into()))?;
         let state = StateFile {
             db,
-            path: path.to_owned(),
+            lock: Arc::new(lock),
         };
         state.write(|domains_table, meta| {
             meta.insert(FORMAT_KEY, FORMAT_VERSION)?;
@@ -133,13 +237,27 @@ impl StateFile {
         if !path.exists() {
             return Err(StateError::Missing(path.to_owned()));
         }
-        let db = Database::open(path).map_err(|e| open_error(path, e))?;
+        StateFile::reopen(&Arc::new(StateLock::exclusive(path)?))
+    }
+
+    /// Opens the state file again under the lock this process kept from
+    /// [`StateFile::close`].
+    pub fn reopen(lock: &Arc<StateLock>) -> Result<StateFile, StateError> {
+        let db = Database::open(&lock.state).map_err(|e| open_error(&lock.state, e))?;
         let state = StateFile {
             db,
-            path: path.to_owned(),
+            lock: lock.clone(),
         };
         state.check_format()?;
         Ok(state)
+    }
+
+    /// Closes redb's handle and keeps the lock, so that no other fencegate
+    /// can take the file before [`StateFile::reopen`] (see [`StateLock`]).
+    pub fn close(self) -> Arc<StateLock> {
+        let StateFile { db, lock } = self;
+        drop(db);
+        lock
     }
 
     /// Reads the stored domains of a file no process holds, without writing.
@@ -147,6 +265,7 @@ impl StateFile {
         if !path.exists() {
             return Err(StateError::Missing(path.to_owned()));
         }
+        let _lock = StateLock::shared(path)?;
         let db = match redb::ReadOnlyDatabase::open(path) {
             Ok(db) => db,
             // The last writer crashed and the file needs redb's repair,
@@ -170,32 +289,29 @@ impl StateFile {
 
     /// The file's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.lock.state
     }
 
     /// Makes the stored domains agree with the configuration and clears the
     /// clean-shutdown mark, in one durable commit. New domains inherit the
     /// epoch of the stored domain with the longest prefix containing theirs;
-    /// stored domains not configured stop the start unless in `forget`.
+    /// a domain whose prefix moved takes the higher of its own epoch and
+    /// that one (the paths it now guards never drop below the epoch that
+    /// guarded them, and epochs never go down); stored domains not
+    /// configured stop the start unless in `forget`.
     pub fn start(&self, wanted: &[WantedDomain], forget: &[String]) -> Result<StartState, StateError> {
         let stored = self.domains()?;
         for s in &stored {
             if !wanted.iter().any(|w| w.name == s.name) && !forget.contains(&s.name) {
                 return Err(StateError::ForgottenDomain {
-                    path: self.path.clone(),
+                    path: self.path().to_owned(),
                     name: s.name.clone(),
                     epoch: s.epoch,
                 });
             }
         }
         let was_clean = self.meta(CLEAN_KEY)? == Some(1);
-        let epochs: Vec<u64> = wanted
-            .iter()
-            .map(|w| match stored.iter().find(|s| s.name == w.name) {
-                Some(s) => s.epoch,
-                None => inherited_epoch(&stored, &w.prefix),
-            })
-            .collect();
+        let epochs: Vec<u64> = wanted.iter().map(|w| start_epoch(&stored, w)).collect();
         self.write(|table, meta| {
             for s in stored.iter().filter(|s| forget.contains(&s.name)) {
                 if !wanted.iter().any(|w| w.name == s.name) {
@@ -259,21 +375,27 @@ impl StateFile {
             Ok(())
         })?;
         old.ok_or_else(|| StateError::UnknownDomain {
-            path: self.path.clone(),
+            path: self.path().to_owned(),
             name: name.to_owned(),
         })
     }
 
     /// Every stored domain.
     pub fn domains(&self) -> Result<Vec<StoredDomain>, StateError> {
-        let txn = self.db.begin_read().map_err(|e| io_error(&self.path, e.into()))?;
-        read_domains(&self.path, &txn)
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| io_error(self.path(), e.into()))?;
+        read_domains(self.path(), &txn)
     }
 
     fn meta(&self, key: &str) -> Result<Option<u64>, StateError> {
-        let txn = self.db.begin_read().map_err(|e| io_error(&self.path, e.into()))?;
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| io_error(self.path(), e.into()))?;
         let table = txn.open_table(META).map_err(|e| self.not_state(e))?;
-        let value = table.get(key).map_err(|e| io_error(&self.path, e.into()))?;
+        let value = table.get(key).map_err(|e| io_error(self.path(), e.into()))?;
         Ok(value.map(|v| v.value()))
     }
 
@@ -281,7 +403,7 @@ impl StateFile {
         match self.meta(FORMAT_KEY)? {
             Some(FORMAT_VERSION) => Ok(()),
             other => Err(StateError::NotState {
-                path: self.path.clone(),
+                path: self.path().to_owned(),
                 problem: format!("format version {other:?}, expected {FORMAT_VERSION}"),
             }),
         }
@@ -289,7 +411,7 @@ impl StateFile {
 
     fn not_state(&self, e: impl std::fmt::Display) -> StateError {
         StateError::NotState {
-            path: self.path.clone(),
+            path: self.path().to_owned(),
             problem: e.to_string(),
         }
     }
@@ -314,7 +436,7 @@ impl StateFile {
             txn.commit()?;
             Ok(())
         };
-        run().map_err(|e| io_error(&self.path, e))
+        run().map_err(|e| io_error(self.path(), e))
     }
 }
 
@@ -337,14 +459,40 @@ fn read_domains(path: &Path, txn: &redb::ReadTransaction) -> Result<Vec<StoredDo
     Ok(out)
 }
 
-/// The epoch a new domain with `prefix` starts at: that of the stored domain
-/// with the longest prefix containing it (the one that guarded its paths).
-fn inherited_epoch(stored: &[StoredDomain], prefix: &str) -> u64 {
+/// The epoch `wanted` starts at: its stored one if its prefix is unchanged;
+/// else (a new domain, or one whose prefix moved) the higher of its stored
+/// one, if any, and that of the stored domain that guarded its new paths.
+fn start_epoch(stored: &[StoredDomain], wanted: &WantedDomain) -> u64 {
+    let own = stored.iter().find(|s| s.name == wanted.name);
+    if let Some(own) = own.filter(|s| s.prefix == wanted.prefix) {
+        return own.epoch;
+    }
+    let guard = guarding(stored, &wanted.prefix);
+    let inherited = guard.map_or(0, |g| g.epoch);
+    let (name, prefix) = (&wanted.name, &wanted.prefix);
+    match (own, guard) {
+        (None, Some(g)) => tracing::info!(
+            domain = %name, prefix = %prefix, from = %g.name, epoch = g.epoch,
+            "new domain starts at the epoch of the stored domain whose prefix contains its prefix"
+        ),
+        (None, None) => {}
+        (Some(own), _) => tracing::info!(
+            domain = %name, from_prefix = %own.prefix, to_prefix = %prefix, own_epoch = own.epoch,
+            guarded_by = guard.map(|g| g.name.as_str()), guarded_at = inherited,
+            epoch = own.epoch.max(inherited),
+            "domain moved to a new prefix: it takes the higher of its own epoch and that of the stored domain whose prefix contains the new one"
+        ),
+    }
+    own.map_or(0, |s| s.epoch).max(inherited)
+}
+
+/// The stored domain that guarded the paths under `prefix`: the one with
+/// the longest prefix containing it.
+fn guarding<'a>(stored: &'a [StoredDomain], prefix: &str) -> Option<&'a StoredDomain> {
     stored
         .iter()
         .filter(|s| prefix.starts_with(s.prefix.as_str()))
         .max_by_key(|s| s.prefix.len())
-        .map_or(0, |s| s.epoch)
 }
 
 fn open_error(path: &Path, e: DatabaseError) -> StateError {
@@ -445,6 +593,61 @@ mod tests {
         assert_eq!(start.epochs, vec![3, 8, 3]);
         let names: Vec<String> = state.domains().unwrap().into_iter().map(|d| d.name).collect();
         assert_eq!(names, vec!["ab", "all", "c"]);
+    }
+
+    /// A configured domain whose prefix moved under a stored domain with a
+    /// higher epoch takes that epoch: the paths it now guards never fall
+    /// below the epoch that guarded them. Moved under a lower one, it keeps
+    /// its own: epochs never go down.
+    #[test]
+    fn a_moved_prefix_takes_the_higher_epoch_of_the_domain_that_guarded_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = wanted(&[("root", "/"), ("a", "/a/"), ("b", "/b/")]);
+        let state = StateFile::create(&path, &old).unwrap();
+        state.start(&old, &[]).unwrap();
+        let raised = [("root", 9), ("a", 2), ("b", 12)].map(|(n, e)| (n.to_owned(), e));
+        state.raise(&BTreeMap::from(raised)).unwrap();
+        // `a` now guards /c/, which `root` guarded at 9; `b` moved to /d/,
+        // which `root` guarded too, at less than `b`'s own 12.
+        let moved = wanted(&[("root", "/"), ("a", "/c/"), ("b", "/d/")]);
+        let start = state.start(&moved, &[]).unwrap();
+        assert_eq!(start.epochs, vec![9, 9, 12]);
+        let stored: Vec<(String, String, u64)> = state
+            .domains()
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.name, d.prefix, d.epoch))
+            .collect();
+        assert_eq!(
+            stored,
+            [("a", "/c/", 9), ("b", "/d/", 12), ("root", "/", 9)].map(|(n, p, e)| (n.into(), p.into(), e))
+        );
+    }
+
+    /// Between a failed commit and the reopening, redb's handle is closed;
+    /// the lock file keeps every other opener off the file meanwhile, and
+    /// goes when the file is dropped.
+    #[test]
+    fn the_lock_outlives_the_handle_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let domains = wanted(&[("orders", "/orders/")]);
+        let lock = StateFile::create(&path, &domains).unwrap().close();
+        assert!(lock_path(&path).exists());
+        assert!(matches!(StateFile::open(&path), Err(StateError::InUse(_))));
+        assert!(matches!(StateFile::read_only(&path), Err(StateError::InUse(_))));
+        let state = StateFile::reopen(&lock).unwrap();
+        drop(lock);
+        state.raise(&BTreeMap::from([("orders".to_owned(), 4)])).unwrap();
+        drop(state);
+        assert_eq!(StateFile::read_only(&path).unwrap()[0].epoch, 4);
+        // Readers share the lock; a writer is refused while one reads.
+        let reader = StateLock::shared(&path).unwrap().expect("the lock file exists");
+        assert_eq!(StateFile::read_only(&path).unwrap()[0].epoch, 4);
+        assert!(matches!(StateFile::open(&path), Err(StateError::InUse(_))));
+        drop(reader);
+        drop(StateFile::open(&path).unwrap());
     }
 
     #[test]

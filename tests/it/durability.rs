@@ -5,7 +5,7 @@
 
 use crate::support::{
     client, http_get, parse_response, raw_request_timeout, run_bounded, EventKind, Fencegate,
-    FencegateConfig, Nginx, RawResponse, ScriptedStore,
+    FencegateConfig, Nginx, RawResponse, ScriptedStore, Tmpfs,
 };
 use serde_json::Value;
 use std::path::PathBuf;
@@ -444,10 +444,8 @@ fn epochs_set_lowers_only_with_force_and_only_while_stopped() {
 
     let set = ["epochs", "set", "--domain", "orders", "--value", "3", "--force"];
     let out = fg.run_cli(&set);
-    assert!(
-        !out.status.success(),
-        "epochs set while running succeeded: {out:?}"
-    );
+    assert_exit(&out, 64, "epochs set while running");
+    assert_says_stop_the_proxy_first(&out);
     assert_stale(&put(&fg, "/orders/a", 3), "token 3 after a refused epochs set");
     assert_terminates_cleanly(&mut fg);
 
@@ -456,11 +454,10 @@ fn epochs_set_lowers_only_with_force_and_only_while_stopped() {
     assert!(text(&out.stderr).contains("--force"), "{out:?}");
     assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(10));
 
+    // A domain the file does not have is a usage error, like a bad flag.
     let out = fg.run_cli(&["epochs", "set", "--domain", "nope", "--value", "3", "--force"]);
-    assert!(
-        !out.status.success(),
-        "epochs set on an unknown domain succeeded: {out:?}"
-    );
+    assert_exit(&out, 64, "epochs set on an unknown domain");
+    assert!(text(&out.stderr).contains("`nope`"), "{out:?}");
 
     let out = fg.run_cli(&set);
     assert_exit(&out, 0, "epochs set --force");
@@ -475,6 +472,70 @@ fn epochs_set_lowers_only_with_force_and_only_while_stopped() {
     assert_stale(&put(&fg, "/orders/a", 2), "token 2 at epoch 3");
     assert_admitted(&put(&fg, "/orders/a", 3), "token 3 after lowering to 3");
     assert_admitted(&put(&fg, "/orders/a", 4), "token 4 after lowering to 3");
+}
+
+/// `epochs set` refused because a proxy runs: its own message (not the one
+/// `epochs` gives, which points to /metrics), saying to stop the proxy.
+#[track_caller]
+fn assert_says_stop_the_proxy_first(out: &Output) {
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("in use") && stderr.contains("stop the proxy") && !stderr.contains("/metrics"),
+        "epochs set while running: should say the file is in use and to stop the proxy first: {stderr}"
+    );
+}
+
+/// A failed commit (the disk is full) makes the committer close its redb
+/// handle, which redb refuses to use again, and open the file anew at the
+/// next raise; redb's own lock goes with the handle. Meanwhile the running
+/// proxy must still keep every other fencegate off its state file: `epochs
+/// set --force` would lower an epoch under it, and a second `run` would be a
+/// second enforcement point with marks of its own.
+#[test]
+fn the_state_file_stays_locked_after_a_failed_commit() {
+    let nginx = Nginx::start();
+    let tmpfs = Tmpfs::mount("1m"); // declared before `fg`: unmounted after fencegate is gone
+    let config = || orders_config(&nginx).state_path(tmpfs.path().join("state.redb"));
+    let mut fg = Fencegate::start(config());
+    assert_admitted(&put(&fg, "/orders/a", 1), "raise to 1");
+    let filler = tmpfs.fill();
+    // redb fills pages the file already has first: raise until one fails.
+    let failed = (2..=64u64)
+        .find(|&t| {
+            let resp = put(&fg, "/orders/a", t);
+            assert!(
+                resp.status == 503 || (200..300).contains(&resp.status),
+                "raise to {t}: {resp:?}"
+            );
+            resp.status == 503
+        })
+        .expect("63 raises on a full tmpfs all succeeded: redb never hit ENOSPC");
+    std::fs::remove_file(&filler).expect("remove filler");
+
+    // No raise since the failure: the proxy has no redb handle open now.
+    let out = fg.run_cli(&["epochs", "set", "--domain", "orders", "--value", "0", "--force"]);
+    assert_exit(
+        &out,
+        64,
+        "epochs set --force against a running proxy after a failed commit",
+    );
+    assert_says_stop_the_proxy_first(&out);
+    let out = fg.run_cli(&["epochs"]);
+    assert_exit(&out, 64, "epochs against a running proxy after a failed commit");
+    assert!(text(&out.stderr).contains("/metrics"), "{out:?}");
+    let second = Fencegate::spawn_run_expect_exit(config());
+    assert_eq!(
+        second.code(),
+        Some(74),
+        "a second `run` on the state file of a running fencegate: {second:?}"
+    );
+    assert!(second.stderr.contains("in use"), "{}", second.stderr);
+
+    // The proxy reopens the file at its next raise; that commit is durable.
+    assert_admitted(&put(&fg, "/orders/a", failed), "the failed raise, retried");
+    assert_stale(&put(&fg, "/orders/a", failed - 1), "the epoch before it");
+    assert_terminates_cleanly(&mut fg);
+    assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(failed));
 }
 
 #[test]

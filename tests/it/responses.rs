@@ -3,14 +3,12 @@
 //! the admitted path: the store's answers and bodies pass through untouched.
 
 use crate::support::{
-    client, free_port, parse_response, raw_request, run_bounded, EventKind, Fencegate, FencegateConfig,
-    Nginx, RawResponse, ScriptedStore,
+    client, free_port, parse_response, raw_request, EventKind, Fencegate, FencegateConfig, Nginx,
+    RawResponse, ScriptedStore, Tmpfs,
 };
 use serde_json::Value;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 type Answer = RawResponse;
@@ -394,57 +392,6 @@ async fn slow_store_is_504() {
     assert_eq!(kinds, [EventKind::HeadArrived, EventKind::BodyComplete]);
     // SPEC: `domain`, `token`, `epoch` where known; they are, for this write.
     context(&v, "orders", Some(7), Some(7));
-}
-
-/// A tmpfs mounted on a temp dir; unmounted on drop.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::Builder::new()
-            .prefix("fencegate-tmpfs-")
-            .tempdir()
-            .unwrap();
-        let mut mount = Command::new("mount");
-        mount
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path());
-        let out = run_bounded(&mut mount, Duration::from_secs(10));
-        assert!(
-            out.status.success(),
-            "cannot mount a tmpfs on {} (this test needs root or CAP_SYS_ADMIN): {}",
-            dir.path().display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir)
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-
-    /// Writes a filler file until the file system answers ENOSPC.
-    fn fill(&self) -> PathBuf {
-        let path = self.path().join("filler");
-        let mut file = std::fs::File::create(&path).expect("create filler");
-        loop {
-            match file.write(&[0xA5; 4096]) {
-                Ok(0) => return path,
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(28) => return path,
-                Err(e) => panic!("filling the tmpfs: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let umount = Command::new("umount").arg(self.path()).status();
-        if !umount.is_ok_and(|s| s.success()) {
-            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

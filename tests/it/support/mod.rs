@@ -11,6 +11,7 @@
 //! - [`Fencegate`]: `fencegate init` + `fencegate run` in a temp dir
 //! - [`ScriptedStore`]: an in-process store that records event order
 //! - [`client`], [`raw_request`], [`RawResponse`]: HTTP clients
+//! - [`Tmpfs`]: a small tmpfs to fill up (the state file's disk full)
 //!
 //! Every wait is bounded; nothing binds anything but 127.0.0.1.
 // Not every test module uses every helper.
@@ -24,6 +25,7 @@ mod http;
 mod nginx;
 mod process;
 mod store;
+mod tmpfs;
 
 pub use config::{format_duration, Domain, FencegateConfig};
 pub use etcd::{leader_rev, Candidate, Etcd, EtcdCluster};
@@ -35,6 +37,7 @@ pub use http::{
 pub use nginx::{LogEntry, Nginx};
 pub use process::{require_binary, run_bounded, send_signal};
 pub use store::{Event, EventKind, Fault, ScriptedStore};
+pub use tmpfs::Tmpfs;
 
 use std::collections::HashSet;
 use std::net::TcpListener;
