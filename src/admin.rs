@@ -12,6 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
+use crate::committer::Committer;
 use crate::gate::Gates;
 use crate::metrics::Metrics;
 
@@ -24,6 +25,8 @@ pub struct AdminState {
     pub metrics: Metrics,
     /// True while the proxy serves writes; false once shutdown began.
     pub serving: Arc<AtomicBool>,
+    /// The state file's writer: whether the file is open.
+    pub committer: Committer,
 }
 
 /// The admin routes.
@@ -39,6 +42,14 @@ pub fn router(state: AdminState) -> Router {
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     if !state.serving.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_owned());
+    }
+    if !state.committer.is_open() {
+        // After a failed commit, until the file is reopened: no raise can
+        // be made durable, so a new leader's writes would all get 503.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the state file is closed after a failed commit (retried every second)\n".to_owned(),
+        );
     }
     // A domain whose writes would all get 503 makes the whole proxy unready:
     // a load balancer should prefer a replica that can decide.

@@ -140,6 +140,7 @@ pub async fn run(
         gates: gates.clone(),
         metrics,
         serving: serving.clone(),
+        committer: committer.clone(),
     });
     let admin_task = tokio::spawn(
         axum::serve(listeners.admin, admin_router)

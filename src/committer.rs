@@ -9,8 +9,9 @@
 //! meanwhile ([`StateLock`]), so no other fencegate opens the file between.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,18 +34,31 @@ enum Message {
     },
 }
 
+/// How often a state file closed by a failed commit is tried again while
+/// no raise comes, so readiness returns once the disk is fixed.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
 /// The handle raises go through; cheap to clone.
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::UnboundedSender<Message>,
+    /// Whether the state file is open: false from a failed commit until
+    /// it is reopened (`/readyz`).
+    open: Arc<AtomicBool>,
 }
 
 impl Committer {
     /// Starts the commit task, which owns `state` from now on.
     pub fn spawn(state: StateFile, metrics: Metrics) -> (Committer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(state, rx, metrics));
-        (Committer { tx }, task)
+        let open = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn(run(state, rx, metrics, open.clone()));
+        (Committer { tx, open }, task)
+    }
+
+    /// Whether the state file is open, so a raise can be made durable.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Makes `domain`'s stored epoch at least `value`, durably.
@@ -76,9 +90,33 @@ enum Slot {
     Closed,
 }
 
-async fn run(state: StateFile, mut rx: mpsc::UnboundedReceiver<Message>, metrics: Metrics) {
+async fn run(
+    state: StateFile,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    metrics: Metrics,
+    open: Arc<AtomicBool>,
+) {
     let mut slot = Slot::Open(state);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = if matches!(slot, Slot::Broken(_)) {
+            tokio::select! {
+                message = rx.recv() => message,
+                () = tokio::time::sleep(REOPEN_EVERY) => {
+                    // No raise is waiting: try the file again (an empty
+                    // commit only reopens it).
+                    slot = tokio::task::spawn_blocking(move || commit(slot, &BTreeMap::new(), false).0)
+                        .await
+                        .expect("the commit task does not panic");
+                    open.store(matches!(slot, Slot::Open(_)), Ordering::SeqCst);
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(first) = first else {
+            return;
+        };
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
@@ -102,6 +140,7 @@ async fn run(state: StateFile, mut rx: mpsc::UnboundedReceiver<Message>, metrics
             .await
             .expect("the commit task does not panic");
         slot = returned;
+        open.store(matches!(slot, Slot::Open(_)), Ordering::SeqCst);
         if !raise_replies.is_empty() {
             metrics.epoch_persist.observe(started.elapsed().as_secs_f64());
         }

@@ -510,9 +510,25 @@ fn the_state_file_stays_locked_after_a_failed_commit() {
             resp.status == 503
         })
         .expect("63 raises on a full tmpfs all succeeded: redb never hit ENOSPC");
+    // SPEC: /readyz is 200 only while the state file is open.
+    let ready = fg.admin_get("/readyz");
+    assert_eq!(
+        ready.status, 503,
+        "/readyz right after a failed commit: {ready:?}"
+    );
     std::fs::remove_file(&filler).expect("remove filler");
+    // With room again, the file is reopened without waiting for a raise.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while fg.admin_get("/readyz").status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz still not 200 5 s after the disk had room again"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
-    // No raise since the failure: the proxy has no redb handle open now.
+    // The proxy holds the state file's lock through the failure and the
+    // reopening.
     let out = fg.run_cli(&["epochs", "set", "--domain", "orders", "--value", "0", "--force"]);
     assert_exit(
         &out,
