@@ -14,15 +14,22 @@
 //! - The **fencer** raises the domain's epoch to each new leader's revision
 //!   (fence ahead). It is separate so the view tasks never wait on a
 //!   barrier or a commit.
+//!
+//! Each call to etcd goes to one member (see [`first_answer`]), so every
+//! read and every watch start is made of attempts, retried and hedged
+//! until one answers: losing a minority of members is no outage.
 
 use std::collections::HashMap;
+use std::future::{poll_fn, Future};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, SortOrder, SortTarget, TlsOptions,
-    WatchOptions,
+    Certificate, Client, ConnectOptions, EventType, GetOptions, GetResponse, Identity, SortOrder, SortTarget,
+    TlsOptions, WatchOptions,
 };
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -251,7 +258,7 @@ const FAILED_READ_PAUSE: Duration = Duration::from_millis(10);
 
 /// The reader task: linearizable reads of the leader, on demand and on a timer.
 async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period: Duration) {
-    let mut kv = client.kv_client();
+    let kv = client.kv_client();
     let key = candidates_prefix(&view.prefix);
     let options = GetOptions::new()
         .with_prefix()
@@ -259,6 +266,7 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
         .with_limit(1)
         .with_keys_only();
     let mut backoff = Backoff::new(period);
+    let mut hedge = Hedge::default();
     let mut refresh_at = Instant::now();
     let mut last_start = Instant::now()
         .checked_sub(MIN_READ_INTERVAL)
@@ -275,27 +283,26 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
         let floor = gate.marks().epoch;
         let started = Instant::now();
         last_start = started;
-        let answer = tokio::time::timeout(period, kv.get(key.as_str(), Some(options.clone()))).await;
+        // Every attempt starts after `seq` was numbered, so after each
+        // request that joins this read arrived: whichever answers may
+        // confirm them. Its own start is the one freshness counts from.
+        let answer = first_answer(period, &mut hedge, || {
+            let mut kv = kv.clone();
+            let options = options.clone();
+            let key = key.as_str();
+            async move { with_header(kv.get(key, Some(options)).await) }
+        })
+        .await;
         let ok = match answer {
-            Ok(Ok(resp)) => match resp.header() {
-                Some(header) => {
-                    let leader = resp.kvs().first().map(|kv| kv.create_revision());
-                    view.record_read(started, header.revision(), leader.and_then(revision), floor);
-                    backoff.reset();
-                    refresh_at = started + period;
-                    true
-                }
-                None => {
-                    view.record_failure(&"a read answered without a header");
-                    false
-                }
-            },
-            Ok(Err(e)) => {
-                view.record_failure(&causes(&e));
-                false
+            Ok((attempt_started, (header_revision, resp))) => {
+                let leader = resp.kvs().first().map(|kv| kv.create_revision());
+                view.record_read(attempt_started, header_revision, leader.and_then(revision), floor);
+                backoff.reset();
+                refresh_at = started + period;
+                true
             }
-            Err(_) => {
-                view.record_failure(&format_args!("no answer to a read within {period:?}"));
+            Err(failed) => {
+                view.record_failure(&failed);
                 false
             }
         };
@@ -312,8 +319,9 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
 /// The watcher task: read all candidates, watch for changes, repeat on trouble.
 async fn watcher(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period: Duration) {
     let mut backoff = Backoff::new(Duration::from_secs(1));
+    let mut hedge = Hedge::default();
     loop {
-        let trouble = watch_once(&client, &view, &gate, period, &mut backoff).await;
+        let trouble = watch_once(&client, &view, &gate, period, &mut backoff, &mut hedge).await;
         // The reader reports etcd going away; this only says why the watch
         // had to start over, which matters when it keeps doing so.
         tracing::debug!(domain = %view.domain, %trouble, "election watch ended; reading again");
@@ -328,23 +336,19 @@ async fn watch_once(
     gate: &Gate,
     period: Duration,
     backoff: &mut Backoff,
+    hedge: &mut Hedge,
 ) -> String {
     let key = candidates_prefix(&view.prefix);
-    let mut kv = client.kv_client();
+    let kv = client.kv_client();
     let floor = gate.marks().epoch;
-    let started = Instant::now();
-    let resp = match tokio::time::timeout(
-        period,
-        kv.get(key.as_str(), Some(GetOptions::new().with_prefix())),
-    )
-    .await
-    {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return format!("read failed: {}", causes(&e)),
-        Err(_) => return format!("no answer to a read within {period:?}"),
-    };
-    let Some(read_revision) = resp.header().map(|h| h.revision()) else {
-        return "a read answered without a header".into();
+    let read = first_answer(period, hedge, || {
+        let mut kv = kv.clone();
+        let key = key.as_str();
+        async move { with_header(kv.get(key, Some(GetOptions::new().with_prefix())).await) }
+    });
+    let (started, (read_revision, resp)) = match read.await {
+        Ok(answer) => answer,
+        Err(failed) => return format!("read failed: {failed}"),
     };
     let mut candidates = Candidates::default();
     for kv in resp.kvs() {
@@ -355,13 +359,23 @@ async fn watch_once(
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(read_revision + 1);
-    let mut watch_client = client.watch_client();
-    let (mut requests, mut stream) =
-        match tokio::time::timeout(period, watch_client.watch(key.as_str(), Some(options))).await {
-            Ok(Ok(stream)) => stream.split(),
-            Ok(Err(e)) => return format!("watch failed: {}", causes(&e)),
-            Err(_) => return format!("no answer to a watch within {period:?}"),
-        };
+    let watch_client = client.watch_client();
+    // A watch that starts on a lost member would cost a whole period
+    // before the next cycle; started like a read, it lands on a live one.
+    let watch = first_answer(period, hedge, || {
+        let mut watch_client = watch_client.clone();
+        let (key, options) = (key.as_str(), options.clone());
+        async move {
+            watch_client
+                .watch(key, Some(options))
+                .await
+                .map_err(|e| causes(&e))
+        }
+    });
+    let (mut requests, mut stream) = match watch.await {
+        Ok((_, stream)) => stream.split(),
+        Err(failed) => return format!("watch failed: {failed}"),
+    };
     // A hung member keeps the stream open and silent; progress requests
     // it does not answer tell it apart from a quiet election.
     let liveness = period.max(Duration::from_millis(500));
@@ -442,6 +456,136 @@ async fn fencer(view: Arc<ElectionView>, gate: Arc<Gate>) {
     }
 }
 
+/// A read's answer with the revision of its header, or why it is no answer.
+fn with_header(answer: Result<GetResponse, etcd_client::Error>) -> Result<(i64, GetResponse), String> {
+    let resp = answer.map_err(|e| causes(&e))?;
+    match resp.header() {
+        Some(header) => Ok((header.revision(), resp)),
+        None => Err("a read answered without a header".into()),
+    }
+}
+
+/// Runs `attempt` until one succeeds or `budget` has passed since the
+/// first began; returns the answer and the start of the attempt that gave
+/// it, or why none did.
+///
+/// etcd-client sends each call to one member, picked at random (tonic's
+/// balanced channel: power of two choices, and every member reports a
+/// load of 0), and a member that died or hangs stays among those picked:
+/// its calls fail at once (connection refused) or never answer. So a
+/// single call is no measure of the cluster. The first attempt that fails
+/// is followed by another at once, balanced again (so most likely sent
+/// elsewhere); and while no attempt has answered, another joins those in
+/// flight every hedge delay ([`Hedge`]), failed or hung alike. The first
+/// answer wins; the rest are dropped, which cancels their calls. Only when
+/// no attempt answered within the budget does the caller say etcd is
+/// unreachable.
+///
+/// The spacing stays even, and the delay is at most a twentieth of the
+/// budget, because the choice of member is random: with one member of
+/// three lost, a read fails only if every attempt lands on it, with odds
+/// (1/3)^attempts: 1 in 3.5 billion for 20. Delays doubling from 10 ms
+/// would make 7 attempts in 500 ms and fail one read in 2,000, every half
+/// second under linearizable load. The price is paid only when no member
+/// answers: one call per delay, each cancelled when the read ends.
+async fn first_answer<T, F>(
+    budget: Duration,
+    hedge: &mut Hedge,
+    mut attempt: impl FnMut() -> F,
+) -> Result<(Instant, T), String>
+where
+    F: Future<Output = Result<T, String>>,
+{
+    /// What ended one wait.
+    enum Event<T> {
+        Answered(usize, Result<T, String>),
+        NextDue,
+        OutOfTime,
+    }
+    let deadline = Instant::now() + budget;
+    let delay = hedge.delay(budget);
+    let mut running: Vec<(Instant, Pin<Box<F>>)> = Vec::with_capacity(1);
+    let mut next_due = Instant::now();
+    let mut attempts = 0_usize;
+    let mut last_error = None;
+    loop {
+        let now = Instant::now();
+        if now >= next_due && now < deadline {
+            running.push((now, Box::pin(attempt())));
+            attempts += 1;
+            next_due = now + delay;
+        }
+        let answered = poll_fn(|cx| {
+            for (i, (_, call)) in running.iter_mut().enumerate() {
+                if let Poll::Ready(answer) = call.as_mut().poll(cx) {
+                    return Poll::Ready((i, answer));
+                }
+            }
+            Poll::Pending
+        });
+        let event = tokio::select! {
+            (i, answer) = answered => Event::Answered(i, answer),
+            () = tokio::time::sleep_until(next_due), if next_due < deadline => Event::NextDue,
+            () = tokio::time::sleep_until(deadline) => Event::OutOfTime,
+        };
+        match event {
+            Event::Answered(i, Ok(answer)) => {
+                let (started, _) = running.swap_remove(i);
+                hedge.observe(started.elapsed());
+                return Ok((started, answer));
+            }
+            Event::Answered(i, Err(e)) => {
+                running.swap_remove(i);
+                tracing::debug!(error = %e, "an etcd call failed; trying again");
+                if last_error.is_none() {
+                    next_due = Instant::now();
+                }
+                last_error = Some(e);
+            }
+            Event::NextDue => {}
+            Event::OutOfTime => {
+                return Err(match last_error {
+                    Some(e) => {
+                        format!("no member answered within {budget:?} ({attempts} attempts; last error: {e})")
+                    }
+                    None => {
+                        format!("no member answered within {budget:?} ({attempts} attempts, all unanswered)")
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// When an attempt that has not answered gets company: a few times what
+/// answers usually take (smoothed as TCP smooths round trips), at least
+/// [`Hedge::FLOOR`] and at most a twentieth of the budget (see
+/// [`first_answer`]), so a hung member costs a read a little time, not
+/// its budget, and a healthy but slow etcd is not asked everything twice.
+#[derive(Default)]
+struct Hedge {
+    /// Smoothed time of the attempts that answered.
+    typical: Duration,
+}
+
+impl Hedge {
+    /// Below this, a second attempt would mostly duplicate one that is
+    /// merely queued behind others (a loaded machine, a busy member). With
+    /// one member of three hung, a third of the reads wait this long, a
+    /// ninth twice as long.
+    const FLOOR: Duration = Duration::from_millis(10);
+    /// How many typical answer times an attempt may take before company.
+    const FACTOR: u32 = 4;
+
+    fn delay(&self, budget: Duration) -> Duration {
+        (self.typical * Hedge::FACTOR).max(Hedge::FLOOR).min(budget / 20)
+    }
+
+    fn observe(&mut self, took: Duration) {
+        self.typical = (self.typical * 7 + took) / 8;
+    }
+}
+
 /// The candidates of an election: key → create revision.
 #[derive(Default)]
 struct Candidates(HashMap<Vec<u8>, i64>);
@@ -514,6 +658,143 @@ mod tests {
         assert_eq!(c.leader(), Some(20));
         c.delete(b"/e/b");
         assert_eq!(c.leader(), None);
+    }
+
+    const BUDGET: Duration = Duration::from_millis(500);
+
+    /// Attempts numbered from 1, each answering after `answer(n)` with
+    /// `Ok(n)`, or an error, or never (`None`); counts them in `made`.
+    fn attempts<'a>(
+        made: &'a std::cell::Cell<u32>,
+        answer: impl Fn(u32) -> Option<(Duration, bool)> + 'a,
+    ) -> impl FnMut() -> Pin<Box<dyn Future<Output = Result<u32, String>>>> + 'a {
+        move || {
+            made.set(made.get() + 1);
+            let n = made.get();
+            let answer = answer(n);
+            Box::pin(async move {
+                let Some((after, ok)) = answer else {
+                    return std::future::pending().await;
+                };
+                tokio::time::sleep(after).await;
+                if ok {
+                    Ok(n)
+                } else {
+                    Err(format!("attempt {n} refused"))
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_attempt_is_not_dropped_for_its_hedge() {
+        let made = std::cell::Cell::new(0);
+        let began = Instant::now();
+        let mut hedge = Hedge::default();
+        let slow = |n| Some((Duration::from_millis(if n == 1 { 15 } else { 50 }), true));
+        let (started, n) = first_answer(BUDGET, &mut hedge, attempts(&made, slow))
+            .await
+            .expect("the first attempt answers");
+        assert_eq!((n, started, made.get()), (1, began, 2));
+        assert_eq!(began.elapsed(), Duration::from_millis(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_that_refuses_everything_fails_after_the_budget() {
+        let made = std::cell::Cell::new(0);
+        let began = Instant::now();
+        let mut hedge = Hedge::default();
+        let refused = first_answer(
+            BUDGET,
+            &mut hedge,
+            attempts(&made, |_| Some((Duration::ZERO, false))),
+        )
+        .await;
+        let error = refused.expect_err("nothing answers");
+        assert_eq!(began.elapsed(), BUDGET);
+        // At 0 and at once again, then every 10 ms up to 490 ms.
+        assert_eq!(made.get(), 51, "{error}");
+        assert_eq!(
+            error,
+            "no member answered within 500ms (51 attempts; last error: attempt 51 refused)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_that_answers_nothing_gets_one_call_per_hedge_delay() {
+        let made = std::cell::Cell::new(0);
+        let began = Instant::now();
+        let mut hedge = Hedge::default();
+        let hung = first_answer(BUDGET, &mut hedge, attempts(&made, |_| None)).await;
+        let error = hung.expect_err("nothing answers");
+        assert_eq!(began.elapsed(), BUDGET);
+        assert_eq!(
+            error,
+            "no member answered within 500ms (50 attempts, all unanswered)"
+        );
+    }
+
+    /// Reads whose first attempts (none, one or two) land on a lost
+    /// member: a failed first attempt costs nothing, a hung one a hedge
+    /// delay, and the answer counts from the start of its own attempt.
+    #[tokio::test(start_paused = true)]
+    async fn reads_whose_first_attempts_land_on_a_lost_member_succeed_soon() {
+        let mut hedge = Hedge::default();
+        let delay = Hedge::FLOOR;
+        let answered = Some((Duration::from_millis(1), true));
+        let expect = [
+            // (lost member, attempts lost, time taken, start of the answer)
+            ("refused", 1, Duration::from_millis(1), Duration::ZERO),
+            ("refused", 2, delay + Duration::from_millis(1), delay),
+            ("hung", 1, delay + Duration::from_millis(1), delay),
+            ("hung", 2, delay * 2 + Duration::from_millis(1), delay * 2),
+        ];
+        for (how, lost, took, answer_started) in expect {
+            let lost_answer = match how {
+                "refused" => Some((Duration::ZERO, false)),
+                _ => None,
+            };
+            let made = std::cell::Cell::new(0);
+            let began = Instant::now();
+            let (started, n) = first_answer(
+                BUDGET,
+                &mut hedge,
+                attempts(&made, |n| if n <= lost { lost_answer } else { answered }),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{how} × {lost}: {e}"));
+            assert_eq!(
+                (n, began.elapsed(), started - began),
+                (lost + 1, took, answer_started),
+                "{how} × {lost}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_hedge_delay_follows_typical_answers_within_bounds() {
+        let budget = Duration::from_secs(5);
+        let mut hedge = Hedge::default();
+        assert_eq!(hedge.delay(budget), Hedge::FLOOR, "nothing known yet");
+        for _ in 0..50 {
+            hedge.observe(Duration::from_millis(1));
+        }
+        assert_eq!(hedge.delay(budget), Hedge::FLOOR, "fast answers: the floor");
+        for _ in 0..50 {
+            hedge.observe(Duration::from_millis(20));
+        }
+        let delay = hedge.delay(budget);
+        assert!(
+            delay > Duration::from_millis(70) && delay <= Duration::from_millis(80),
+            "four times a typical 20 ms: {delay:?}"
+        );
+        assert_eq!(
+            hedge.delay(BUDGET),
+            BUDGET / 20,
+            "at least 20 attempts per budget"
+        );
+        hedge.observe(Duration::from_secs(10));
+        assert_eq!(hedge.delay(budget), budget / 20, "however slow the answers");
     }
 
     #[test]

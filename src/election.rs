@@ -211,7 +211,10 @@ impl ElectionView {
         }
     }
 
-    /// Records a failed read or watch setup.
+    /// Records that etcd could not be reached: a read that no member
+    /// answered within its budget (each read tries several, see
+    /// [`crate::coordinator`]), or a failed connection. One member's
+    /// failure is not this, so the gauge and the log speak of etcd only.
     pub fn record_failure(&self, error: &dyn std::fmt::Display) {
         self.metrics.etcd_up.set(0);
         if self.reachable.swap(false, SeqCst) {
