@@ -437,17 +437,23 @@ async fn fencer(view: Arc<ElectionView>, gate: Arc<Gate>) {
         let leader = *leaders.borrow_and_update();
         if let Some(token) = revision(leader).and_then(Token::new) {
             if gate.marks().refusal < token.get() {
-                let started = Instant::now();
-                match gate.fence_ahead(token).await {
-                    Ok(()) => tracing::info!(
-                        domain = %view.domain, leader = token.get(), took = ?started.elapsed(),
-                        "fenced ahead to the new leader"
-                    ),
-                    Err(problem) => tracing::warn!(
-                        domain = %view.domain, leader = token.get(), detail = %problem.detail,
-                        "could not fence ahead; the new leader's first write will raise"
-                    ),
-                }
+                // In a task of its own: a raise may wait (for the barrier,
+                // or after a crash), and a newer leader seen meanwhile must
+                // have its refusal mark set at once, not after that raise.
+                let (gate, view) = (gate.clone(), view.clone());
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    match gate.fence_ahead(token).await {
+                        Ok(()) => tracing::info!(
+                            domain = %view.domain, leader = token.get(), took = ?started.elapsed(),
+                            "fenced ahead to the new leader"
+                        ),
+                        Err(problem) => tracing::warn!(
+                            domain = %view.domain, leader = token.get(), detail = %problem.detail,
+                            "could not fence ahead; the new leader's first write will raise"
+                        ),
+                    }
+                });
             }
         }
         if leaders.changed().await.is_err() {
