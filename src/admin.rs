@@ -119,8 +119,16 @@ async fn domains(State(state): State<AdminState>) -> Json<Vec<DomainView>> {
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    // etcd is up when every election domain's reads are answered: one
+    // domain's reads failing (its user may not read its prefix) must not
+    // be hidden by another's, whichever read last.
+    let mut up = None;
     for view in state.gates.iter().filter_map(|g| g.election.as_ref()) {
         view.update_age_gauge();
+        up = Some(up.unwrap_or(true) && view.is_reachable());
+    }
+    if let Some(up) = up {
+        state.metrics.etcd_up.set(i64::from(up));
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

@@ -68,6 +68,8 @@ pub struct ElectionView {
     regressed: AtomicBool,
     /// Whether the last read succeeded, to log changes once.
     reachable: AtomicBool,
+    /// Whether etcd ever answered a read of this view.
+    answered: AtomicBool,
     /// New leader revisions, for the fence-ahead task.
     fence: watch::Sender<u64>,
     /// Shared confirmation reads.
@@ -98,6 +100,7 @@ impl ElectionView {
             highest_leader: AtomicU64::new(0),
             regressed: AtomicBool::new(false),
             reachable: AtomicBool::new(true),
+            answered: AtomicBool::new(false),
             fence: watch::Sender::new(0),
             reads: ReadQueue::default(),
             metrics,
@@ -186,6 +189,11 @@ impl ElectionView {
     /// Records a successful linearizable read that started at `started`,
     /// answered at `revision`, while the domain's epoch was `floor` or more.
     pub fn record_read(&self, started: Instant, revision: i64, leader: Option<u64>, floor: u64) {
+        // etcd answered, whatever it said.
+        self.answered.store(true, SeqCst);
+        if !self.reachable.swap(true, SeqCst) {
+            tracing::info!(domain = %self.domain, election = %self.prefix, "etcd reachable again");
+        }
         if u64::try_from(revision).unwrap_or(0) < floor {
             // Every token admitted here was a leader revision etcd once
             // showed, and a linearizable read cannot show less than etcd
@@ -205,10 +213,12 @@ impl ElectionView {
         let nanos =
             u64::try_from(started.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX - 1);
         self.fresh_since.fetch_max(nanos + 1, SeqCst);
-        self.metrics.etcd_up.set(1);
-        if !self.reachable.swap(true, SeqCst) {
-            tracing::info!(domain = %self.domain, election = %self.prefix, "etcd reachable again");
-        }
+    }
+
+    /// Whether etcd has answered this view's reads, the last one included
+    /// (`fencegate_etcd_up`, computed over every view when scraped).
+    pub fn is_reachable(&self) -> bool {
+        self.answered.load(SeqCst) && self.reachable.load(SeqCst)
     }
 
     /// Records that etcd could not be reached: a read that no member
@@ -216,7 +226,6 @@ impl ElectionView {
     /// [`crate::coordinator`]), or a failed connection. One member's
     /// failure is not this, so the gauge and the log speak of etcd only.
     pub fn record_failure(&self, error: &dyn std::fmt::Display) {
-        self.metrics.etcd_up.set(0);
         if self.reachable.swap(false, SeqCst) {
             tracing::warn!(domain = %self.domain, election = %self.prefix, error = %error, "etcd unreachable");
         }
@@ -495,6 +504,22 @@ mod tests {
         v.publish(12, Some(11));
         assert_eq!(v.snapshot().leader, Some(11));
         assert_eq!(*v.subscribe_leaders().borrow(), 11);
+    }
+
+    /// `fencegate_etcd_up` counts a view as up once etcd answered its
+    /// last read, even with a revision below the epoch (etcd is up, just
+    /// regressed), and not before any answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_view_is_reachable_once_its_last_read_was_answered() {
+        let v = view(OnUnavailable::Reject);
+        assert!(!v.is_reachable(), "no read yet");
+        v.record_read(Instant::now(), 10, Some(7), 0);
+        assert!(v.is_reachable());
+        v.record_failure(&"no member answered");
+        assert!(!v.is_reachable());
+        v.record_read(Instant::now(), 3, Some(2), 9);
+        assert!(v.is_regressed());
+        assert!(v.is_reachable(), "a regressed answer is still an answer");
     }
 
     #[tokio::test(start_paused = true)]

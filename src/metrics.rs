@@ -35,7 +35,8 @@ pub struct Metrics {
     inflight: IntGaugeVec,
     /// Time of one durable epoch commit (a group commit counts once).
     pub epoch_persist: Histogram,
-    /// 1 while etcd answers, 0 otherwise; exported once an election domain exists.
+    /// 1 while etcd answers every election domain's reads, 0 otherwise;
+    /// exported once an election domain exists, and set when scraped.
     pub etcd_up: IntGauge,
 }
 
@@ -67,8 +68,6 @@ pub struct ElectionMetrics {
     pub confirmations: IntCounter,
     /// Linearizable reads of the election made by the reader.
     pub leader_reads: IntCounter,
-    /// 1 while etcd answers, shared by every domain.
-    pub etcd_up: IntGauge,
 }
 
 impl DomainMetrics {
@@ -236,7 +235,6 @@ impl Metrics {
             view_age: self.view_age.with_label_values(&[name]),
             confirmations: self.confirmations.with_label_values(&[name]),
             leader_reads: self.leader_reads.with_label_values(&[name]),
-            etcd_up: self.etcd_up.clone(),
         }
     }
 
