@@ -301,13 +301,16 @@ impl Proxy {
             let task_exchange = exchange.clone();
             // Counted in here, so a write whose client left is counted too.
             let barrier_timeouts = metrics.barrier_timeouts.clone();
-            Detachable::new(async move {
-                let result = upstream.send(request, &hop, &task_exchange).await;
-                if matches!(result, Err(ForwardError::Timeout(_))) && task_exchange.is_fenced() {
-                    barrier_timeouts.inc();
-                }
-                result
-            })
+            Detachable::new(
+                async move {
+                    let result = upstream.send(request, &hop, &task_exchange).await;
+                    if matches!(result, Err(ForwardError::Timeout(_))) && task_exchange.is_fenced() {
+                        barrier_timeouts.inc();
+                    }
+                    result
+                },
+                &metrics.inflight,
+            )
             .await
         } else {
             // A read holds back no raise: it may simply end with its client.
@@ -331,31 +334,42 @@ impl Proxy {
 /// A future that runs inline, and is moved to a task of its own if it is
 /// dropped before it finished, so it always runs to its end. Cheaper than
 /// spawning every write's exchange for the rare client that disconnects.
-struct Detachable<F: Future + Send + 'static>(Option<Pin<Box<F>>>);
+/// The write it carries stays counted in `inflight` until that end: the
+/// handler's own count ends with the handler.
+struct Detachable<'a, F: Future + Send + 'static> {
+    future: Option<Pin<Box<F>>>,
+    inflight: &'a prometheus::IntGauge,
+}
 
-impl<F: Future + Send + 'static> Detachable<F> {
-    fn new(future: F) -> Detachable<F> {
-        Detachable(Some(Box::pin(future)))
+impl<'a, F: Future + Send + 'static> Detachable<'a, F> {
+    fn new(future: F, inflight: &'a prometheus::IntGauge) -> Detachable<'a, F> {
+        Detachable {
+            future: Some(Box::pin(future)),
+            inflight,
+        }
     }
 }
 
-impl<F: Future + Send + 'static> Future for Detachable<F> {
+impl<F: Future + Send + 'static> Future for Detachable<'_, F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let inner = self.0.as_mut().expect("polled after it finished");
+        let inner = self.future.as_mut().expect("polled after it finished");
         let output = std::task::ready!(inner.as_mut().poll(cx));
-        self.0 = None;
+        self.future = None;
         Poll::Ready(output)
     }
 }
 
-impl<F: Future + Send + 'static> Drop for Detachable<F> {
+impl<F: Future + Send + 'static> Drop for Detachable<'_, F> {
     fn drop(&mut self) {
-        if let Some(unfinished) = self.0.take() {
+        if let Some(unfinished) = self.future.take() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let inflight = self.inflight.clone();
+                inflight.inc();
                 runtime.spawn(async move {
                     let _ = unfinished.await;
+                    inflight.dec();
                 });
             }
         }

@@ -262,6 +262,13 @@ async fn a_lower_write_whose_client_left_still_holds_the_barrier() {
     // The writer goes away while the store holds its write.
     drop(five);
     tokio::time::sleep(Duration::from_millis(50)).await;
+    // Still at the store, so still a write in flight.
+    let metrics = admin_text(&fg, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "fencegate_inflight_requests{domain=\"d\"}"),
+        Some(1.0),
+        "the abandoned write still at the store\n{metrics}"
+    );
 
     let six = put(&http, &fg.url(), "/d/six", "6").await;
     assert!(six.is_success(), "the 6-write: {six:?}");
@@ -274,6 +281,12 @@ async fn a_lower_write_whose_client_left_still_holds_the_barrier() {
         "the 6-write reached the store before the abandoned 5-write was answered:\n{log}"
     );
     assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
+    let metrics = admin_text(&fg, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "fencegate_inflight_requests{domain=\"d\"}"),
+        Some(0.0),
+        "{metrics}"
+    );
 }
 
 // ---------------------------------------------------------------------------
