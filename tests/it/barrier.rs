@@ -546,19 +546,27 @@ async fn a_raise_aborts_a_lower_body_the_store_is_not_reading() {
 // ---------------------------------------------------------------------------
 // 4. request_timeout bounds the barrier.
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_lower_write_that_outlives_request_timeout_no_longer_holds_the_barrier() {
-    const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
-    const HOLD: Duration = Duration::from_secs(5);
-    let store = ScriptedStore::start().await;
-    // A long connect_timeout puts the barrier's own safety limit
-    // (request_timeout + connect_timeout + 1 s) far from request_timeout.
+/// `request_timeout` of the tests below.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// fencegate in front of `store` at epoch 5, with [`REQUEST_TIMEOUT`]. A
+/// long connect_timeout puts the barrier's own safety limit
+/// (request_timeout + connect_timeout + 1 s) far from request_timeout.
+async fn at_epoch_5_with_request_timeout(store: &ScriptedStore) -> (Fencegate, reqwest::Client) {
     let fg = gate(&store.url(), |c| {
         c.request_timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(5))
     });
     let http = client();
     establish(&http, &fg, "5").await;
+    (fg, http)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lower_write_that_outlives_request_timeout_no_longer_holds_the_barrier() {
+    const HOLD: Duration = Duration::from_secs(5);
+    let store = ScriptedStore::start().await;
+    let (fg, http) = at_epoch_5_with_request_timeout(&store).await;
 
     store.hold_token("5", HOLD);
     let five = spawn_put(&http, &fg.url(), "/d/held", "5");
@@ -614,14 +622,8 @@ async fn a_lower_write_that_outlives_request_timeout_no_longer_holds_the_barrier
 /// task of its own, and the cut is still counted.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lower_write_cut_at_request_timeout_is_counted_when_its_client_left() {
-    const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
     let store = ScriptedStore::start().await;
-    let fg = gate(&store.url(), |c| {
-        c.request_timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(5))
-    });
-    let http = client();
-    establish(&http, &fg, "5").await;
+    let (fg, http) = at_epoch_5_with_request_timeout(&store).await;
 
     store.hold_token("5", Duration::from_secs(5));
     let mut five = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");

@@ -858,6 +858,19 @@ async fn a_raise_cuts_a_lower_write_answered_early_whose_store_stopped_reading()
     raise_past_an_early_answered_lower_write(Duration::from_secs(2), 64 << 20, 64 << 20).await;
 }
 
+/// A store that answers writes to `/d/early` at once and reads their body
+/// only `read_after` later, with a small receive buffer on every
+/// connection (the warm-up's first), and fencegate in front of it at
+/// epoch 5 with `timeout` for both the body's idleness and the answer.
+async fn epoch_5_with_early_answers(read_after: Duration, timeout: Duration) -> (ScriptedStore, Fencegate) {
+    let store = ScriptedStore::start().await;
+    let (fg, _) = start(&store, |c| c.body_idle_timeout(timeout).request_timeout(timeout)).await;
+    store.set_receive_buffer(16 << 10);
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.fault_path("/d/early", Fault::AnswerEarly { read_after });
+    (store, fg)
+}
+
 /// A write the kernel took whole is not yet at the store: the store may
 /// answer before reading it all and leave some of it unsent in
 /// fencegate's socket. That write keeps its place in its generation until
@@ -870,22 +883,7 @@ async fn raise_past_a_write_the_kernel_holds_unsent(before_answer: usize) {
     const READ_AFTER: Duration = Duration::from_secs(2);
     // Past the store's receive buffer (16 KiB, doubled by the kernel).
     const BODY: usize = 96 << 10;
-    let store = ScriptedStore::start().await;
-    let (fg, _) = start(&store, |c| {
-        c.body_idle_timeout(Duration::from_secs(8))
-            .request_timeout(Duration::from_secs(8))
-    })
-    .await;
-    // Every store connection, the warm-up's first, takes little of a body
-    // the store does not read.
-    store.set_receive_buffer(16 << 10);
-    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
-    store.fault_path(
-        "/d/early",
-        Fault::AnswerEarly {
-            read_after: READ_AFTER,
-        },
-    );
+    let (store, fg) = epoch_5_with_early_answers(READ_AFTER, Duration::from_secs(8)).await;
     let stream = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
     let (mut reader, mut writer) = stream.into_split();
     let head = format!(
@@ -963,22 +961,7 @@ async fn a_raise_cuts_an_early_answered_write_the_kernel_took_whole_after_the_an
 async fn an_early_answered_write_leaves_its_generation_once_the_kernel_sent_it() {
     const READ_AFTER: Duration = Duration::from_secs(1);
     const BODY: usize = 96 << 10;
-    let store = ScriptedStore::start().await;
-    let (fg, _) = start(&store, |c| {
-        c.body_idle_timeout(Duration::from_secs(20))
-            .request_timeout(Duration::from_secs(20))
-    })
-    .await;
-    // Every store connection, the warm-up's first, takes little of a body
-    // the store does not read.
-    store.set_receive_buffer(16 << 10);
-    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
-    store.fault_path(
-        "/d/early",
-        Fault::AnswerEarly {
-            read_after: READ_AFTER,
-        },
-    );
+    let (_store, fg) = epoch_5_with_early_answers(READ_AFTER, Duration::from_secs(20)).await;
     let _lower = early_answered_write(&fg, "/d/early", 5, BODY, BODY).await;
     // (The store's own end of the body cannot be waited for: hyper, which
     // the test store runs on, leaves a body answered early open when its
