@@ -51,13 +51,9 @@ pub struct Exchange {
 
 impl Exchange {
     /// A new exchange; `ticket` is the write's place in its generation.
-    pub fn new(ticket: Option<Ticket>) -> Arc<Exchange> {
-        Exchange::with_trailers(ticket, None)
-    }
-
-    /// A new exchange whose body may end in trailers, from which
-    /// `fencing_header` is removed with the fields no trailer may carry.
-    pub fn with_trailers(ticket: Option<Ticket>, fencing_header: Option<HeaderName>) -> Arc<Exchange> {
+    /// `fencing_header` is given for a body that may end in trailers: it
+    /// is removed from them with the fields no trailer may carry.
+    pub fn new(ticket: Option<Ticket>, fencing_header: Option<HeaderName>) -> Arc<Exchange> {
         Arc::new(Exchange {
             state: AtomicU8::new(SENDING),
             decided: AtomicWaker::new(),
@@ -341,7 +337,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_whole_body_completes_the_exchange() {
-        let exchange = Exchange::new(None);
+        let exchange = Exchange::new(None, None);
         let body = GuardedBody::new(
             http_body_util::Full::new(Bytes::from_static(b"abc")),
             Duration::from_secs(5),
@@ -354,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_aborted_exchange_never_hands_over_the_last_frame() {
-        let exchange = Exchange::new(None);
+        let exchange = Exchange::new(None, None);
         assert!(exchange.abort());
         let body = GuardedBody::new(
             http_body_util::Full::new(Bytes::from_static(b"abc")),
@@ -368,7 +364,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_learns_a_decision_made_after_it_began_waiting() {
-        let exchange = Exchange::new(None);
+        let exchange = Exchange::new(None, None);
         let waiter = tokio::spawn({
             let exchange = exchange.clone();
             async move { exchange.wait_decided().await }

@@ -275,8 +275,7 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         // Only a body of unknown length (chunked) can end in trailers.
         let may_have_trailers = body.size_hint().exact().is_none();
-        let exchange =
-            Exchange::with_trailers(ticket, may_have_trailers.then(|| self.fencing_header.clone()));
+        let exchange = Exchange::new(ticket, may_have_trailers.then(|| self.fencing_header.clone()));
         if body.is_end_stream() {
             exchange.complete();
         }
@@ -299,23 +298,17 @@ impl Proxy {
             // exchange finishes in a task of its own.
             let upstream = self.upstream.clone();
             let task_exchange = exchange.clone();
-            // Counted in here, so a write whose client left is counted too.
-            let barrier_timeouts = metrics.barrier_timeouts.clone();
             Detachable::new(
-                async move {
-                    let result = upstream.send(request, &hop, &task_exchange).await;
-                    if matches!(result, Err(ForwardError::Timeout(_))) && task_exchange.is_fenced() {
-                        barrier_timeouts.inc();
-                    }
-                    result
-                },
-                &metrics.inflight,
+                async move { upstream.send(request, &hop, &task_exchange).await },
+                &exchange,
+                metrics,
             )
             .await
         } else {
             // A read holds back no raise: it may simply end with its client.
             self.upstream.send(request, &hop, &exchange).await
         };
+        count_barrier_timeout(&result, &exchange, &metrics.barrier_timeouts);
         metrics.upstream_duration.observe(sent_at.elapsed().as_secs_f64());
         let response = result.map_err(forward_problem)?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -331,26 +324,39 @@ impl Proxy {
     }
 }
 
-/// A future that runs inline, and is moved to a task of its own if it is
-/// dropped before it finished, so it always runs to its end. Cheaper than
-/// spawning every write's exchange for the rare client that disconnects.
-/// The write it carries stays counted in `inflight` until that end: the
-/// handler's own count ends with the handler.
-struct Detachable<'a, F: Future + Send + 'static> {
+/// A write's exchange with the store: it runs inline, and is moved to a
+/// task of its own if it is dropped before it finished, so it always runs
+/// to its end. Cheaper than spawning every write's exchange for the rare
+/// client that disconnects. A detached write stays counted in
+/// `fencegate_inflight_requests` until its end (the handler's own count
+/// ends with the handler), and a cut at `request_timeout` is counted there
+/// as it is inline.
+struct Detachable<'a, F>
+where
+    F: Future<Output = Result<Response<StoreBody>, ForwardError>> + Send + 'static,
+{
     future: Option<Pin<Box<F>>>,
-    inflight: &'a prometheus::IntGauge,
+    exchange: &'a Arc<Exchange>,
+    metrics: &'a DomainMetrics,
 }
 
-impl<'a, F: Future + Send + 'static> Detachable<'a, F> {
-    fn new(future: F, inflight: &'a prometheus::IntGauge) -> Detachable<'a, F> {
+impl<'a, F> Detachable<'a, F>
+where
+    F: Future<Output = Result<Response<StoreBody>, ForwardError>> + Send + 'static,
+{
+    fn new(future: F, exchange: &'a Arc<Exchange>, metrics: &'a DomainMetrics) -> Detachable<'a, F> {
         Detachable {
             future: Some(Box::pin(future)),
-            inflight,
+            exchange,
+            metrics,
         }
     }
 }
 
-impl<F: Future + Send + 'static> Future for Detachable<'_, F> {
+impl<F> Future for Detachable<'_, F>
+where
+    F: Future<Output = Result<Response<StoreBody>, ForwardError>> + Send + 'static,
+{
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -361,18 +367,37 @@ impl<F: Future + Send + 'static> Future for Detachable<'_, F> {
     }
 }
 
-impl<F: Future + Send + 'static> Drop for Detachable<'_, F> {
+impl<F> Drop for Detachable<'_, F>
+where
+    F: Future<Output = Result<Response<StoreBody>, ForwardError>> + Send + 'static,
+{
     fn drop(&mut self) {
         if let Some(unfinished) = self.future.take() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let inflight = self.inflight.clone();
+                // Cloned only here: detaching is rare, every write is not.
+                let exchange = self.exchange.clone();
+                let inflight = self.metrics.inflight.clone();
+                let barrier_timeouts = self.metrics.barrier_timeouts.clone();
                 inflight.inc();
                 runtime.spawn(async move {
-                    let _ = unfinished.await;
+                    let result = unfinished.await;
+                    count_barrier_timeout(&result, &exchange, &barrier_timeouts);
                     inflight.dec();
                 });
             }
         }
+    }
+}
+
+/// Counts a write cut at `request_timeout` while a raise waited for it:
+/// the one exception to the guarantee (`fencegate_barrier_timeouts_total`).
+fn count_barrier_timeout<T>(
+    result: &Result<T, ForwardError>,
+    exchange: &Exchange,
+    barrier_timeouts: &prometheus::IntCounter,
+) {
+    if matches!(result, Err(ForwardError::Timeout(_))) && exchange.is_fenced() {
+        barrier_timeouts.inc();
     }
 }
 
