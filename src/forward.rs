@@ -233,10 +233,9 @@ impl Upstream {
 /// whole (HTTP/1.1 lets a body go on after an early answer). The write
 /// holds its place in its generation until the kernel has sent its last
 /// byte, so a raise still cuts it (the reset drops what the kernel holds
-/// too), and so
-/// does a store that takes none of it for `idle`: before the client's body
-/// was taken whole through [`while_unsent`], after that by watching the
-/// bytes the kernel takes. A request that fails or is aborted on the way
+/// too), and so does a store that takes none of it for `idle`: before the
+/// client's body was taken whole through [`while_unsent`], after that by
+/// watching the bytes the kernel takes. A request that fails or is aborted on the way
 /// has its connection cut: nothing more of it may reach the store.
 fn finish_sending(
     wire: Arc<Wire>,
