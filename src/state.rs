@@ -145,13 +145,7 @@ impl StateLock {
     /// The lock of a fencegate that writes the state file at `state`.
     fn exclusive(state: &Path) -> Result<StateLock, StateError> {
         let path = lock_path(state);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| StateError::Lock { path, source })?;
+        let file = open_or_create(&path).map_err(|source| StateError::Lock { path, source })?;
         StateLock::take(file, state, rustix::fs::FlockOperation::NonBlockingLockExclusive)
     }
 
@@ -160,14 +154,8 @@ impl StateLock {
     /// directory): no fencegate holds the file then either.
     fn shared(state: &Path) -> Result<Option<StateLock>, StateError> {
         let path = lock_path(state);
-        let opened = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            // flock(2) needs no write access.
-            .or_else(|_| File::open(&path));
+        // flock(2) needs no write access.
+        let opened = open_or_create(&path).or_else(|_| File::open(&path));
         let file = match opened {
             Ok(file) => file,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -193,6 +181,16 @@ impl StateLock {
             }),
         }
     }
+}
+
+/// The lock file at `path`, made if missing, its contents kept.
+fn open_or_create(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
 }
 
 /// `<state file>.lock`: see [`StateLock`].
