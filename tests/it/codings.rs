@@ -77,13 +77,31 @@ impl Drop for ByteStore {
     }
 }
 
-fn gate(store: &ByteStore) -> Fencegate {
+/// Sends `request` through fencegate (domain `d` at `/d/`) to a store
+/// that answers `answer` once `done` says a request is whole; returns the
+/// store, with what it received, and the raw answer the client got.
+async fn through_fencegate(
+    answer: &'static [u8],
+    done: fn(&[u8]) -> bool,
+    request: &[u8],
+) -> (ByteStore, String) {
+    let store = ByteStore::start(answer, done).await;
     let config = FencegateConfig::new(&store.url())
         .domain("d", "/d/")
         .workers(1)
         .request_timeout(Duration::from_secs(5));
-    tokio::task::block_in_place(|| Fencegate::start(config))
+    let raw = tokio::task::block_in_place(|| {
+        let fg = Fencegate::start(config);
+        raw_request(&fg.url(), request)
+    });
+    (store, raw)
 }
+
+/// The store's answer to a write.
+const NO_CONTENT: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+
+/// A plain read, for the tests of the store's answers.
+const GET: &[u8] = b"GET /d/x HTTP/1.1\r\nHost: h\r\n\r\n";
 
 fn head_is_whole(bytes: &[u8]) -> bool {
     bytes.windows(4).any(|w| w == b"\r\n\r\n")
@@ -100,16 +118,13 @@ fn chunked_is_whole(bytes: &[u8]) -> bool {
 /// trailer fields go on.
 #[tokio::test(flavor = "multi_thread")]
 async fn request_trailers_lose_the_fields_no_trailer_may_carry() {
-    let store = ByteStore::start(b"HTTP/1.1 204 No Content\r\n\r\n", chunked_is_whole).await;
-    let fg = gate(&store);
     let request = "PUT /d/x HTTP/1.1\r\nHost: h\r\nFencing-Token: 5\r\n\
                    Transfer-Encoding: chunked\r\nTE: trailers\r\n\r\n\
                    3\r\nabc\r\n0\r\nFencing-Token: 1\r\nContent-Length: 999\r\n\
                    Host: elsewhere\r\nConnection: close\r\nTransfer-Encoding: gzip\r\n\
                    Keep-Alive: timeout=1\r\nDigest-Of-Body: abc\r\n\r\n";
-    let addr = fg.url();
-    let answer = tokio::task::block_in_place(|| raw_request(&addr, request.as_bytes()));
-    let answer = parse_response(&answer);
+    let (store, raw) = through_fencegate(NO_CONTENT, chunked_is_whole, request.as_bytes()).await;
+    let answer = parse_response(&raw);
     assert_eq!(answer.status, 204, "{answer:?}");
     let wire = store.text().to_ascii_lowercase();
     let trailer_section = wire.split("\r\n0\r\n").nth(1).unwrap_or("").to_owned();
@@ -139,13 +154,10 @@ async fn request_trailers_lose_the_fields_no_trailer_may_carry() {
 /// would get the coded bytes as the content. Nothing reaches the store.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_transfer_coding_other_than_chunked_is_501() {
-    let store = ByteStore::start(b"HTTP/1.1 204 No Content\r\n\r\n", chunked_is_whole).await;
-    let fg = gate(&store);
     let request = "PUT /d/x HTTP/1.1\r\nHost: h\r\nFencing-Token: 5\r\n\
                    Transfer-Encoding: gzip, chunked\r\n\r\n\
                    4\r\nGZIP\r\n0\r\n\r\n";
-    let addr = fg.url();
-    let raw = tokio::task::block_in_place(|| raw_request(&addr, request.as_bytes()));
+    let (store, raw) = through_fencegate(NO_CONTENT, chunked_is_whole, request.as_bytes()).await;
     let answer = parse_response(&raw);
     assert_eq!(answer.status, 501, "{raw}");
     assert_eq!(
@@ -160,14 +172,12 @@ async fn a_request_transfer_coding_other_than_chunked_is_501() {
 /// becomes a 502 rather than a plain body of coded bytes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_response_transfer_coding_other_than_chunked_is_502() {
-    let store = ByteStore::start(
+    let (_store, raw) = through_fencegate(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\nGZIP\r\n0\r\n\r\n",
         head_is_whole,
+        GET,
     )
     .await;
-    let fg = gate(&store);
-    let addr = fg.url();
-    let raw = tokio::task::block_in_place(|| raw_request(&addr, b"GET /d/x HTTP/1.1\r\nHost: h\r\n\r\n"));
     let answer = parse_response(&raw);
     assert_eq!(answer.status, 502, "{raw}");
     assert_eq!(
@@ -182,14 +192,12 @@ async fn a_response_transfer_coding_other_than_chunked_is_502() {
 /// as HTTP/1.1.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_answer_carries_fencegates_version_not_the_stores() {
-    let store = ByteStore::start(
+    let (_store, raw) = through_fencegate(
         b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
         head_is_whole,
+        GET,
     )
     .await;
-    let fg = gate(&store);
-    let addr = fg.url();
-    let raw = tokio::task::block_in_place(|| raw_request(&addr, b"GET /d/x HTTP/1.1\r\nHost: h\r\n\r\n"));
     assert!(
         raw.starts_with("HTTP/1.1 200"),
         "fencegate answered an HTTP/1.1 client:\n{raw}"
