@@ -155,6 +155,8 @@ pub struct ResponseHead {
 struct HopFields {
     /// The one value of the `Content-Length` lines, if any were given.
     length: Option<Result<u64, CodecError>>,
+    /// The field was given as more than one value (`5, 5`, or two lines).
+    length_repeated: bool,
     /// `Transfer-Encoding` was given; `chunked` if its last coding is;
     /// `other_coding` if any is not `chunked`.
     has_coding: bool,
@@ -173,6 +175,7 @@ impl HopFields {
     fn read(&mut self, name: &HeaderName, value: &[u8]) -> bool {
         let hop_by_hop = match name.as_str() {
             "content-length" => {
+                self.length_repeated |= self.length.is_some() || value.contains(&b',');
                 if !matches!(self.length, Some(Err(_))) {
                     self.length = Some(content_length(value, self.length.take()));
                 }
@@ -306,11 +309,31 @@ pub fn parse_response_head(
             "a transfer coding other than chunked, which fencegate does not pass on".into(),
         ));
     }
+    // A length given as a list, or one that is no length at all, as
+    // `Some(the one length, if there is one)`.
+    let unusual_length = match &hop_fields.length {
+        Some(Ok(n)) if hop_fields.length_repeated => Some(Some(*n)),
+        Some(Err(_)) => Some(None),
+        _ => None,
+    };
     let (framing, framing_sure) = response_framing(status, method, &mut hop_fields)?;
     if !framing_sure {
         // Read by its Transfer-Encoding (RFC 9112 §6.3): the length must
         // not reach the client, which would frame the body by it.
         headers.remove(CONTENT_LENGTH);
+    } else if let Some(length) = unusual_length {
+        // `5, 5` stands for one length, but a client may refuse it (RFC
+        // 9110 §8.6): it gets the one value. An invalid length can reach
+        // this point only on a bodiless answer, whose length frames
+        // nothing: it is dropped rather than passed on.
+        match length {
+            Some(n) => {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            None => {
+                headers.remove(CONTENT_LENGTH);
+            }
+        }
     }
     let persistent = if version == Version::HTTP_10 {
         hop_fields.connection.keep_alive
@@ -661,6 +684,38 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Empty, true));
+        // Lengths that are not one value reach the client as one value,
+        // or, where they frame nothing and are invalid, not at all.
+        let length_sent = |text: &str, method: Method| -> Vec<String> {
+            let h = head(text, method).unwrap().unwrap();
+            let values = h.headers.get_all(CONTENT_LENGTH).iter();
+            values.map(|v| v.to_str().unwrap().to_owned()).collect()
+        };
+        assert_eq!(
+            length_sent("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", Method::GET),
+            ["5"]
+        );
+        assert_eq!(
+            length_sent(
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n",
+                Method::GET
+            ),
+            ["5"]
+        );
+        assert_eq!(
+            length_sent("HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\n\r\n", Method::HEAD),
+            ["7"]
+        );
+        assert!(length_sent("HTTP/1.1 200 OK\r\ncontent-length: 7, 8\r\n\r\n", Method::HEAD).is_empty());
+        assert!(length_sent(
+            "HTTP/1.1 204 No Content\r\ncontent-length: x\r\n\r\n",
+            Method::GET
+        )
+        .is_empty());
+        assert_eq!(
+            length_sent("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::GET),
+            ["5"]
+        );
         for bad in ["5, 6", "-1", "", "0x5", "99999999999999999999"] {
             let text = format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n");
             assert_eq!(

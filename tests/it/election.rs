@@ -1,7 +1,8 @@
 //! The leader rule (SPEC.md, Admission rule 3), fence ahead, the start
 //! floor, `consistency = "linearizable"` and `coordinator_regressed`,
 //! against a real etcd election, a real nginx WebDAV store and the
-//! fencegate binary.
+//! fencegate binary (the in-process [`ScriptedStore`] where a write must be
+//! held at the store).
 //!
 //! Writers are [`Candidate`]s: each campaigns in the election and its
 //! leader key's create revision is its token. nginx's access log is the
@@ -11,7 +12,8 @@
 
 use crate::support::etcd::client as etcd_client;
 use crate::support::{
-    client, format_duration, Candidate, Etcd, Fencegate, FencegateConfig, Nginx, RawResponse,
+    client, format_duration, Candidate, Etcd, EventKind, Fencegate, FencegateConfig, Nginx, RawResponse,
+    ScriptedStore,
 };
 use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
 use serde_json::Value;
@@ -44,16 +46,17 @@ const PROBE: Duration = Duration::from_secs(1);
 /// One election domain `orders` (`/orders/`, election [`ELECTION`]) in
 /// front of `nginx`, with `consistency` and a short `max_staleness`.
 fn config(nginx: &Nginx, etcd: &Etcd, consistency: &str) -> FencegateConfig {
-    config_for(nginx, &etcd.endpoint(), consistency)
+    config_for(&nginx.url(), &etcd.endpoint(), consistency)
 }
 
-/// [`config`] with etcd at `endpoint` (e.g. a relay in front of it).
-fn config_for(nginx: &Nginx, endpoint: &str, consistency: &str) -> FencegateConfig {
+/// [`config`] with the store at `store` and etcd at `endpoint` (e.g. a
+/// relay in front of it).
+fn config_for(store: &str, endpoint: &str, consistency: &str) -> FencegateConfig {
     let etcd_body = format!(
         "endpoints = [\"{endpoint}\"]\nconsistency = \"{consistency}\"\nmax_staleness = \"{}\"",
         format_duration(MAX_STALENESS)
     );
-    FencegateConfig::new(&nginx.url())
+    FencegateConfig::new(store)
         .etcd_raw(&etcd_body)
         .election_domain(DOMAIN, PREFIX, ELECTION)
 }
@@ -82,7 +85,7 @@ impl Rig {
         let endpoint = relay
             .as_ref()
             .map_or_else(|| etcd.endpoint(), |r| r.endpoint.clone());
-        let fg = Fencegate::start(config_for(&nginx, &endpoint, consistency));
+        let fg = Fencegate::start(config_for(&nginx.url(), &endpoint, consistency));
         let proxy = Proxy::new(&fg);
         proxy.wait_ready().await;
         let c = etcd_client(&etcd.endpoints()).await;
@@ -895,6 +898,96 @@ async fn fence_ahead_raises_the_epoch_before_the_new_leader_writes() {
             .lines()
             .any(|l| l.contains("leader changed") && l.contains(&br.to_string())),
         "no `leader changed` log line naming {br}:\n{stderr}"
+    );
+}
+
+/// Fence ahead raises to each new leader in a task of its own. While the
+/// raise to B waits for the barrier (A's write is held at the store), C
+/// takes over: C's refusal mark is set at once, not when A's write ends,
+/// and one commit covers B and C, so the epoch never is B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_seen_while_fence_ahead_waits_is_fenced_at_once() {
+    /// How long the store holds A's write: the raise to B waits that long.
+    const HOLD: Duration = Duration::from_secs(3);
+    let etcd = Etcd::start();
+    let store = ScriptedStore::start().await;
+    let fg = Fencegate::start(config_for(&store.url(), &etcd.endpoint(), "watch"));
+    let proxy = Proxy::new(&fg);
+    proxy.wait_ready().await;
+    let c = etcd_client(&etcd.endpoints()).await;
+
+    let a = Candidate::campaign(&c, ELECTION, "a", TTL).await;
+    let ar = a.rev();
+    let waiting_b = spawn_campaign(&c, "b".to_string());
+    let br = wait_candidates(&c, 2).await[1];
+    let waiting_c = spawn_campaign(&c, "c".to_string());
+    let cr = wait_candidates(&c, 3).await[2];
+
+    store.hold_token(&ar.to_string(), HOLD);
+    let writer = Proxy::new(&fg);
+    let held = tokio::spawn(async move { writer.put("/orders/k", ar).await });
+    let a_token = ar.to_string();
+    assert!(
+        store
+            .wait_for(STEP, |events| events.iter().any(|e| e.kind
+                == EventKind::BodyComplete
+                && e.token.as_deref() == Some(&a_token)))
+            .await,
+        "A's write did not reach the store"
+    );
+
+    a.revoke().await;
+    let b = leads(waiting_b).await;
+    proxy
+        .wait_domain("refusal mark = B's revision", STEP, |d| {
+            as_i64(d, "refusal_mark") == Some(br)
+        })
+        .await;
+    b.revoke().await;
+    let _c = leads(waiting_c).await;
+    let took = proxy
+        .wait_domain("refusal mark = C's revision", STEP, |d| {
+            as_i64(d, "refusal_mark") == Some(cr)
+        })
+        .await;
+    // A fencer that waits for each raise in turn sets it only once A's
+    // write is answered and the raise to B is done.
+    assert!(
+        store
+            .events_for(&ar.to_string())
+            .iter()
+            .all(|e| e.kind != EventKind::Responded),
+        "C's refusal mark was seen {took:?} after C led, only once A's write was answered: \
+         it waited for the raise to B's revision"
+    );
+    let d = proxy.domain().await;
+    assert_eq!(
+        as_i64(&d, "epoch"),
+        Some(ar),
+        "the raise waits for A's write: {d}"
+    );
+
+    assert_admitted(
+        &held.await.expect("A's writer"),
+        "A's write, admitted before the revoke",
+    );
+    proxy
+        .wait_domain("epoch = C's revision", STEP, |d| as_i64(d, "epoch") == Some(cr))
+        .await;
+    let stderr = fg.stderr_text();
+    let raised_to: Vec<String> = stderr
+        .lines()
+        .filter(|l| l.contains("epoch raised"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("to="))
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        raised_to,
+        [format!("to={ar}"), format!("to={cr}")],
+        "A's first write raised to A's revision; then one commit for B and C:\n{stderr}"
     );
 }
 
