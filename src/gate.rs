@@ -55,6 +55,10 @@ pub struct Gate {
     crash_wait_until: Option<Instant>,
     /// Longest a barrier waits before giving up on a write that never ended.
     drain_limit: Duration,
+    /// Generations a barrier gave up on with writes still in flight: still
+    /// counted in [`Gate::inflight_writes`] (and so in the shutdown's clean
+    /// mark) until their last write ends. Empty but for that exception.
+    stragglers: std::sync::Mutex<Vec<Arc<Generation>>>,
     committer: Committer,
 }
 
@@ -210,6 +214,7 @@ impl Gate {
             marks_rose: Notify::new(),
             crash_wait_until: settings.crash_wait_until,
             drain_limit: settings.drain_limit,
+            stragglers: std::sync::Mutex::new(Vec::new()),
             committer: settings.committer,
         }
     }
@@ -225,9 +230,16 @@ impl Gate {
         }
     }
 
-    /// Writes admitted at the current epoch and not yet answered by the store.
+    /// Writes admitted and not yet answered by the store: those of the
+    /// current epoch, and any a barrier gave up waiting for.
     pub fn inflight_writes(&self) -> usize {
-        self.current.load().inflight.load(SeqCst)
+        let current = self.current.load().inflight.load(SeqCst);
+        let mut stragglers = self
+            .stragglers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        stragglers.retain(|g| g.inflight.load(SeqCst) > 0);
+        current + stragglers.iter().map(|g| g.inflight.load(SeqCst)).sum::<usize>()
     }
 
     /// Admits a request with `token`, waiting for a raise when it needs one.
@@ -436,7 +448,7 @@ impl Gate {
 
     /// The barrier: aborts unfinished bodies of `generation` and waits until
     /// every one of its writes has its response head (or has ended).
-    async fn drain(&self, generation: &Generation) {
+    async fn drain(&self, generation: &Arc<Generation>) {
         generation.draining.store(true, SeqCst);
         generation.abort.raise();
         let deadline = Instant::now() + self.drain_limit;
@@ -458,6 +470,10 @@ impl Gate {
                     domain = %self.name, writes = left,
                     "barrier gave up waiting for lower-token writes that never ended"
                 );
+                self.stragglers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(generation.clone());
                 return;
             }
         }
@@ -526,6 +542,10 @@ mod tests {
     }
 
     fn fixture(epoch: u64) -> Fixture {
+        fixture_with_drain_limit(epoch, Duration::from_secs(30))
+    }
+
+    fn fixture_with_drain_limit(epoch: u64, drain_limit: Duration) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let wanted = [WantedDomain {
             name: "d".into(),
@@ -537,7 +557,7 @@ mod tests {
         let (committer, _task) = Committer::spawn(state, metrics.clone());
         let settings = GateSettings {
             crash_wait_until: None,
-            drain_limit: Duration::from_secs(30),
+            drain_limit,
             committer,
         };
         let gate = Arc::new(Gate::new(
@@ -605,6 +625,27 @@ mod tests {
         }
         drop(in_progress);
         assert!(write(&f.gate, 8).await.is_ok());
+    }
+
+    /// A write the barrier gave up on still counts as in flight, so the
+    /// shutdown's clean mark waits for it too.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_barrier_gave_up_on_still_counts_as_in_flight() {
+        let f = fixture_with_drain_limit(5, Duration::from_millis(100));
+        let lower = write(&f.gate, 5).await.unwrap();
+        write(&f.gate, 6).await.map(drop).unwrap();
+        assert_eq!(f.gate.marks(), Marks { epoch: 6, refusal: 6 });
+        assert_eq!(
+            f.gate.inflight_writes(),
+            1,
+            "the write at 5 is still at the store"
+        );
+        let current = write(&f.gate, 6).await.unwrap();
+        assert_eq!(f.gate.inflight_writes(), 2);
+        drop(lower);
+        assert_eq!(f.gate.inflight_writes(), 1);
+        drop(current);
+        assert_eq!(f.gate.inflight_writes(), 0);
     }
 
     #[tokio::test]
