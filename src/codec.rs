@@ -301,14 +301,6 @@ pub fn parse_response_head(
             "Transfer-Encoding in an HTTP/1.0 response".into(),
         ));
     }
-    if hop_fields.other_coding {
-        // Only `chunked` is undone here, and hyper would frame the answer
-        // anew: any other coding would reach the client as if it were the
-        // content.
-        return Err(CodecError::Malformed(
-            "a transfer coding other than chunked, which fencegate does not pass on".into(),
-        ));
-    }
     // A length given as a list, or one that is no length at all, as
     // `Some(the one length, if there is one)`.
     let unusual_length = match &hop_fields.length {
@@ -317,6 +309,15 @@ pub fn parse_response_head(
         _ => None,
     };
     let (framing, framing_sure) = response_framing(status, method, &mut hop_fields)?;
+    if hop_fields.other_coding && framing != Framing::Empty {
+        // Only `chunked` is undone here, and hyper would frame the answer
+        // anew: any other coding would reach the client as if it were the
+        // content. An answer without a body (HEAD, 204, 304) has nothing
+        // coded, and its coding only describes what a GET would get.
+        return Err(CodecError::Malformed(
+            "a transfer coding other than chunked, which fencegate does not pass on".into(),
+        ));
+    }
     if !framing_sure {
         // Read by its Transfer-Encoding (RFC 9112 §6.3): the length must
         // not reach the client, which would frame the body by it.
@@ -658,6 +659,24 @@ mod tests {
         for coded in ["gzip", "gzip, chunked", "chunked, gzip"] {
             let answer = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {coded}\r\n\r\n");
             assert!(head(&answer, Method::GET).is_err(), "{coded}");
+        }
+        // Without a body there is nothing coded: the answer goes through.
+        for (text, method) in [
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                Method::HEAD,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                Method::GET,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\ntransfer-encoding: identity\r\n\r\n",
+                Method::DELETE,
+            ),
+        ] {
+            let h = head(text, method.clone()).unwrap().unwrap();
+            assert_eq!(h.framing, Framing::Empty, "{method} {text:?}");
         }
         assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), (Framing::UntilClose, false));
         assert_eq!(
