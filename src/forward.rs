@@ -4,6 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::header::HeaderValue;
@@ -121,14 +122,22 @@ impl Upstream {
         let (mut parts, body) = request.into_parts();
         let framing = codec::request_framing(&parts.method, body.size_hint().exact(), hop.had_length());
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut body = Some(body);
-        let mut pending: Option<Outgoing> = None;
+        let mut body = body;
         // The serving thread finishes its turn first (its other ready
         // connections' heads are read), so requests that arrived together
         // reach the store together: the store is woken once for them, not
         // once per request, which on a shared host cost the proxy more
         // kernel time than the yield costs (bench/RESULTS.md, step 17).
+        // What of the body is already here is taken in the same poll, so
+        // its wake of hyper's connection and the yield's are one.
+        std::future::poll_fn(|cx| {
+            body.take_ready(cx);
+            Poll::Ready(())
+        })
+        .await;
         tokio::task::yield_now().await;
+        let mut body = Some(body);
+        let mut pending: Option<Outgoing> = None;
         loop {
             // A raise while the connection is being made aborts the write
             // before any byte of it is sent.
@@ -174,7 +183,14 @@ impl Upstream {
                     kill.kill();
                     ForwardError::Timeout(timeout)
                 };
+                // The exchange first: it sends the body, so the deadline's
+                // watch then finds it decided without waiting. Polled the
+                // other way round, that watch waited first and the body's
+                // end woke this task again for nothing (one poll of hyper's
+                // connection in two of a write). The body itself checks
+                // the fence before each frame (`GuardedBody`).
                 tokio::select! {
+                    biased;
                     result = response => result,
                     error = deadline => return Err(error),
                 }
