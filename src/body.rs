@@ -178,12 +178,15 @@ fn keep_trailers(trailers: &mut HeaderMap, fencing_header: Option<&HeaderName>) 
     }
 }
 
+/// What a ready poll of body `B` gives.
+type Polled<B> = Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>;
+
 /// A body with an idle timeout and, for forwarded writes, an abort.
 pub struct GuardedBody<B: Body> {
     inner: B,
     /// What [`GuardedBody::take_ready`] took from `inner` ahead of time,
     /// handed over (and judged) by the next `poll_frame`.
-    early: Option<Option<Result<Frame<B::Data>, B::Error>>>,
+    early: Option<Polled<B>>,
     /// Armed only when the inner body first makes us wait, so a body that
     /// is ready at once (most small writes) costs no timer.
     idle: Option<Pin<Box<Sleep>>>,
