@@ -62,7 +62,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
                 return None;
             }
             let why = if view.is_regressed() {
-                "etcd regressed below the epoch".to_owned()
+                "etcd went back below a revision it had shown".to_owned()
             } else {
                 match view.age() {
                     None => "no answer from etcd yet".to_owned(),

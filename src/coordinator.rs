@@ -280,7 +280,7 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
         view.count_read();
         // Taken before the read: anything admitted by then came from a view
         // at a revision this linearizable read cannot be below.
-        let floor = gate.marks().epoch;
+        let floor = view.floor(gate.marks().epoch);
         let started = Instant::now();
         last_start = started;
         // Every attempt starts after `seq` was numbered, so after each
@@ -340,7 +340,7 @@ async fn watch_once(
 ) -> String {
     let key = candidates_prefix(&view.prefix);
     let kv = client.kv_client();
-    let floor = gate.marks().epoch;
+    let floor = view.floor(gate.marks().epoch);
     let read = first_answer(period, hedge, || {
         let mut kv = kv.clone();
         let key = key.as_str();

@@ -64,7 +64,8 @@ pub struct ElectionView {
     base: Instant,
     /// The highest leader revision ever seen: the cap of `local` mode.
     highest_leader: AtomicU64,
-    /// Set once etcd answered with a revision below the domain's epoch.
+    /// Set once etcd answered with a revision below what it had shown:
+    /// the domain's epoch, or a revision this view already described.
     regressed: AtomicBool,
     /// Whether the last read succeeded, to log changes once.
     reachable: AtomicBool,
@@ -186,8 +187,17 @@ impl ElectionView {
         self.metrics.leader_reads.inc();
     }
 
-    /// Records a successful linearizable read that started at `started`,
-    /// answered at `revision`, while the domain's epoch was `floor` or more.
+    /// The least revision a linearizable read starting now may answer
+    /// with, the domain's epoch being `epoch`: every token admitted was a
+    /// leader revision etcd showed, and the view describes a revision etcd
+    /// had reached. Taken before the read starts.
+    pub fn floor(&self, epoch: u64) -> u64 {
+        epoch.max(u64::try_from(self.snapshot().revision).unwrap_or(0))
+    }
+
+    /// Records a successful linearizable read that started at `started`
+    /// and answered at `revision`, `floor` ([`ElectionView::floor`]) being
+    /// taken before it started.
     pub fn record_read(&self, started: Instant, revision: i64, leader: Option<u64>, floor: u64) {
         // etcd answered, whatever it said.
         self.answered.store(true, SeqCst);
@@ -195,13 +205,14 @@ impl ElectionView {
             tracing::info!(domain = %self.domain, election = %self.prefix, "etcd reachable again");
         }
         if u64::try_from(revision).unwrap_or(0) < floor {
-            // Every token admitted here was a leader revision etcd once
-            // showed, and a linearizable read cannot show less than etcd
-            // ever showed: unless etcd lost its history.
+            // A linearizable read cannot show less than etcd ever showed:
+            // unless etcd lost its history. Such an answer neither changes
+            // the view nor keeps it fresh (a restored etcd's leader is not
+            // the one the view holds, and the view's is deposed there).
             if !self.regressed.swap(true, SeqCst) {
                 tracing::error!(
-                    domain = %self.domain, etcd_revision = revision, epoch = floor,
-                    "etcd answered with a revision below the domain's epoch (restored from an old backup?): writes here get 503 coordinator_regressed until fencegate is restarted after etcd is repaired or the epoch is lowered with `fencegate epochs set`"
+                    domain = %self.domain, etcd_revision = revision, floor,
+                    "etcd answered with a revision below one it had shown (the domain's epoch or a revision read before; restored from an old backup?): writes here get 503 coordinator_regressed until fencegate is restarted after etcd is repaired, and the epoch lowered with `fencegate epochs set` if etcd's revision is below it"
                 );
             }
             return;
@@ -520,6 +531,30 @@ mod tests {
         v.record_read(Instant::now(), 3, Some(2), 9);
         assert!(v.is_regressed());
         assert!(v.is_reachable(), "a regressed answer is still an answer");
+    }
+
+    /// A read that started after the view described revision 500 and
+    /// answers at 350 proves etcd lost history (restored from a backup
+    /// taken above the epoch): the view is regressed, and the answer
+    /// neither replaces its leader nor keeps it fresh.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_below_a_revision_the_view_saw_is_a_regression() {
+        let v = view(OnUnavailable::Reject);
+        let epoch = 100;
+        assert_eq!(v.floor(epoch), 100, "nothing read yet: the epoch");
+        v.record_read(Instant::now(), 500, Some(100), v.floor(epoch));
+        assert_eq!(v.floor(epoch), 500);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let age = v.age();
+        v.record_read(Instant::now(), 350, Some(350), v.floor(epoch));
+        assert!(v.is_regressed());
+        assert_eq!(v.leader(None), Leader::Regressed);
+        assert_eq!(
+            v.snapshot().leader,
+            Some(100),
+            "the restored etcd's leader is not installed"
+        );
+        assert_eq!(v.age(), age, "nor does its answer renew freshness");
     }
 
     #[tokio::test(start_paused = true)]

@@ -329,7 +329,7 @@ impl Gate {
                 _ => format!("the leader of domain `{name}` cannot be confirmed: etcd did not answer in time"),
             },
             Reason::CoordinatorRegressed => format!(
-                "etcd's revision is below the epoch {} of domain `{name}`: etcd lost history; an operator must act",
+                "etcd answered with a revision below one it had shown (domain `{name}` is at epoch {}, or fencegate read a later revision): etcd lost history; an operator must act",
                 marks.epoch
             ),
             _ => format!("token {token} was refused in domain `{name}`"),

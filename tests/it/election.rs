@@ -1287,3 +1287,87 @@ async fn epoch_above_etcds_revision_is_coordinator_regressed() {
     }
     assert!(nginx.log_entries().is_empty(), "{:?}", nginx.log_entries());
 }
+
+/// etcd restored from a backup (a copy of its data dir) taken after the
+/// leader's election: its revision stays above the epoch, but below the
+/// revision fencegate's view last described. There the old leader is
+/// revoked and a new one leads. Those answers prove etcd lost history:
+/// every write in the domain is 503 coordinator_regressed, the deposed
+/// leader's above all, and none reaches the store. (Before, the answers
+/// were dropped as older than the view but kept it fresh, so the deposed
+/// leader was admitted and the new one refused `not_leader`. Found by
+/// review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_restored_below_a_revision_the_view_saw_is_coordinator_regressed() {
+    let mut etcd = Etcd::start();
+    let nginx = Nginx::start();
+    let c = etcd_client(&etcd.endpoints()).await;
+    let a = Candidate::campaign(&c, ELECTION, "a", TTL).await;
+    let ra = a.rev();
+    let fg = Fencegate::start(config(&nginx, &etcd, "watch"));
+    let proxy = Proxy::new(&fg);
+    proxy
+        .wait_domain("epoch = A's revision", STEP, |d| as_i64(d, "epoch") == Some(ra))
+        .await;
+    assert_admitted(&proxy.put("/orders/a", ra).await, "A leads");
+
+    // The backup: a copy of the data dir, taken with etcd stopped.
+    let backup = tempfile::tempdir().unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .expect("cp");
+        assert!(status.success(), "cp -a {from:?} {to:?}");
+    };
+    etcd.kill();
+    copy(&etcd.data_dir(), &backup.path().join("data"));
+    etcd.restart();
+    // Unrelated writes move etcd, and with the periodic reads the view, on.
+    let c = etcd_client(&etcd.endpoints()).await;
+    let mut high = 0;
+    for i in 0..200 {
+        high = put_key(&c, &format!("/unrelated/{i}")).await;
+    }
+    // The periodic reads (every max_staleness / 3) take the view there.
+    tokio::time::sleep(MAX_STALENESS).await;
+    assert_admitted(&proxy.put("/orders/a", ra).await, "A still leads");
+
+    etcd.kill();
+    std::fs::remove_dir_all(etcd.data_dir()).unwrap();
+    copy(&backup.path().join("data"), &etcd.data_dir());
+    etcd.restart();
+    let c = etcd_client(&etcd.endpoints()).await;
+    a.revoke().await;
+    let b = Candidate::campaign(&c, ELECTION, "b", TTL).await;
+    let rb = b.rev();
+    assert!(
+        ra < rb && rb < high,
+        "A {ra}, B {rb}, etcd before the restore {high}"
+    );
+    let started = Instant::now();
+    let mut deposed = proxy.put("/orders/a", ra).await;
+    while reason(&deposed) != "coordinator_regressed" && started.elapsed() < 3 * MAX_STALENESS {
+        assert_ne!(
+            deposed.status / 100,
+            2,
+            "deposed A's write was admitted: {deposed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        deposed = proxy.put("/orders/a", ra).await;
+    }
+    problem(&deposed, 503, "coordinator_regressed", "deposed A, etcd restored");
+    let leader = proxy.put("/orders/b", rb).await;
+    problem(
+        &leader,
+        503,
+        "coordinator_regressed",
+        "B, leader of the restored etcd",
+    );
+    let ready = proxy.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    let written = stored_write_tokens(&nginx, 2);
+    assert_eq!(written, [ra, ra], "only A's writes from before the restore");
+}
