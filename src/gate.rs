@@ -97,6 +97,31 @@ impl Generation {
     }
 }
 
+/// The point after which a read may confirm a request.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    /// [`crate::election::ReadQueue::arrival`].
+    seq: u64,
+    at: Instant,
+}
+
+impl Arrival {
+    fn now(view: &ElectionView) -> Arrival {
+        Arrival {
+            seq: view.reads.arrival(),
+            at: Instant::now(),
+        }
+    }
+}
+
+/// The outcome of a confirming read a request waited for.
+#[derive(Debug, Clone, Copy)]
+struct Confirmation {
+    succeeded: bool,
+    /// Its read started after this.
+    since: Instant,
+}
+
 /// An admitted write's place in its generation; a raise waits until every
 /// ticket of the generation before it is dropped.
 pub struct Ticket {
@@ -252,8 +277,9 @@ impl Gate {
     /// A write gets a [`Ticket`] to hold until the store's response head.
     pub async fn admit(self: &Arc<Self>, token: Token, access: Access) -> Result<Option<Ticket>, Problem> {
         // Taken first: only reads that start after this point may confirm.
-        let arrival = self.election.as_ref().map(|view| view.reads.arrival());
-        // The outcome of the confirming read this request waited for, if any.
+        let arrival = self.election.as_ref().map(|view| Arrival::now(view));
+        // The outcome of the confirming read this request waited for, if
+        // any, and when it began waiting (the read started after that).
         let mut confirmation = None;
         if let (Some(view), Some(arrival)) = (&self.election, arrival) {
             if view.linearizable() {
@@ -262,7 +288,7 @@ impl Gate {
         }
         loop {
             let marks = self.marks();
-            match decide(token, marks, self.leader(confirmation), access) {
+            match decide(token, marks, self.leader(self.still_valid(confirmation)), access) {
                 Decision::Forward if access == Access::Read => return Ok(None),
                 Decision::Forward => {
                     if let Some(ticket) = self.register(token) {
@@ -273,12 +299,18 @@ impl Gate {
                 }
                 Decision::Raise => self.raise(token).await?,
                 Decision::Confirm => {
-                    // Only a view can ask for a confirmation, and only once:
-                    // afterwards the request decides on what the read said.
+                    // Only a view can ask for a confirmation. Afterwards the
+                    // request decides on what the read said, until that is
+                    // too old (see `still_valid`): then only a read that
+                    // starts from now on can answer.
                     let (Some(view), Some(arrival)) = (&self.election, arrival) else {
                         unreachable!("a domain without an election never needs a confirmation");
                     };
-                    confirmation = Some(self.confirm(view, arrival).await);
+                    let since = match confirmation {
+                        None => arrival,
+                        Some(_) => Arrival::now(view),
+                    };
+                    confirmation = Some(self.confirm(view, since).await);
                 }
                 Decision::Refuse(reason) => return Err(self.refusal(reason, token, marks)),
             }
@@ -288,12 +320,27 @@ impl Gate {
     /// Waits for a read of the election that started after `arrival`. A
     /// read is bounded by itself, but the reader may still be connecting
     /// (etcd down at start), so the wait is bounded here too.
-    async fn confirm(&self, view: &ElectionView, arrival: u64) -> bool {
+    async fn confirm(&self, view: &ElectionView, arrival: Arrival) -> Confirmation {
         view.count_confirmation();
         let wait = view.settings.max_staleness;
-        tokio::time::timeout(wait, view.reads.confirm(arrival))
+        let succeeded = tokio::time::timeout(wait, view.reads.confirm(arrival.seq))
             .await
-            .unwrap_or(false)
+            .unwrap_or(false);
+        Confirmation {
+            succeeded,
+            since: arrival.at,
+        }
+    }
+
+    /// What `confirmation` still says: no more than a view read at the
+    /// same time would. A write may wait long after its read (for a raise's
+    /// barrier, up to `request_timeout`), and the answer of a read older
+    /// than `max_staleness` decides nothing, like the view of one: the
+    /// write decides again on the view, or asks for another read.
+    fn still_valid(&self, confirmation: Option<Confirmation>) -> Option<bool> {
+        let confirmation = confirmation?;
+        let view = self.election.as_deref()?;
+        (confirmation.since.elapsed() <= view.settings.max_staleness).then_some(confirmation.succeeded)
     }
 
     /// What is known of the leader. Domains without an election skip rule 3.
@@ -553,6 +600,10 @@ mod tests {
     }
 
     fn fixture_with_drain_limit(epoch: u64, drain_limit: Duration) -> Fixture {
+        fixture_with(epoch, drain_limit, None)
+    }
+
+    fn fixture_with(epoch: u64, drain_limit: Duration, election: Option<Arc<ElectionView>>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let wanted = [WantedDomain {
             name: "d".into(),
@@ -570,7 +621,7 @@ mod tests {
         let gate = Arc::new(Gate::new(
             "d",
             "/d/".into(),
-            None,
+            election,
             epoch,
             metrics.domain("d"),
             settings,
@@ -580,6 +631,33 @@ mod tests {
             metrics,
             _dir: dir,
         }
+    }
+
+    /// A watch-mode election view (`reject` when stale), and a reader that
+    /// answers every read it is asked for with `answer` (revision, leader)
+    /// until aborted, as the coordinator's reader would.
+    fn view_and_reader(
+        max_staleness: Duration,
+        answer: (i64, Option<u64>),
+    ) -> (Arc<ElectionView>, tokio::task::JoinHandle<()>) {
+        use crate::config::{Consistency, OnUnavailable};
+        let settings = crate::election::ViewSettings {
+            consistency: Consistency::Watch,
+            on_unavailable: OnUnavailable::Reject,
+            max_staleness,
+        };
+        let metrics = Metrics::new().election("d");
+        let view = Arc::new(ElectionView::new("d".into(), "/e".into(), settings, metrics));
+        let reads = view.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let far = Instant::now() + Duration::from_secs(3600);
+                let seq = reads.reads.next(far, Instant::now(), Instant::now()).await;
+                reads.record_read(Instant::now(), answer.0, answer.1, 0);
+                reads.reads.finish(seq, true);
+            }
+        });
+        (view, reader)
     }
 
     fn tok(v: u64) -> Token {
@@ -673,6 +751,33 @@ mod tests {
         }
         drop(lower);
         assert_eq!(f.gate.inflight_writes(), 0);
+    }
+
+    /// A write confirmed by a read (the view lagged), then held by its
+    /// raise's barrier longer than max_staleness while etcd went away, is
+    /// not forwarded on that old answer: like every other write then, it
+    /// gets 503 (found by review: it was forwarded).
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmation_older_than_max_staleness_decides_nothing() {
+        const STALENESS: Duration = Duration::from_secs(5);
+        // etcd says 6 leads; the view still shows 5.
+        let (view, reader) = view_and_reader(STALENESS, (12, Some(6)));
+        view.record_read(Instant::now(), 10, Some(5), 0);
+        let f = fixture_with(5, Duration::from_secs(60), Some(view.clone()));
+        let lower = write(&f.gate, 5).await.unwrap();
+        let gate = f.gate.clone();
+        let confirmed = tokio::spawn(async move { write(&gate, 6).await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!confirmed.is_finished(), "confirmed, it waits for the write at 5");
+        reader.abort();
+        tokio::time::sleep(STALENESS * 3).await;
+        assert_eq!(
+            f.gate.leader(None),
+            Leader::Unavailable,
+            "any other write gets 503"
+        );
+        drop(lower);
+        assert_eq!(confirmed.await.unwrap(), Err(Reason::CoordinatorUnavailable));
     }
 
     #[tokio::test]
