@@ -4,7 +4,7 @@
 //! answers. No other module knows a status code.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
@@ -193,6 +193,11 @@ struct Body<'a> {
     leader: Option<u64>,
 }
 
+/// The `Allow` of a 405: the methods of HTTP and WebDAV that fencegate
+/// forwards (any other but CONNECT is forwarded too).
+const FORWARDED_METHODS: &str =
+    "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH, PROPFIND, PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK";
+
 /// Seconds a writer should wait before retrying a 503.
 const RETRY_AFTER_SECONDS: &str = "1";
 
@@ -232,6 +237,11 @@ impl Problem {
         headers.insert("fencegate-reason", HeaderValue::from_static(self.reason.as_str()));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            // A 405 must say what is allowed (RFC 9110 §15.5.6): every
+            // method but CONNECT goes to the store, which decides.
+            headers.insert(ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
         }
         if close {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));

@@ -101,8 +101,6 @@ pub struct ConnectionOptions {
     pub close: bool,
     /// `keep-alive`: an HTTP/1.0 connection persists.
     pub keep_alive: bool,
-    /// `te` is named: a `TE` field is this hop's alone.
-    pub te: bool,
     /// Other headers named, to be left out (rarely any).
     pub named: Vec<HeaderName>,
 }
@@ -126,7 +124,6 @@ impl ConnectionOptions {
             } else if option.eq_ignore_ascii_case(b"close") {
                 self.close = true;
             } else if let Ok(name) = HeaderName::from_bytes(option) {
-                self.te |= name == TE;
                 if !hop_by_hop(&name) && !self.named.contains(&name) {
                     self.named.push(name);
                 }
@@ -187,7 +184,10 @@ impl RequestHop {
         };
         RequestHop {
             had_length: had_length && !connection.names(&CONTENT_LENGTH),
-            trailers: trailers && !connection.te,
+            // TE is always this hop's alone (`Connection: te` only says
+            // so again): fencegate forwards trailers, so it asks the store
+            // for them when its client accepts them.
+            trailers,
             connection,
             has_host,
             x_forwarded_for,
@@ -332,13 +332,17 @@ mod tests {
                 ("forwarded", "for=127.0.0.1;proto=http"),
             ])
         );
-        // A `TE` that `Connection` names is gone, trailers and all; a
-        // request without `Host` gets the store's.
+        // `TE` with the `Connection: te` RFC 9110 §10.1.4 asks of every
+        // sender of TE: the client accepts trailers, so fencegate asks the
+        // store for them (its own hop's TE); a request without `Host`
+        // (HTTP/1.0) gets the store's.
         let out = sent(&[("connection", "te"), ("te", "trailers")], "127.0.0.1:5000");
         assert_eq!(
             out,
             lines(&[
                 ("host", "store:80"),
+                ("te", "trailers"),
+                ("connection", "te"),
                 ("x-forwarded-for", "127.0.0.1"),
                 ("forwarded", "for=127.0.0.1;proto=http"),
             ])

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, HOST, TRANSFER_ENCODING};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
@@ -172,6 +172,7 @@ impl Proxy {
             ));
         }
         let uri = request.uri();
+        let mut hosts = 0;
         let head_bytes = request.method().as_str().len()
             + uri.path_and_query().map_or(1, |p| p.as_str().len())
             + uri.authority().map_or(0, |a| a.as_str().len() + 8)
@@ -179,7 +180,10 @@ impl Proxy {
             + request
                 .headers()
                 .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .map(|(k, v)| {
+                    hosts += usize::from(k == HOST);
+                    k.as_str().len() + v.len() + 4
+                })
                 .sum::<usize>();
         if head_bytes > self.max_header_bytes {
             return Err(Problem::new(
@@ -188,6 +192,17 @@ impl Proxy {
                     "the request head has {head_bytes} bytes, more than the limit of {}",
                     self.max_header_bytes
                 ),
+            ));
+        }
+        // RFC 9112 §3.2: which of two would the store take? And an
+        // HTTP/1.1 request names its host.
+        if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
+            return Err(Problem::new(
+                Reason::BadRequest,
+                match hosts {
+                    0 => "an HTTP/1.1 request needs a Host header",
+                    _ => "the Host header was given more than once",
+                },
             ));
         }
         // hyper undoes `chunked` only, and refuses a request whose last

@@ -583,3 +583,17 @@ async fn a_chunked_put_keeps_its_body_and_trailers() {
     let trailers = &done.trailers;
     assert_eq!(checksum, Some(&b"abc123"[..]), "trailers forwarded: {trailers:?}");
 }
+
+/// A 405 says what is allowed (RFC 9110 §15.5.6): fencegate's own, to
+/// CONNECT, lists the methods it forwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_405_to_connect_carries_allow() {
+    let fg = Fencegate::start(FencegateConfig::new("http://127.0.0.1:9").domain("orders", "/orders/"));
+    let connect = "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n";
+    let a = raw(&fg.addr(), connect);
+    assert_eq!(a.status, 405, "{a:?}");
+    let allow = a
+        .header("allow")
+        .unwrap_or_else(|| panic!("a 405 without Allow: {a:?}"));
+    assert!(allow.contains("PUT") && !allow.contains("CONNECT"), "{allow}");
+}

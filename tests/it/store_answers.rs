@@ -304,3 +304,50 @@ async fn hop_by_hop_headers_stay_on_their_hop_both_ways() {
         "the store got the client's hop headers: {head}"
     );
 }
+
+/// A client that accepts trailers says `TE: trailers` with the
+/// `Connection: TE` that RFC 9110 §10.1.4 asks of every sender of TE.
+/// fencegate forwards trailers, so the store is asked for them too (a
+/// store may send them only to a client that accepts them, as hyper's
+/// server does). Before, `Connection: TE` made fencegate drop the ask.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clients_te_trailers_reaches_the_store_as_fencegates_own() {
+    let store = RawStore::start(Script::new()).await;
+    let fg = gate(&store);
+    let request = "GET /d/te HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nConnection: TE\r\n\r\n";
+    let addr = fg.url();
+    let answer = tokio::task::block_in_place(|| raw_request(&addr, request.as_bytes()));
+    assert_eq!(parse_response(&answer).status, 204, "{answer}");
+    let head = store.heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(
+        head.contains("\r\nte: trailers\r\n") && head.contains("\r\nconnection: te\r\n"),
+        "the store was not asked for trailers: {head}"
+    );
+}
+
+/// RFC 9112 §3.2: a request with two `Host` lines (which would the store
+/// take?), or an HTTP/1.1 request without one, is 400 and reaches no
+/// store. An HTTP/1.0 request without `Host` goes on, with the store's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_without_one_host_is_400() {
+    let store = RawStore::start(Script::new()).await;
+    let fg = gate(&store);
+    let addr = fg.url();
+    for request in [
+        "GET /d/hosts HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+        "GET /d/nohost HTTP/1.1\r\n\r\n",
+        "GET /d/hosts HTTP/1.0\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+    ] {
+        let answer = tokio::task::block_in_place(|| raw_request(&addr, request.as_bytes()));
+        let r = parse_response(&answer);
+        assert_eq!(r.status, 400, "{request:?}: {answer}");
+        assert_eq!(r.header("fencegate-reason"), Some("bad_request"), "{answer}");
+    }
+    assert!(
+        store.heads.lock().unwrap().is_empty(),
+        "{:?}",
+        store.heads.lock().unwrap()
+    );
+    let answer = tokio::task::block_in_place(|| raw_request(&addr, b"GET /d/old HTTP/1.0\r\n\r\n"));
+    assert_eq!(parse_response(&answer).status, 204, "{answer}");
+}
