@@ -79,8 +79,9 @@ impl Exchange {
         self.ticket.as_ref().is_some_and(Ticket::is_fenced)
     }
 
-    /// Records that the whole body was handed to the connection. False if
-    /// it had been aborted first.
+    /// Records that the whole request was written to the connection (the
+    /// kernel has its last byte: `pool::Outgoing`). False if it had been
+    /// aborted first.
     pub fn complete(&self) -> bool {
         match self.state.compare_exchange(SENDING, SENT, SeqCst, SeqCst) {
             Ok(_) => {
@@ -195,6 +196,9 @@ pub struct GuardedBody<B: Body> {
     waiting: bool,
     exchange: Option<Arc<Exchange>>,
     ended: bool,
+    /// Its last frame (or its end) was handed over: the body is whole, and
+    /// whether the request is is for the connection to say.
+    whole: bool,
 }
 
 impl<B: Body> GuardedBody<B> {
@@ -208,6 +212,7 @@ impl<B: Body> GuardedBody<B> {
             waiting: false,
             exchange: None,
             ended: false,
+            whole: false,
         }
     }
 
@@ -226,9 +231,9 @@ impl<B: Body> GuardedBody<B> {
         Poll::Ready(Some(Err(error)))
     }
 
-    /// Tells the exchange the body is whole; false if it was aborted first.
-    fn complete(&self) -> bool {
-        self.exchange.as_ref().is_none_or(|e| e.complete())
+    /// The forwarded write's exchange, if this body is one's.
+    pub fn exchange(&self) -> Option<&Arc<Exchange>> {
+        self.exchange.as_ref()
     }
 
     /// Takes from the inner body what it has ready now, if anything, to be
@@ -251,9 +256,10 @@ impl<B: Body> GuardedBody<B> {
 
 impl<B: Body> Drop for GuardedBody<B> {
     /// A body dropped before its end will never be sent whole: whoever
-    /// waits on its exchange learns it now.
+    /// waits on its exchange learns it now. (A whole one is the
+    /// connection's to complete, once it has written it.)
     fn drop(&mut self) {
-        if let Some(exchange) = &self.exchange {
+        if let (Some(exchange), false) = (&self.exchange, self.whole) {
             exchange.abort();
         }
     }
@@ -289,14 +295,13 @@ where
         match next {
             Poll::Ready(Some(Ok(frame))) => {
                 // The last frame of a sized body, or the trailers of a
-                // chunked one, completes the request at the store (the
-                // last chunk goes with the trailers: `pool::Outgoing`), so
-                // it is only handed over if the exchange agrees.
+                // chunked one: the body is whole. The request is complete
+                // only once the connection wrote it all (`pool::Outgoing`,
+                // which checks the fence before every write, like this
+                // body before every frame).
                 if frame.is_trailers() || this.inner.is_end_stream() {
                     this.ended = true;
-                    if !this.complete() {
-                        return this.fail(BodyError::Fenced);
-                    }
+                    this.whole = true;
                 }
                 this.waiting = false;
                 let mut frame = frame;
@@ -319,11 +324,8 @@ where
                 }
                 // A chunked body is complete only with its last chunk, which
                 // the connection writes when it sees this end.
-                if this.complete() {
-                    Poll::Ready(None)
-                } else {
-                    this.fail(BodyError::Fenced)
-                }
+                this.whole = true;
+                Poll::Ready(None)
             }
             Poll::Pending => {
                 // The idle clock starts when the other side makes us wait,
@@ -375,8 +377,10 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
+    /// A body taken whole leaves its exchange open: the request is
+    /// complete only once the connection has written it (`pool::Outgoing`).
     #[tokio::test]
-    async fn a_whole_body_completes_the_exchange() {
+    async fn a_whole_body_leaves_completion_to_the_connection() {
         let exchange = Exchange::new(None, None);
         let body = GuardedBody::new(
             http_body_util::Full::new(Bytes::from_static(b"abc")),
@@ -385,12 +389,13 @@ mod tests {
         .forwarding(exchange.clone());
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"abc");
-        assert!(!exchange.abort(), "a sent body cannot be aborted");
+        assert!(!exchange.is_aborted(), "dropped whole, it aborted nothing");
+        assert!(exchange.complete());
     }
 
     /// What is taken ahead of time is judged when it is handed over: the
-    /// body still reads whole and sized, the exchange is not complete
-    /// until then, and a raise in between still stops the last frame.
+    /// body still reads whole and sized, and a raise in between still
+    /// stops the last frame.
     #[tokio::test]
     async fn a_frame_taken_ahead_is_judged_when_handed_over() {
         let body = |exchange: &Arc<Exchange>| {
@@ -413,7 +418,7 @@ mod tests {
         let exchange = Exchange::new(None, None);
         let bytes = body(&exchange).collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"abc");
-        assert!(!exchange.abort(), "a sent body cannot be aborted");
+        assert!(!exchange.is_aborted(), "dropped whole, it aborted nothing");
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use crate::body::BodyError;
+use crate::body::{BodyError, Exchange};
 use crate::codec::{self, BodyDecoder, CodecError, Decoded, Framing, ResponseHead};
 use crate::connector::{connect, ConnectError, KillHandle, Wire};
 use crate::forward::UpstreamBody;
@@ -316,8 +316,9 @@ impl Conn {
     }
 
     /// Keeps an `Outgoing`'s head buffer for the next exchange.
-    pub fn reclaim(&mut self, out: Outgoing) {
-        self.head = out.head;
+    pub fn reclaim(&mut self, mut out: Outgoing) {
+        self.head = std::mem::take(&mut out.head);
+        out.head_at = 0;
     }
 
     /// Offers the connection back if `reusable` and nothing unasked for
@@ -354,6 +355,10 @@ pub struct Outgoing {
     /// `None` once the body ended.
     body: Option<UpstreamBody>,
     chunked: bool,
+    /// The forwarded write's exchange: a raise stops the request before
+    /// any write (rule 4a: "not yet fully sent to the store"), and it is
+    /// complete once its last byte is written.
+    exchange: Option<Arc<Exchange>>,
 }
 
 impl Outgoing {
@@ -374,6 +379,7 @@ impl Outgoing {
             head_at: 0,
             queue: VecDeque::new(),
             queued: 0,
+            exchange: body.exchange().cloned(),
             body: Some(body),
             chunked: framing == Framing::Chunked,
         };
@@ -403,9 +409,17 @@ impl Outgoing {
         if self.chunked {
             self.push(codec::chunked_end(trailers));
         }
-        // An ended body completed its exchange when it gave its last
-        // frame; dropping it now aborts nothing.
+        // A whole body aborts nothing when dropped; one that is not (a
+        // request that never had one) leaves its exchange decided.
         self.body = None;
+    }
+
+    /// Whether a raise stops this request before its next write: it
+    /// began before the request was written whole.
+    fn fenced(&self) -> bool {
+        self.exchange
+            .as_ref()
+            .is_some_and(|e| (e.is_fenced() && e.abort()) || e.is_aborted())
     }
 
     /// Takes what the body has ready, up to [`MAX_QUEUED`].
@@ -454,6 +468,10 @@ impl Outgoing {
         loop {
             self.fill(cx)?;
             if self.is_done() {
+                // Written whole: from here a raise waits for its answer.
+                if self.exchange.as_ref().is_some_and(|e| !e.complete()) {
+                    return Poll::Ready(Err(ExchangeError::Body(BodyError::Fenced)));
+                }
                 return Poll::Ready(Ok(()));
             }
             let mut slices = [IoSlice::new(&[]); 16];
@@ -469,6 +487,9 @@ impl Outgoing {
             if count == 0 {
                 // Everything taken is written; the body has no more yet.
                 return Poll::Pending;
+            }
+            if self.fenced() {
+                return Poll::Ready(Err(ExchangeError::Body(BodyError::Fenced)));
             }
             let unsent = self.is_unsent();
             let mut n = match std::task::ready!(wire.poll_write(cx, &slices[..count])) {
@@ -489,6 +510,16 @@ impl Outgoing {
                 n -= front.len();
                 self.queue.pop_front();
             }
+        }
+    }
+}
+
+impl Drop for Outgoing {
+    /// A request dropped before it was written whole never will be:
+    /// whoever waits on its exchange learns it now.
+    fn drop(&mut self) {
+        if let (Some(exchange), false) = (&self.exchange, self.is_done()) {
+            exchange.abort();
         }
     }
 }

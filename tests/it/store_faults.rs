@@ -1497,3 +1497,85 @@ async fn a_request_on_a_pooled_connection_the_store_just_closed_is_sent_on_anoth
         log_tail(&fg)
     );
 }
+
+/// `request_timeout` runs from the end of the forwarded body (SPEC.md,
+/// Configuration): from the last byte written to the store, not from
+/// fencegate taking the last frame from its client while up to 256 KiB
+/// still wait in its own queue. A store that reads a 768 KiB body 16 KiB
+/// at a time with 100 ms pauses (never idle for `body_idle_timeout`), then
+/// answers, is not cut at `request_timeout` = 500 ms (it was, with a 504;
+/// found by review).
+#[tokio::test(flavor = "multi_thread")]
+async fn request_timeout_runs_from_the_last_byte_written() {
+    const SIZE: usize = 768 << 10;
+    let store = ScriptedStore::start().await;
+    store.set_receive_buffer(16 << 10);
+    let (fg, _) = start(&store, |c| {
+        c.body_idle_timeout(Duration::from_secs(5))
+            .request_timeout(Duration::from_millis(500))
+    })
+    .await;
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.fault_path("/d/slow", Fault::ReadSlowly(Duration::from_millis(100)));
+    let raw = exchange(&fg, "PUT", "/d/slow", Some(5), SIZE).await;
+    let seen = raw.seen();
+    let complete = store
+        .events()
+        .iter()
+        .any(|e| e.path == "/d/slow" && e.kind == EventKind::BodyComplete);
+    assert!(
+        (200..300).contains(&seen.status) && complete,
+        "a store that reads steadily and answers at once got {} {:?} after {:?} (it read the \
+         whole body: {complete})\n{}",
+        seen.status,
+        seen.header("fencegate-reason"),
+        raw.took,
+        log_tail(&fg)
+    );
+}
+
+/// Rule 4(a): a raise aborts a lower write whose body is not yet sent
+/// whole to the store, also when fencegate took all of it from the client
+/// and most of it waits in fencegate's own queue (the store holds it 3 s
+/// before reading). Before, that write counted as sent: the raise waited
+/// behind it and the store completed it (found by review).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_aborts_a_lower_body_still_queued_in_fencegate() {
+    const HOLD: Duration = Duration::from_secs(3);
+    let store = ScriptedStore::start().await;
+    store.set_receive_buffer(16 << 10);
+    let (fg, _) = start(&store, |c| {
+        c.body_idle_timeout(Duration::from_secs(8))
+            .request_timeout(Duration::from_secs(8))
+    })
+    .await;
+    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    store.hold_token_before_body("5", HOLD);
+    let lower = exchange(&fg, "PUT", "/d/low", Some(5), 300 << 10);
+    let higher = async {
+        // By now the client has sent the whole lower body and fencegate
+        // has taken it; most of it waits in fencegate's queue.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let started = Instant::now();
+        (put(&fg, "/d/high", 6).await, started.elapsed())
+    };
+    let (low, (high, high_took)) = tokio::join!(lower, higher);
+    let seen = low.seen();
+    let low_complete = store
+        .events()
+        .iter()
+        .any(|e| e.path == "/d/low" && e.kind == EventKind::BodyComplete);
+    assert!(
+        !(200..300).contains(&seen.status) && !low_complete,
+        "the lower write was completed at the store after the raise began ({} after {:?}, \
+         store saw its body whole: {low_complete})\n{}",
+        seen.status,
+        low.took,
+        log_tail(&fg)
+    );
+    assert_admitted(&fg, &high, "the higher write");
+    assert!(
+        high_took < HOLD / 2,
+        "the higher write waited {high_took:?}: for the lower one's store, not its abort"
+    );
+}
