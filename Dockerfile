@@ -6,6 +6,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compil
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Cargo.toml declares the criterion bench: without its file cargo refuses
+# the manifest, even for --bin.
+COPY benches ./benches
 RUN cargo build --release --locked --bin fencegate
 
 FROM debian:bookworm-slim

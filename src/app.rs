@@ -55,6 +55,10 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Fatal> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    // A signal before serving (while etcd is awaited) stops the start, and
+    // the shutdown is as clean as any: nothing was forwarded.
+    let mut signalled = false;
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -151,17 +155,22 @@ pub async fn run(
         // Serving before etcd first answers would refuse (or, in local
         // mode, decide without) writes that a healthy etcd settles in a
         // millisecond; connections wait in the listen backlog meanwhile.
-        if !coordinator.first_views(etcd.max_staleness).await {
-            tracing::warn!(
-                "etcd has not answered yet: serving anyway; election domains refuse writes (or, in local mode, use their epochs) until it does"
-            );
+        tokio::select! {
+            answered = coordinator.first_views(etcd.max_staleness) => if !answered {
+                tracing::warn!(
+                    "etcd has not answered yet: serving anyway; election domains refuse writes (or, in local mode, use their epochs) until it does"
+                );
+            },
+            () = shutdown.as_mut() => signalled = true,
         }
     }
-    tracing::info!(
-        listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        upstream = %config.upstream.url,
-        "fencegate serving"
-    );
+    if !signalled {
+        tracing::info!(
+            listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            upstream = %config.upstream.url,
+            "fencegate serving"
+        );
+    }
 
     // Readiness turns 503 as soon as shutdown begins, so load balancers
     // stop sending while the connections drain.
@@ -169,7 +178,9 @@ pub async fn run(
     let on_signal = {
         let (stop, serving) = (stop.clone(), serving.clone());
         async move {
-            shutdown.await;
+            if !signalled {
+                shutdown.await;
+            }
             serving.store(false, Ordering::SeqCst);
             stop.cancel();
         }

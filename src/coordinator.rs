@@ -187,7 +187,8 @@ impl Coordinator {
     pub async fn first_views(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
-            if self.views.iter().all(|v| v.age().is_some()) {
+            // Answered: read, or found regressed (which no wait repairs).
+            if self.views.iter().all(|v| v.age().is_some() || v.is_regressed()) {
                 return true;
             }
             if Instant::now() >= deadline {

@@ -77,7 +77,18 @@ enum EpochsAction {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help` and `--version` print and succeed; a mistake in the
+        // arguments is a usage error like any other (not clap's own 2).
+        Err(e) => {
+            let _ = e.print();
+            return match e.use_stderr() {
+                true => ExitCode::from(commands::EX_USAGE),
+                false => ExitCode::SUCCESS,
+            };
+        }
+    };
     init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Run { forget_domain } => tokio::runtime::Builder::new_multi_thread()

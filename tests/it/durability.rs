@@ -714,3 +714,68 @@ async fn sigterm_during_a_slow_write_lets_it_finish_and_exits_cleanly() {
     .unwrap();
     drop(fg);
 }
+
+/// A mistake in the arguments is a usage error, exit 64 like every other
+/// (README: exit codes), not clap's own 2; `--help` still succeeds.
+#[test]
+fn argument_mistakes_exit_64() {
+    let binary = crate::support::fencegate_binary();
+    for args in [
+        &["bogus"][..],
+        &[][..],
+        &["epochs", "set", "--domain", "orders"][..],
+        &["--log-format", "xml", "check-config"][..],
+    ] {
+        let out = Command::new(&binary).args(args).output().expect("run fencegate");
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "fencegate {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stderr.is_empty(), "fencegate {args:?} said nothing");
+    }
+    let help = Command::new(&binary)
+        .arg("--help")
+        .output()
+        .expect("run fencegate");
+    assert_eq!(help.status.code(), Some(0));
+}
+
+/// A SIGTERM while fencegate waits for etcd's first answer, before it
+/// serves, ends it like any shutdown: exit 0, the clean mark recorded, and
+/// the next start without the crash wait. (The handlers were installed
+/// only once serving began: the signal's default action killed it, and
+/// the next start held every domain's first raise for request_timeout.)
+#[test]
+fn a_sigterm_while_waiting_for_etcd_is_a_clean_shutdown() {
+    let nginx = Nginx::start();
+    // Nothing listens there: etcd never answers.
+    let etcd = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let config = FencegateConfig::new(&nginx.url())
+        .etcd_raw(&format!("endpoints = [\"{etcd}\"]\nmax_staleness = \"30s\""))
+        .election_domain("orders", "/orders/", "/orders-service/leader");
+    let mut fg = Fencegate::start(config);
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let status = fg.terminate();
+    let stderr = fg.stderr_text();
+    assert!(status.success(), "SIGTERM during the start: {status}\n{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}: it waited for etcd",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains("SIGTERM received") && stderr.contains("clean shutdown recorded"),
+        "{stderr}"
+    );
+    fg.start_again();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_terminates_cleanly(&mut fg);
+    let again = fg.stderr_text();
+    assert!(
+        !again.contains("did not shut down cleanly"),
+        "the next start waited as after a crash:\n{again}"
+    );
+}

@@ -30,7 +30,7 @@ mod tmpfs;
 pub use config::{format_duration, Domain, FencegateConfig};
 pub use etcd::{leader_rev, Candidate, Etcd, EtcdCluster};
 pub use etcd_secure::{EtcdTable, Pki, SecureEtcd};
-pub use fencegate::{Fencegate, RunExit};
+pub use fencegate::{binary as fencegate_binary, Fencegate, RunExit};
 pub use http::{
     client, http_get, parse_response, raw_request, raw_request_timeout, take_request_head, RawResponse,
 };
