@@ -276,15 +276,13 @@ impl Gate {
     /// Admits a request with `token`, waiting for a raise when it needs one.
     /// A write gets a [`Ticket`] to hold until the store's response head.
     pub async fn admit(self: &Arc<Self>, token: Token, access: Access) -> Result<Option<Ticket>, Problem> {
-        // Taken first: only reads that start after this point may confirm.
-        let arrival = self.election.as_ref().map(|view| Arrival::now(view));
         // The outcome of the confirming read this request waited for, if
         // any, and when it began waiting (the read started after that).
         let mut confirmation = None;
-        if let (Some(view), Some(arrival)) = (&self.election, arrival) {
-            if view.linearizable() {
-                confirmation = Some(self.confirm(view, arrival).await);
-            }
+        if let Some(view) = self.election.as_deref().filter(|view| view.linearizable()) {
+            // First thing: only reads that start after the write arrived
+            // may confirm it.
+            confirmation = Some(self.confirm(view, Arrival::now(view)).await);
         }
         loop {
             let marks = self.marks();
@@ -299,18 +297,15 @@ impl Gate {
                 }
                 Decision::Raise => self.raise(token).await?,
                 Decision::Confirm => {
-                    // Only a view can ask for a confirmation. Afterwards the
+                    // Only a view can ask for a confirmation, answered by a
+                    // read that starts from now on (watch mode takes no
+                    // clock on the way in: it rarely asks). Afterwards the
                     // request decides on what the read said, until that is
-                    // too old (see `still_valid`): then only a read that
-                    // starts from now on can answer.
-                    let (Some(view), Some(arrival)) = (&self.election, arrival) else {
+                    // too old (see `still_valid`).
+                    let Some(view) = self.election.as_deref() else {
                         unreachable!("a domain without an election never needs a confirmation");
                     };
-                    let since = match confirmation {
-                        None => arrival,
-                        Some(_) => Arrival::now(view),
-                    };
-                    confirmation = Some(self.confirm(view, since).await);
+                    confirmation = Some(self.confirm(view, Arrival::now(view)).await);
                 }
                 Decision::Refuse(reason) => return Err(self.refusal(reason, token, marks)),
             }
