@@ -175,6 +175,11 @@ pub async fn run(
     // Readiness turns 503 as soon as shutdown begins, so load balancers
     // stop sending while the connections drain.
     let stop = CancellationToken::new();
+    if signalled {
+        // Stopped before it starts: no connection is taken.
+        serving.store(false, Ordering::SeqCst);
+        stop.cancel();
+    }
     let on_signal = {
         let (stop, serving) = (stop.clone(), serving.clone());
         async move {

@@ -158,6 +158,9 @@ async fn accept(
     let mut next = 0;
     loop {
         let (stream, peer) = tokio::select! {
+            // A stop already given takes no more connections.
+            biased;
+            () = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -168,7 +171,6 @@ async fn accept(
                     continue;
                 }
             },
-            () = &mut stop => break,
         };
         // Leaves this runtime's event loop for the worker's.
         let Ok(mut stream) = stream.into_std() else {
