@@ -568,6 +568,22 @@ impl Gates {
         self.by_prefix.iter().find(|g| lies_under(path, &g.prefix))
     }
 
+    /// Another domain whose prefix lies inside the collection `path`, if
+    /// any: a DELETE or MOVE of `path` would reach its paths.
+    pub fn nested_in(&self, path: &NormalPath, own: &Gate) -> Option<&Arc<Gate>> {
+        let path = path.as_str();
+        self.by_prefix.iter().find(|g| {
+            let inside = match path.ends_with('/') {
+                true => g.prefix.starts_with(path),
+                false => g
+                    .prefix
+                    .strip_prefix(path)
+                    .is_some_and(|rest| rest.starts_with('/')),
+            };
+            inside && !std::ptr::eq(g.as_ref(), own)
+        })
+    }
+
     /// Every domain, longest prefix first.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Gate>> {
         self.by_prefix.iter()

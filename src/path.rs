@@ -143,7 +143,12 @@ pub fn normalize_prefix(raw: &str) -> Result<String, PathError> {
 /// the collection itself (`/orders` for `/orders/`) lies under it too, since
 /// a DELETE or MOVE of it changes everything the domain guards.
 pub fn lies_under(path: &NormalPath, prefix: &str) -> bool {
-    let path = path.as_str();
+    lies_under_str(path.as_str(), prefix)
+}
+
+/// [`lies_under`] for a path given as text (the state file reasons about
+/// which domain guards which paths without requests).
+pub fn lies_under_str(path: &str, prefix: &str) -> bool {
     path.starts_with(prefix) || (path.len() + 1 == prefix.len() && prefix.starts_with(path))
 }
 

@@ -154,6 +154,7 @@ impl Proxy {
             (Some(gate), access, Some(token)) => {
                 if access == Access::Write {
                     self.check_destination(&request, gate, token)?;
+                    self.check_subtree(&request, path, gate, token)?;
                 }
                 gate.admit(token, access).await?
             }
@@ -246,6 +247,35 @@ impl Proxy {
             Access::Read
         } else {
             Access::Write
+        }
+    }
+
+    /// A DELETE or MOVE of a collection removes everything under it: one
+    /// that holds another domain's prefix would reach that domain's paths
+    /// with this domain's token, so it is refused like a `Destination`
+    /// outside the domain.
+    fn check_subtree(
+        &self,
+        request: &Request<Incoming>,
+        path: &NormalPath,
+        gate: &Gate,
+        token: Token,
+    ) -> Result<(), Problem> {
+        if !matches!(request.method().as_str(), "DELETE" | "MOVE") {
+            return Ok(());
+        }
+        match self.gates.nested_in(path, gate) {
+            None => Ok(()),
+            Some(other) => Err(gate.problem(
+                Reason::CrossDomain,
+                token,
+                format!(
+                    "a {} of `{path}` would reach domain `{}` (`{}`), which lies inside it",
+                    request.method(),
+                    other.name,
+                    other.prefix
+                ),
+            )),
         }
     }
 

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::path::lies_under_str;
+
 /// Domain name → (epoch, prefix). The prefix lets a new domain, or one whose
 /// prefix moved, inherit the epoch of a stored domain that used to guard its
 /// paths.
@@ -309,7 +311,7 @@ impl StateFile {
             }
         }
         let was_clean = self.meta(CLEAN_KEY)? == Some(1);
-        let epochs: Vec<u64> = wanted.iter().map(|w| start_epoch(&stored, w)).collect();
+        let epochs = start_epochs(&stored, wanted);
         self.write(|table, meta| {
             for s in stored.iter().filter(|s| forget.contains(&s.name)) {
                 if !wanted.iter().any(|w| w.name == s.name) {
@@ -460,37 +462,54 @@ fn read_domains(path: &Path, txn: &redb::ReadTransaction) -> Result<Vec<StoredDo
 /// The epoch `wanted` starts at: its stored one if its prefix is unchanged;
 /// else (a new domain, or one whose prefix moved) the higher of its stored
 /// one, if any, and that of the stored domain that guarded its new paths.
-fn start_epoch(stored: &[StoredDomain], wanted: &WantedDomain) -> u64 {
-    let own = stored.iter().find(|s| s.name == wanted.name);
-    if let Some(own) = own.filter(|s| s.prefix == wanted.prefix) {
-        return own.epoch;
+/// The epoch each wanted domain starts at: its own stored epoch, raised to
+/// that of every stored domain whose paths it now guards. A path keeps the
+/// epoch that guarded it whatever the configuration did: a new domain
+/// under a stored one, a domain moved under another, a nested domain moved
+/// away (its paths fall to the enclosing domain), or a new enclosing domain
+/// (it takes paths of the one nested in it). Paths are compared region by
+/// region: each prefix of either side, the paths directly under it, and its
+/// collection (see [`lies_under_str`]) have one guard before and one after.
+fn start_epochs(stored: &[StoredDomain], wanted: &[WantedDomain]) -> Vec<u64> {
+    let mut epochs: Vec<u64> = wanted
+        .iter()
+        .map(|w| stored.iter().find(|s| s.name == w.name).map_or(0, |s| s.epoch))
+        .collect();
+    let prefixes = stored
+        .iter()
+        .map(|s| s.prefix.as_str())
+        .chain(wanted.iter().map(|w| w.prefix.as_str()));
+    for prefix in prefixes {
+        // A byte no prefix has: a path under `prefix` and under no longer one.
+        let under = format!("{prefix}\u{1}");
+        let collection = prefix.strip_suffix('/').filter(|c| !c.is_empty());
+        for path in std::iter::once(under.as_str()).chain(collection) {
+            let before = guard(stored.iter().map(|s| s.prefix.as_str()), path).map(|i| &stored[i]);
+            let after = guard(wanted.iter().map(|w| w.prefix.as_str()), path);
+            let (Some(before), Some(after)) = (before, after) else {
+                continue;
+            };
+            let w = &wanted[after];
+            if before.epoch > epochs[after] {
+                tracing::info!(
+                    domain = %w.name, prefix = %w.prefix, paths_of = %before.name, from_prefix = %before.prefix,
+                    from = epochs[after], to = before.epoch,
+                    "a domain takes over paths another stored domain guarded: it starts at their epoch"
+                );
+                epochs[after] = before.epoch;
+            }
+        }
     }
-    let guard = guarding(stored, &wanted.prefix);
-    let inherited = guard.map_or(0, |g| g.epoch);
-    let (name, prefix) = (&wanted.name, &wanted.prefix);
-    match (own, guard) {
-        (None, Some(g)) => tracing::info!(
-            domain = %name, prefix = %prefix, from = %g.name, epoch = g.epoch,
-            "new domain starts at the epoch of the stored domain whose prefix contains its prefix"
-        ),
-        (None, None) => {}
-        (Some(own), _) => tracing::info!(
-            domain = %name, from_prefix = %own.prefix, to_prefix = %prefix, own_epoch = own.epoch,
-            guarded_by = guard.map(|g| g.name.as_str()), guarded_at = inherited,
-            epoch = own.epoch.max(inherited),
-            "domain moved to a new prefix: it takes the higher of its own epoch and that of the stored domain whose prefix contains the new one"
-        ),
-    }
-    own.map_or(0, |s| s.epoch).max(inherited)
+    epochs
 }
 
-/// The stored domain that guarded the paths under `prefix`: the one with
-/// the longest prefix containing it.
-fn guarding<'a>(stored: &'a [StoredDomain], prefix: &str) -> Option<&'a StoredDomain> {
-    stored
-        .iter()
-        .filter(|s| prefix.starts_with(s.prefix.as_str()))
-        .max_by_key(|s| s.prefix.len())
+/// Which of `prefixes` guards `path`: the longest it lies under.
+fn guard<'a>(prefixes: impl Iterator<Item = &'a str>, path: &str) -> Option<usize> {
+    prefixes
+        .enumerate()
+        .filter(|(_, prefix)| lies_under_str(path, prefix))
+        .max_by_key(|(_, prefix)| prefix.len())
+        .map(|(i, _)| i)
 }
 
 fn open_error(path: &Path, e: DatabaseError) -> StateError {
@@ -570,6 +589,37 @@ mod tests {
         ));
     }
 
+    /// The reviewer's two cases: a nested domain moved away leaves its paths
+    /// to the enclosing domain, and a new enclosing domain takes the paths
+    /// of the one nested before; either way they keep their epoch. Domains
+    /// that keep their prefixes keep their own epochs, nested or not.
+    #[test]
+    fn paths_a_nested_domain_left_keep_their_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = wanted(&[("d", "/d/"), ("sub", "/d/sub/")]);
+        let state = StateFile::create(&path, &old).unwrap();
+        state.start(&old, &[]).unwrap();
+        let raised = [("d", 100), ("sub", 500)].map(|(n, e)| (n.to_owned(), e));
+        state.raise(&BTreeMap::from(raised)).unwrap();
+        assert_eq!(
+            state.start(&old, &[]).unwrap().epochs,
+            vec![100, 500],
+            "unchanged"
+        );
+        let moved = wanted(&[("d", "/d/"), ("sub", "/x/")]);
+        assert_eq!(state.start(&moved, &[]).unwrap().epochs, vec![500, 500]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = wanted(&[("sub", "/d/sub/")]);
+        let state = StateFile::create(&path, &old).unwrap();
+        state.start(&old, &[]).unwrap();
+        state.raise(&BTreeMap::from([("sub".to_owned(), 500)])).unwrap();
+        let enclosing = wanted(&[("sub", "/x/"), ("d", "/d/")]);
+        assert_eq!(state.start(&enclosing, &[]).unwrap().epochs, vec![500, 500]);
+    }
+
     #[test]
     fn new_domains_inherit_and_forgotten_ones_stop_the_start() {
         let dir = tempfile::tempdir().unwrap();
@@ -588,7 +638,9 @@ mod tests {
             "{err}"
         );
         let start = state.start(&new, &["a".to_owned()]).unwrap();
-        assert_eq!(start.epochs, vec![3, 8, 3]);
+        // The paths `a` guarded at 8 fall to `all` but for /a/b/: both
+        // start at 8 (`all` took 3 before this was seen: found by review).
+        assert_eq!(start.epochs, vec![8, 8, 3]);
         let names: Vec<String> = state.domains().unwrap().into_iter().map(|d| d.name).collect();
         assert_eq!(names, vec!["ab", "all", "c"]);
     }
@@ -596,7 +648,8 @@ mod tests {
     /// A configured domain whose prefix moved under a stored domain with a
     /// higher epoch takes that epoch: the paths it now guards never fall
     /// below the epoch that guarded them. Moved under a lower one, it keeps
-    /// its own: epochs never go down.
+    /// its own: epochs never go down. And the paths it left fall to the
+    /// domain that now contains them, which takes their epoch.
     #[test]
     fn a_moved_prefix_takes_the_higher_epoch_of_the_domain_that_guarded_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -607,10 +660,11 @@ mod tests {
         let raised = [("root", 9), ("a", 2), ("b", 12)].map(|(n, e)| (n.to_owned(), e));
         state.raise(&BTreeMap::from(raised)).unwrap();
         // `a` now guards /c/, which `root` guarded at 9; `b` moved to /d/,
-        // which `root` guarded too, at less than `b`'s own 12.
+        // which `root` guarded too, at less than `b`'s own 12; /b/, which
+        // `b` guarded at 12, is `root`'s now.
         let moved = wanted(&[("root", "/"), ("a", "/c/"), ("b", "/d/")]);
         let start = state.start(&moved, &[]).unwrap();
-        assert_eq!(start.epochs, vec![9, 9, 12]);
+        assert_eq!(start.epochs, vec![12, 9, 12]);
         let stored: Vec<(String, String, u64)> = state
             .domains()
             .unwrap()
@@ -619,7 +673,7 @@ mod tests {
             .collect();
         assert_eq!(
             stored,
-            [("a", "/c/", 9), ("b", "/d/", 12), ("root", "/", 9)].map(|(n, p, e)| (n.into(), p.into(), e))
+            [("a", "/c/", 9), ("b", "/d/", 12), ("root", "/", 12)].map(|(n, p, e)| (n.into(), p.into(), e))
         );
     }
 

@@ -604,3 +604,55 @@ async fn the_checked_path_is_the_forwarded_path() {
         "Destinations forwarded in normal form"
     );
 }
+
+/// A DELETE or MOVE of a collection that holds another domain's prefix
+/// would reach that domain's paths with this domain's token (nginx's
+/// WebDAV DELETE is recursive): refused as `cross_domain`, and nothing
+/// reaches the store. Within a domain both go on. (A `/d/` DELETE with
+/// `d`'s token 100 removed `sub`'s files, written at 500: found by review.)
+#[test]
+fn a_delete_or_move_may_not_reach_a_nested_domain() {
+    let nginx = Nginx::start();
+    let fg = Fencegate::start(
+        FencegateConfig::new(&nginx.url())
+            .domain("d", "/d/")
+            .domain("sub", "/d/sub/"),
+    );
+    let send = |bytes: Vec<u8>| {
+        let raw = raw_request(&fg.addr(), &bytes);
+        (
+            parse_response(&raw),
+            format!("{:?} → {raw}", String::from_utf8_lossy(&bytes)),
+        )
+    };
+    for (path, token) in [("/d/a", "Fencing-Token: 100"), ("/d/sub/x", "Fencing-Token: 500")] {
+        let (resp, ctx) = send(put(path, &[token]));
+        assert!(matches!(resp.status, 201 | 204), "{ctx}");
+    }
+    let before = nginx.log_entries_at_least(2).len();
+    for (line, headers) in [
+        ("DELETE /d/", vec!["Fencing-Token: 100"]),
+        ("DELETE /d", vec!["Fencing-Token: 100"]),
+        ("MOVE /d/", vec!["Fencing-Token: 100", "Destination: /d/moved/"]),
+    ] {
+        let (resp, ctx) = send(req(line, &headers, ""));
+        assert_eq!(
+            (resp.status, resp.header("fencegate-reason")),
+            (403, Some("cross_domain")),
+            "{ctx}"
+        );
+        assert!(resp.body.contains("sub"), "the refusal names the domain: {ctx}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        nginx.log_entries().len(),
+        before,
+        "a refused request reached the store"
+    );
+    assert!(files_under(&nginx.data_dir()).contains("d/sub/x"));
+    // Controls: inside one domain, both go on.
+    let (resp, ctx) = send(req("DELETE /d/a", &["Fencing-Token: 100"], ""));
+    assert!(matches!(resp.status, 200 | 204), "{ctx}");
+    let (resp, ctx) = send(req("DELETE /d/sub/", &["Fencing-Token: 500"], ""));
+    assert!(resp.header("fencegate-reason").is_none(), "{ctx}");
+}
