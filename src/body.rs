@@ -179,15 +179,9 @@ fn keep_trailers(trailers: &mut HeaderMap, fencing_header: Option<&HeaderName>) 
     }
 }
 
-/// What a ready poll of body `B` gives.
-type Polled<B> = Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>;
-
 /// A body with an idle timeout and, for forwarded writes, an abort.
-pub struct GuardedBody<B: Body> {
+pub struct GuardedBody<B> {
     inner: B,
-    /// What [`GuardedBody::take_ready`] took from `inner` ahead of time,
-    /// handed over (and judged) by the next `poll_frame`.
-    early: Option<Polled<B>>,
     /// Armed only when the inner body first makes us wait, so a body that
     /// is ready at once (most small writes) costs no timer.
     idle: Option<Pin<Box<Sleep>>>,
@@ -201,12 +195,11 @@ pub struct GuardedBody<B: Body> {
     whole: bool,
 }
 
-impl<B: Body> GuardedBody<B> {
+impl<B> GuardedBody<B> {
     /// A body that fails after `idle_timeout` without a frame.
     pub fn new(inner: B, idle_timeout: Duration) -> GuardedBody<B> {
         GuardedBody {
             inner,
-            early: None,
             idle: None,
             idle_timeout,
             waiting: false,
@@ -235,26 +228,9 @@ impl<B: Body> GuardedBody<B> {
     pub fn exchange(&self) -> Option<&Arc<Exchange>> {
         self.exchange.as_ref()
     }
-
-    /// Takes from the inner body what it has ready now, if anything, to be
-    /// handed over by the next `poll_frame` (which judges it then: the
-    /// fence, the exchange's completion). Taking a request's body from
-    /// hyper wakes hyper's connection task, which is this request's own:
-    /// taken in the same poll as a yield, the two wakes make one poll of
-    /// the connection instead of two.
-    pub fn take_ready(&mut self, cx: &mut Context<'_>)
-    where
-        B: Unpin,
-    {
-        if self.early.is_none() && !self.ended && !self.inner.is_end_stream() {
-            if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
-                self.early = Some(frame);
-            }
-        }
-    }
 }
 
-impl<B: Body> Drop for GuardedBody<B> {
+impl<B> Drop for GuardedBody<B> {
     /// A body dropped before its end will never be sent whole: whoever
     /// waits on its exchange learns it now. (A whole one is the
     /// connection's to complete, once it has written it.)
@@ -268,7 +244,7 @@ impl<B: Body> Drop for GuardedBody<B> {
 impl<B> Body for GuardedBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Data = Bytes;
     type Error = BodyError;
@@ -288,11 +264,7 @@ where
         if aborted {
             return this.fail(BodyError::Fenced);
         }
-        let next = match this.early.take() {
-            Some(early) => Poll::Ready(early),
-            None => Pin::new(&mut this.inner).poll_frame(cx),
-        };
-        match next {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 // The last frame of a sized body, or the trailers of a
                 // chunked one: the body is whole. The request is complete
@@ -352,23 +324,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || (self.early.is_none() && self.inner.is_end_stream())
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        let early = match &self.early {
-            Some(Some(Ok(frame))) => frame.data_ref().map_or(0, |data| data.len() as u64),
-            _ => 0,
-        };
-        if early > 0 {
-            // Upper first: a lower bound above the upper one panics.
-            if let Some(upper) = hint.upper() {
-                hint.set_upper(upper + early);
-            }
-            hint.set_lower(hint.lower() + early);
-        }
-        hint
+        self.inner.size_hint()
     }
 }
 
@@ -391,34 +351,6 @@ mod tests {
         assert_eq!(&bytes[..], b"abc");
         assert!(!exchange.is_aborted(), "dropped whole, it aborted nothing");
         assert!(exchange.complete());
-    }
-
-    /// What is taken ahead of time is judged when it is handed over: the
-    /// body still reads whole and sized, and a raise in between still
-    /// stops the last frame.
-    #[tokio::test]
-    async fn a_frame_taken_ahead_is_judged_when_handed_over() {
-        let body = |exchange: &Arc<Exchange>| {
-            let mut body = GuardedBody::new(
-                http_body_util::Full::new(Bytes::from_static(b"abc")),
-                Duration::from_secs(5),
-            )
-            .forwarding(exchange.clone());
-            body.take_ready(&mut Context::from_waker(std::task::Waker::noop()));
-            body
-        };
-        let exchange = Exchange::new(None, None);
-        let taken = body(&exchange);
-        assert!(!taken.is_end_stream());
-        assert_eq!(taken.size_hint().exact(), Some(3));
-        assert!(exchange.abort(), "nothing was handed over yet");
-        let err = taken.collect().await.unwrap_err();
-        assert!(matches!(err, BodyError::Fenced), "{err}");
-
-        let exchange = Exchange::new(None, None);
-        let bytes = body(&exchange).collect().await.unwrap().to_bytes();
-        assert_eq!(&bytes[..], b"abc");
-        assert!(!exchange.is_aborted(), "dropped whole, it aborted nothing");
     }
 
     #[tokio::test]

@@ -123,18 +123,25 @@ impl Upstream {
         let framing = codec::request_framing(&parts.method, body.size_hint().exact(), hop.had_length());
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut body = body;
+        // What of the body is already here is taken before the yield, in
+        // the same poll: taking it from hyper wakes hyper's connection
+        // task, which is this request's own, and the two wakes then make
+        // one poll of the connection instead of two (step 21). A raise
+        // meanwhile still stops it: `Outgoing` checks the fence before
+        // every write.
+        let mut first = None;
+        if !body.is_end_stream() {
+            match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(Some(Ok(frame))) => first = Some(frame),
+                Poll::Ready(Some(Err(e))) => return Err(classify(ExchangeError::Body(e))),
+                Poll::Ready(None) | Poll::Pending => {}
+            }
+        }
         // The serving thread finishes its turn first (its other ready
         // connections' heads are read), so requests that arrived together
         // reach the store together: the store is woken once for them, not
         // once per request, which on a shared host cost the proxy more
         // kernel time than the yield costs (bench/RESULTS.md, step 17).
-        // What of the body is already here is taken in the same poll, so
-        // its wake of hyper's connection and the yield's are one.
-        std::future::poll_fn(|cx| {
-            body.take_ready(cx);
-            Poll::Ready(())
-        })
-        .await;
         tokio::task::yield_now().await;
         let mut body = Some(body);
         let mut pending: Option<Outgoing> = None;
@@ -155,6 +162,7 @@ impl Upstream {
                     hop.fields(&parts.headers, &self.host),
                     framing,
                     body.take().expect("the body goes into the first request"),
+                    first.take(),
                 ),
             };
             // The head is encoded: the request's map takes the answer (an

@@ -363,7 +363,8 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// A request of `head` (in `buffer`, from [`Conn::take_head_buffer`])
-    /// and `body`, framed by `framing`.
+    /// and `body`, framed by `framing`; `first` is a frame already taken
+    /// from the body.
     pub fn new<'h>(
         mut buffer: Vec<u8>,
         method: &Method,
@@ -371,6 +372,7 @@ impl Outgoing {
         fields: impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
         framing: Framing,
         body: UpstreamBody,
+        first: Option<Frame<Bytes>>,
     ) -> Outgoing {
         codec::encode_request_head(&mut buffer, method, target, fields, framing);
         let ended = framing == Framing::Empty || body.is_end_stream() && framing != Framing::Chunked;
@@ -383,8 +385,12 @@ impl Outgoing {
             body: Some(body),
             chunked: framing == Framing::Chunked,
         };
-        if ended {
-            // Nothing to take: dropping the body now tells its exchange.
+        if let Some(frame) = first {
+            out.take(frame);
+        }
+        if ended && out.body.is_some() {
+            // Nothing (more) to take: dropping the body now tells its
+            // exchange.
             out.end_body(None);
         }
         out
@@ -414,6 +420,24 @@ impl Outgoing {
         self.body = None;
     }
 
+    /// Queues a frame taken from the body.
+    fn take(&mut self, frame: Frame<Bytes>) {
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) if self.chunked => {
+                self.push(codec::chunk_header(data.len()));
+                self.push(data);
+                self.push(Bytes::from_static(b"\r\n"));
+            }
+            Ok(data) => self.push(data),
+            Err(frame) => {
+                // Trailers end a body; only chunks can carry them.
+                let trailers = frame.into_trailers().ok();
+                self.end_body(trailers.as_ref());
+            }
+        }
+    }
+
     /// Whether a raise stops this request before its next write: it
     /// began before the request was written whole.
     fn fenced(&self) -> bool {
@@ -439,20 +463,7 @@ impl Outgoing {
                 return Ok(());
             }
             match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => {}
-                    Ok(data) if self.chunked => {
-                        self.push(codec::chunk_header(data.len()));
-                        self.push(data);
-                        self.push(Bytes::from_static(b"\r\n"));
-                    }
-                    Ok(data) => self.push(data),
-                    Err(frame) => {
-                        // Trailers end a body; only chunks can carry them.
-                        let trailers = frame.into_trailers().ok();
-                        self.end_body(trailers.as_ref());
-                    }
-                },
+                Poll::Ready(Some(Ok(frame))) => self.take(frame),
                 Poll::Ready(Some(Err(e))) => return Err(ExchangeError::Body(e)),
                 Poll::Ready(None) => self.end_body(None),
                 Poll::Pending => return Ok(()),
