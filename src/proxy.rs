@@ -153,8 +153,8 @@ impl Proxy {
             }
             (Some(gate), access, Some(token)) => {
                 if access == Access::Write {
-                    self.check_destination(&request, gate, token)?;
-                    self.check_subtree(&request, path, gate, token)?;
+                    let destination = self.check_destination(&request, gate, token)?;
+                    self.check_subtree(&request, path, destination.as_ref(), gate, token)?;
                 }
                 gate.admit(token, access).await?
             }
@@ -250,46 +250,58 @@ impl Proxy {
         }
     }
 
-    /// A DELETE or MOVE of a collection removes everything under it: one
-    /// that holds another domain's prefix would reach that domain's paths
-    /// with this domain's token, so it is refused like a `Destination`
-    /// outside the domain.
+    /// A DELETE or MOVE of a collection removes everything under it, and
+    /// a COPY or MOVE onto one replaces everything under it (WebDAV's
+    /// `Overwrite: T`, the default): a collection that holds another
+    /// domain's prefix would have that domain's paths changed with this
+    /// domain's token, so it is refused like a `Destination` outside the
+    /// domain.
     fn check_subtree(
         &self,
         request: &Request<Incoming>,
         path: &NormalPath,
+        destination: Option<&NormalPath>,
         gate: &Gate,
         token: Token,
     ) -> Result<(), Problem> {
-        if !matches!(request.method().as_str(), "DELETE" | "MOVE") {
-            return Ok(());
+        let (source, target) = match request.method().as_str() {
+            "DELETE" => (Some(path), None),
+            "MOVE" => (Some(path), destination),
+            "COPY" => (None, destination),
+            _ => return Ok(()),
+        };
+        for (collection, role) in [(source, "source"), (target, "Destination")] {
+            let Some(collection) = collection else {
+                continue;
+            };
+            if let Some(other) = self.gates.nested_in(collection, gate) {
+                return Err(gate.problem(
+                    Reason::CrossDomain,
+                    token,
+                    format!(
+                        "the {} {role} `{collection}` holds domain `{}` (`{}`), whose paths it would change",
+                        request.method(),
+                        other.name,
+                        other.prefix
+                    ),
+                ));
+            }
         }
-        match self.gates.nested_in(path, gate) {
-            None => Ok(()),
-            Some(other) => Err(gate.problem(
-                Reason::CrossDomain,
-                token,
-                format!(
-                    "a {} of `{path}` would reach domain `{}` (`{}`), which lies inside it",
-                    request.method(),
-                    other.name,
-                    other.prefix
-                ),
-            )),
-        }
+        Ok(())
     }
 
     /// COPY and MOVE must stay in their domain; their `Destination` is
-    /// normalized like the path and forwarded in that form.
+    /// normalized like the path and forwarded in that form. Returns it,
+    /// normalized, if there is one.
     fn check_destination(
         &self,
         request: &Request<Incoming>,
         gate: &Gate,
         token: Token,
-    ) -> Result<(), Problem> {
+    ) -> Result<Option<NormalPath>, Problem> {
         let mut values = request.headers().get_all(&DESTINATION).iter();
         let Some(value) = values.next() else {
-            return Ok(());
+            return Ok(None);
         };
         if values.next().is_some() {
             return Err(Problem::new(
@@ -299,7 +311,7 @@ impl Proxy {
         }
         let (path, _) = normalized_destination(value).map_err(|e| Problem::new(Reason::BadPath, e))?;
         match self.gates.find(&path) {
-            Some(other) if std::ptr::eq(other.as_ref(), gate) => Ok(()),
+            Some(other) if std::ptr::eq(other.as_ref(), gate) => Ok(Some(path)),
             _ => Err(gate.problem(
                 Reason::CrossDomain,
                 token,

@@ -656,3 +656,56 @@ fn a_delete_or_move_may_not_reach_a_nested_domain() {
     let (resp, ctx) = send(req("DELETE /d/sub/", &["Fencing-Token: 500"], ""));
     assert!(resp.header("fencegate-reason").is_none(), "{ctx}");
 }
+
+/// A COPY or MOVE onto an existing collection replaces everything under it
+/// (nginx deletes the destination first, `Overwrite: T` being WebDAV's
+/// default): onto one that holds another domain's prefix, it is refused as
+/// `cross_domain` and that domain's files stay. (Found by review: `sub`'s
+/// file went with `d`'s token.)
+#[test]
+fn a_copy_or_move_may_not_land_on_a_nested_domain() {
+    for method in ["MOVE", "COPY"] {
+        let nginx = Nginx::start();
+        let fg = Fencegate::start(
+            FencegateConfig::new(&nginx.url())
+                .domain("d", "/d/")
+                .domain("sub", "/d/x/sub/"),
+        );
+        let send = |bytes: Vec<u8>| {
+            let raw = raw_request(&fg.addr(), &bytes);
+            (
+                parse_response(&raw),
+                format!("{:?} → {raw}", String::from_utf8_lossy(&bytes)),
+            )
+        };
+        for (path, token) in [
+            ("/d/src/f", "Fencing-Token: 100"),
+            ("/d/x/own", "Fencing-Token: 100"),
+            ("/d/x/sub/y", "Fencing-Token: 500"),
+        ] {
+            let (resp, ctx) = send(put(path, &[token]));
+            assert!(matches!(resp.status, 201 | 204), "{ctx}");
+        }
+        let headers = [
+            "Fencing-Token: 100",
+            "Destination: /d/x/",
+            "Depth: infinity",
+            "Overwrite: T",
+        ];
+        let (resp, ctx) = send(req(&format!("{method} /d/src/"), &headers, ""));
+        assert_eq!(
+            (resp.status, resp.header("fencegate-reason")),
+            (403, Some("cross_domain")),
+            "{ctx}"
+        );
+        let files = files_under(&nginx.data_dir());
+        assert!(
+            files.contains("d/x/sub/y"),
+            "{method}: sub's file is gone: {files:?}"
+        );
+        // Control: onto a collection inside `d` alone, it goes on.
+        let headers = ["Fencing-Token: 100", "Destination: /d/y/", "Depth: infinity"];
+        let (resp, ctx) = send(req(&format!("{method} /d/src/"), &headers, ""));
+        assert!(resp.header("fencegate-reason").is_none(), "{ctx}");
+    }
+}
