@@ -164,6 +164,7 @@ pub async fn run(
             () = shutdown.as_mut() => signalled = true,
         }
     }
+
     if !signalled {
         tracing::info!(
             listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -175,11 +176,6 @@ pub async fn run(
     // Readiness turns 503 as soon as shutdown begins, so load balancers
     // stop sending while the connections drain.
     let stop = CancellationToken::new();
-    if signalled {
-        // Stopped before it starts: no connection is taken.
-        serving.store(false, Ordering::SeqCst);
-        stop.cancel();
-    }
     let on_signal = {
         let (stop, serving) = (stop.clone(), serving.clone());
         async move {
@@ -202,8 +198,11 @@ pub async fn run(
     );
     tokio::pin!(serve);
     let ended = tokio::select! {
-        ended = &mut serve => ended,
+        // The signal first: one received while etcd was awaited stops the
+        // workers before they take a connection.
+        biased;
         () = on_signal => serve.await,
+        ended = &mut serve => ended,
     };
     stop_admin.cancel();
     let _ = admin_task.await;

@@ -108,6 +108,13 @@ impl Exchange {
         self.state.load(SeqCst) == ABORTED
     }
 
+    /// Whether the request must stop before its next frame or write: it
+    /// was aborted, or a raise began before it was written whole (which
+    /// aborts it now).
+    pub fn must_stop(&self) -> bool {
+        (self.is_fenced() && self.abort()) || self.is_aborted()
+    }
+
     /// Frames handed to the connection so far.
     pub fn frames(&self) -> u64 {
         self.frames.load(Relaxed)
@@ -191,7 +198,7 @@ pub struct GuardedBody<B> {
     exchange: Option<Arc<Exchange>>,
     ended: bool,
     /// Its last frame (or its end) was handed over: the body is whole, and
-    /// whether the request is is for the connection to say.
+    /// whether the request is complete is for the connection to say.
     whole: bool,
 }
 
@@ -257,10 +264,7 @@ where
         if this.ended {
             return Poll::Ready(None);
         }
-        let aborted = this
-            .exchange
-            .as_ref()
-            .is_some_and(|e| (e.is_fenced() && e.abort()) || e.is_aborted());
+        let aborted = this.exchange.as_ref().is_some_and(|e| e.must_stop());
         if aborted {
             return this.fail(BodyError::Fenced);
         }

@@ -195,8 +195,9 @@ impl Upstream {
                 // watch then finds it decided without waiting. Polled the
                 // other way round, that watch waited first and the body's
                 // end woke this task again for nothing (one poll of hyper's
-                // connection in two of a write). The body itself checks
-                // the fence before each frame (`GuardedBody`).
+                // connection in two of a write). The body checks the fence
+                // before each frame (`GuardedBody`), the connection before
+                // each write (`Outgoing`).
                 tokio::select! {
                     biased;
                     result = response => result,
@@ -258,9 +259,10 @@ impl Upstream {
 /// holds its place in its generation until the kernel has sent its last
 /// byte, so a raise still cuts it (the reset drops what the kernel holds
 /// too), and so does a store that takes none of it for `idle`: before the
-/// client's body was taken whole through [`while_unsent`], after that by
-/// watching the bytes the kernel takes. A request that fails or is aborted on the way
-/// has its connection cut: nothing more of it may reach the store.
+/// request was written whole through [`while_unsent`], after that by
+/// watching the bytes the kernel takes. A request that fails or is aborted
+/// on the way has its connection cut: nothing more of it may reach the
+/// store.
 fn finish_sending(
     wire: Arc<Wire>,
     mut out: Outgoing,

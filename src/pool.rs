@@ -438,14 +438,6 @@ impl Outgoing {
         }
     }
 
-    /// Whether a raise stops this request before its next write: it
-    /// began before the request was written whole.
-    fn fenced(&self) -> bool {
-        self.exchange
-            .as_ref()
-            .is_some_and(|e| (e.is_fenced() && e.abort()) || e.is_aborted())
-    }
-
     /// Takes what the body has ready, up to [`MAX_QUEUED`].
     fn fill(&mut self, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
         loop {
@@ -499,7 +491,9 @@ impl Outgoing {
                 // Everything taken is written; the body has no more yet.
                 return Poll::Pending;
             }
-            if self.fenced() {
+            // A raise that began before the request was written whole
+            // stops it here (rule 4a).
+            if self.exchange.as_ref().is_some_and(|e| e.must_stop()) {
                 return Poll::Ready(Err(ExchangeError::Body(BodyError::Fenced)));
             }
             let unsent = self.is_unsent();
