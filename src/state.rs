@@ -589,6 +589,17 @@ mod tests {
         ));
     }
 
+    /// A state file in `dir` with `domains` (name, prefix, epoch) started
+    /// and raised, and those domains as wanted.
+    fn stored_at(dir: &tempfile::TempDir, domains: &[(&str, &str, u64)]) -> (StateFile, Vec<WantedDomain>) {
+        let old = wanted(&domains.iter().map(|(n, p, _)| (*n, *p)).collect::<Vec<_>>());
+        let state = StateFile::create(&dir.path().join("s.redb"), &old).unwrap();
+        state.start(&old, &[]).unwrap();
+        let raised = domains.iter().map(|(n, _, e)| ((*n).to_owned(), *e));
+        state.raise(&raised.collect()).unwrap();
+        (state, old)
+    }
+
     /// The reviewer's two cases: a nested domain moved away leaves its paths
     /// to the enclosing domain, and a new enclosing domain takes the paths
     /// of the one nested before; either way they keep their epoch. Domains
@@ -596,12 +607,7 @@ mod tests {
     #[test]
     fn paths_a_nested_domain_left_keep_their_epoch() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let old = wanted(&[("d", "/d/"), ("sub", "/d/sub/")]);
-        let state = StateFile::create(&path, &old).unwrap();
-        state.start(&old, &[]).unwrap();
-        let raised = [("d", 100), ("sub", 500)].map(|(n, e)| (n.to_owned(), e));
-        state.raise(&BTreeMap::from(raised)).unwrap();
+        let (state, old) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
         assert_eq!(
             state.start(&old, &[]).unwrap().epochs,
             vec![100, 500],
@@ -611,11 +617,7 @@ mod tests {
         assert_eq!(state.start(&moved, &[]).unwrap().epochs, vec![500, 500]);
 
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let old = wanted(&[("sub", "/d/sub/")]);
-        let state = StateFile::create(&path, &old).unwrap();
-        state.start(&old, &[]).unwrap();
-        state.raise(&BTreeMap::from([("sub".to_owned(), 500)])).unwrap();
+        let (state, _) = stored_at(&dir, &[("sub", "/d/sub/", 500)]);
         let enclosing = wanted(&[("sub", "/x/"), ("d", "/d/")]);
         assert_eq!(state.start(&enclosing, &[]).unwrap().epochs, vec![500, 500]);
     }
@@ -623,13 +625,7 @@ mod tests {
     #[test]
     fn new_domains_inherit_and_forgotten_ones_stop_the_start() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let old = wanted(&[("all", "/"), ("a", "/a/")]);
-        let state = StateFile::create(&path, &old).unwrap();
-        state.start(&old, &[]).unwrap();
-        state
-            .raise(&BTreeMap::from([("all".to_owned(), 3), ("a".to_owned(), 8)]))
-            .unwrap();
+        let (state, _) = stored_at(&dir, &[("all", "/", 3), ("a", "/a/", 8)]);
 
         let new = wanted(&[("all", "/"), ("ab", "/a/b/"), ("c", "/c/")]);
         let err = state.start(&new, &[]).unwrap_err();
@@ -653,12 +649,7 @@ mod tests {
     #[test]
     fn a_moved_prefix_takes_the_higher_epoch_of_the_domain_that_guarded_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let old = wanted(&[("root", "/"), ("a", "/a/"), ("b", "/b/")]);
-        let state = StateFile::create(&path, &old).unwrap();
-        state.start(&old, &[]).unwrap();
-        let raised = [("root", 9), ("a", 2), ("b", 12)].map(|(n, e)| (n.to_owned(), e));
-        state.raise(&BTreeMap::from(raised)).unwrap();
+        let (state, _) = stored_at(&dir, &[("root", "/", 9), ("a", "/a/", 2), ("b", "/b/", 12)]);
         // `a` now guards /c/, which `root` guarded at 9; `b` moved to /d/,
         // which `root` guarded too, at less than `b`'s own 12; /b/, which
         // `b` guarded at 12, is `root`'s now.

@@ -112,12 +112,8 @@ impl Rig {
             .collect()
     }
 
-    /// The response, and the exchange as text for assertion messages.
     fn send(&self, bytes: &[u8]) -> (RawResponse, String) {
-        let raw = raw_request(&self.fg.addr(), bytes);
-        let ctx = format!("request {:?}\nresponse {raw}", String::from_utf8_lossy(bytes));
-        assert!(raw.contains("\r\n\r\n"), "no response: {ctx}");
-        (parse_response(&raw), ctx)
+        send(&self.fg, bytes)
     }
 
     /// `bytes` must be refused as `expect` says and reach nothing.
@@ -171,6 +167,31 @@ impl Rig {
         let want: BTreeSet<String> = files.iter().map(|f| f.to_string()).collect();
         assert_eq!(files_under(&self.nginx.data_dir()), want, "files in the store");
     }
+}
+
+/// `bytes` sent to `fg`: the response, and the exchange as text for
+/// assertion messages.
+fn send(fg: &Fencegate, bytes: &[u8]) -> (RawResponse, String) {
+    let raw = raw_request(&fg.addr(), bytes);
+    let ctx = format!("request {:?}\nresponse {raw}", String::from_utf8_lossy(bytes));
+    assert!(raw.contains("\r\n\r\n"), "no response: {ctx}");
+    (parse_response(&raw), ctx)
+}
+
+/// nginx and fencegate with domain `d` = `/d/` and `sub` nested in it at
+/// `sub_prefix`, and `files` written through fencegate (path, token line).
+fn nested_domains(sub_prefix: &str, files: &[(&str, &str)]) -> (Nginx, Fencegate) {
+    let nginx = Nginx::start();
+    let fg = Fencegate::start(
+        FencegateConfig::new(&nginx.url())
+            .domain("d", "/d/")
+            .domain("sub", sub_prefix),
+    );
+    for (path, token) in files {
+        let (resp, ctx) = send(&fg, &put(path, &[token]));
+        assert!(matches!(resp.status, 201 | 204), "{ctx}");
+    }
+    (nginx, fg)
 }
 
 /// Every file under `dir`, relative, `/`-separated.
@@ -612,30 +633,17 @@ async fn the_checked_path_is_the_forwarded_path() {
 /// `d`'s token 100 removed `sub`'s files, written at 500: found by review.)
 #[test]
 fn a_delete_or_move_may_not_reach_a_nested_domain() {
-    let nginx = Nginx::start();
-    let fg = Fencegate::start(
-        FencegateConfig::new(&nginx.url())
-            .domain("d", "/d/")
-            .domain("sub", "/d/sub/"),
+    let (nginx, fg) = nested_domains(
+        "/d/sub/",
+        &[("/d/a", "Fencing-Token: 100"), ("/d/sub/x", "Fencing-Token: 500")],
     );
-    let send = |bytes: Vec<u8>| {
-        let raw = raw_request(&fg.addr(), &bytes);
-        (
-            parse_response(&raw),
-            format!("{:?} → {raw}", String::from_utf8_lossy(&bytes)),
-        )
-    };
-    for (path, token) in [("/d/a", "Fencing-Token: 100"), ("/d/sub/x", "Fencing-Token: 500")] {
-        let (resp, ctx) = send(put(path, &[token]));
-        assert!(matches!(resp.status, 201 | 204), "{ctx}");
-    }
     let before = nginx.log_entries_at_least(2).len();
     for (line, headers) in [
         ("DELETE /d/", vec!["Fencing-Token: 100"]),
         ("DELETE /d", vec!["Fencing-Token: 100"]),
         ("MOVE /d/", vec!["Fencing-Token: 100", "Destination: /d/moved/"]),
     ] {
-        let (resp, ctx) = send(req(line, &headers, ""));
+        let (resp, ctx) = send(&fg, &req(line, &headers, ""));
         assert_eq!(
             (resp.status, resp.header("fencegate-reason")),
             (403, Some("cross_domain")),
@@ -651,9 +659,9 @@ fn a_delete_or_move_may_not_reach_a_nested_domain() {
     );
     assert!(files_under(&nginx.data_dir()).contains("d/sub/x"));
     // Controls: inside one domain, both go on.
-    let (resp, ctx) = send(req("DELETE /d/a", &["Fencing-Token: 100"], ""));
+    let (resp, ctx) = send(&fg, &req("DELETE /d/a", &["Fencing-Token: 100"], ""));
     assert!(matches!(resp.status, 200 | 204), "{ctx}");
-    let (resp, ctx) = send(req("DELETE /d/sub/", &["Fencing-Token: 500"], ""));
+    let (resp, ctx) = send(&fg, &req("DELETE /d/sub/", &["Fencing-Token: 500"], ""));
     assert!(resp.header("fencegate-reason").is_none(), "{ctx}");
 }
 
@@ -665,34 +673,21 @@ fn a_delete_or_move_may_not_reach_a_nested_domain() {
 #[test]
 fn a_copy_or_move_may_not_land_on_a_nested_domain() {
     for method in ["MOVE", "COPY"] {
-        let nginx = Nginx::start();
-        let fg = Fencegate::start(
-            FencegateConfig::new(&nginx.url())
-                .domain("d", "/d/")
-                .domain("sub", "/d/x/sub/"),
+        let (nginx, fg) = nested_domains(
+            "/d/x/sub/",
+            &[
+                ("/d/src/f", "Fencing-Token: 100"),
+                ("/d/x/own", "Fencing-Token: 100"),
+                ("/d/x/sub/y", "Fencing-Token: 500"),
+            ],
         );
-        let send = |bytes: Vec<u8>| {
-            let raw = raw_request(&fg.addr(), &bytes);
-            (
-                parse_response(&raw),
-                format!("{:?} → {raw}", String::from_utf8_lossy(&bytes)),
-            )
-        };
-        for (path, token) in [
-            ("/d/src/f", "Fencing-Token: 100"),
-            ("/d/x/own", "Fencing-Token: 100"),
-            ("/d/x/sub/y", "Fencing-Token: 500"),
-        ] {
-            let (resp, ctx) = send(put(path, &[token]));
-            assert!(matches!(resp.status, 201 | 204), "{ctx}");
-        }
         let headers = [
             "Fencing-Token: 100",
             "Destination: /d/x/",
             "Depth: infinity",
             "Overwrite: T",
         ];
-        let (resp, ctx) = send(req(&format!("{method} /d/src/"), &headers, ""));
+        let (resp, ctx) = send(&fg, &req(&format!("{method} /d/src/"), &headers, ""));
         assert_eq!(
             (resp.status, resp.header("fencegate-reason")),
             (403, Some("cross_domain")),
@@ -705,7 +700,7 @@ fn a_copy_or_move_may_not_land_on_a_nested_domain() {
         );
         // Control: onto a collection inside `d` alone, it goes on.
         let headers = ["Fencing-Token: 100", "Destination: /d/y/", "Depth: infinity"];
-        let (resp, ctx) = send(req(&format!("{method} /d/src/"), &headers, ""));
+        let (resp, ctx) = send(&fg, &req(&format!("{method} /d/src/"), &headers, ""));
         assert!(resp.header("fencegate-reason").is_none(), "{ctx}");
     }
 }

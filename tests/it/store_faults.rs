@@ -858,15 +858,23 @@ async fn a_raise_cuts_a_lower_write_answered_early_whose_store_stopped_reading()
     raise_past_an_early_answered_lower_write(Duration::from_secs(2), 64 << 20, 64 << 20).await;
 }
 
-/// A store that answers writes to `/d/early` at once and reads their body
-/// only `read_after` later, with a small receive buffer on every
-/// connection (the warm-up's first), and fencegate in front of it at
-/// epoch 5 with `timeout` for both the body's idleness and the answer.
-async fn epoch_5_with_early_answers(read_after: Duration, timeout: Duration) -> (ScriptedStore, Fencegate) {
+/// A store with a small receive buffer on every connection (the
+/// warm-up's first), so a body it does not read backs up into fencegate,
+/// and fencegate in front of it at epoch 5 with `idle` for the body's
+/// idleness and `answer` for the response head.
+async fn epoch_5_with_a_small_window(idle: Duration, answer: Duration) -> (ScriptedStore, Fencegate) {
     let store = ScriptedStore::start().await;
-    let (fg, _) = start(&store, |c| c.body_idle_timeout(timeout).request_timeout(timeout)).await;
+    let (fg, _) = start(&store, |c| c.body_idle_timeout(idle).request_timeout(answer)).await;
     store.set_receive_buffer(16 << 10);
     assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    (store, fg)
+}
+
+/// [`epoch_5_with_a_small_window`], `timeout` for both, and a store that
+/// answers writes to `/d/early` at once and reads their body only
+/// `read_after` later.
+async fn epoch_5_with_early_answers(read_after: Duration, timeout: Duration) -> (ScriptedStore, Fencegate) {
+    let (store, fg) = epoch_5_with_a_small_window(timeout, timeout).await;
     store.fault_path("/d/early", Fault::AnswerEarly { read_after });
     (store, fg)
 }
@@ -1508,14 +1516,7 @@ async fn a_request_on_a_pooled_connection_the_store_just_closed_is_sent_on_anoth
 #[tokio::test(flavor = "multi_thread")]
 async fn request_timeout_runs_from_the_last_byte_written() {
     const SIZE: usize = 768 << 10;
-    let store = ScriptedStore::start().await;
-    store.set_receive_buffer(16 << 10);
-    let (fg, _) = start(&store, |c| {
-        c.body_idle_timeout(Duration::from_secs(5))
-            .request_timeout(Duration::from_millis(500))
-    })
-    .await;
-    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    let (store, fg) = epoch_5_with_a_small_window(Duration::from_secs(5), Duration::from_millis(500)).await;
     store.fault_path("/d/slow", Fault::ReadSlowly(Duration::from_millis(100)));
     let raw = exchange(&fg, "PUT", "/d/slow", Some(5), SIZE).await;
     let seen = raw.seen();
@@ -1542,14 +1543,7 @@ async fn request_timeout_runs_from_the_last_byte_written() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_raise_aborts_a_lower_body_still_queued_in_fencegate() {
     const HOLD: Duration = Duration::from_secs(3);
-    let store = ScriptedStore::start().await;
-    store.set_receive_buffer(16 << 10);
-    let (fg, _) = start(&store, |c| {
-        c.body_idle_timeout(Duration::from_secs(8))
-            .request_timeout(Duration::from_secs(8))
-    })
-    .await;
-    assert_admitted(&fg, &put(&fg, "/d/warm", 5).await, "establishing epoch 5");
+    let (store, fg) = epoch_5_with_a_small_window(Duration::from_secs(8), Duration::from_secs(8)).await;
     store.hold_token_before_body("5", HOLD);
     let lower = exchange(&fg, "PUT", "/d/low", Some(5), 300 << 10);
     let higher = async {
