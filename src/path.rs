@@ -7,6 +7,13 @@
 //! slashes. Anything a store could read as a different path than we do is
 //! refused instead: encoded `/` or `\`, raw `\`, `;` (path parameters),
 //! control bytes, raw non-ASCII, broken escapes and `..` above the root.
+//!
+//! Every byte has one spelling in the normal form. A store that decodes
+//! every escape (nginx does, in the path and in `Destination`) reads `%40`
+//! and `@` as the same file, so a prefix holding `@` must match both: the
+//! characters a path may hold raw (RFC 3986's `pchar`: unreserved,
+//! sub-delims but `;`, `:` and `@`) are decoded, and every other byte is
+//! escaped, raw or not (`|`, `"`, `{`, a space in a configured prefix).
 
 use std::fmt;
 
@@ -68,9 +75,9 @@ pub fn normalize(raw: &str) -> Result<NormalPath, PathError> {
 }
 
 /// Whether `raw` is its own normal form, judged conservatively: absolute,
-/// only bytes that stand for themselves (no `%`, no byte that is refused),
-/// no empty segment but a last one, and no `.` or `..` segment. A false
-/// answer only means the full normalization must decide.
+/// only bytes that stand for themselves (no `%`, no byte that is refused
+/// or escaped), no empty segment but a last one, and no `.` or `..`
+/// segment. A false answer only means the full normalization must decide.
 fn is_normal(raw: &[u8]) -> bool {
     if raw.first() != Some(&b'/') {
         return false;
@@ -84,9 +91,8 @@ fn is_normal(raw: &[u8]) -> bool {
                 }
                 segment_start = i + 1;
             }
-            b'%' | b'\\' | b';' | 0x80.. => return false,
-            _ if is_control(b) => return false,
-            _ => {}
+            _ if is_raw(b) => {}
+            _ => return false,
         }
     }
     !matches!(&raw[segment_start..], b"." | b"..")
@@ -161,16 +167,14 @@ fn decode_segment(raw: &[u8]) -> Result<String, PathError> {
             b'%' => {
                 let hex = raw.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
                 let value = (hex_value(hex[0])? << 4) | hex_value(hex[1])?;
-                if is_unreserved(value) {
+                if is_raw(value) {
                     out.push(char::from(value));
                 } else if value == b'/' || value == b'\\' {
                     return Err(PathError::EncodedSeparator);
                 } else if is_control(value) {
                     return Err(PathError::ControlByte);
                 } else {
-                    out.push('%');
-                    out.push(char::from(hex_digit(value >> 4)));
-                    out.push(char::from(hex_digit(value & 0xF)));
+                    push_escaped(&mut out, value);
                 }
                 i += 3;
                 continue;
@@ -179,15 +183,46 @@ fn decode_segment(raw: &[u8]) -> Result<String, PathError> {
             b';' => return Err(PathError::Semicolon),
             _ if is_control(b) => return Err(PathError::ControlByte),
             0x80.. => return Err(PathError::NonAscii),
-            _ => out.push(char::from(b)),
+            _ if is_raw(b) => out.push(char::from(b)),
+            // Printable, yet no `pchar` (`|`, `"`, a space in a prefix):
+            // escaped, as a client must send most of them.
+            _ => push_escaped(&mut out, b),
         }
         i += 1;
     }
     Ok(out)
 }
 
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+fn push_escaped(out: &mut String, b: u8) {
+    out.push('%');
+    out.push(char::from(hex_digit(b >> 4)));
+    out.push(char::from(hex_digit(b & 0xF)));
+}
+
+/// Whether `b` stands raw in the normal form: RFC 3986's `pchar` but `;`,
+/// which is refused (a store may strip it as a path parameter). Escaped,
+/// each of these is decoded: a store that decodes reads both spellings as
+/// one path.
+fn is_raw(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
+        )
 }
 
 fn is_control(b: u8) -> bool {
@@ -235,6 +270,14 @@ mod tests {
             ("/a%3fb", "/a%3Fb"),
             ("/a%20b", "/a%20b"),
             ("/caf%C3%A9", "/caf%C3%A9"),
+            // One spelling per byte: `pchar`s raw, every other byte escaped.
+            ("/a%40b%3a%21%2B%3D%2C%24%26%27%28%29%2A", "/a@b:!+=,$&'()*"),
+            ("/a@b:!+=,$&'()*", "/a@b:!+=,$&'()*"),
+            ("/a|b", "/a%7Cb"),
+            ("/a%7cb", "/a%7Cb"),
+            ("/a\"{}[]^", "/a%22%7B%7D%5B%5D%5E"),
+            ("/my orders/", "/my%20orders/"),
+            ("/a%3Bb%25%23", "/a%3Bb%25%23"),
         ];
         for (raw, want) in cases {
             assert_eq!(norm(raw).as_deref(), Ok(want), "{raw}");
@@ -318,16 +361,25 @@ mod tests {
             1 => Just("%2e".to_owned()),
             1 => Just(";".to_owned()),
             1 => Just("\\".to_owned()),
+            1 => "[@:!+=|\"{}]".prop_map(String::from),
         ]
     }
 
     #[test]
     fn the_quick_check_only_passes_normal_forms() {
-        for normal in ["/", "/orders/1", "/orders/", "/a.b/..c/...", "/a~b-c_d"] {
+        for normal in [
+            "/",
+            "/orders/1",
+            "/orders/",
+            "/a.b/..c/...",
+            "/a~b-c_d",
+            "/a@b:c!d+e",
+        ] {
             assert!(is_normal(normal.as_bytes()), "{normal}");
         }
         for other in [
             "", "a", "//", "/a//b", "/a/./b", "/a/..", "/.", "/a/.", "/%41", "/a;b", "/a\\b", "/a\tb", "/é",
+            "/a|b", "/a b",
         ] {
             assert!(!is_normal(other.as_bytes()), "{other}");
         }
@@ -366,6 +418,29 @@ mod tests {
             if bytes[i] != b'/' {
                 let encoded = format!("{}%{:02X}{}", &raw[..i], bytes[i], &raw[i + 1..]);
                 prop_assert_eq!(normalize(&raw), normalize(&encoded));
+            }
+        }
+
+        #[test]
+        fn every_spelling_of_a_byte_normalizes_alike(
+            parts in proptest::collection::vec(path_char(), 1..12),
+            pick in any::<proptest::sample::Index>(),
+        ) {
+            // A store that decodes every escape reads a byte and its escape
+            // as one path: so must the domains (`%40` was judged apart from
+            // `@`, found by review).
+            let raw = format!("/{}", parts.concat());
+            let bytes = raw.as_bytes();
+            let i = pick.index(bytes.len());
+            let in_escape = bytes[i.saturating_sub(2)..i].contains(&b'%');
+            if !matches!(bytes[i], b'/' | b'%') && !in_escape {
+                let encoded = format!("{}%{:02x}{}", &raw[..i], bytes[i], &raw[i + 1..]);
+                let (plain, escaped) = (normalize(&raw), normalize(&encoded));
+                match (&plain, &escaped) {
+                    // `;` and `\\` are refused raw, whatever their escapes do.
+                    (Err(_), _) => {}
+                    _ => prop_assert_eq!(plain, escaped, "{} / {}", raw, encoded),
+                }
             }
         }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::path::lies_under_str;
+use crate::path::{lies_under_str, normalize_prefix};
 
 /// Domain name → (epoch, prefix). The prefix lets a new domain, or one whose
 /// prefix moved, inherit the epoch of a stored domain that used to guard its
@@ -452,7 +452,10 @@ fn read_domains(path: &Path, txn: &redb::ReadTransaction) -> Result<Vec<StoredDo
         let (epoch, prefix) = value.value();
         out.push(StoredDomain {
             name: name.value().to_owned(),
-            prefix: prefix.to_owned(),
+            // In today's normal form: one stored by a version that spelled
+            // some bytes otherwise (`%40` for `@`) names the same paths,
+            // and must not look moved to `start_epochs`.
+            prefix: normalize_prefix(prefix).unwrap_or_else(|_| prefix.to_owned()),
             epoch,
         });
     }
@@ -598,6 +601,24 @@ mod tests {
         let raised = domains.iter().map(|(n, _, e)| ((*n).to_owned(), *e));
         state.raise(&raised.collect()).unwrap();
         (state, old)
+    }
+
+    /// A prefix stored in an earlier normal form (`/d/a%40b/`, `/d/x|y/`
+    /// before `@` was decoded and `|` escaped) names the paths the same
+    /// prefix names today: nothing moved, so no domain takes another's epoch.
+    #[test]
+    fn a_prefix_stored_in_an_older_spelling_has_not_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _) = stored_at(
+            &dir,
+            &[
+                ("d", "/d/", 100),
+                ("at", "/d/a%40b/", 500),
+                ("bar", "/d/x|y/", 700),
+            ],
+        );
+        let today = wanted(&[("d", "/d/"), ("at", "/d/a@b/"), ("bar", "/d/x%7Cy/")]);
+        assert_eq!(state.start(&today, &[]).unwrap().epochs, vec![100, 500, 700]);
     }
 
     /// The reviewer's two cases: a nested domain moved away leaves its paths

@@ -704,3 +704,64 @@ fn a_copy_or_move_may_not_land_on_a_nested_domain() {
         assert!(resp.header("fencegate-reason").is_none(), "{ctx}");
     }
 }
+
+/// nginx decodes every escape in a path (and in `Destination`) once, so
+/// `%40` and `@`, or `%7C` and `|`, name the same file: a domain whose
+/// prefix holds such a character is reached by either spelling, and both
+/// must be judged in it. (Found by review: `/d/a%40b/x` was judged in `d`,
+/// and `d`'s token 100 overwrote, copied onto and deleted the files of
+/// `/d/a@b/`, written at 500.)
+#[test]
+fn every_spelling_of_a_prefix_lies_in_its_domain() {
+    let nginx = Nginx::start();
+    let fg = Fencegate::start(
+        FencegateConfig::new(&nginx.url())
+            .domain("d", "/d/")
+            .domain("at", "/d/a@b/")
+            .domain("bar", "/d/x%7Cy/"),
+    );
+    let (low, high) = ("Fencing-Token: 100", "Fencing-Token: 500");
+    for (path, token) in [("/d/f", low), ("/d/a@b/x", high), ("/d/x%7Cy/x", high)] {
+        let (resp, ctx) = send(&fg, &put(path, &[token]));
+        assert_eq!(resp.status, 201, "{ctx}");
+    }
+    let before = nginx.log_entries_at_least(3).len();
+    let stale = [
+        ("PUT /d/a%40b/x", None),
+        ("PUT /d/a%40b/new", None),
+        ("PUT /d/x|y/x", None),
+        ("PUT /d/x%7cy/x", None),
+        ("DELETE /d/a%40b/", None),
+        ("DELETE /d/a%40b", None),
+        ("DELETE /d/x|y", None),
+        ("COPY /d/f", Some("Destination: /d/a%40b/x")),
+        ("MOVE /d/f", Some("Destination: /d/x|y/x")),
+    ];
+    for (line, destination) in stale {
+        let headers: Vec<&str> = destination.into_iter().chain([low]).collect();
+        let (resp, ctx) = send(&fg, &req(line, &headers, "x"));
+        assert!(
+            matches!(
+                (resp.status, resp.header("fencegate-reason")),
+                (412, Some("stale_epoch")) | (403, Some("cross_domain"))
+            ),
+            "a lower token reached a nested domain: {ctx}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        nginx.log_entries().len(),
+        before,
+        "a refused request reached the store"
+    );
+    let want: BTreeSet<String> = ["d/f", "d/a@b/x", "d/x|y/x"]
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    assert_eq!(files_under(&nginx.data_dir()), want, "files in the store");
+    // Control: the nested domain's own token goes on, in either spelling.
+    for path in ["/d/a%40b/y", "/d/x|y/y"] {
+        let (resp, ctx) = send(&fg, &put(path, &[high]));
+        assert_eq!(resp.status, 201, "{ctx}");
+    }
+}
