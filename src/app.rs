@@ -221,6 +221,15 @@ pub async fn run(
         tracing::warn!("not recording a clean shutdown: writes were still in flight");
         return Ok(());
     }
+    // This start followed a crash, and the crashed run's writes may be at
+    // the store until request_timeout from the start: a clean mark now
+    // would let the next start raise at once, ahead of them.
+    if crash_wait_until.is_some_and(|until| tokio::time::Instant::now() < until) {
+        tracing::warn!(
+            "not recording a clean shutdown: request_timeout has not passed since this start, which followed a crash, so writes of the crashed run may still be at the store"
+        );
+        return Ok(());
+    }
     match committer.close_clean().await {
         Ok(()) => tracing::info!("clean shutdown recorded"),
         Err(e) => tracing::error!(error = %e, "could not record the clean shutdown"),

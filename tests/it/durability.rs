@@ -248,6 +248,40 @@ fn first_raise_after_a_crash_waits_request_timeout_but_not_after_a_clean_stop() 
     );
 }
 
+/// The start after a crash waits request_timeout before its first raise,
+/// since the crashed run's writes may still be at the store. A clean stop
+/// of that run before the wait is over does not end the wait: the store
+/// may still hold those writes, so no clean shutdown is recorded and the
+/// next start waits again. (Found by review: the clean mark was written,
+/// and the start after it raised at once, while a write of the crashed
+/// run could still land after the higher one.)
+#[test]
+fn a_clean_stop_within_the_crash_wait_leaves_the_wait_to_the_next_start() {
+    let request_timeout = Duration::from_secs(3);
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx).request_timeout(request_timeout));
+    assert_admitted(&put(&fg, "/orders/t", 10), "token 10");
+    // From here a write with token 10 may still be at the store.
+    fg.kill9();
+    let crashed = Instant::now();
+    fg.start_again();
+    assert_terminates_cleanly(&mut fg);
+    let stopped = crashed.elapsed();
+    assert!(
+        stopped < request_timeout,
+        "the clean stop came {stopped:?} after the crash, after the wait it should not end"
+    );
+    fg.start_again();
+    let resp = put(&fg, "/orders/t", 11);
+    let raised = crashed.elapsed();
+    assert_admitted(&resp, "first raise after the crash");
+    assert!(
+        raised >= request_timeout,
+        "token 11 was admitted {raised:?} after the crash, before request_timeout {request_timeout:?}: \
+         a write of the crashed run could still reach the store after it"
+    );
+}
+
 #[test]
 fn run_refuses_a_missing_or_unreadable_state_file() {
     let nginx = Nginx::start();
