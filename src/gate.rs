@@ -429,10 +429,15 @@ impl Gate {
         if self.is_moot(t) {
             return Ok(());
         }
+        let previous = self.current.load_full();
+        // Rule 4(a) holds from the raise's start, like the refusal mark:
+        // lower bodies not yet whole stop now, not once the crash wait
+        // below lets the barrier run (a deposed writer's upload would
+        // complete at the store meanwhile).
+        previous.abort.raise();
         if let Some(until) = self.crash_wait_until {
             tokio::time::sleep_until(until).await;
         }
-        let previous = self.current.load_full();
         self.drain(&previous).await;
         // Raises that began while we drained are covered by the same
         // barrier (no write above the old epoch was admitted), so one commit

@@ -1183,3 +1183,54 @@ async fn a_raise_aborts_a_lower_write_without_a_body_still_connecting() {
         (412, Some("stale_epoch"))
     );
 }
+
+/// After a crash the first raise waits request_timeout from the start
+/// before its commit, since the crashed run's writes may still be at the
+/// store. Its refusal mark is set at once, and so must be rule 4(a): a
+/// lower write of this run whose body is not whole is aborted when the
+/// raise begins, not when the wait ends. (Found by review: the barrier
+/// aborted bodies only after the crash wait, so a deposed writer's upload
+/// went on for up to request_timeout after the raise began and completed
+/// at the store.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_after_a_crash_aborts_unfinished_lower_bodies_before_its_crash_wait() {
+    let store = ScriptedStore::start().await;
+    let mut fg = gate(&store.url(), |c| {
+        c.request_timeout(Duration::from_secs(4))
+            .body_idle_timeout(Duration::from_secs(20))
+    });
+    let http = client();
+    establish(&http, &fg, "5").await;
+    fg.kill9();
+    fg.start_again();
+
+    let head = "PUT /d/partial HTTP/1.1\r\nHost: store\r\nFencing-Token: 5\r\nContent-Length: 1000\r\n\r\n";
+    let mut request = head.as_bytes().to_vec();
+    request.extend_from_slice(&[b'a'; 100]);
+    let mut five = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    five.write_all(&request).await.expect("send the partial 5-write");
+    wait_event(&store, "/d/partial", EventKind::HeadArrived).await;
+
+    let six = spawn_put(&http, &fg.url(), "/d/six", "6");
+    let raise_began = async {
+        while marks(&fg, DOMAIN).await != (5, 6) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), raise_began)
+        .await
+        .expect("the raise to 6 begins (and waits out the crash wait)");
+    // The rest of the 5-body, after the raise began: it must not complete
+    // the write (a connection fencegate closed may refuse it).
+    let _ = five.write_all(&[b'a'; 900]).await;
+    let six = six.await.unwrap();
+    assert!(six.is_success(), "the 6-write: {six:?}");
+    let events = store.events();
+    let log = describe(&events);
+    assert!(
+        index_of(&events, "/d/partial", EventKind::BodyComplete).is_none()
+            && index_of(&events, "/d/partial", EventKind::Responded).is_none(),
+        "the 5-write completed at the store after the raise began:\n{log}"
+    );
+    assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
+}
