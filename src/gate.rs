@@ -244,6 +244,14 @@ impl Gate {
         }
     }
 
+    /// The gate with `durable`, already in the state file, not admitted
+    /// yet: tokens below it are refused, and the first at it raises (after
+    /// a crash, that waits out the crash wait) before it is admitted.
+    pub fn pending_raise_to(self, durable: u64) -> Gate {
+        self.refusal.fetch_max(durable, SeqCst);
+        self
+    }
+
     /// The epoch and refusal mark now.
     pub fn marks(&self) -> Marks {
         // The epoch is read first: a raise stores the new generation before
