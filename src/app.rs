@@ -91,8 +91,8 @@ pub async fn run(
     let gates = config
         .domains
         .iter()
-        .zip(&start.epochs)
-        .map(|(d, epoch)| {
+        .zip(start.epochs.iter().zip(&start.lowest_guards_before))
+        .map(|(d, (epoch, lowest_before))| {
             tracing::info!(domain = %d.name, prefix = %d.prefix, epoch, election = ?d.election, "domain loaded");
             let domain_metrics = metrics.domain(&d.name);
             let view = match (&d.election, &config.etcd) {
@@ -108,14 +108,24 @@ pub async fn run(
                 ))),
                 _ => None,
             };
-            let gate = Arc::new(Gate::new(
+            // After a crash, a domain the configuration raised above the
+            // epoch that guarded some of its paths (a nested domain merged
+            // into it) admits its epoch only through a raise, which waits
+            // out the crash wait: writes of the crashed run below it may
+            // still be at the store, on those paths.
+            let admitted = match lowest_before {
+                Some(lowest) if !start.was_clean => (*lowest).min(*epoch),
+                _ => *epoch,
+            };
+            let gate = Gate::new(
                 &d.name,
                 d.prefix.clone(),
                 view.clone(),
-                *epoch,
+                admitted,
                 domain_metrics,
                 settings.clone(),
-            ));
+            );
+            let gate = Arc::new(gate.pending_raise_to(*epoch));
             if let Some(view) = view {
                 elected.push(Elected {
                     gate: gate.clone(),
@@ -219,6 +229,15 @@ pub async fn run(
         // The committer is not awaited here: connection tasks that outlived
         // the grace period still hold it, and the process is about to exit.
         tracing::warn!("not recording a clean shutdown: writes were still in flight");
+        return Ok(());
+    }
+    // This start followed a crash, and the crashed run's writes may be at
+    // the store until request_timeout from the start: a clean mark now
+    // would let the next start raise at once, ahead of them.
+    if crash_wait_until.is_some_and(|until| tokio::time::Instant::now() < until) {
+        tracing::warn!(
+            "not recording a clean shutdown: request_timeout has not passed since this start, which followed a crash, so writes of the crashed run may still be at the store"
+        );
         return Ok(());
     }
     match committer.close_clean().await {

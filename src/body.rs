@@ -220,7 +220,14 @@ impl<B> GuardedBody<B> {
     /// `exchange`, and stops at its next frame once a raise began in the
     /// write's domain. (The exchange's sender watches the raise while the
     /// body waits, and cuts the connection: see [`crate::forward`].)
-    pub fn forwarding(mut self, exchange: Arc<Exchange>) -> GuardedBody<B> {
+    pub fn forwarding(mut self, exchange: Arc<Exchange>) -> GuardedBody<B>
+    where
+        B: Body,
+    {
+        // A body with nothing to send is whole from the start: dropped
+        // untaken it aborts nothing, and its request is complete once the
+        // connection wrote the head.
+        self.whole = self.inner.is_end_stream();
         self.exchange = Some(exchange);
         self
     }

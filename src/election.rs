@@ -209,6 +209,9 @@ impl ElectionView {
             // unless etcd lost its history. Such an answer neither changes
             // the view nor keeps it fresh (a restored etcd's leader is not
             // the one the view holds, and the view's is deposed there).
+            // Under the publish lock: no publish that began before this
+            // may install what etcd says after it.
+            let _serial = self.publish.lock().unwrap_or_else(|e| e.into_inner());
             if !self.regressed.swap(true, SeqCst) {
                 tracing::error!(
                     domain = %self.domain, etcd_revision = revision, floor,
@@ -243,9 +246,17 @@ impl ElectionView {
     }
 
     /// Installs what etcd says held at `revision`, unless the view already
-    /// describes that revision or a later one.
+    /// describes that revision or a later one, or etcd lost history.
     pub fn publish(&self, revision: i64, leader: Option<u64>) {
         let _serial = self.publish.lock().unwrap_or_else(|e| e.into_inner());
+        // Once etcd lost history, nothing it says is installed, however
+        // far its revision climbs: it hands out again revisions that were
+        // tokens. Its leader would be fenced ahead to, and the durable
+        // epoch raised above the real etcd's leader, whom an operator's
+        // repair (restoring that etcd) would then find refused.
+        if self.is_regressed() {
+            return;
+        }
         let old = self.snapshot();
         if revision <= old.revision {
             return;
@@ -537,6 +548,32 @@ mod tests {
     /// answers at 350 proves etcd lost history (restored from a backup
     /// taken above the epoch): the view is regressed, and the answer
     /// neither replaces its leader nor keeps it fresh.
+    /// Once etcd answered below what it had shown, nothing it says later
+    /// is installed, however far its revision climbs: not its leader, and
+    /// no new leader for the fence-ahead task.
+    #[tokio::test(start_paused = true)]
+    async fn a_regressed_view_installs_nothing_more() {
+        let v = view(OnUnavailable::Reject);
+        v.record_read(Instant::now(), 500, Some(100), v.floor(100));
+        v.record_read(Instant::now(), 3, None, v.floor(100));
+        assert!(v.is_regressed());
+        v.record_read(Instant::now(), 900, Some(800), v.floor(100));
+        v.publish(901, Some(850));
+        assert_eq!(
+            v.snapshot(),
+            Snapshot {
+                revision: 500,
+                leader: Some(100)
+            }
+        );
+        assert_eq!(
+            *v.subscribe_leaders().borrow(),
+            100,
+            "fenced ahead to a regressed etcd's leader"
+        );
+        assert_eq!(v.leader(None), Leader::Regressed);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_answer_below_a_revision_the_view_saw_is_a_regression() {
         let v = view(OnUnavailable::Reject);

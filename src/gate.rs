@@ -244,6 +244,14 @@ impl Gate {
         }
     }
 
+    /// The gate with `durable`, already in the state file, not admitted
+    /// yet: tokens below it are refused, and the first at it raises (after
+    /// a crash, that waits out the crash wait) before it is admitted.
+    pub fn pending_raise_to(self, durable: u64) -> Gate {
+        self.refusal.fetch_max(durable, SeqCst);
+        self
+    }
+
     /// The epoch and refusal mark now.
     pub fn marks(&self) -> Marks {
         // The epoch is read first: a raise stores the new generation before
@@ -429,10 +437,15 @@ impl Gate {
         if self.is_moot(t) {
             return Ok(());
         }
+        let previous = self.current.load_full();
+        // Rule 4(a) holds from the raise's start, like the refusal mark:
+        // lower bodies not yet whole stop now, not once the crash wait
+        // below lets the barrier run (a deposed writer's upload would
+        // complete at the store meanwhile).
+        previous.abort.raise();
         if let Some(until) = self.crash_wait_until {
             tokio::time::sleep_until(until).await;
         }
-        let previous = self.current.load_full();
         self.drain(&previous).await;
         // Raises that began while we drained are covered by the same
         // barrier (no write above the old epoch was admitted), so one commit

@@ -415,8 +415,8 @@ impl Outgoing {
         if self.chunked {
             self.push(codec::chunked_end(trailers));
         }
-        // A whole body aborts nothing when dropped; one that is not (a
-        // request that never had one) leaves its exchange decided.
+        // A whole body aborts nothing when dropped (one with nothing to
+        // send is whole from the start, see `GuardedBody::forwarding`).
         self.body = None;
     }
 

@@ -332,10 +332,10 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         // Only a body of unknown length (chunked) can end in trailers.
         let may_have_trailers = body.size_hint().exact().is_none();
+        // Even a request without a body is complete only once its head is
+        // written (`pool::Outgoing`): until then a raise aborts it (rule
+        // 4a), while it waits for a connection too.
         let exchange = Exchange::new(ticket, may_have_trailers.then(|| self.fencing_header.clone()));
-        if body.is_end_stream() {
-            exchange.complete();
-        }
         parts.uri = self.upstream.uri(std::mem::take(&mut parts.uri), path);
         parts.version = Version::HTTP_11;
         if let Some(destination) = parts.headers.get(&DESTINATION) {

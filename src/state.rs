@@ -108,6 +108,9 @@ pub struct StartState {
     pub epochs: Vec<u64>,
     /// Whether the previous run ended with a clean shutdown.
     pub was_clean: bool,
+    /// For every configured domain, the lowest epoch of the stored domains
+    /// that guarded any of its paths (`None`: no path of it was guarded).
+    pub lowest_guards_before: Vec<Option<u64>>,
 }
 
 /// An open state file, held exclusively by this process.
@@ -312,6 +315,7 @@ impl StateFile {
         }
         let was_clean = self.meta(CLEAN_KEY)? == Some(1);
         let epochs = start_epochs(&stored, wanted);
+        let lowest_guards_before = lowest_guards_before(&stored, wanted);
         self.write(|table, meta| {
             for s in stored.iter().filter(|s| forget.contains(&s.name)) {
                 if !wanted.iter().any(|w| w.name == s.name) {
@@ -325,7 +329,11 @@ impl StateFile {
             meta.insert(CLEAN_KEY, 0)?;
             Ok(())
         })?;
-        Ok(StartState { epochs, was_clean })
+        Ok(StartState {
+            epochs,
+            was_clean,
+            lowest_guards_before,
+        })
     }
 
     /// Raises the stored epochs of the named domains (never lowers one).
@@ -478,10 +486,44 @@ fn start_epochs(stored: &[StoredDomain], wanted: &[WantedDomain]) -> Vec<u64> {
         .iter()
         .map(|w| stored.iter().find(|s| s.name == w.name).map_or(0, |s| s.epoch))
         .collect();
+    for (before, after) in regions(stored, wanted) {
+        let w = &wanted[after];
+        if before.epoch > epochs[after] {
+            tracing::info!(
+                domain = %w.name, prefix = %w.prefix, paths_of = %before.name, from_prefix = %before.prefix,
+                from = epochs[after], to = before.epoch,
+                "a domain takes over paths another stored domain guarded: it starts at their epoch"
+            );
+            epochs[after] = before.epoch;
+        }
+    }
+    epochs
+}
+
+/// For each wanted domain, the lowest epoch of the stored domains that
+/// guarded any of its paths (region by region, as in [`start_epochs`]),
+/// `None` if none did. A domain that starts above it was raised by the
+/// configuration, and writes below its epoch may have reached its paths
+/// in the previous run.
+fn lowest_guards_before(stored: &[StoredDomain], wanted: &[WantedDomain]) -> Vec<Option<u64>> {
+    let mut lowest: Vec<Option<u64>> = vec![None; wanted.len()];
+    for (before, after) in regions(stored, wanted) {
+        let low = &mut lowest[after];
+        *low = Some(low.map_or(before.epoch, |l| l.min(before.epoch)));
+    }
+    lowest
+}
+
+/// Each region of paths that a stored domain guarded and a wanted one
+/// guards now: the stored domain, and the wanted one's index. A region is
+/// the paths directly under a prefix of either side, or its collection
+/// (see [`lies_under_str`]): each has one guard before and one after.
+fn regions<'a>(stored: &'a [StoredDomain], wanted: &[WantedDomain]) -> Vec<(&'a StoredDomain, usize)> {
     let prefixes = stored
         .iter()
         .map(|s| s.prefix.as_str())
         .chain(wanted.iter().map(|w| w.prefix.as_str()));
+    let mut regions = Vec::new();
     for prefix in prefixes {
         // A byte no prefix has: a path under `prefix` and under no longer one.
         let under = format!("{prefix}\u{1}");
@@ -489,21 +531,12 @@ fn start_epochs(stored: &[StoredDomain], wanted: &[WantedDomain]) -> Vec<u64> {
         for path in std::iter::once(under.as_str()).chain(collection) {
             let before = guard(stored.iter().map(|s| s.prefix.as_str()), path).map(|i| &stored[i]);
             let after = guard(wanted.iter().map(|w| w.prefix.as_str()), path);
-            let (Some(before), Some(after)) = (before, after) else {
-                continue;
-            };
-            let w = &wanted[after];
-            if before.epoch > epochs[after] {
-                tracing::info!(
-                    domain = %w.name, prefix = %w.prefix, paths_of = %before.name, from_prefix = %before.prefix,
-                    from = epochs[after], to = before.epoch,
-                    "a domain takes over paths another stored domain guarded: it starts at their epoch"
-                );
-                epochs[after] = before.epoch;
+            if let (Some(before), Some(after)) = (before, after) {
+                regions.push((before, after));
             }
         }
     }
-    epochs
+    regions
 }
 
 /// Which of `prefixes` guards `path`: the longest it lies under.
@@ -641,6 +674,25 @@ mod tests {
         let (state, _) = stored_at(&dir, &[("sub", "/d/sub/", 500)]);
         let enclosing = wanted(&[("sub", "/x/"), ("d", "/d/")]);
         assert_eq!(state.start(&enclosing, &[]).unwrap().epochs, vec![500, 500]);
+    }
+
+    /// What each domain's paths were guarded by before, at the lowest: a
+    /// domain that starts above it was raised by the configuration (after
+    /// a crash it must raise before admitting its epoch).
+    #[test]
+    fn the_lowest_epoch_that_guarded_a_domains_paths_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, old) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
+        let start = state.start(&old, &[]).unwrap();
+        assert_eq!(
+            start.lowest_guards_before,
+            vec![Some(100), Some(500)],
+            "unchanged"
+        );
+        let merged = wanted(&[("d", "/d/"), ("new", "/elsewhere/")]);
+        let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+        assert_eq!(start.epochs, vec![500, 0]);
+        assert_eq!(start.lowest_guards_before, vec![Some(100), None]);
     }
 
     #[test]

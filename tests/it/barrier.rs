@@ -1014,3 +1014,223 @@ async fn nginx_sees_tokens_never_decrease_across_a_long_concurrent_run() {
     assert_eq!(tokens.len(), admitted, "2xx answers vs 2xx log entries");
     assert!(refused > 0, "no stale write was refused: the run tested nothing");
 }
+
+/// A store whose accept queue is full: the kernel drops new SYNs, so a
+/// connection to it waits (retransmitting its SYN) until
+/// [`StalledAccepts::open`] takes the queued one. Then it answers every
+/// request 204 and records `(method, token)` in arrival order.
+struct StalledAccepts {
+    listener: Option<socket2::Socket>,
+    /// The connection filling the queue.
+    _queued: std::net::TcpStream,
+    addr: std::net::SocketAddr,
+    heads: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl StalledAccepts {
+    fn start() -> StalledAccepts {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket.bind(&any.into()).expect("bind");
+        // Linux queues backlog + 1 connections: one, taken below.
+        socket.listen(0).expect("listen");
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let queued = std::net::TcpStream::connect(addr).expect("fill the accept queue");
+        StalledAccepts {
+            listener: Some(socket),
+            _queued: queued,
+            addr,
+            heads: Arc::default(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Takes the queued connection and serves every one after it.
+    fn open(&mut self) {
+        let listener: std::net::TcpListener = self.listener.take().expect("opened once").into();
+        let heads = self.heads.clone();
+        std::thread::spawn(move || {
+            let _ = listener.accept().expect("the queued connection");
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let heads = heads.clone();
+                std::thread::spawn(move || serve_204(conn, &heads));
+            }
+        });
+    }
+
+    fn heads(&self) -> Vec<(String, String)> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+/// Answers each request on `conn` 204, recording its method and token.
+fn serve_204(mut conn: std::net::TcpStream, heads: &std::sync::Mutex<Vec<(String, String)>>) {
+    use std::io::{Read, Write};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let field = |name: &str| {
+            head.lines()
+                .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let method = head.split(' ').next().unwrap_or_default().to_string();
+        heads
+            .lock()
+            .unwrap()
+            .push((method, field("fencing-token").unwrap_or_default()));
+        let length: usize = field("content-length").map_or(0, |v| v.parse().unwrap());
+        while buf.len() < end + 4 + length {
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + 4 + length);
+        if conn
+            .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// A lower write without a body (a DELETE) that a raise finds still
+/// connecting to the store is aborted like one whose body is not sent
+/// (rule 4a: no byte of it was sent): it never reaches the store, and the
+/// higher write does. (Found by review: a request without a body counted
+/// as sent before any byte of it was written, so nothing stopped it; the
+/// raise waited for it, and it reached the store after the raise began.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raise_aborts_a_lower_write_without_a_body_still_connecting() {
+    let mut store = StalledAccepts::start();
+    let mut fg = Fencegate::init_only(
+        FencegateConfig::new(&store.url())
+            .domain(DOMAIN, PREFIX)
+            .connect_timeout(Duration::from_secs(20)),
+    );
+    // Epoch 5 without a write, so no connection to the store is pooled.
+    let out = fg.run_cli(&["epochs", "set", "--domain", DOMAIN, "--value", "5", "--force"]);
+    assert!(out.status.success(), "epochs set: {out:?}");
+    fg.start_again();
+    let http = client();
+    let delete = {
+        let (http, url) = (http.clone(), format!("{}/d/old", fg.url()));
+        tokio::spawn(async move {
+            let response = http
+                .delete(url)
+                .header("Fencing-Token", "5")
+                .send()
+                .await
+                .expect("DELETE");
+            let reason = response.headers().get("fencegate-reason").cloned();
+            (response.status().as_u16(), reason)
+        })
+    };
+    let inflight = async {
+        loop {
+            let text = admin_text(&fg, "/domains").await;
+            if text.contains("\"inflight_writes\":1") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), inflight)
+        .await
+        .expect("the DELETE is admitted and connecting");
+    let higher = spawn_put(&http, &fg.url(), "/d/new", "6");
+    let raise_began = async {
+        while marks(&fg, DOMAIN).await.1 < 6 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), raise_began)
+        .await
+        .expect("the raise to 6 begins");
+    store.open();
+    let higher = tokio::time::timeout(Duration::from_secs(20), higher)
+        .await
+        .expect("the higher write is answered")
+        .unwrap();
+    assert!(higher.is_success(), "the higher write: {higher:?}");
+    let (status, reason) = tokio::time::timeout(Duration::from_secs(20), delete)
+        .await
+        .expect("the DELETE is answered")
+        .unwrap();
+    let heads = store.heads();
+    assert!(
+        !heads.iter().any(|(method, _)| method == "DELETE"),
+        "the lower DELETE reached the store after the raise began: {heads:?}"
+    );
+    assert_eq!(heads, [("PUT".to_string(), "6".to_string())]);
+    assert_eq!(
+        (status, reason.as_ref().and_then(|r| r.to_str().ok())),
+        (412, Some("stale_epoch"))
+    );
+}
+
+/// After a crash the first raise waits request_timeout from the start
+/// before its commit, since the crashed run's writes may still be at the
+/// store. Its refusal mark is set at once, and so must be rule 4(a): a
+/// lower write of this run whose body is not whole is aborted when the
+/// raise begins, not when the wait ends. (Found by review: the barrier
+/// aborted bodies only after the crash wait, so a deposed writer's upload
+/// went on for up to request_timeout after the raise began and completed
+/// at the store.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_after_a_crash_aborts_unfinished_lower_bodies_before_its_crash_wait() {
+    let store = ScriptedStore::start().await;
+    let mut fg = gate(&store.url(), |c| {
+        c.request_timeout(Duration::from_secs(4))
+            .body_idle_timeout(Duration::from_secs(20))
+    });
+    let http = client();
+    establish(&http, &fg, "5").await;
+    fg.kill9();
+    fg.start_again();
+
+    let head = "PUT /d/partial HTTP/1.1\r\nHost: store\r\nFencing-Token: 5\r\nContent-Length: 1000\r\n\r\n";
+    let mut request = head.as_bytes().to_vec();
+    request.extend_from_slice(&[b'a'; 100]);
+    let mut five = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    five.write_all(&request).await.expect("send the partial 5-write");
+    wait_event(&store, "/d/partial", EventKind::HeadArrived).await;
+
+    let six = spawn_put(&http, &fg.url(), "/d/six", "6");
+    let raise_began = async {
+        while marks(&fg, DOMAIN).await != (5, 6) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), raise_began)
+        .await
+        .expect("the raise to 6 begins (and waits out the crash wait)");
+    // The rest of the 5-body, after the raise began: it must not complete
+    // the write (a connection fencegate closed may refuse it).
+    let _ = five.write_all(&[b'a'; 900]).await;
+    let six = six.await.unwrap();
+    assert!(six.is_success(), "the 6-write: {six:?}");
+    let events = store.events();
+    let log = describe(&events);
+    assert!(
+        index_of(&events, "/d/partial", EventKind::BodyComplete).is_none()
+            && index_of(&events, "/d/partial", EventKind::Responded).is_none(),
+        "the 5-write completed at the store after the raise began:\n{log}"
+    );
+    assert_eq!(marks(&fg, DOMAIN).await, (6, 6));
+}

@@ -1371,3 +1371,86 @@ async fn etcd_restored_below_a_revision_the_view_saw_is_coordinator_regressed() 
     let written = stored_write_tokens(&nginx, 2);
     assert_eq!(written, [ra, ra], "only A's writes from before the restore");
 }
+
+/// etcd wiped (restarted with an empty data dir) while fencegate runs:
+/// its revision falls below the epoch, and fencegate finds it regressed.
+/// From then on nothing that etcd says is trusted, however far its
+/// revision climbs: it hands out again revisions that were tokens before.
+/// Its new leader must move neither the view nor the durable epoch (fence
+/// ahead): an operator who restores the real etcd would find the epoch
+/// above it and its rightful leader refused. (Found by review: once the
+/// wiped etcd's revision passed the view's, its answers were installed as
+/// the leader, and the fencer raised the epoch to its leader's revision.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_regressed_etcd_moves_neither_the_view_nor_the_epoch() {
+    let mut etcd = Etcd::start();
+    let nginx = Nginx::start();
+    let c = etcd_client(&etcd.endpoints()).await;
+    // Revisions the wiped etcd will hand out again.
+    for i in 0..20 {
+        put_key(&c, &format!("/unrelated/{i}")).await;
+    }
+    let a = Candidate::campaign(&c, ELECTION, "a", TTL).await;
+    let ra = a.rev();
+    let mut fg = Fencegate::start(config(&nginx, &etcd, "watch"));
+    let proxy = Proxy::new(&fg);
+    proxy
+        .wait_domain("epoch = A's revision", STEP, |d| as_i64(d, "epoch") == Some(ra))
+        .await;
+    assert_admitted(&proxy.put("/orders/a", ra).await, "A leads");
+
+    etcd.kill();
+    std::fs::remove_dir_all(etcd.data_dir()).unwrap();
+    etcd.restart();
+    let started = Instant::now();
+    let mut r = proxy.put("/orders/a", ra).await;
+    while reason(&r) != "coordinator_regressed" && started.elapsed() < 3 * MAX_STALENESS {
+        assert_ne!(r.status / 100, 2, "A's write was admitted by a wiped etcd: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r = proxy.put("/orders/a", ra).await;
+    }
+    problem(&r, 503, "coordinator_regressed", "A, etcd wiped");
+
+    // The wiped etcd climbs past every revision fencegate saw, and elects C.
+    let c = etcd_client(&etcd.endpoints()).await;
+    for i in 0..ra + 5 {
+        put_key(&c, &format!("/unrelated/{i}")).await;
+    }
+    let cand = Candidate::campaign(&c, ELECTION, "c", TTL).await;
+    let rc = cand.rev();
+    assert!(rc > ra, "C {rc}, A {ra}");
+    // Two reads started after C leads: the second starts once the first
+    // has ended (one is in flight at a time), and the watch, which
+    // delivers C's key in a round trip, had that long too.
+    let reads = proxy.metric("fencegate_leader_reads_total").await.expect("reads");
+    let started = Instant::now();
+    while proxy.metric("fencegate_leader_reads_total").await.expect("reads") < reads + 2.0 {
+        assert!(
+            started.elapsed() < STEP,
+            "no two reads of the election within {STEP:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d = proxy.domain().await;
+    assert_eq!(
+        as_i64(&d, "leader_revision"),
+        Some(ra),
+        "the wiped etcd's leader was installed: {d}"
+    );
+    assert_eq!(
+        as_i64(&d, "refusal_mark"),
+        Some(ra),
+        "fenced ahead to the wiped etcd's leader: {d}"
+    );
+    assert_eq!(as_i64(&d, "epoch"), Some(ra), "{d}");
+    problem(
+        &proxy.put("/orders/c", rc).await,
+        503,
+        "coordinator_regressed",
+        "C, leader of the wiped etcd",
+    );
+    assert!(fg.terminate().success());
+    assert_eq!(fg.durable_epoch(DOMAIN), ra as u64, "the durable epoch moved");
+    let written = stored_write_tokens(&nginx, 1);
+    assert_eq!(written, [ra], "only A's write from before the wipe");
+}
