@@ -544,10 +544,6 @@ mod tests {
         assert!(v.is_reachable(), "a regressed answer is still an answer");
     }
 
-    /// A read that started after the view described revision 500 and
-    /// answers at 350 proves etcd lost history (restored from a backup
-    /// taken above the epoch): the view is regressed, and the answer
-    /// neither replaces its leader nor keeps it fresh.
     /// Once etcd answered below what it had shown, nothing it says later
     /// is installed, however far its revision climbs: not its leader, and
     /// no new leader for the fence-ahead task.
@@ -574,6 +570,10 @@ mod tests {
         assert_eq!(v.leader(None), Leader::Regressed);
     }
 
+    /// A read that started after the view described revision 500 and
+    /// answers at 350 proves etcd lost history (restored from a backup
+    /// taken above the epoch): the view is regressed, and the answer
+    /// neither replaces its leader nor keeps it fresh.
     #[tokio::test(start_paused = true)]
     async fn an_answer_below_a_revision_the_view_saw_is_a_regression() {
         let v = view(OnUnavailable::Reject);
