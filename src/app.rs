@@ -24,6 +24,10 @@ use crate::proxy::Proxy;
 use crate::server::{self, Drain};
 use crate::state::{StateFile, WantedDomain};
 
+/// How long a shutdown waits for the admin listener's connections, once
+/// the proxy's have drained.
+const ADMIN_DRAIN: Duration = Duration::from_secs(1);
+
 /// The two listeners, bound by the caller (tests bind port 0).
 pub struct Listeners {
     /// Where writers connect.
@@ -146,7 +150,7 @@ pub async fn run(
         serving: serving.clone(),
         committer: committer.clone(),
     });
-    let admin_task = tokio::spawn(
+    let mut admin_task = tokio::spawn(
         axum::serve(listeners.admin, admin_router)
             .with_graceful_shutdown(stop_admin.clone().cancelled_owned())
             .into_future(),
@@ -205,7 +209,15 @@ pub async fn run(
         ended = &mut serve => ended,
     };
     stop_admin.cancel();
-    let _ = admin_task.await;
+    // axum's graceful shutdown waits for every admin connection, and its
+    // listener has no header read timeout: a client stuck in its request
+    // head (or not reading its answer) would keep the process, and the
+    // clean mark, waiting until the orchestrator's SIGKILL. An admin answer
+    // takes microseconds, so one still open after this is such a client.
+    if tokio::time::timeout(ADMIN_DRAIN, &mut admin_task).await.is_err() {
+        tracing::warn!(after = ?ADMIN_DRAIN, "closing admin connections that are still open");
+        admin_task.abort();
+    }
     // The views are no longer needed, and a fence-ahead raise must not
     // reach the committer after the clean mark.
     if let Some(coordinator) = coordinator {

@@ -779,3 +779,36 @@ fn a_sigterm_while_waiting_for_etcd_is_a_clean_shutdown() {
         "the next start waited as after a crash:\n{again}"
     );
 }
+
+/// An admin connection that never finishes its request head (a scraper or
+/// a probe cut off mid-request, a port scanner) does not hold a SIGTERM
+/// past `shutdown_grace`: fencegate exits 0 with the clean mark recorded.
+/// (The admin listener's drain waited for it without a bound: the process
+/// ran until the orchestrator's SIGKILL, and the next start waited
+/// `request_timeout` as after a crash.)
+#[test]
+fn an_admin_connection_stuck_in_its_head_does_not_hold_up_a_sigterm() {
+    use std::io::Write;
+    let nginx = Nginx::start();
+    let grace = Duration::from_secs(1);
+    let mut fg = Fencegate::start(orders_config(&nginx).shutdown_grace(grace));
+    let mut stuck = std::net::TcpStream::connect(&fg.config().admin_listen).expect("connect to admin");
+    stuck
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n")
+        .expect("half a request head");
+    // The admin listener has read what was sent once it answers another.
+    assert_eq!(fg.admin_get("/healthz").status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let started = Instant::now();
+    let status = fg.terminate();
+    let took = started.elapsed();
+    let stderr = fg.stderr_text();
+    assert!(status.success(), "SIGTERM: {status}\n{stderr}");
+    assert!(
+        took < grace + Duration::from_secs(4),
+        "SIGTERM took {took:?} with a {grace:?} grace: the stuck admin connection held it\n{stderr}"
+    );
+    assert!(stderr.contains("clean shutdown recorded"), "{stderr}");
+    drop(stuck);
+}
