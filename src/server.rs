@@ -273,6 +273,7 @@ async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let io = SocketIo::new(stream, proxy.body_idle_timeout());
         let proxy = proxy.clone();
         let client = Arc::new(Peer::new(peer));
         let service = service_fn(move |request| {
@@ -280,7 +281,7 @@ async fn serve(
             let client = client.clone();
             async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
         });
-        let connection = connections.watch(http.serve_connection(SocketIo::new(stream), service));
+        let connection = connections.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             let _opened = opened;
             if let Err(e) = connection.await {

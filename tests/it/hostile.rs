@@ -509,6 +509,47 @@ fn slowloris_does_not_starve_the_listener() {
     rig.finish();
 }
 
+/// A client that stops reading its answer is cut once it has taken nothing
+/// for `body_idle_timeout`, like one that stops sending its body: its
+/// connection and the store's are closed, not held for good (nginx's
+/// `send_timeout`). Before, only a pause of the store's was timed, and a
+/// client that read the head of a large answer and no more kept both
+/// connections open until the store gave up, or forever.
+#[test]
+fn a_client_that_stops_reading_its_answer_is_cut_after_body_idle_timeout() {
+    let idle = Duration::from_secs(1);
+    let mut rig = Rig::start(|c| c.body_idle_timeout(idle));
+    // Far more than the socket buffers between the store and the client hold.
+    let size = 64 << 20;
+    std::fs::write(rig.nginx.data_dir().join("public/big"), vec![0x5A; size]).expect("write the file");
+    let mut s = TcpStream::connect(rig.fg.addr()).expect("connect");
+    s.write_all(b"GET /public/big HTTP/1.1\r\nHost: store.test\r\n\r\n")
+        .expect("send the request");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let mut head = [0u8; 1024];
+    let n = s.read(&mut head).expect("the answer's head");
+    assert!(
+        show(&head[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        show(&head[..n])
+    );
+
+    // The client stops reading; then reads what is left.
+    std::thread::sleep(idle * 4);
+    let (rest, closed) = read_until_closed(&mut s, Instant::now() + Duration::from_secs(20));
+    let got = n + rest.len();
+    assert!(
+        closed.is_some() && got < size,
+        "a client that took nothing for {:?} still had its answer ({got} of {size} bytes, closed: {})",
+        idle * 4,
+        closed.is_some()
+    );
+    // The store's connection was closed too, so nginx ended the request.
+    rig.expected.push(("GET".into(), "/public/big".into(), None));
+    rig.wait_log("the cut GET");
+}
+
 /// Reads one response with a `Content-Length` body from `s`.
 fn read_one_response(s: &mut TcpStream) -> String {
     let mut buf = Vec::new();
