@@ -550,6 +550,45 @@ fn a_client_that_stops_reading_its_answer_is_cut_after_body_idle_timeout() {
     rig.wait_log("the cut GET");
 }
 
+/// The admin listener is protected like the proxy's: a connection that
+/// sends no head, or only part of one, is closed about
+/// `header_read_timeout` after it opened, while a whole request is still
+/// answered. (axum's server has no header read timeout: such connections
+/// stayed open for good, each holding a file descriptor of the process
+/// that the proxy listener and the store connections need too.)
+#[test]
+fn admin_connections_without_a_whole_head_are_closed_after_header_read_timeout() {
+    let rig = Rig::start(|c| c.header_read_timeout(Duration::from_secs(1)));
+    let admin = rig.fg.config().admin_listen.clone();
+    let mut stalled = Vec::new();
+    for partial in [&b""[..], b"GET /metrics HTTP/1.1\r\nHost: admin\r\n"] {
+        let mut s = TcpStream::connect(&admin).expect("connect to admin");
+        s.write_all(partial).expect("write");
+        stalled.push((s, Instant::now(), show(partial)));
+    }
+    assert_eq!(
+        rig.fg.admin_get("/healthz").status,
+        200,
+        "a whole request is answered"
+    );
+    for (mut s, opened, sent) in stalled {
+        let (buf, closed_at) = read_until_closed(&mut s, opened + Duration::from_secs(5));
+        let text = show(&buf);
+        let closed_at = closed_at
+            .unwrap_or_else(|| panic!("an admin connection that sent {sent:?} was still open after 5 s"));
+        assert!(
+            statuses(&text).iter().all(|s| *s == 408),
+            "a stalled admin connection got {text:?}"
+        );
+        let lived = closed_at - opened;
+        assert!(
+            lived >= Duration::from_millis(800),
+            "closed before the timeout: {lived:?}"
+        );
+    }
+    rig.finish();
+}
+
 /// Reads one response with a `Content-Length` body from `s`.
 fn read_one_response(s: &mut TcpStream) -> String {
     let mut buf = Vec::new();
