@@ -812,3 +812,62 @@ fn an_admin_connection_stuck_in_its_head_does_not_hold_up_a_sigterm() {
     assert!(stderr.contains("clean shutdown recorded"), "{stderr}");
     drop(stuck);
 }
+
+/// `shutdown_grace` bounds the whole shutdown: with a write the store never
+/// answers, SIGTERM ends fencegate about `shutdown_grace` later (without
+/// the clean mark, since the write may still land). Before, the drain of
+/// the connections waited the grace period, and then the wait for the
+/// writes whose answers were still due waited it again: twice the grace,
+/// past an orchestrator's kill timeout set to match it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_the_store_never_answers_holds_a_sigterm_for_shutdown_grace_once() {
+    let grace = Duration::from_secs(3);
+    let store = ScriptedStore::start().await;
+    store.hold_token("5", Duration::from_secs(60));
+    let config = FencegateConfig::new(&store.url())
+        .domain("orders", "/orders/")
+        .request_timeout(Duration::from_secs(60))
+        .shutdown_grace(grace);
+    let fg = tokio::task::spawn_blocking(move || Fencegate::start(config))
+        .await
+        .unwrap();
+    let write = tokio::spawn({
+        let url = format!("{}/orders/held", fg.url());
+        async move {
+            client()
+                .put(url)
+                .header("Fencing-Token", "5")
+                .body("held")
+                .send()
+                .await
+        }
+    });
+    let sent = store
+        .wait_for(Duration::from_secs(10), |ev| {
+            ev.iter()
+                .any(|e| e.kind == EventKind::BodyComplete && e.token.as_deref() == Some("5"))
+        })
+        .await;
+    assert!(sent, "the write never reached the store: {:?}", store.events());
+
+    let started = Instant::now();
+    let (fg, status) = tokio::task::spawn_blocking(move || {
+        let mut fg = fg;
+        let status = fg.terminate();
+        (fg, status)
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    let stderr = fg.stderr_text();
+    assert!(status.success(), "SIGTERM: {status}\n{stderr}");
+    assert!(
+        took < grace + Duration::from_millis(1500),
+        "SIGTERM with a write in flight took {took:?} with shutdown_grace {grace:?}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("not recording a clean shutdown"),
+        "a write still at the store must not be recorded as a clean shutdown:\n{stderr}"
+    );
+    write.abort();
+}
