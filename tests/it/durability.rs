@@ -871,3 +871,14 @@ async fn a_write_the_store_never_answers_holds_a_sigterm_for_shutdown_grace_once
     );
     write.abort();
 }
+
+/// `fencegate healthcheck` (the image's HEALTHCHECK) exits 0 while the
+/// admin listener answers `/healthz`, and 69 once the proxy is stopped.
+#[test]
+fn healthcheck_follows_the_admin_listener() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx));
+    assert_exit(&fg.run_cli(&["healthcheck"]), 0, "healthcheck while serving");
+    assert_terminates_cleanly(&mut fg);
+    assert_exit(&fg.run_cli(&["healthcheck"]), 69, "healthcheck once stopped");
+}
