@@ -523,6 +523,11 @@ fn a_client_that_stops_reading_its_answer_is_cut_after_body_idle_timeout() {
     let size = 64 << 20;
     std::fs::write(rig.nginx.data_dir().join("public/big"), vec![0x5A; size]).expect("write the file");
     let mut s = TcpStream::connect(rig.fg.addr()).expect("connect");
+    // A small window: the client side holds little, whatever the host's
+    // tcp_rmem lets autotuning reach.
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(16 * 1024)
+        .expect("SO_RCVBUF");
     s.write_all(b"GET /public/big HTTP/1.1\r\nHost: store.test\r\n\r\n")
         .expect("send the request");
     s.set_read_timeout(Some(Duration::from_secs(5)))
