@@ -4,13 +4,18 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::committer::Committer;
 use crate::gate::Gates;
@@ -37,6 +42,51 @@ pub fn router(state: AdminState) -> Router {
         .route("/domains", get(domains))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// Serves `router` on `listener` until `stop`, then waits for the
+/// connections still open to finish their requests. Each connection has
+/// `header_read_timeout`, like the proxy listener's: axum's own server has
+/// none, so a connection that never sent a whole head (a scanner, a probe
+/// cut off mid-request) stayed open for good, holding a file descriptor
+/// the proxy listener and the store connections need too.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let connections = crate::drain::Connections::new();
+    loop {
+        let stream = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: back off rather
+                    // than spin.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request: axum::http::Request<Incoming>| {
+            // A router is always ready: no `poll_ready` needed.
+            let mut router = router.clone();
+            async move { tower::Service::call(&mut router, request).await }
+        });
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    connections.stop().await;
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {

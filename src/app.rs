@@ -3,7 +3,7 @@
 //! the data path, serve the proxy and admin listeners, drain, and record the
 //! clean-shutdown mark.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +23,10 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::server::{self, Drain};
 use crate::state::{StateFile, WantedDomain};
+
+/// How long a shutdown waits for the admin listener's connections, once
+/// the proxy's have drained.
+const ADMIN_DRAIN: Duration = Duration::from_secs(1);
 
 /// The two listeners, bound by the caller (tests bind port 0).
 pub struct Listeners {
@@ -156,11 +160,12 @@ pub async fn run(
         serving: serving.clone(),
         committer: committer.clone(),
     });
-    let admin_task = tokio::spawn(
-        axum::serve(listeners.admin, admin_router)
-            .with_graceful_shutdown(stop_admin.clone().cancelled_owned())
-            .into_future(),
-    );
+    let mut admin_task = tokio::spawn(admin::serve(
+        listeners.admin,
+        admin_router,
+        config.server.header_read_timeout,
+        stop_admin.clone(),
+    ));
     if let (Some(etcd), Some(coordinator)) = (&config.etcd, &coordinator) {
         // Serving before etcd first answers would refuse (or, in local
         // mode, decide without) writes that a healthy etcd settles in a
@@ -215,7 +220,15 @@ pub async fn run(
         ended = &mut serve => ended,
     };
     stop_admin.cancel();
-    let _ = admin_task.await;
+    // The admin drain waits for every admin connection: one stuck in its
+    // request head (until header_read_timeout) or not reading its answer
+    // would keep the process, and the clean mark, waiting until the
+    // orchestrator's SIGKILL. An admin answer takes microseconds, so one
+    // still open after this is such a client.
+    if tokio::time::timeout(ADMIN_DRAIN, &mut admin_task).await.is_err() {
+        tracing::warn!(after = ?ADMIN_DRAIN, "closing admin connections that are still open");
+        admin_task.abort();
+    }
     // The views are no longer needed, and a fence-ahead raise must not
     // reach the committer after the clean mark.
     if let Some(coordinator) = coordinator {

@@ -278,6 +278,21 @@ impl Config {
         if self.server.header_read_timeout.is_zero() {
             return bad("server.header_read_timeout", "must be above zero".into());
         }
+        // Caught here, the mistake is named; at start it was only the
+        // second bind's "address already in use" (exit 69), which sends an
+        // operator looking for another process.
+        let (proxy, admin) = (self.server.listen, self.server.admin_listen);
+        let same_port = proxy.port() == admin.port() && proxy.port() != 0;
+        if same_port
+            && (proxy.ip() == admin.ip() || proxy.ip().is_unspecified() || admin.ip().is_unspecified())
+        {
+            return bad(
+                "server.admin_listen",
+                format!(
+                    "`{admin}` overlaps server.listen `{proxy}`: give the admin listener a port of its own"
+                ),
+            );
+        }
         let url = &self.upstream.url;
         if url.scheme_str() != Some("http") {
             return bad("upstream.url", format!("`{url}`: only http:// is supported"));
@@ -501,6 +516,14 @@ mod tests {
                 "domains[1].prefix",
             ),
             (format!("{MINIMAL}election = \"/e\""), "domains[0].election"),
+            (
+                format!("[server]\nadmin_listen = \"127.0.0.1:8080\"\n{MINIMAL}"),
+                "server.admin_listen",
+            ),
+            (
+                format!("[server]\nlisten = \"0.0.0.0:9100\"\n{MINIMAL}"),
+                "server.admin_listen",
+            ),
             (
                 format!("[fencing]\nheader = \"Connection\"\n{MINIMAL}"),
                 "fencing.header",

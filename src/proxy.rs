@@ -70,6 +70,12 @@ impl Proxy {
         self.upstream.shortest_timeout()
     }
 
+    /// Longest pause allowed inside a body, either direction: also how long
+    /// a client may take nothing of its answer.
+    pub fn body_idle_timeout(&self) -> std::time::Duration {
+        self.upstream.body_idle_timeout
+    }
+
     /// The domains.
     pub fn gates(&self) -> &Gates {
         &self.gates

@@ -110,11 +110,13 @@ pub async fn serve_workers(
                         .filter_map(|gate| gate.election.clone())
                         .map(|view| tokio::spawn(async move { view.reads.relay().await }))
                         .collect();
-                    let drain = serve(arrivals, open, proxy, &settings, clock, stop.cancelled_owned()).await;
+                    let (drain, deadline) =
+                        serve(arrivals, open, proxy, &settings, clock, stop.cancelled_owned()).await;
                     // Dropping this runtime would cancel the exchanges still
                     // holding back a raise; wait for them like for the
-                    // connections, so the clean mark is never a lie.
-                    let writes_ended = writes_ended(&gates, settings.shutdown_grace).await;
+                    // connections, so the clean mark is never a lie, within
+                    // the same grace period.
+                    let writes_ended = writes_ended(&gates, deadline).await;
                     anchor.abort();
                     relays.iter().for_each(tokio::task::JoinHandle::abort);
                     Ended { drain, writes_ended }
@@ -225,9 +227,8 @@ impl Drop for Opened {
     }
 }
 
-/// Waits until no write is in flight in any domain, up to `limit`.
-async fn writes_ended(gates: &Gates, limit: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
+/// Waits until no write is in flight in any domain, up to `deadline`.
+async fn writes_ended(gates: &Gates, deadline: tokio::time::Instant) -> bool {
     loop {
         if gates.iter().all(|g| g.inflight_writes() == 0) {
             return true;
@@ -241,7 +242,8 @@ async fn writes_ended(gates: &Gates, limit: Duration) -> bool {
 
 /// Serves the connections that arrive in `arrivals` until `shutdown`
 /// resolves (or the acceptor is gone), then waits up to
-/// `settings.shutdown_grace` for those still open.
+/// `settings.shutdown_grace` for those still open. Returns the end of that
+/// grace period too, which bounds the rest of the shutdown.
 async fn serve(
     mut arrivals: mpsc::UnboundedReceiver<Arrival>,
     open: OpenCount,
@@ -249,7 +251,7 @@ async fn serve(
     settings: &ServerConfig,
     clock: Clock,
     shutdown: impl Future<Output = ()>,
-) -> Drain {
+) -> (Drain, tokio::time::Instant) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(clock.timer())
         .header_read_timeout(settings.header_read_timeout)
@@ -273,6 +275,7 @@ async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let io = SocketIo::new(stream, proxy.body_idle_timeout());
         let proxy = proxy.clone();
         let client = Arc::new(Peer::new(peer));
         let service = service_fn(move |request| {
@@ -280,7 +283,7 @@ async fn serve(
             let client = client.clone();
             async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
         });
-        let connection = connections.watch(http.serve_connection(SocketIo::new(stream), service));
+        let connection = connections.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             let _opened = opened;
             if let Err(e) = connection.await {
@@ -292,13 +295,15 @@ async fn serve(
     arrivals.close();
     drop(arrivals);
     tracing::info!(grace = ?settings.shutdown_grace, "stopped accepting; draining connections");
-    match tokio::time::timeout(settings.shutdown_grace, connections.stop()).await {
+    let deadline = tokio::time::Instant::now() + settings.shutdown_grace;
+    let drain = match tokio::time::timeout_at(deadline, connections.stop()).await {
         Ok(()) => Drain::Complete,
         Err(_) => {
             tracing::warn!(grace = ?settings.shutdown_grace, "grace period ran out with requests in flight");
             Drain::TimedOut
         }
-    }
+    };
+    (drain, deadline)
 }
 
 #[cfg(test)]

@@ -11,26 +11,84 @@
 //! out of 9.5 to 10.8 (bench/RESULTS.md, step 8), for the same bytes in the
 //! same segments. Reads already use `recv`.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 /// A TCP connection as hyper's I/O, writing with `send` and `sendmsg`.
+/// A write the client takes nothing of for `write_stall_limit` fails.
 pub struct SocketIo {
     io: TokioIo<TcpStream>,
+    /// A client that stops reading its answer would otherwise hold its
+    /// connection, and the store connection its answer comes from, for
+    /// good: hyper stops polling the answer's body (whose idle timer bounds
+    /// only the store's pauses) while the socket is full, and has no write
+    /// timeout of its own.
+    stall: WriteStall,
 }
 
 impl SocketIo {
-    /// Wraps a connected stream.
-    pub fn new(stream: TcpStream) -> SocketIo {
+    /// Wraps a connected stream; a write that waits longer than
+    /// `write_stall_limit` for the client to take some of it fails.
+    pub fn new(stream: TcpStream, write_stall_limit: Duration) -> SocketIo {
         SocketIo {
             io: TokioIo::new(stream),
+            stall: WriteStall {
+                limit: write_stall_limit,
+                timer: None,
+                waiting: false,
+            },
         }
+    }
+
+    fn poll_send_one(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        // tokio's own write is a `send`.
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.stall.judge(cx, written)
+    }
+}
+
+/// The clock of a write that waits for the client.
+struct WriteStall {
+    limit: Duration,
+    /// Armed at the first write that has to wait, and reused: a client that
+    /// reads as fast as it is written to costs no timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether the last write had to wait.
+    waiting: bool,
+}
+
+impl WriteStall {
+    /// Passes on a write's outcome, failing a write that has waited for
+    /// longer than the limit since the client last took a byte.
+    fn judge(&mut self, cx: &mut Context<'_>, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if written.is_ready() {
+            self.waiting = false;
+            return written;
+        }
+        let deadline = Instant::now() + self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.waiting {
+            timer.as_mut().reset(deadline);
+            self.waiting = true;
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took nothing of its answer for {:?}", self.limit),
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -45,9 +103,8 @@ impl Read for SocketIo {
 }
 
 impl Write for SocketIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        // tokio's own write is a `send`.
-        Pin::new(&mut self.io).poll_write(cx, buf)
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_send_one(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -55,11 +112,13 @@ impl Write for SocketIo {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
         if let [one] = bufs {
             // A bodiless message, or a lone chunk: no vector to pass.
-            return self.poll_write(cx, one);
+            return this.poll_send_one(cx, one);
         }
-        poll_send(self.io.inner(), cx, bufs)
+        let written = poll_send(this.io.inner(), cx, bufs);
+        this.stall.judge(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -102,7 +161,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (mut server, _) = listener.accept().await.unwrap();
-        let mut io = SocketIo::new(client);
+        let mut io = SocketIo::new(client, Duration::from_secs(5));
         let parts: [&[u8]; 3] = [b"PUT / HTTP/1.1\r\n\r\n", b"body ", b"and more"];
         let mut sent = 0;
         let total: usize = parts.iter().map(|p| p.len()).sum();

@@ -53,6 +53,16 @@ pub enum StateError {
         /// What is wrong.
         problem: String,
     },
+    /// The file system would not let the file be opened (its permissions,
+    /// a read-only or failing volume): nothing says its epochs are lost,
+    /// and calling it foreign could have an operator recreate it at zero.
+    #[error("cannot open state file {path}: {source}; its epochs are not known to be lost: fix its permissions or its volume rather than recreating it")]
+    Unopenable {
+        /// The file.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
     /// redb or the file system failed.
     #[error("state file {path}: {source}")]
     Io {
@@ -551,6 +561,14 @@ fn guard<'a>(prefixes: impl Iterator<Item = &'a str>, path: &str) -> Option<usiz
 fn open_error(path: &Path, e: DatabaseError) -> StateError {
     match e {
         DatabaseError::DatabaseAlreadyOpen => StateError::InUse(path.to_owned()),
+        // An error of the operating system's; redb's own verdicts on the
+        // contents (a wrong magic number, a corrupt page) carry no errno.
+        DatabaseError::Storage(redb::StorageError::Io(source)) if source.raw_os_error().is_some() => {
+            StateError::Unopenable {
+                path: path.to_owned(),
+                source,
+            }
+        }
         other => StateError::NotState {
             path: path.to_owned(),
             problem: other.to_string(),
@@ -623,6 +641,31 @@ mod tests {
             StateFile::create(&junk, &[]),
             Err(StateError::AlreadyExists(_))
         ));
+    }
+
+    /// A file the system will not let fencegate open (its permissions, a
+    /// failing volume) is not called foreign: an operator told "not a
+    /// fencegate state file" may delete it and `init` a new one, every
+    /// epoch at zero. (Seen with `chattr +i`: "is not a fencegate state
+    /// file: I/O error: Operation not permitted".)
+    #[test]
+    fn a_file_the_system_will_not_open_is_not_called_foreign() {
+        let path = Path::new("/var/lib/fencegate/fencegate.redb");
+        for errno in [libc::EACCES, libc::EPERM, libc::EROFS, libc::EIO] {
+            let refused =
+                DatabaseError::Storage(redb::StorageError::Io(std::io::Error::from_raw_os_error(errno)));
+            let error = open_error(path, refused);
+            let text = error.to_string();
+            assert!(
+                matches!(error, StateError::Unopenable { .. })
+                    && !text.contains("not a fencegate state file"),
+                "{text}"
+            );
+            assert!(
+                text.contains(&std::io::Error::from_raw_os_error(errno).to_string()),
+                "{text}"
+            );
+        }
     }
 
     /// A state file in `dir` with `domains` (name, prefix, epoch) started

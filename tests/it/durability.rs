@@ -854,3 +854,106 @@ fn a_sigterm_while_waiting_for_etcd_is_a_clean_shutdown() {
         "the next start waited as after a crash:\n{again}"
     );
 }
+
+/// An admin connection that never finishes its request head (a scraper or
+/// a probe cut off mid-request, a port scanner) does not hold a SIGTERM
+/// past `shutdown_grace`: fencegate exits 0 with the clean mark recorded.
+/// (The admin listener's drain waited for it without a bound: the process
+/// ran until the orchestrator's SIGKILL, and the next start waited
+/// `request_timeout` as after a crash.)
+#[test]
+fn an_admin_connection_stuck_in_its_head_does_not_hold_up_a_sigterm() {
+    use std::io::Write;
+    let nginx = Nginx::start();
+    let grace = Duration::from_secs(1);
+    let mut fg = Fencegate::start(orders_config(&nginx).shutdown_grace(grace));
+    let mut stuck = std::net::TcpStream::connect(&fg.config().admin_listen).expect("connect to admin");
+    stuck
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n")
+        .expect("half a request head");
+    // The admin listener has read what was sent once it answers another.
+    assert_eq!(fg.admin_get("/healthz").status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let started = Instant::now();
+    let status = fg.terminate();
+    let took = started.elapsed();
+    let stderr = fg.stderr_text();
+    assert!(status.success(), "SIGTERM: {status}\n{stderr}");
+    assert!(
+        took < grace + Duration::from_secs(4),
+        "SIGTERM took {took:?} with a {grace:?} grace: the stuck admin connection held it\n{stderr}"
+    );
+    assert!(stderr.contains("clean shutdown recorded"), "{stderr}");
+    drop(stuck);
+}
+
+/// `shutdown_grace` bounds the whole shutdown: with a write the store never
+/// answers, SIGTERM ends fencegate about `shutdown_grace` later (without
+/// the clean mark, since the write may still land). Before, the drain of
+/// the connections waited the grace period, and then the wait for the
+/// writes whose answers were still due waited it again: twice the grace,
+/// past an orchestrator's kill timeout set to match it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_the_store_never_answers_holds_a_sigterm_for_shutdown_grace_once() {
+    let grace = Duration::from_secs(3);
+    let store = ScriptedStore::start().await;
+    store.hold_token("5", Duration::from_secs(60));
+    let config = FencegateConfig::new(&store.url())
+        .domain("orders", "/orders/")
+        .request_timeout(Duration::from_secs(60))
+        .shutdown_grace(grace);
+    let fg = tokio::task::spawn_blocking(move || Fencegate::start(config))
+        .await
+        .unwrap();
+    let write = tokio::spawn({
+        let url = format!("{}/orders/held", fg.url());
+        async move {
+            client()
+                .put(url)
+                .header("Fencing-Token", "5")
+                .body("held")
+                .send()
+                .await
+        }
+    });
+    let sent = store
+        .wait_for(Duration::from_secs(10), |ev| {
+            ev.iter()
+                .any(|e| e.kind == EventKind::BodyComplete && e.token.as_deref() == Some("5"))
+        })
+        .await;
+    assert!(sent, "the write never reached the store: {:?}", store.events());
+
+    let started = Instant::now();
+    let (fg, status) = tokio::task::spawn_blocking(move || {
+        let mut fg = fg;
+        let status = fg.terminate();
+        (fg, status)
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    let stderr = fg.stderr_text();
+    assert!(status.success(), "SIGTERM: {status}\n{stderr}");
+    assert!(
+        took < grace + Duration::from_millis(1500),
+        "SIGTERM with a write in flight took {took:?} with shutdown_grace {grace:?}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("not recording a clean shutdown"),
+        "a write still at the store must not be recorded as a clean shutdown:\n{stderr}"
+    );
+    write.abort();
+}
+
+/// `fencegate healthcheck` (the image's HEALTHCHECK) exits 0 while the
+/// admin listener answers `/healthz`, and 69 once the proxy is stopped.
+#[test]
+fn healthcheck_follows_the_admin_listener() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx));
+    assert_exit(&fg.run_cli(&["healthcheck"]), 0, "healthcheck while serving");
+    assert_terminates_cleanly(&mut fg);
+    assert_exit(&fg.run_cli(&["healthcheck"]), 69, "healthcheck once stopped");
+}

@@ -509,6 +509,91 @@ fn slowloris_does_not_starve_the_listener() {
     rig.finish();
 }
 
+/// A client that stops reading its answer is cut once it has taken nothing
+/// for `body_idle_timeout`, like one that stops sending its body: its
+/// connection and the store's are closed, not held for good (nginx's
+/// `send_timeout`). Before, only a pause of the store's was timed, and a
+/// client that read the head of a large answer and no more kept both
+/// connections open until the store gave up, or forever.
+#[test]
+fn a_client_that_stops_reading_its_answer_is_cut_after_body_idle_timeout() {
+    let idle = Duration::from_secs(1);
+    let mut rig = Rig::start(|c| c.body_idle_timeout(idle));
+    // Far more than the socket buffers between the store and the client hold.
+    let size = 64 << 20;
+    std::fs::write(rig.nginx.data_dir().join("public/big"), vec![0x5A; size]).expect("write the file");
+    let mut s = TcpStream::connect(rig.fg.addr()).expect("connect");
+    // A small window: the client side holds little, whatever the host's
+    // tcp_rmem lets autotuning reach.
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(16 * 1024)
+        .expect("SO_RCVBUF");
+    s.write_all(b"GET /public/big HTTP/1.1\r\nHost: store.test\r\n\r\n")
+        .expect("send the request");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let mut head = [0u8; 1024];
+    let n = s.read(&mut head).expect("the answer's head");
+    assert!(
+        show(&head[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        show(&head[..n])
+    );
+
+    // The client stops reading; then reads what is left.
+    std::thread::sleep(idle * 4);
+    let (rest, closed) = read_until_closed(&mut s, Instant::now() + Duration::from_secs(20));
+    let got = n + rest.len();
+    assert!(
+        closed.is_some() && got < size,
+        "a client that took nothing for {:?} still had its answer ({got} of {size} bytes, closed: {})",
+        idle * 4,
+        closed.is_some()
+    );
+    // The store's connection was closed too, so nginx ended the request.
+    rig.expected.push(("GET".into(), "/public/big".into(), None));
+    rig.wait_log("the cut GET");
+}
+
+/// The admin listener is protected like the proxy's: a connection that
+/// sends no head, or only part of one, is closed about
+/// `header_read_timeout` after it opened, while a whole request is still
+/// answered. (axum's server has no header read timeout: such connections
+/// stayed open for good, each holding a file descriptor of the process
+/// that the proxy listener and the store connections need too.)
+#[test]
+fn admin_connections_without_a_whole_head_are_closed_after_header_read_timeout() {
+    let rig = Rig::start(|c| c.header_read_timeout(Duration::from_secs(1)));
+    let admin = rig.fg.config().admin_listen.clone();
+    let mut stalled = Vec::new();
+    for partial in [&b""[..], b"GET /metrics HTTP/1.1\r\nHost: admin\r\n"] {
+        let mut s = TcpStream::connect(&admin).expect("connect to admin");
+        s.write_all(partial).expect("write");
+        stalled.push((s, Instant::now(), show(partial)));
+    }
+    assert_eq!(
+        rig.fg.admin_get("/healthz").status,
+        200,
+        "a whole request is answered"
+    );
+    for (mut s, opened, sent) in stalled {
+        let (buf, closed_at) = read_until_closed(&mut s, opened + Duration::from_secs(5));
+        let text = show(&buf);
+        let closed_at = closed_at
+            .unwrap_or_else(|| panic!("an admin connection that sent {sent:?} was still open after 5 s"));
+        assert!(
+            statuses(&text).iter().all(|s| *s == 408),
+            "a stalled admin connection got {text:?}"
+        );
+        let lived = closed_at - opened;
+        assert!(
+            lived >= Duration::from_millis(800),
+            "closed before the timeout: {lived:?}"
+        );
+    }
+    rig.finish();
+}
+
 /// Reads one response with a `Content-Length` body from `s`.
 fn read_one_response(s: &mut TcpStream) -> String {
     let mut buf = Vec::new();
