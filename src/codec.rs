@@ -336,11 +336,10 @@ pub fn parse_response_head(
             }
         }
     }
-    let persistent = if version == Version::HTTP_10 {
-        hop_fields.connection.keep_alive
-    } else {
-        !hop_fields.connection.close
-    };
+    // RFC 9112 §9.3: `close` ends the connection whatever else
+    // `Connection` says; HTTP/1.0 persists only with `keep-alive`.
+    let persistent =
+        !hop_fields.connection.close && (version != Version::HTTP_10 || hop_fields.connection.keep_alive);
     // After a 101 the connection speaks another protocol.
     let keep_alive = framing_sure
         && framing != Framing::UntilClose
@@ -742,6 +741,22 @@ mod tests {
                 CodecError::BadContentLength,
                 "{bad}"
             );
+        }
+    }
+
+    /// RFC 9112 §9.3: a `close` option ends the connection whatever else
+    /// `Connection` says, in HTTP/1.0 too, where `keep-alive` alone keeps
+    /// it (hyper's client reads it so: a later `keep-alive` must not undo
+    /// an earlier `close`).
+    #[test]
+    fn a_close_option_ends_the_connection_whatever_else_connection_says() {
+        for text in [
+            "HTTP/1.0 200 OK\r\ncontent-length: 0\r\nConnection: keep-alive, close\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ncontent-length: 0\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ncontent-length: 0\r\nConnection: Keep-Alive\r\nConnection: Close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+        ] {
+            assert_eq!(framing(text), (Framing::Length(0), false), "{text:?}");
         }
     }
 

@@ -151,6 +151,13 @@ async fn check(store: &RawStore, fg: &Fencegate, path: &str, want: (u16, Option<
     } else {
         assert_eq!((status, reason.as_deref(), body.as_str()), want, "{what}");
     }
+    check_next(store, fg, path, reused).await;
+}
+
+/// The request after the last one for `path` (`/d/next`) goes on the same
+/// store connection if `reused`, else on a new one.
+async fn check_next(store: &RawStore, fg: &Fencegate, path: &str, reused: bool) {
+    let what = format!("GET {path}");
     let before = store.connections_of("/d/next").len();
     let (status, _, _) = get(fg, "/d/next").await;
     assert_eq!(status, 204, "the request after {what}");
@@ -350,4 +357,32 @@ async fn a_request_without_one_host_is_400() {
     );
     let answer = tokio::task::block_in_place(|| raw_request(&addr, b"GET /d/old HTTP/1.0\r\n\r\n"));
     assert_eq!(parse_response(&answer).status, 204, "{answer}");
+}
+
+/// RFC 9112 §9.3: `close` ends the connection whatever else `Connection`
+/// says; in HTTP/1.0 `keep-alive` keeps it only without `close`. The
+/// store here says close and leaves the connection open, so a reuse shows
+/// (fencegate reused it: the HTTP/1.0 rule read `keep-alive` alone).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_store_says_close_on_is_not_reused_whatever_else_connection_says() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/close-10",
+        (
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+    );
+    script.insert(
+        "/d/close-11",
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\n\
+              content-length: 2\r\n\r\nok",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    check(&store, &fg, "/d/close-10", (200, None, "ok"), false).await;
+    check(&store, &fg, "/d/close-11", (200, None, "ok"), false).await;
 }
