@@ -486,7 +486,9 @@ impl BodyDecoder {
                     return Ok(Decoded::Data(buf.split().freeze()));
                 }
                 State::ChunkSize => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, _))) if used > MAX_CHUNK_LINE => {
+                    Ok(httparse::Status::Complete((used, _)))
+                        if used > MAX_CHUNK_LINE || !is_chunk_size_line(&buf[..used]) =>
+                    {
                         return Err(CodecError::BadChunk)
                     }
                     Ok(httparse::Status::Complete((used, 0))) => {
@@ -566,6 +568,16 @@ impl BodyDecoder {
             _ => Err(CodecError::Truncated),
         }
     }
+}
+
+/// Whether a chunk-size line httparse took, CRLF included, is RFC 9112's
+/// (§7.1): it starts with the size, and its extensions hold no bare LF.
+/// httparse takes a line without a size (`\r\n`, `;ext\r\n`) as the last
+/// chunk, which would end the body where the store did not, and the
+/// connection would go back to the pool with the rest of the answer still
+/// to come; hyper's own decoder refuses both.
+fn is_chunk_size_line(line: &[u8]) -> bool {
+    line[0].is_ascii_hexdigit() && !line[..line.len() - 2].contains(&b'\n')
 }
 
 /// Up to `left` bytes from the front of `buf`, and how many of `left`
@@ -951,6 +963,23 @@ mod tests {
             CodecError::BadChunk
         );
         assert_eq!(dechunk(b"5\r\nab", 64).unwrap_err(), CodecError::Truncated);
+        // A chunk-size line must start with the size (RFC 9112 §7.1:
+        // 1*HEXDIG): one without is no last chunk, and the bytes after it
+        // are not the end of the answer. hyper's own decoder refuses both
+        // ("missing size digit"), and a bare LF in an extension.
+        for wire in [
+            &b"3\r\nabc\r\n\r\n\r\n"[..],
+            b"3\r\nabc\r\n;ext\r\n\r\n",
+            b"\r\n\r\n",
+            b"1;a\nb\r\nx\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(
+                dechunk(wire, 64).unwrap_err(),
+                CodecError::BadChunk,
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
         let long = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
         assert_eq!(dechunk(long.as_bytes(), 64).unwrap_err(), CodecError::BadChunk);
     }

@@ -386,3 +386,33 @@ async fn a_connection_the_store_says_close_on_is_not_reused_whatever_else_connec
     check(&store, &fg, "/d/close-10", (200, None, "ok"), false).await;
     check(&store, &fg, "/d/close-11", (200, None, "ok"), false).await;
 }
+
+/// A chunk-size line without a size is no last chunk (RFC 9112 §7.1,
+/// `1*HEXDIG`; hyper's decoder refuses it): the body fails, and what the
+/// store sends after it is never read as the next request's answer. It was
+/// read as the end of the body, and the connection went back to the pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_without_a_size_fails_the_body_and_its_connection_is_dropped() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/no-size",
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n\r\n\r\n",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    // The head may go out before the body fails, or not at all.
+    let url = format!("{}/d/no-size", fg.url());
+    let outcome = match tokio::time::timeout(Duration::from_secs(10), client().get(url).send()).await {
+        Err(_) => panic!("GET /d/no-size: no answer within 10 s"),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(response)) => response.text().await.map_err(|e| e.to_string()),
+    };
+    assert!(
+        outcome.is_err(),
+        "the client got a whole body from a broken chunked one: {outcome:?}"
+    );
+    check_next(&store, &fg, "/d/no-size", false).await;
+}
