@@ -147,6 +147,9 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the connection may carry another exchange afterwards.
     pub keep_alive: bool,
+    /// The fields its `Connection` names (rarely any): its trailers lose
+    /// them too ([`BodyDecoder::for_head`]).
+    pub connection_named: Vec<HeaderName>,
 }
 
 /// What a head's framing and connection fields say, gathered as the
@@ -351,6 +354,7 @@ pub fn parse_response_head(
         headers,
         framing,
         keep_alive,
+        connection_named: std::mem::take(&mut hop_fields.connection.named),
     }))
 }
 
@@ -419,6 +423,8 @@ pub enum Decoded {
 #[derive(Debug)]
 pub struct BodyDecoder {
     state: State,
+    /// The fields the head's `Connection` names, left out of the trailers.
+    connection_named: Vec<HeaderName>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,7 +452,19 @@ impl BodyDecoder {
             Framing::Chunked => State::ChunkSize,
             Framing::UntilClose => State::UntilClose,
         };
-        BodyDecoder { state }
+        BodyDecoder {
+            state,
+            connection_named: Vec::new(),
+        }
+    }
+
+    /// A decoder for the body that follows `head`, whose trailers lose
+    /// the hop-by-hop fields its head would have lost.
+    pub fn for_head(head: &ResponseHead) -> BodyDecoder {
+        BodyDecoder {
+            connection_named: head.connection_named.clone(),
+            ..BodyDecoder::new(head.framing)
+        }
     }
 
     /// Whether the body is over.
@@ -545,6 +563,11 @@ impl BodyDecoder {
         for field in fields.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| CodecError::Malformed("invalid trailer name".into()))?;
+            // Hop-by-hop in a trailer as in the head (RFC 9110 §7.6.1):
+            // hyper writes every trailer the head's `Trailer` declares.
+            if hop::hop_by_hop(&name) || self.connection_named.contains(&name) {
+                continue;
+            }
             let value = HeaderValue::from_bytes(field.value)
                 .map_err(|_| CodecError::Malformed(format!("invalid value of trailer `{name}`")))?;
             trailers.append(name, value);
@@ -949,6 +972,31 @@ mod tests {
         }
         let (body, trailers, _) = dechunk(b"3\r\nabc\r\n0\r\n\r\n", 4).unwrap();
         assert_eq!((body.as_slice(), trailers), (&b"abc"[..], None));
+    }
+
+    /// A trailer section loses what its head would have lost: the
+    /// hop-by-hop fields and those the head's `Connection` names.
+    #[test]
+    fn trailers_lose_the_hop_by_hop_fields_of_their_head() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nConnection: X-Secret\r\ntransfer-encoding: chunked\r\n\r\n\
+             0\r\nKeep-Alive: 1\r\nX-Secret: 2\r\nX-Sum: 3\r\nConnection: close\r\n\r\n",
+        );
+        let h = parse_response_head(&mut buf, &Method::GET, &mut Fields::default())
+            .unwrap()
+            .unwrap();
+        let mut decoder = BodyDecoder::for_head(&h);
+        let Decoded::Trailers(trailers) = decoder.decode(&mut buf).unwrap() else {
+            panic!("no trailers");
+        };
+        let names: Vec<_> = trailers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-sum"]);
+        // None left: the body simply ends.
+        let mut buf = BytesMut::from("0\r\nKeep-Alive: 1\r\n\r\n");
+        assert_eq!(
+            BodyDecoder::new(Framing::Chunked).decode(&mut buf).unwrap(),
+            Decoded::End
+        );
     }
 
     #[test]

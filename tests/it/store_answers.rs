@@ -416,3 +416,43 @@ async fn a_chunk_without_a_size_fails_the_body_and_its_connection_is_dropped() {
     );
     check_next(&store, &fg, "/d/no-size", false).await;
 }
+
+/// Hop-by-hop fields stay on their hop in trailers too (SPEC.md: removed
+/// both ways): the store's trailer section loses the fields RFC 9110
+/// §7.6.1 lists and those its head's `Connection` names, as the request's
+/// trailers do on the way to the store. They reached the client: hyper
+/// writes every trailer the head's `Trailer` declares but for framing and
+/// routing ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stores_trailers_lose_their_hop_by_hop_fields() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/trailers",
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\n\
+              Trailer: keep-alive, proxy-authenticate, x-secret, x-sum\r\n\
+              transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nKeep-Alive: timeout=5\r\n\
+              Proxy-Authenticate: Basic\r\nX-Secret: 1\r\nX-Sum: 9\r\n\r\n",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    let request = "GET /d/trailers HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nConnection: close\r\n\r\n";
+    let addr = fg.url();
+    let answer = tokio::task::block_in_place(|| raw_request(&addr, request.as_bytes()));
+    let trailers = answer
+        .split_once("\r\n0\r\n")
+        .map(|(_, t)| t.to_ascii_lowercase())
+        .unwrap_or_else(|| panic!("no chunked body: {answer:?}"));
+    assert!(
+        trailers.contains("x-sum: 9"),
+        "the end-to-end trailer is lost: {answer:?}"
+    );
+    for hop in ["keep-alive", "proxy-authenticate", "x-secret"] {
+        assert!(
+            !trailers.contains(hop),
+            "the store's trailer {hop} reached the client: {answer:?}"
+        );
+    }
+}
