@@ -456,3 +456,65 @@ async fn the_stores_trailers_lose_their_hop_by_hop_fields() {
         );
     }
 }
+
+/// Answers without a body whatever their head says (RFC 9112 §6.3: 204,
+/// 304, any answer to HEAD), and a 101 that fencegate never tunnels
+/// (502): the bytes a store sends after such a head are no body, and
+/// never the next request's answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_after_an_answer_without_a_body_are_never_the_next_answer() {
+    let mut script = Script::new();
+    let next = "HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nSECRET";
+    let leak =
+        |head: &str| -> &'static [u8] { Box::leak(format!("{head}{next}").into_bytes().into_boxed_slice()) };
+    script.insert(
+        "/d/204",
+        (
+            leak("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\nhello"),
+            false,
+        ),
+    );
+    script.insert(
+        "/d/304",
+        (
+            leak("HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"),
+            false,
+        ),
+    );
+    script.insert(
+        "/d/head",
+        (leak("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"), false),
+    );
+    script.insert(
+        "/d/head-clean",
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
+    );
+    script.insert(
+        "/d/switch",
+        (
+            leak("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n"),
+            false,
+        ),
+    );
+    script.insert(
+        "/d/switch-bare",
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", false),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    check(&store, &fg, "/d/204", (204, None, ""), false).await;
+    check(&store, &fg, "/d/304", (304, None, ""), false).await;
+    let bad = (502, Some("upstream_bad_response"), "");
+    check(&store, &fg, "/d/switch", bad, false).await;
+    check(&store, &fg, "/d/switch-bare", bad, false).await;
+    for (path, reused) in [("/d/head", false), ("/d/head-clean", true)] {
+        let response = client()
+            .head(format!("{}{path}", fg.url()))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("HEAD {path}: {e}"));
+        assert_eq!(response.status(), 200, "HEAD {path}");
+        assert_eq!(response.headers()["content-length"], "5", "HEAD {path}");
+        check_next(&store, &fg, path, reused).await;
+    }
+}
