@@ -200,6 +200,12 @@ impl RequestHop {
         self.had_length
     }
 
+    /// The fields the client's `Connection` names (beyond the hop-by-hop
+    /// ones): its trailers lose them too.
+    pub fn connection_named(&self) -> &[HeaderName] {
+        &self.connection.named
+    }
+
     /// Whether the client's header `name` goes on to the store.
     /// `Expect` stays behind: fencegate answers `100-continue` itself.
     fn forwards(&self, name: &HeaderName) -> bool {
