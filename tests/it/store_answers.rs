@@ -518,3 +518,60 @@ async fn bytes_after_an_answer_without_a_body_are_never_the_next_answer() {
         check_next(&store, &fg, path, reused).await;
     }
 }
+
+/// An HTTP/1.0 client knows no transfer coding (RFC 9112 §6.1): a chunked
+/// answer reaches it decoded, without `Transfer-Encoding`, its end marked
+/// by the close; the store's `Content-Length` beside the chunks never
+/// reaches it either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunked_answer_reaches_an_http_10_client_decoded_and_delimited_by_the_close() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/chunked",
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n\
+              3\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 9\r\n\r\n",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    let addr = fg.url();
+    let request = b"GET /d/chunked HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n";
+    let answer = tokio::task::block_in_place(|| raw_request(&addr, request));
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head: {answer:?}"));
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.0 200") || head.starts_with("http/1.1 200"),
+        "{answer:?}"
+    );
+    assert!(
+        !head.contains("transfer-encoding") && !head.contains("content-length"),
+        "{answer:?}"
+    );
+    assert_eq!(body, "abcde", "{answer:?}");
+}
+
+/// A head longer than fencegate reads (64 KiB), or with more fields than
+/// it takes (100), is 502 and its connection dropped: the rest of it is
+/// never read as the next answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_answer_heads_are_502_and_their_connection_is_dropped() {
+    let leak = |text: String| -> &'static [u8] { Box::leak(text.into_bytes().into_boxed_slice()) };
+    let mut script = Script::new();
+    let long = format!(
+        "HTTP/1.1 200 OK\r\nx-long: {}\r\ncontent-length: 2\r\n\r\nok",
+        "a".repeat(70 * 1024)
+    );
+    script.insert("/d/long", (leak(long), false));
+    let many: String = (0..=100).map(|i| format!("x-{i}: 1\r\n")).collect();
+    let many = format!("HTTP/1.1 200 OK\r\n{many}content-length: 2\r\n\r\nok");
+    script.insert("/d/many", (leak(many), false));
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    let bad = (502, Some("upstream_bad_response"), "");
+    check(&store, &fg, "/d/long", bad, false).await;
+    check(&store, &fg, "/d/many", bad, false).await;
+}
