@@ -44,23 +44,34 @@ pub struct Exchange {
     /// Held until both the handler and the body are done, so a raise waits
     /// for this write to leave the connection.
     ticket: Option<Ticket>,
-    /// The fencing header, for a body that may end in trailers (chunked):
-    /// the token the store sees must be the one fencegate checked.
-    fencing_header: Option<HeaderName>,
+    /// What the trailers lose besides what no trailer may carry, for a
+    /// body that may end in them (chunked).
+    trailers: Option<TrailerRules>,
+}
+
+/// The fields a request's trailers lose that only its head can tell.
+#[derive(Debug)]
+pub struct TrailerRules {
+    /// The fencing header: the token the store sees must be the one
+    /// fencegate checked.
+    pub fencing_header: HeaderName,
+    /// The fields the request's `Connection` names: hop-by-hop in the
+    /// trailers as in the head (RFC 9110 §7.6.1). Rarely any.
+    pub connection_named: Vec<HeaderName>,
 }
 
 impl Exchange {
     /// A new exchange; `ticket` is the write's place in its generation.
-    /// `fencing_header` is given for a body that may end in trailers: it
-    /// is removed from them with the fields no trailer may carry.
-    pub fn new(ticket: Option<Ticket>, fencing_header: Option<HeaderName>) -> Arc<Exchange> {
+    /// `trailers` is given for a body that may end in trailers: the fields
+    /// it names are removed from them with those no trailer may carry.
+    pub fn new(ticket: Option<Ticket>, trailers: Option<TrailerRules>) -> Arc<Exchange> {
         Arc::new(Exchange {
             state: AtomicU8::new(SENDING),
             decided: AtomicWaker::new(),
             frames: AtomicU64::new(0),
             awaiting_client: AtomicBool::new(false),
             ticket,
-            fencing_header,
+            trailers,
         })
     }
 
@@ -168,14 +179,15 @@ pub enum BodyError {
 /// §6.5.1): fields of one connection, framing and routing
 /// (`Content-Length`, `Host`), and a second fencing token, which would
 /// reach the store unchecked (the header given twice is refused; in a
-/// trailer it would come too late to refuse).
-fn keep_trailers(trailers: &mut HeaderMap, fencing_header: Option<&HeaderName>) {
+/// trailer it would come too late to refuse), and the fields the head's
+/// `Connection` names.
+fn keep_trailers(trailers: &mut HeaderMap, rules: Option<&TrailerRules>) {
     let forbidden = |name: &HeaderName| {
         crate::hop::hop_by_hop(name)
             || *name == CONTENT_LENGTH
             || *name == HOST
             || *name == TRAILER
-            || fencing_header == Some(name)
+            || rules.is_some_and(|r| r.fencing_header == name || r.connection_named.contains(name))
     };
     if trailers.keys().any(forbidden) {
         let mut kept = HeaderMap::with_capacity(trailers.len());
@@ -292,7 +304,7 @@ where
                     exchange.frames.fetch_add(1, Relaxed);
                     exchange.awaiting_client.store(false, Relaxed);
                     if let Some(trailers) = frame.trailers_mut() {
-                        keep_trailers(trailers, exchange.fencing_header.as_ref());
+                        keep_trailers(trailers, exchange.trailers.as_ref());
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

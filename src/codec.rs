@@ -147,6 +147,9 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the connection may carry another exchange afterwards.
     pub keep_alive: bool,
+    /// The fields its `Connection` names (rarely any): its trailers lose
+    /// them too ([`BodyDecoder::for_head`]).
+    pub connection_named: Vec<HeaderName>,
 }
 
 /// What a head's framing and connection fields say, gathered as the
@@ -336,11 +339,10 @@ pub fn parse_response_head(
             }
         }
     }
-    let persistent = if version == Version::HTTP_10 {
-        hop_fields.connection.keep_alive
-    } else {
-        !hop_fields.connection.close
-    };
+    // RFC 9112 §9.3: `close` ends the connection whatever else
+    // `Connection` says; HTTP/1.0 persists only with `keep-alive`.
+    let persistent =
+        !hop_fields.connection.close && (version != Version::HTTP_10 || hop_fields.connection.keep_alive);
     // After a 101 the connection speaks another protocol.
     let keep_alive = framing_sure
         && framing != Framing::UntilClose
@@ -352,6 +354,7 @@ pub fn parse_response_head(
         headers,
         framing,
         keep_alive,
+        connection_named: std::mem::take(&mut hop_fields.connection.named),
     }))
 }
 
@@ -420,6 +423,8 @@ pub enum Decoded {
 #[derive(Debug)]
 pub struct BodyDecoder {
     state: State,
+    /// The fields the head's `Connection` names, left out of the trailers.
+    connection_named: Vec<HeaderName>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -447,7 +452,19 @@ impl BodyDecoder {
             Framing::Chunked => State::ChunkSize,
             Framing::UntilClose => State::UntilClose,
         };
-        BodyDecoder { state }
+        BodyDecoder {
+            state,
+            connection_named: Vec::new(),
+        }
+    }
+
+    /// A decoder for the body that follows `head`, whose trailers lose
+    /// the hop-by-hop fields its head would have lost.
+    pub fn for_head(head: &ResponseHead) -> BodyDecoder {
+        BodyDecoder {
+            connection_named: head.connection_named.clone(),
+            ..BodyDecoder::new(head.framing)
+        }
     }
 
     /// Whether the body is over.
@@ -487,7 +504,9 @@ impl BodyDecoder {
                     return Ok(Decoded::Data(buf.split().freeze()));
                 }
                 State::ChunkSize => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, _))) if used > MAX_CHUNK_LINE => {
+                    Ok(httparse::Status::Complete((used, _)))
+                        if used > MAX_CHUNK_LINE || !is_chunk_size_line(&buf[..used]) =>
+                    {
                         return Err(CodecError::BadChunk)
                     }
                     Ok(httparse::Status::Complete((used, 0))) => {
@@ -544,6 +563,11 @@ impl BodyDecoder {
         for field in fields.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| CodecError::Malformed("invalid trailer name".into()))?;
+            // Hop-by-hop in a trailer as in the head (RFC 9110 §7.6.1):
+            // hyper writes every trailer the head's `Trailer` declares.
+            if hop::hop_by_hop(&name) || self.connection_named.contains(&name) {
+                continue;
+            }
             let value = HeaderValue::from_bytes(field.value)
                 .map_err(|_| CodecError::Malformed(format!("invalid value of trailer `{name}`")))?;
             trailers.append(name, value);
@@ -567,6 +591,16 @@ impl BodyDecoder {
             _ => Err(CodecError::Truncated),
         }
     }
+}
+
+/// Whether a chunk-size line httparse took, CRLF included, is RFC 9112's
+/// (§7.1): it starts with the size, and its extensions hold no bare LF.
+/// httparse takes a line without a size (`\r\n`, `;ext\r\n`) as the last
+/// chunk, which would end the body where the store did not, and the
+/// connection would go back to the pool with the rest of the answer still
+/// to come; hyper's own decoder refuses both.
+fn is_chunk_size_line(line: &[u8]) -> bool {
+    line[0].is_ascii_hexdigit() && !line[..line.len() - 2].contains(&b'\n')
 }
 
 /// Up to `left` bytes from the front of `buf`, and how many of `left`
@@ -742,6 +776,22 @@ mod tests {
                 CodecError::BadContentLength,
                 "{bad}"
             );
+        }
+    }
+
+    /// RFC 9112 §9.3: a `close` option ends the connection whatever else
+    /// `Connection` says, in HTTP/1.0 too, where `keep-alive` alone keeps
+    /// it (hyper's client reads it so: a later `keep-alive` must not undo
+    /// an earlier `close`).
+    #[test]
+    fn a_close_option_ends_the_connection_whatever_else_connection_says() {
+        for text in [
+            "HTTP/1.0 200 OK\r\ncontent-length: 0\r\nConnection: keep-alive, close\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ncontent-length: 0\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ncontent-length: 0\r\nConnection: Keep-Alive\r\nConnection: Close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+        ] {
+            assert_eq!(framing(text), (Framing::Length(0), false), "{text:?}");
         }
     }
 
@@ -924,6 +974,31 @@ mod tests {
         assert_eq!((body.as_slice(), trailers), (&b"abc"[..], None));
     }
 
+    /// A trailer section loses what its head would have lost: the
+    /// hop-by-hop fields and those the head's `Connection` names.
+    #[test]
+    fn trailers_lose_the_hop_by_hop_fields_of_their_head() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nConnection: X-Secret\r\ntransfer-encoding: chunked\r\n\r\n\
+             0\r\nKeep-Alive: 1\r\nX-Secret: 2\r\nX-Sum: 3\r\nConnection: close\r\n\r\n",
+        );
+        let h = parse_response_head(&mut buf, &Method::GET, &mut Fields::default())
+            .unwrap()
+            .unwrap();
+        let mut decoder = BodyDecoder::for_head(&h);
+        let Decoded::Trailers(trailers) = decoder.decode(&mut buf).unwrap() else {
+            panic!("no trailers");
+        };
+        let names: Vec<_> = trailers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-sum"]);
+        // None left: the body simply ends.
+        let mut buf = BytesMut::from("0\r\nKeep-Alive: 1\r\n\r\n");
+        assert_eq!(
+            BodyDecoder::new(Framing::Chunked).decode(&mut buf).unwrap(),
+            Decoded::End
+        );
+    }
+
     #[test]
     fn broken_chunked_bodies_are_errors() {
         assert_eq!(
@@ -936,6 +1011,23 @@ mod tests {
             CodecError::BadChunk
         );
         assert_eq!(dechunk(b"5\r\nab", 64).unwrap_err(), CodecError::Truncated);
+        // A chunk-size line must start with the size (RFC 9112 §7.1:
+        // 1*HEXDIG): one without is no last chunk, and the bytes after it
+        // are not the end of the answer. hyper's own decoder refuses both
+        // ("missing size digit"), and a bare LF in an extension.
+        for wire in [
+            &b"3\r\nabc\r\n\r\n\r\n"[..],
+            b"3\r\nabc\r\n;ext\r\n\r\n",
+            b"\r\n\r\n",
+            b"1;a\nb\r\nx\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(
+                dechunk(wire, 64).unwrap_err(),
+                CodecError::BadChunk,
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
         let long = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
         assert_eq!(dechunk(long.as_bytes(), 64).unwrap_err(), CodecError::BadChunk);
     }

@@ -302,7 +302,7 @@ impl Conn {
     /// returns to the connection.
     pub fn into_body(self, head: &ResponseHead, reusable: bool) -> StoreBody {
         let mut body = StoreBody {
-            decoder: BodyDecoder::new(head.framing),
+            decoder: BodyDecoder::for_head(head),
             reusable: reusable && head.keep_alive,
             conn: None,
         };

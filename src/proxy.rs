@@ -15,7 +15,7 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::body::{Exchange, GuardedBody};
+use crate::body::{Exchange, GuardedBody, TrailerRules};
 use crate::config::Config;
 use crate::error::{Problem, Reason};
 use crate::fencing::Access;
@@ -336,12 +336,6 @@ impl Proxy {
         metrics: &DomainMetrics,
     ) -> Result<Response<ProxyBody>, Problem> {
         let (mut parts, body) = request.into_parts();
-        // Only a body of unknown length (chunked) can end in trailers.
-        let may_have_trailers = body.size_hint().exact().is_none();
-        // Even a request without a body is complete only once its head is
-        // written (`pool::Outgoing`): until then a raise aborts it (rule
-        // 4a), while it waits for a connection too.
-        let exchange = Exchange::new(ticket, may_have_trailers.then(|| self.fencing_header.clone()));
         parts.uri = self.upstream.uri(std::mem::take(&mut parts.uri), path);
         parts.version = Version::HTTP_11;
         if let Some(destination) = parts.headers.get(&DESTINATION) {
@@ -350,6 +344,15 @@ impl Proxy {
             parts.headers.insert(DESTINATION, rewritten);
         }
         let hop = RequestHop::new(&parts.headers, peer);
+        // Only a body of unknown length (chunked) can end in trailers.
+        let trailers = body.size_hint().exact().is_none().then(|| TrailerRules {
+            fencing_header: self.fencing_header.clone(),
+            connection_named: hop.connection_named().to_vec(),
+        });
+        // Even a request without a body is complete only once its head is
+        // written (`pool::Outgoing`): until then a raise aborts it (rule
+        // 4a), while it waits for a connection too.
+        let exchange = Exchange::new(ticket, trailers);
         let body = GuardedBody::new(body, self.upstream.body_idle_timeout).forwarding(exchange.clone());
         let sent_at = Instant::now();
         let request = Request::from_parts(parts, body);

@@ -204,3 +204,24 @@ async fn the_answer_carries_fencegates_version_not_the_stores() {
     );
     assert!(raw.ends_with("ok"), "the store's body:\n{raw}");
 }
+
+/// The fields a request's `Connection` names are hop-by-hop in its
+/// trailers too (SPEC.md: removed both ways, RFC 9110 §7.6.1): the store
+/// never receives them, in the head or after the body.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_trailers_lose_the_fields_connection_names() {
+    let request = "PUT /d/x HTTP/1.1\r\nHost: h\r\nFencing-Token: 5\r\nConnection: X-Secret\r\n\
+                   X-Secret: head\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n\
+                   3\r\nabc\r\n0\r\nX-Secret: trailer\r\nDigest-Of-Body: abc\r\n\r\n";
+    let (store, raw) = through_fencegate(NO_CONTENT, chunked_is_whole, request.as_bytes()).await;
+    assert_eq!(parse_response(&raw).status, 204, "{raw}");
+    let wire = store.text().to_ascii_lowercase();
+    assert!(
+        !wire.contains("x-secret"),
+        "the store received a field Connection names:\n{wire}"
+    );
+    assert!(
+        wire.contains("digest-of-body: abc"),
+        "an ordinary trailer field must go on:\n{wire}"
+    );
+}

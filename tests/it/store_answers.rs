@@ -151,6 +151,13 @@ async fn check(store: &RawStore, fg: &Fencegate, path: &str, want: (u16, Option<
     } else {
         assert_eq!((status, reason.as_deref(), body.as_str()), want, "{what}");
     }
+    check_next(store, fg, path, reused).await;
+}
+
+/// The request after the last one for `path` (`/d/next`) goes on the same
+/// store connection if `reused`, else on a new one.
+async fn check_next(store: &RawStore, fg: &Fencegate, path: &str, reused: bool) {
+    let what = format!("GET {path}");
     let before = store.connections_of("/d/next").len();
     let (status, _, _) = get(fg, "/d/next").await;
     assert_eq!(status, 204, "the request after {what}");
@@ -350,4 +357,221 @@ async fn a_request_without_one_host_is_400() {
     );
     let answer = tokio::task::block_in_place(|| raw_request(&addr, b"GET /d/old HTTP/1.0\r\n\r\n"));
     assert_eq!(parse_response(&answer).status, 204, "{answer}");
+}
+
+/// RFC 9112 §9.3: `close` ends the connection whatever else `Connection`
+/// says; in HTTP/1.0 `keep-alive` keeps it only without `close`. The
+/// store here says close and leaves the connection open, so a reuse shows
+/// (fencegate reused it: the HTTP/1.0 rule read `keep-alive` alone).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_store_says_close_on_is_not_reused_whatever_else_connection_says() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/close-10",
+        (
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+    );
+    script.insert(
+        "/d/close-11",
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\n\
+              content-length: 2\r\n\r\nok",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    check(&store, &fg, "/d/close-10", (200, None, "ok"), false).await;
+    check(&store, &fg, "/d/close-11", (200, None, "ok"), false).await;
+}
+
+/// A chunk-size line without a size is no last chunk (RFC 9112 §7.1,
+/// `1*HEXDIG`; hyper's decoder refuses it): the body fails, and what the
+/// store sends after it is never read as the next request's answer. It was
+/// read as the end of the body, and the connection went back to the pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_without_a_size_fails_the_body_and_its_connection_is_dropped() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/no-size",
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n\r\n\r\n",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    // The head may go out before the body fails, or not at all.
+    let url = format!("{}/d/no-size", fg.url());
+    let outcome = match tokio::time::timeout(Duration::from_secs(10), client().get(url).send()).await {
+        Err(_) => panic!("GET /d/no-size: no answer within 10 s"),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(response)) => response.text().await.map_err(|e| e.to_string()),
+    };
+    assert!(
+        outcome.is_err(),
+        "the client got a whole body from a broken chunked one: {outcome:?}"
+    );
+    check_next(&store, &fg, "/d/no-size", false).await;
+}
+
+/// Hop-by-hop fields stay on their hop in trailers too (SPEC.md: removed
+/// both ways): the store's trailer section loses the fields RFC 9110
+/// §7.6.1 lists and those its head's `Connection` names, as the request's
+/// trailers do on the way to the store. They reached the client: hyper
+/// writes every trailer the head's `Trailer` declares but for framing and
+/// routing ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stores_trailers_lose_their_hop_by_hop_fields() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/trailers",
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\n\
+              Trailer: keep-alive, proxy-authenticate, x-secret, x-sum\r\n\
+              transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nKeep-Alive: timeout=5\r\n\
+              Proxy-Authenticate: Basic\r\nX-Secret: 1\r\nX-Sum: 9\r\n\r\n",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    let request = "GET /d/trailers HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nConnection: close\r\n\r\n";
+    let addr = fg.url();
+    let answer = tokio::task::block_in_place(|| raw_request(&addr, request.as_bytes()));
+    let trailers = answer
+        .split_once("\r\n0\r\n")
+        .map(|(_, t)| t.to_ascii_lowercase())
+        .unwrap_or_else(|| panic!("no chunked body: {answer:?}"));
+    assert!(
+        trailers.contains("x-sum: 9"),
+        "the end-to-end trailer is lost: {answer:?}"
+    );
+    for hop in ["keep-alive", "proxy-authenticate", "x-secret"] {
+        assert!(
+            !trailers.contains(hop),
+            "the store's trailer {hop} reached the client: {answer:?}"
+        );
+    }
+}
+
+/// Answers without a body whatever their head says (RFC 9112 §6.3: 204,
+/// 304, any answer to HEAD), and a 101 that fencegate never tunnels
+/// (502): the bytes a store sends after such a head are no body, and
+/// never the next request's answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_after_an_answer_without_a_body_are_never_the_next_answer() {
+    let mut script = Script::new();
+    let next = "HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nSECRET";
+    let leak =
+        |head: &str| -> &'static [u8] { Box::leak(format!("{head}{next}").into_bytes().into_boxed_slice()) };
+    script.insert(
+        "/d/204",
+        (
+            leak("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\nhello"),
+            false,
+        ),
+    );
+    script.insert(
+        "/d/304",
+        (
+            leak("HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"),
+            false,
+        ),
+    );
+    script.insert(
+        "/d/head",
+        (leak("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"), false),
+    );
+    script.insert(
+        "/d/head-clean",
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
+    );
+    script.insert(
+        "/d/switch",
+        (
+            leak("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n"),
+            false,
+        ),
+    );
+    script.insert(
+        "/d/switch-bare",
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", false),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    check(&store, &fg, "/d/204", (204, None, ""), false).await;
+    check(&store, &fg, "/d/304", (304, None, ""), false).await;
+    let bad = (502, Some("upstream_bad_response"), "");
+    check(&store, &fg, "/d/switch", bad, false).await;
+    check(&store, &fg, "/d/switch-bare", bad, false).await;
+    for (path, reused) in [("/d/head", false), ("/d/head-clean", true)] {
+        let response = client()
+            .head(format!("{}{path}", fg.url()))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("HEAD {path}: {e}"));
+        assert_eq!(response.status(), 200, "HEAD {path}");
+        assert_eq!(response.headers()["content-length"], "5", "HEAD {path}");
+        check_next(&store, &fg, path, reused).await;
+    }
+}
+
+/// An HTTP/1.0 client knows no transfer coding (RFC 9112 §6.1): a chunked
+/// answer reaches it decoded, without `Transfer-Encoding`, its end marked
+/// by the close; the store's `Content-Length` beside the chunks never
+/// reaches it either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunked_answer_reaches_an_http_10_client_decoded_and_delimited_by_the_close() {
+    let mut script = Script::new();
+    script.insert(
+        "/d/chunked",
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n\
+              3\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 9\r\n\r\n",
+            false,
+        ),
+    );
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    let addr = fg.url();
+    let request = b"GET /d/chunked HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n";
+    let answer = tokio::task::block_in_place(|| raw_request(&addr, request));
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head: {answer:?}"));
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.0 200") || head.starts_with("http/1.1 200"),
+        "{answer:?}"
+    );
+    assert!(
+        !head.contains("transfer-encoding") && !head.contains("content-length"),
+        "{answer:?}"
+    );
+    assert_eq!(body, "abcde", "{answer:?}");
+}
+
+/// A head longer than fencegate reads (64 KiB), or with more fields than
+/// it takes (100), is 502 and its connection dropped: the rest of it is
+/// never read as the next answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_answer_heads_are_502_and_their_connection_is_dropped() {
+    let leak = |text: String| -> &'static [u8] { Box::leak(text.into_bytes().into_boxed_slice()) };
+    let mut script = Script::new();
+    let long = format!(
+        "HTTP/1.1 200 OK\r\nx-long: {}\r\ncontent-length: 2\r\n\r\nok",
+        "a".repeat(70 * 1024)
+    );
+    script.insert("/d/long", (leak(long), false));
+    let many: String = (0..=100).map(|i| format!("x-{i}: 1\r\n")).collect();
+    let many = format!("HTTP/1.1 200 OK\r\n{many}content-length: 2\r\n\r\nok");
+    script.insert("/d/many", (leak(many), false));
+    let store = RawStore::start(script).await;
+    let fg = gate(&store);
+    let bad = (502, Some("upstream_bad_response"), "");
+    check(&store, &fg, "/d/long", bad, false).await;
+    check(&store, &fg, "/d/many", bad, false).await;
 }
