@@ -22,7 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use tokio::net::{TcpListener, TcpStream};
@@ -158,18 +158,22 @@ async fn accept(
 ) {
     tokio::pin!(stop);
     let mut next = 0;
+    let mut trouble = AcceptTrouble::default();
     loop {
         let (stream, peer) = tokio::select! {
             // A stop already given takes no more connections.
             biased;
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    trouble.ended();
+                    pair
+                }
                 Err(e) => {
                     // Out of file descriptors, most likely: back off rather
                     // than spin, and keep serving the connections we have.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    trouble.failed(&e);
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
@@ -194,6 +198,57 @@ async fn accept(
                     }
                 }
             }
+        }
+    }
+}
+
+/// How long the acceptor waits after a failed accept before it tries again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How often a run of failed accepts is logged again while it lasts.
+const ACCEPT_TROUBLE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A run of failed accepts, logged when it starts, every
+/// [`ACCEPT_TROUBLE_LOG_EVERY`] while it lasts, and when it ends: out of
+/// file descriptors, the acceptor retries every [`ACCEPT_BACKOFF`], and a
+/// line per retry would flood the log just when an operator reads it.
+#[derive(Default)]
+struct AcceptTrouble {
+    /// When the run began and when it was last logged, if one is going on.
+    since: Option<(Instant, Instant)>,
+    failures: u64,
+}
+
+impl AcceptTrouble {
+    fn failed(&mut self, error: &std::io::Error) {
+        let now = Instant::now();
+        self.failures += 1;
+        match &mut self.since {
+            None => {
+                tracing::warn!(
+                    error = %error,
+                    "accept failed (out of file descriptors? see `ulimit -n`); retrying every {ACCEPT_BACKOFF:?}, logged again every {ACCEPT_TROUBLE_LOG_EVERY:?} while it lasts"
+                );
+                self.since = Some((now, now));
+            }
+            Some((began, logged)) if now.duration_since(*logged) >= ACCEPT_TROUBLE_LOG_EVERY => {
+                tracing::warn!(
+                    error = %error, failures = self.failures, lasting = ?now.duration_since(*began),
+                    "accept still failing"
+                );
+                *logged = now;
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn ended(&mut self) {
+        if let Some((began, _)) = self.since.take() {
+            tracing::info!(
+                failures = self.failures, lasted = ?began.elapsed(),
+                "accepting connections again"
+            );
+            self.failures = 0;
         }
     }
 }

@@ -58,3 +58,69 @@ fn json_logs_have_one_line_per_refusal_and_none_per_admitted_write() {
         lines.len()
     );
 }
+
+/// Out of file descriptors, the acceptor retries every 50 ms. It logs the
+/// trouble when it begins and when it ends, not once per retry (found by
+/// review: 20 warnings a second for as long as it lasted, just when an
+/// operator reads the log).
+#[test]
+fn failed_accepts_are_logged_when_they_begin_and_end_not_per_retry() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
+    fg.start_again_with(&["--log-format", "json"]);
+    let pid = i32::try_from(fg.pid().expect("running")).expect("a pid");
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc")
+        .count();
+    // Room for one more file: the connections after it wait in the backlog
+    // while every accept fails.
+    let original = set_open_files_limit(pid, open as u64 + 1);
+    let held: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(fg.addr()).expect("connect"))
+        .collect();
+    // About 30 retries at 50 ms each.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    set_open_files_limit(pid, original);
+    drop(held);
+    assert_eq!(put(&fg, "/orders/a", 7), 201, "serving again once files are free");
+    fg.terminate();
+
+    let stderr = fg.stderr_text();
+    let count = |message: &str| {
+        stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| {
+                v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .count()
+    };
+    assert_eq!(count("accept failed"), 1, "one line when it begins:\n{stderr}");
+    assert_eq!(count("accept still failing"), 0, "within 10 s:\n{stderr}");
+    assert_eq!(
+        count("accepting connections again"),
+        1,
+        "one line when it ends:\n{stderr}"
+    );
+}
+
+/// Sets the soft limit of open files of process `pid`; returns the one before.
+fn set_open_files_limit(pid: i32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit only writes the limit into `old`, a valid rlimit.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit only reads `new`, a valid rlimit.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
