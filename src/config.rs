@@ -278,6 +278,28 @@ impl Config {
         if self.server.header_read_timeout.is_zero() {
             return bad("server.header_read_timeout", "must be above zero".into());
         }
+        // A deadline past what the clock can hold panics when it is set
+        // ("400000000000y" parses): a year is beyond any sane timeout.
+        let etcd = self.etcd.as_ref();
+        for (key, value) in [
+            (
+                "server.header_read_timeout",
+                Some(self.server.header_read_timeout),
+            ),
+            ("server.shutdown_grace", Some(self.server.shutdown_grace)),
+            ("upstream.connect_timeout", Some(self.upstream.connect_timeout)),
+            ("upstream.request_timeout", Some(self.upstream.request_timeout)),
+            (
+                "upstream.body_idle_timeout",
+                Some(self.upstream.body_idle_timeout),
+            ),
+            ("etcd.max_staleness", etcd.map(|e| e.max_staleness)),
+            ("etcd.connect_timeout", etcd.map(|e| e.connect_timeout)),
+        ] {
+            if value.is_some_and(|v| v > MAX_DURATION) {
+                return bad(key, "must be at most 365d".into());
+            }
+        }
         // Caught here, the mistake is named; at start it was only the
         // second bind's "address already in use" (exit 69), which sends an
         // operator looking for another process.
@@ -303,6 +325,13 @@ impl Config {
         if !matches!(url.path(), "" | "/") || url.query().is_some() {
             return bad("upstream.url", format!("`{url}`: must not have a path"));
         }
+        if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // Dropped silently before: the store saw requests without them.
+            return bad(
+                "upstream.url",
+                "must not hold credentials: fencegate sends none of its own, and passes each client's Authorization on".into(),
+            );
+        }
         for (key, value) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
@@ -325,6 +354,15 @@ impl Config {
             return bad(
                 "fencing.header",
                 "must not be a hop-by-hop header: it would not reach the store".into(),
+            );
+        }
+        if has_a_meaning_of_its_own(&self.fencing.header) {
+            return bad(
+                "fencing.header",
+                format!(
+                    "`{}` has a meaning of its own in HTTP or to fencegate: a token there would be read as both",
+                    self.fencing.header
+                ),
             );
         }
         for method in &self.fencing.read_methods {
@@ -390,6 +428,31 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The longest duration a setting may take.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Header fields that frame the message, route it, or that fencegate reads
+/// or writes for a purpose of their own: as the fencing header, a client's
+/// `Content-Length: 7` or `Host: 7` would be read as token 7 too.
+fn has_a_meaning_of_its_own(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "content-type"
+            | "content-encoding"
+            | "content-range"
+            | "expect"
+            | "trailer"
+            | "destination"
+            | "overwrite"
+            | "forwarded"
+            | "x-forwarded-for"
+            | "authorization"
+    ) || crate::hop::METHOD_OVERRIDES.iter().any(|h| h.as_str() == name)
 }
 
 fn validate_etcd(etcd: &EtcdConfig) -> Result<(), (String, String)> {
@@ -527,6 +590,36 @@ mod tests {
             (
                 format!("[fencing]\nheader = \"Connection\"\n{MINIMAL}"),
                 "fencing.header",
+            ),
+            (
+                format!("[fencing]\nheader = \"Content-Length\"\n{MINIMAL}"),
+                "fencing.header",
+            ),
+            (
+                format!("[fencing]\nheader = \"host\"\n{MINIMAL}"),
+                "fencing.header",
+            ),
+            (
+                format!("[fencing]\nheader = \"X-HTTP-Method-Override\"\n{MINIMAL}"),
+                "fencing.header",
+            ),
+            (
+                MINIMAL.replace("http://127.0.0.1:8081", "http://user:secret@127.0.0.1:8081"),
+                "upstream.url",
+            ),
+            (
+                MINIMAL.replace("[state]", "request_timeout = \"400000000000y\"\n[state]"),
+                "upstream.request_timeout",
+            ),
+            (
+                format!("[server]\nshutdown_grace = \"366d\"\n{MINIMAL}"),
+                "server.shutdown_grace",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nmax_staleness = \"400d\""
+                ),
+                "etcd.max_staleness",
             ),
         ];
         for (text, key) in cases {
