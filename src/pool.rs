@@ -302,7 +302,7 @@ impl Conn {
     /// returns to the connection.
     pub fn into_body(self, head: &ResponseHead, reusable: bool) -> StoreBody {
         let mut body = StoreBody {
-            decoder: BodyDecoder::for_head(head),
+            decoder: BodyDecoder::new(head.framing),
             reusable: reusable && head.keep_alive,
             conn: None,
         };
@@ -573,7 +573,10 @@ impl Body for StoreBody {
             return Poll::Ready(None);
         };
         loop {
-            let decoded = match this.decoder.decode(&mut conn.read) {
+            let decoded = match this
+                .decoder
+                .decode(&mut conn.read, conn.fields.connection_named())
+            {
                 Ok(Decoded::More) => match std::task::ready!(conn.wire.poll_read(cx, &mut conn.read)) {
                     Ok(0) => {
                         // The store closed: the end of a body that runs
