@@ -633,6 +633,18 @@ mod tests {
     use super::*;
     use std::future::Future;
 
+    /// An answer's body and head are moved whole through the exchange's
+    /// futures, and LLVM moves up to 128 bytes inline: past that, every
+    /// move is a call to memcpy. A `Vec` more in each (the names a store's
+    /// `Connection` lists, now in `codec::Fields`) cost every request some
+    /// 600 instructions, 3 %, with nothing else to show for it.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn an_answers_body_and_head_are_moved_inline() {
+        assert!(std::mem::size_of::<StoreBody>() <= 128);
+        assert!(std::mem::size_of::<ResponseHead>() <= 128);
+    }
+
     /// A pooled connection keeps one timer for every exchange, and each
     /// exchange moves its deadline later. A timer that still fired at an
     /// earlier exchange's deadline would answer 504 early.
