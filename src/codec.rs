@@ -147,9 +147,6 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the connection may carry another exchange afterwards.
     pub keep_alive: bool,
-    /// The fields its `Connection` names (rarely any): its trailers lose
-    /// them too ([`BodyDecoder::for_head`]).
-    pub connection_named: Vec<HeaderName>,
 }
 
 /// What a head's framing and connection fields say, gathered as the
@@ -208,9 +205,20 @@ pub struct Fields {
     names: Vec<(Vec<u8>, HeaderName)>,
     /// The map the next answer's fields go into (see [`Fields::lend`]).
     map: HeaderMap,
+    /// The fields the last answer's `Connection` named (rarely any): its
+    /// trailers lose them too ([`BodyDecoder::decode`]). Kept here rather
+    /// than in the head or the decoder, which are moved whole through the
+    /// exchange's futures, where each byte more costs every answer.
+    connection_named: Vec<HeaderName>,
 }
 
 impl Fields {
+    /// The fields the last answer's `Connection` named, beyond the
+    /// hop-by-hop ones: its trailers lose them too.
+    pub fn connection_named(&self) -> &[HeaderName] {
+        &self.connection_named
+    }
+
     /// Gives the next answer `map` to fill, emptied: the request's map,
     /// whose head is written, so one map per connection goes round
     /// between hyper and the store instead of two allocated per request.
@@ -348,13 +356,15 @@ pub fn parse_response_head(
         && framing != Framing::UntilClose
         && status != StatusCode::SWITCHING_PROTOCOLS
         && persistent;
+    // Swapped, not assigned: the previous answer's names (rarely any) go
+    // with the rest of `hop_fields`, with no drop of their own here.
+    std::mem::swap(&mut fields.connection_named, &mut hop_fields.connection.named);
     Ok(Some(ResponseHead {
         status,
         version,
         headers,
         framing,
         keep_alive,
-        connection_named: std::mem::take(&mut hop_fields.connection.named),
     }))
 }
 
@@ -423,8 +433,6 @@ pub enum Decoded {
 #[derive(Debug)]
 pub struct BodyDecoder {
     state: State,
-    /// The fields the head's `Connection` names, left out of the trailers.
-    connection_named: Vec<HeaderName>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -452,19 +460,7 @@ impl BodyDecoder {
             Framing::Chunked => State::ChunkSize,
             Framing::UntilClose => State::UntilClose,
         };
-        BodyDecoder {
-            state,
-            connection_named: Vec::new(),
-        }
-    }
-
-    /// A decoder for the body that follows `head`, whose trailers lose
-    /// the hop-by-hop fields its head would have lost.
-    pub fn for_head(head: &ResponseHead) -> BodyDecoder {
-        BodyDecoder {
-            connection_named: head.connection_named.clone(),
-            ..BodyDecoder::new(head.framing)
-        }
+        BodyDecoder { state }
     }
 
     /// Whether the body is over.
@@ -481,8 +477,14 @@ impl BodyDecoder {
         }
     }
 
-    /// The next piece of the body from `buf`, removed from it.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, CodecError> {
+    /// The next piece of the body from `buf`, removed from it. Its
+    /// trailers lose the hop-by-hop fields and `connection_named`, the
+    /// fields its head's `Connection` named ([`Fields::connection_named`]).
+    pub fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        connection_named: &[HeaderName],
+    ) -> Result<Decoded, CodecError> {
         loop {
             match self.state {
                 State::Done => return Ok(Decoded::End),
@@ -544,12 +546,16 @@ impl BodyDecoder {
                     let _ = buf.split_to(2);
                     self.state = State::ChunkSize;
                 }
-                State::Trailers => return self.trailers(buf),
+                State::Trailers => return self.trailers(buf, connection_named),
             }
         }
     }
 
-    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Decoded, CodecError> {
+    fn trailers(
+        &mut self,
+        buf: &mut BytesMut,
+        connection_named: &[HeaderName],
+    ) -> Result<Decoded, CodecError> {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let (used, fields) = match httparse::parse_headers(buf, &mut slots) {
             Ok(httparse::Status::Complete(done)) => done,
@@ -565,7 +571,7 @@ impl BodyDecoder {
                 .map_err(|_| CodecError::Malformed("invalid trailer name".into()))?;
             // Hop-by-hop in a trailer as in the head (RFC 9110 §7.6.1):
             // hyper writes every trailer the head's `Trailer` declares.
-            if hop::hop_by_hop(&name) || self.connection_named.contains(&name) {
+            if hop::hop_by_hop(&name) || connection_named.contains(&name) {
                 continue;
             }
             let value = HeaderValue::from_bytes(field.value)
@@ -885,10 +891,10 @@ mod tests {
         assert_eq!(&buf[..], b"abcHTTP");
         let mut decoder = BodyDecoder::new(h.framing);
         assert_eq!(
-            decoder.decode(&mut buf).unwrap(),
+            decoder.decode(&mut buf, &[]).unwrap(),
             Decoded::Data(Bytes::from_static(b"abc"))
         );
-        assert_eq!(decoder.decode(&mut buf).unwrap(), Decoded::End);
+        assert_eq!(decoder.decode(&mut buf, &[]).unwrap(), Decoded::End);
         assert_eq!(&buf[..], b"HTTP", "bytes after the body stay in the buffer");
     }
 
@@ -944,7 +950,7 @@ mod tests {
         let mut body = Vec::new();
         let mut fed = 0;
         loop {
-            match decoder.decode(&mut buf)? {
+            match decoder.decode(&mut buf, &[])? {
                 Decoded::Data(d) => body.extend_from_slice(&d),
                 Decoded::Trailers(t) => return Ok((body, Some(t), buf)),
                 Decoded::End => return Ok((body, None, buf)),
@@ -982,11 +988,12 @@ mod tests {
             "HTTP/1.1 200 OK\r\nConnection: X-Secret\r\ntransfer-encoding: chunked\r\n\r\n\
              0\r\nKeep-Alive: 1\r\nX-Secret: 2\r\nX-Sum: 3\r\nConnection: close\r\n\r\n",
         );
-        let h = parse_response_head(&mut buf, &Method::GET, &mut Fields::default())
+        let mut fields = Fields::default();
+        let h = parse_response_head(&mut buf, &Method::GET, &mut fields)
             .unwrap()
             .unwrap();
-        let mut decoder = BodyDecoder::for_head(&h);
-        let Decoded::Trailers(trailers) = decoder.decode(&mut buf).unwrap() else {
+        let mut decoder = BodyDecoder::new(h.framing);
+        let Decoded::Trailers(trailers) = decoder.decode(&mut buf, fields.connection_named()).unwrap() else {
             panic!("no trailers");
         };
         let names: Vec<_> = trailers.keys().map(|k| k.as_str()).collect();
@@ -994,7 +1001,7 @@ mod tests {
         // None left: the body simply ends.
         let mut buf = BytesMut::from("0\r\nKeep-Alive: 1\r\n\r\n");
         assert_eq!(
-            BodyDecoder::new(Framing::Chunked).decode(&mut buf).unwrap(),
+            BodyDecoder::new(Framing::Chunked).decode(&mut buf, &[]).unwrap(),
             Decoded::End
         );
     }
@@ -1037,7 +1044,7 @@ mod tests {
         let mut decoder = BodyDecoder::new(Framing::Length(4));
         let mut buf = BytesMut::from("ab");
         assert_eq!(
-            decoder.decode(&mut buf).unwrap(),
+            decoder.decode(&mut buf, &[]).unwrap(),
             Decoded::Data(Bytes::from_static(b"ab"))
         );
         assert_eq!(decoder.remaining(), Some(2));

@@ -202,28 +202,41 @@ fn push_escaped(out: &mut String, b: u8) {
 /// Whether `b` stands raw in the normal form: RFC 3986's `pchar` but `;`,
 /// which is refused (a store may strip it as a path parameter). Escaped,
 /// each of these is decoded: a store that decodes reads both spellings as
-/// one path.
+/// one path. A table: it is asked for every byte of every path.
+#[inline]
 fn is_raw(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b'='
-                | b':'
-                | b'@'
-        )
+    RAW[usize::from(b)]
 }
+
+/// [`is_raw`] for each byte.
+static RAW: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < table.len() {
+        let byte = b as u8; // b < 256
+        table[b] = byte.is_ascii_alphanumeric()
+            || matches!(
+                byte,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b'='
+                    | b':'
+                    | b'@'
+            );
+        b += 1;
+    }
+    table
+};
 
 fn is_control(b: u8) -> bool {
     b < 0x20 || b == 0x7F

@@ -302,7 +302,7 @@ impl Conn {
     /// returns to the connection.
     pub fn into_body(self, head: &ResponseHead, reusable: bool) -> StoreBody {
         let mut body = StoreBody {
-            decoder: BodyDecoder::for_head(head),
+            decoder: BodyDecoder::new(head.framing),
             reusable: reusable && head.keep_alive,
             conn: None,
         };
@@ -573,7 +573,10 @@ impl Body for StoreBody {
             return Poll::Ready(None);
         };
         loop {
-            let decoded = match this.decoder.decode(&mut conn.read) {
+            let decoded = match this
+                .decoder
+                .decode(&mut conn.read, conn.fields.connection_named())
+            {
                 Ok(Decoded::More) => match std::task::ready!(conn.wire.poll_read(cx, &mut conn.read)) {
                     Ok(0) => {
                         // The store closed: the end of a body that runs
@@ -629,6 +632,18 @@ impl Body for StoreBody {
 mod tests {
     use super::*;
     use std::future::Future;
+
+    /// An answer's body and head are moved whole through the exchange's
+    /// futures, and LLVM moves up to 128 bytes inline: past that, every
+    /// move is a call to memcpy. A `Vec` more in each (the names a store's
+    /// `Connection` lists, now in `codec::Fields`) cost every request some
+    /// 600 instructions, 3 %, with nothing else to show for it.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn an_answers_body_and_head_are_moved_inline() {
+        assert!(std::mem::size_of::<StoreBody>() <= 128);
+        assert!(std::mem::size_of::<ResponseHead>() <= 128);
+    }
 
     /// A pooled connection keeps one timer for every exchange, and each
     /// exchange moves its deadline later. A timer that still fired at an

@@ -69,11 +69,18 @@ struct WriteStall {
 impl WriteStall {
     /// Passes on a write's outcome, failing a write that has waited for
     /// longer than the limit since the client last took a byte.
+    #[inline(always)]
     fn judge(&mut self, cx: &mut Context<'_>, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if written.is_ready() {
             self.waiting = false;
             return written;
         }
+        self.wait(cx)
+    }
+
+    /// A write that has to wait: arms the timer if it is the first, and
+    /// fails the write once the timer ran out.
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let deadline = Instant::now() + self.limit;
         let timer = self
             .timer
