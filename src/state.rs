@@ -19,7 +19,7 @@ use crate::path::{lies_under_str, normalize_prefix};
 /// prefix moved, inherit the epoch of a stored domain that used to guard its
 /// paths.
 const DOMAINS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("domains");
-/// Bookkeeping: `format` and `clean_shutdown`.
+/// Bookkeeping: `format`, `clean_shutdown` and `unsettled:NAME`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FORMAT_KEY: &str = "format";
 const FORMAT_VERSION: u64 = 1;
