@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::committer::Committer;
 use crate::gate::Gates;
 use crate::metrics::Metrics;
+use crate::server::{AcceptTrouble, ACCEPT_BACKOFF};
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -60,17 +61,21 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
     let connections = crate::drain::Connections::new();
+    let mut trouble = AcceptTrouble::new("admin");
     loop {
         let stream = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    trouble.ended();
+                    stream
+                }
                 Err(e) => {
                     // Out of file descriptors, most likely: back off rather
-                    // than spin.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // than spin, logged like the proxy's acceptor.
+                    trouble.failed(&e);
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },

@@ -281,7 +281,7 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
         view.count_read();
         // Taken before the read: anything admitted by then came from a view
         // at a revision this linearizable read cannot be below.
-        let floor = view.floor(gate.marks().epoch);
+        let floor = regression_floor(&view, &gate);
         let started = Instant::now();
         last_start = started;
         // Every attempt starts after `seq` was numbered, so after each
@@ -341,7 +341,7 @@ async fn watch_once(
 ) -> String {
     let key = candidates_prefix(&view.prefix);
     let kv = client.kv_client();
-    let floor = view.floor(gate.marks().epoch);
+    let floor = regression_floor(view, gate);
     let read = first_answer(period, hedge, || {
         let mut kv = kv.clone();
         let key = key.as_str();
@@ -464,6 +464,17 @@ async fn fencer(view: Arc<ElectionView>, gate: Arc<Gate>) {
 }
 
 /// A read's answer with the revision of its header, or why it is no answer.
+/// The least revision a read of `view` starting now may answer with
+/// ([`ElectionView::floor`]). The refusal mark counts, not only the epoch
+/// the gate admits: after a crash, a domain that took a nested domain's
+/// higher epoch admits the lower one until it raises (see `app`), while
+/// its durable epoch, the one etcd must not be below (SPEC), is its
+/// refusal mark. Any other refusal mark is a token etcd showed as leader.
+fn regression_floor(view: &ElectionView, gate: &Gate) -> u64 {
+    let marks = gate.marks();
+    view.floor(marks.epoch.max(marks.refusal))
+}
+
 fn with_header(answer: Result<GetResponse, etcd_client::Error>) -> Result<(i64, GetResponse), String> {
     let resp = answer.map_err(|e| causes(&e))?;
     match resp.header() {

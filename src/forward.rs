@@ -325,7 +325,10 @@ async fn until_sent_out(wire: &Wire, exchange: Arc<Exchange>, connection: &KillH
 /// store that is not reading, and no byte of it may reach the store after
 /// the raise. A body sent whole meanwhile is not aborted: its write waits
 /// for its answer like any other. The stall watch runs on `timer`, the
-/// connection's, where there is one.
+/// connection's, where there is one. Without a connection (one is being
+/// made) only a raise counts: the store was sent nothing to be slow with,
+/// and `connect_timeout` bounds the wait (a request without a body, which
+/// is decided only once its head is written, got 504 there).
 async fn while_unsent(
     exchange: &Exchange,
     connection: Option<&KillHandle>,
@@ -336,7 +339,7 @@ async fn while_unsent(
         biased;
         () = exchange.wait_decided() => return Ok(()),
         () = fenced(exchange.abort_signal()) => ForwardError::Fenced,
-        stalled = store_stalls(exchange, connection, idle, timer) => stalled,
+        stalled = store_stalls(exchange, connection, idle, timer), if connection.is_some() => stalled,
     };
     if !exchange.abort() {
         return Ok(());

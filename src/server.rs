@@ -158,7 +158,7 @@ async fn accept(
 ) {
     tokio::pin!(stop);
     let mut next = 0;
-    let mut trouble = AcceptTrouble::default();
+    let mut trouble = AcceptTrouble::new("proxy");
     loop {
         let (stream, peer) = tokio::select! {
             // A stop already given takes no more connections.
@@ -202,8 +202,8 @@ async fn accept(
     }
 }
 
-/// How long the acceptor waits after a failed accept before it tries again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long an acceptor waits after a failed accept before it tries again.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How often a run of failed accepts is logged again while it lasts.
 const ACCEPT_TROUBLE_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -211,29 +211,42 @@ const ACCEPT_TROUBLE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// A run of failed accepts, logged when it starts, every
 /// [`ACCEPT_TROUBLE_LOG_EVERY`] while it lasts, and when it ends: out of
 /// file descriptors, the acceptor retries every [`ACCEPT_BACKOFF`], and a
-/// line per retry would flood the log just when an operator reads it.
-#[derive(Default)]
-struct AcceptTrouble {
+/// line per retry would flood the log just when an operator reads it. The
+/// proxy's acceptor and the admin listener's each keep one.
+pub(crate) struct AcceptTrouble {
+    /// Which listener: `proxy` or `admin`.
+    listener: &'static str,
     /// When the run began and when it was last logged, if one is going on.
     since: Option<(Instant, Instant)>,
     failures: u64,
 }
 
 impl AcceptTrouble {
-    fn failed(&mut self, error: &std::io::Error) {
+    /// No trouble yet on `listener`.
+    pub(crate) fn new(listener: &'static str) -> AcceptTrouble {
+        AcceptTrouble {
+            listener,
+            since: None,
+            failures: 0,
+        }
+    }
+
+    /// Counts a failed accept, logging it if it begins a run (or the run
+    /// was last logged [`ACCEPT_TROUBLE_LOG_EVERY`] ago).
+    pub(crate) fn failed(&mut self, error: &std::io::Error) {
         let now = Instant::now();
         self.failures += 1;
         match &mut self.since {
             None => {
                 tracing::warn!(
-                    error = %error,
+                    listener = self.listener, error = %error,
                     "accept failed (out of file descriptors? see `ulimit -n`); retrying every {ACCEPT_BACKOFF:?}, logged again every {ACCEPT_TROUBLE_LOG_EVERY:?} while it lasts"
                 );
                 self.since = Some((now, now));
             }
             Some((began, logged)) if now.duration_since(*logged) >= ACCEPT_TROUBLE_LOG_EVERY => {
                 tracing::warn!(
-                    error = %error, failures = self.failures, lasting = ?now.duration_since(*began),
+                    listener = self.listener, error = %error, failures = self.failures, lasting = ?now.duration_since(*began),
                     "accept still failing"
                 );
                 *logged = now;
@@ -242,10 +255,11 @@ impl AcceptTrouble {
         }
     }
 
-    fn ended(&mut self) {
+    /// Ends the run of failed accepts, if one is going on, logging it.
+    pub(crate) fn ended(&mut self) {
         if let Some((began, _)) = self.since.take() {
             tracing::info!(
-                failures = self.failures, lasted = ?began.elapsed(),
+                listener = self.listener, failures = self.failures, lasted = ?began.elapsed(),
                 "accepting connections again"
             );
             self.failures = 0;

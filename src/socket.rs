@@ -23,6 +23,13 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+/// TCP_NOTSENT_LOWAT of a client connection: the most the kernel holds
+/// of an answer not yet sent. A client slower than half of it per
+/// `body_idle_timeout` (about 1 KiB/s at the default 30 s) is cut as
+/// stalled.
+/// Bytes in flight do not count: the link stays full.
+const CLIENT_NOT_SENT_LIMIT: u32 = 64 * 1024;
+
 /// A TCP connection as hyper's I/O, writing with `send` and `sendmsg`.
 /// A write the client takes nothing of for `write_stall_limit` fails.
 pub struct SocketIo {
@@ -39,6 +46,15 @@ impl SocketIo {
     /// Wraps a connected stream; a write that waits longer than
     /// `write_stall_limit` for the client to take some of it fails.
     pub fn new(stream: TcpStream, write_stall_limit: Duration) -> SocketIo {
+        // The stall clock is reset when the client takes some of a write,
+        // which the kernel tells by polling the socket writable. Without a
+        // limit on what it holds unsent, a full socket polls writable only
+        // once a third of its send buffer drained (over a megabyte on
+        // loopback, 4 MiB at tcp_wmem's maximum): a client reading 100 KB/s
+        // looked stalled for seconds. With it, a client that takes half of
+        // the limit is seen taking it. Failing, it only makes the clock
+        // stricter, as before.
+        let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(CLIENT_NOT_SENT_LIMIT);
         SocketIo {
             io: TokioIo::new(stream),
             stall: WriteStall {

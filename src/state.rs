@@ -19,11 +19,17 @@ use crate::path::{lies_under_str, normalize_prefix};
 /// prefix moved, inherit the epoch of a stored domain that used to guard its
 /// paths.
 const DOMAINS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("domains");
-/// Bookkeeping: `format` and `clean_shutdown`.
+/// Bookkeeping: `format`, `clean_shutdown` and `unsettled:NAME`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FORMAT_KEY: &str = "format";
 const FORMAT_VERSION: u64 = 1;
 const CLEAN_KEY: &str = "clean_shutdown";
+/// Meta keys `unsettled:NAME`: after a crash, the lowest epoch that guarded
+/// some of domain NAME's paths, while NAME starts above it (a merge). The
+/// higher epoch is stored at once, so a start after another crash would
+/// find no lower guard left, and admit it without the crash wait: the
+/// lower one is kept here until a clean run ends.
+const UNSETTLED_KEYS: std::ops::Range<&str> = "unsettled:".."unsettled;";
 
 /// Why the state file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -325,8 +331,28 @@ impl StateFile {
         }
         let was_clean = self.meta(CLEAN_KEY)? == Some(1);
         let epochs = start_epochs(&stored, wanted);
-        let lowest_guards_before = lowest_guards_before(&stored, wanted);
+        let mut lowest_guards_before = lowest_guards_before(&stored, wanted);
+        let unsettled = self.unsettled()?;
+        if !was_clean {
+            // A start after a crash that followed one: the guards of the
+            // first are still owed their wait.
+            for (w, lowest) in wanted.iter().zip(lowest_guards_before.iter_mut()) {
+                if let Some(&before) = unsettled.get(&format!("{}{}", UNSETTLED_KEYS.start, w.name)) {
+                    *lowest = Some(lowest.map_or(before, |l| l.min(before)));
+                }
+            }
+        }
         self.write(|table, meta| {
+            for key in unsettled.keys() {
+                meta.remove(key.as_str())?;
+            }
+            if !was_clean {
+                for ((w, epoch), lowest) in wanted.iter().zip(&epochs).zip(&lowest_guards_before) {
+                    if let Some(lowest) = lowest.filter(|l| l < epoch) {
+                        meta.insert(format!("{}{}", UNSETTLED_KEYS.start, w.name).as_str(), lowest)?;
+                    }
+                }
+            }
             for s in stored.iter().filter(|s| forget.contains(&s.name)) {
                 if !wanted.iter().any(|w| w.name == s.name) {
                     tracing::warn!(domain = %s.name, epoch = s.epoch, "forgetting a stored domain");
@@ -415,6 +441,24 @@ impl StateFile {
         let table = txn.open_table(META).map_err(|e| self.not_state(e))?;
         let value = table.get(key).map_err(|e| io_error(self.path(), e.into()))?;
         Ok(value.map(|v| v.value()))
+    }
+
+    /// The `unsettled:NAME` meta entries (see [`UNSETTLED_KEYS`]).
+    fn unsettled(&self) -> Result<BTreeMap<String, u64>, StateError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| io_error(self.path(), e.into()))?;
+        let table = txn.open_table(META).map_err(|e| self.not_state(e))?;
+        let mut out = BTreeMap::new();
+        for entry in table
+            .range(UNSETTLED_KEYS)
+            .map_err(|e| io_error(self.path(), e.into()))?
+        {
+            let (key, value) = entry.map_err(|e| io_error(self.path(), e.into()))?;
+            out.insert(key.value().to_owned(), value.value());
+        }
+        Ok(out)
     }
 
     fn check_format(&self) -> Result<(), StateError> {
@@ -677,6 +721,40 @@ mod tests {
         let raised = domains.iter().map(|(n, _, e)| ((*n).to_owned(), *e));
         state.raise(&raised.collect()).unwrap();
         (state, old)
+    }
+
+    /// A merge after a crash stores the higher epoch at once; if that run
+    /// crashes too, the next start still knows the lower epoch that
+    /// guarded the paths (found by review: it found none left, and its
+    /// domain admitted the higher epoch without the crash wait). A clean
+    /// run's end settles it.
+    #[test]
+    fn a_crash_after_a_merge_keeps_the_lower_guard_until_a_clean_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
+        let merged = wanted(&[("d", "/d/")]);
+        let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+        assert!(!start.was_clean);
+        assert_eq!(
+            (start.epochs.clone(), start.lowest_guards_before),
+            (vec![500], vec![Some(100)])
+        );
+        let again = state.start(&merged, &[]).unwrap();
+        assert!(!again.was_clean);
+        assert_eq!(
+            (again.epochs, again.lowest_guards_before),
+            (vec![500], vec![Some(100)]),
+            "a second crash forgot the lower guard"
+        );
+        state.set_clean(true).unwrap();
+        let clean = state.start(&merged, &[]).unwrap();
+        assert_eq!(clean.lowest_guards_before, vec![Some(500)]);
+        let after = state.start(&merged, &[]).unwrap();
+        assert_eq!(
+            after.lowest_guards_before,
+            vec![Some(500)],
+            "settled by the clean stop"
+        );
     }
 
     /// A prefix stored in an earlier normal form (`/d/a%40b/`, `/d/x|y/`

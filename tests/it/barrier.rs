@@ -1184,6 +1184,41 @@ async fn a_raise_aborts_a_lower_write_without_a_body_still_connecting() {
     );
 }
 
+/// A request waiting for its connection to the store has sent the store
+/// nothing to be slow with: connect_timeout bounds that wait, not
+/// body_idle_timeout. (Found by review: since a request without a body is
+/// complete only once its head is written, a GET still connecting after
+/// body_idle_timeout got 504 "the store read none of the request body".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_body_waits_for_its_connection_past_body_idle_timeout() {
+    let mut store = StalledAccepts::start();
+    let fg = Fencegate::start(
+        FencegateConfig::new(&store.url())
+            .domain(DOMAIN, PREFIX)
+            .connect_timeout(Duration::from_secs(20))
+            .body_idle_timeout(Duration::from_secs(1)),
+    );
+    let http = client();
+    let get = {
+        let (http, url) = (http.clone(), format!("{}/d/x", fg.url()));
+        tokio::spawn(async move { http.get(url).send().await.expect("GET").status().as_u16() })
+    };
+    let mut get = std::pin::pin!(get);
+    // Twice body_idle_timeout: the store cannot have answered meanwhile.
+    if let Ok(early) = tokio::time::timeout(Duration::from_secs(3), &mut get).await {
+        panic!(
+            "the GET was answered {} while its connection was being made",
+            early.unwrap()
+        );
+    }
+    store.open();
+    let status = tokio::time::timeout(Duration::from_secs(20), get)
+        .await
+        .expect("the GET is answered")
+        .unwrap();
+    assert_eq!(status, 204, "the store's answer");
+}
+
 /// After a crash the first raise waits request_timeout from the start
 /// before its commit, since the crashed run's writes may still be at the
 /// store. Its refusal mark is set at once, and so must be rule 4(a): a

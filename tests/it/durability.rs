@@ -323,6 +323,46 @@ fn a_domain_the_configuration_raises_after_a_crash_waits_like_a_raise() {
     assert_eq!(epoch_in(&admin_domains(&fg), "a"), Some(20));
 }
 
+/// The same merge, with the run after the crash crashing too before its
+/// crash wait was over: the start after it must still admit the raised
+/// epoch only once request_timeout has passed since the first crash. The
+/// merged epoch was stored at the second start, so the third found `a` at
+/// 20 with no lower guard left, and admitted 20 at once while a 10-write
+/// of the first run could still be at the store (found by review).
+#[test]
+fn a_domain_the_configuration_raised_waits_though_the_run_after_the_crash_crashed_too() {
+    let request_timeout = Duration::from_secs(4);
+    let nginx = Nginx::start();
+    let first = FencegateConfig::new(&nginx.url())
+        .domain("a", "/a/")
+        .domain("b", "/a/b/")
+        .request_timeout(request_timeout);
+    let mut fg = Fencegate::start(first.clone());
+    assert_admitted(&put(&fg, "/a/x", 10), "a to 10");
+    assert_admitted(&put(&fg, "/a/b/y", 20), "b to 20");
+    // From here a write with token 10 to /a/x may still be at the store.
+    fg.kill9();
+    let crashed = Instant::now();
+    let mut second = FencegateConfig::new(&nginx.url())
+        .domain("a", "/a/")
+        .request_timeout(request_timeout);
+    second.listen = first.listen.clone();
+    second.admin_listen = first.admin_listen.clone();
+    fg.rewrite_config(second);
+    fg.start_again_with(&["--forget-domain", "b"]);
+    fg.kill9();
+    fg.start_again();
+    assert_stale(&put(&fg, "/a/x", 10), "a is at b's 20");
+    let resp = put(&fg, "/a/x", 20);
+    let admitted = crashed.elapsed();
+    assert_admitted(&resp, "token 20 in a after the crashes");
+    assert!(
+        admitted >= request_timeout,
+        "token 20 was admitted in a {admitted:?} after the first crash, before request_timeout \
+         {request_timeout:?}: a 10-write of the first run could still reach the store after it"
+    );
+}
+
 #[test]
 fn run_refuses_a_missing_or_unreadable_state_file() {
     let nginx = Nginx::start();

@@ -1454,3 +1454,53 @@ async fn a_regressed_etcd_moves_neither_the_view_nor_the_epoch() {
     let written = stored_write_tokens(&nginx, 1);
     assert_eq!(written, [ra], "only A's write from before the wipe");
 }
+
+/// A domain whose epoch came from a nested domain merged into it at a
+/// start after a crash is checked against that epoch like after a clean
+/// start: etcd's revision below it is a regression (SPEC: 503
+/// `coordinator_regressed`). The gate admits that epoch only through a
+/// raise after such a start, and the view's floor was the epoch the gate
+/// admitted (the nested domain's lower one), so etcd passed as sound and
+/// its leader was refused `stale_epoch` (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_epoch_merged_in_after_a_crash_is_the_floor_of_etcds_revision() {
+    let etcd = Etcd::start();
+    let nginx = Nginx::start();
+    let c = etcd_client(&etcd.endpoints()).await;
+    let a = Candidate::campaign(&c, ELECTION, "a", TTL).await;
+    let ra = a.rev();
+    let nested = config(&nginx, &etcd, "watch").domain("sub", "/orders/sub/");
+    let mut fg = Fencegate::start(nested.clone());
+    let proxy = Proxy::new(&fg);
+    proxy
+        .wait_domain("epoch = A's revision", STEP, |d| as_i64(d, "epoch") == Some(ra))
+        .await;
+    assert_admitted(&proxy.put("/orders/a", ra).await, "A leads");
+    // Far above any revision etcd has reached.
+    let high = ra + 100_000;
+    assert_admitted(&proxy.put("/orders/sub/x", high).await, "sub, no election");
+    fg.kill9();
+    let mut merged = config(&nginx, &etcd, "watch");
+    merged.listen = nested.listen.clone();
+    merged.admin_listen = nested.admin_listen.clone();
+    fg.rewrite_config(merged);
+    fg.start_again_with(&["--forget-domain", "sub"]);
+    let started = Instant::now();
+    let mut r = proxy.put("/orders/a", ra).await;
+    while reason(&r) != "coordinator_regressed" && started.elapsed() < 3 * MAX_STALENESS {
+        assert_ne!(
+            r.status / 100,
+            2,
+            "A's write was admitted below the merged epoch: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r = proxy.put("/orders/a", ra).await;
+    }
+    problem(
+        &r,
+        503,
+        "coordinator_regressed",
+        "etcd below the orders' epoch after the merge",
+    );
+    fg.kill9();
+}

@@ -555,6 +555,53 @@ fn a_client_that_stops_reading_its_answer_is_cut_after_body_idle_timeout() {
     rig.wait_log("the cut GET");
 }
 
+/// A client that reads its answer slowly but steadily is no stalled
+/// client: it takes bytes well within every `body_idle_timeout`, so its
+/// answer goes on, and the store connection behind it stays open. (Found
+/// by review: the write stall timer is reset only when a write is taken,
+/// and the kernel reports a full socket writable again only once a third
+/// of its send buffer drained, over a megabyte on loopback: a client
+/// reading 200 KB/s waited seconds for that, and was cut at 1 s.)
+#[test]
+fn a_client_that_reads_its_answer_slowly_but_steadily_is_not_cut() {
+    let idle = Duration::from_secs(1);
+    let mut rig = Rig::start(|c| c.body_idle_timeout(idle));
+    // Far more than the socket buffers between the store and the client hold.
+    let size = 64 << 20;
+    std::fs::write(rig.nginx.data_dir().join("public/big"), vec![0x5A; size]).expect("write the file");
+    let mut s = TcpStream::connect(rig.fg.addr()).expect("connect");
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(16 * 1024)
+        .expect("SO_RCVBUF");
+    s.write_all(b"GET /public/big HTTP/1.1\r\nHost: store.test\r\n\r\n")
+        .expect("send the request");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    // 8 KiB every 40 ms, about 200 KB/s, for five idle timeouts.
+    let mut chunk = [0u8; 8192];
+    let mut got = 0;
+    let reading = Instant::now();
+    while reading.elapsed() < idle * 5 {
+        let n = s.read(&mut chunk).expect("the answer goes on");
+        assert!(
+            n > 0,
+            "the answer ended after {got} bytes in {:?}",
+            reading.elapsed()
+        );
+        got += n;
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert_eq!(
+        rig.log(),
+        rig.expected,
+        "the store connection was cut while its client read {got} bytes in {:?}",
+        reading.elapsed()
+    );
+    drop(s);
+    rig.expected.push(("GET".into(), "/public/big".into(), None));
+    rig.wait_log("the GET whose client left");
+}
+
 /// The admin listener is protected like the proxy's: a connection that
 /// sends no head, or only part of one, is closed about
 /// `header_read_timeout` after it opened, while a whole request is still

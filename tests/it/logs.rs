@@ -124,3 +124,52 @@ fn set_open_files_limit(pid: i32, soft: u64) -> u64 {
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
     old.rlim_cur
 }
+
+/// The admin listener backs off out of file descriptors like the proxy's,
+/// and logs the trouble the same way: when it begins and when it ends, not
+/// once per retry (found by review: served by `admin::serve` since the
+/// header read timeout fix, it logged "admin accept failed" every 50 ms).
+#[test]
+fn failed_admin_accepts_are_logged_when_they_begin_and_end_not_per_retry() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
+    fg.start_again_with(&["--log-format", "json"]);
+    let pid = i32::try_from(fg.pid().expect("running")).expect("a pid");
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc")
+        .count();
+    let original = set_open_files_limit(pid, open as u64 + 1);
+    let admin = fg.config().admin_listen.clone();
+    let held: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(&admin).expect("connect"))
+        .collect();
+    // About 30 retries at 50 ms each.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    set_open_files_limit(pid, original);
+    drop(held);
+    assert_eq!(
+        fg.admin_get("/healthz").status,
+        200,
+        "serving again once files are free"
+    );
+    fg.terminate();
+
+    let stderr = fg.stderr_text();
+    let count = |message: &str| {
+        stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| {
+                v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(message))
+            })
+            .count()
+    };
+    assert_eq!(count("accept failed"), 1, "one line when it begins:\n{stderr}");
+    assert_eq!(
+        count("accepting connections again"),
+        1,
+        "one line when it ends:\n{stderr}"
+    );
+}
