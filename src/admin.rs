@@ -161,7 +161,7 @@ async fn domains(State(state): State<AdminState>) -> Json<Vec<DomainView>> {
                 name: gate.name.to_string(),
                 prefix: gate.prefix.clone(),
                 election: view.map(|v| v.prefix.clone()),
-                epoch: marks.epoch,
+                epoch: gate.reported_epoch(),
                 refusal_mark: marks.refusal,
                 leader_revision: view.and_then(|v| v.snapshot().leader),
                 view_age_seconds: view.and_then(|v| v.age()).map(|a| a.as_secs_f64()),

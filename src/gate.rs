@@ -38,8 +38,14 @@ pub struct Gate {
     pub election: Option<Arc<ElectionView>>,
     /// This domain's metric children.
     pub metrics: DomainMetrics,
-    /// The highest token made durable; only ever raised, after the commit.
+    /// The highest token admitted at once: the highest made durable (only
+    /// ever raised, after the commit), but for [`Gate::pending_raise_to`].
     epoch: AtomicU64,
+    /// A token already durable at start that is admitted only through a
+    /// raise ([`Gate::pending_raise_to`]), 0 if none: reported as the epoch
+    /// meanwhile, which SPEC defines as the highest token made durable and
+    /// which never goes down.
+    durable_at_start: u64,
     /// The highest token a raise has begun for; set before the barrier.
     refusal: AtomicU64,
     /// The generation of writes admitted at the current epoch.
@@ -233,6 +239,7 @@ impl Gate {
             election,
             metrics,
             epoch: AtomicU64::new(epoch),
+            durable_at_start: 0,
             refusal: AtomicU64::new(epoch),
             current: ArcSwap::from_pointee(Generation::new(epoch)),
             raise_lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -247,9 +254,18 @@ impl Gate {
     /// The gate with `durable`, already in the state file, not admitted
     /// yet: tokens below it are refused, and the first at it raises (after
     /// a crash, that waits out the crash wait) before it is admitted.
-    pub fn pending_raise_to(self, durable: u64) -> Gate {
+    pub fn pending_raise_to(mut self, durable: u64) -> Gate {
         self.refusal.fetch_max(durable, SeqCst);
+        self.durable_at_start = durable;
+        self.metrics.epoch.set(to_gauge(self.reported_epoch()));
         self
+    }
+
+    /// The epoch as SPEC defines it, for `/domains`, the gauge and the
+    /// answers: the highest token made durable, which may be above the one
+    /// admitted at once ([`Gate::pending_raise_to`]).
+    pub fn reported_epoch(&self) -> u64 {
+        self.epoch.load(SeqCst).max(self.durable_at_start)
     }
 
     /// The epoch and refusal mark now.
@@ -481,7 +497,9 @@ impl Gate {
         self.current.store(Arc::new(Generation::new(target)));
         // Targets only rise under the lock; the gauge goes first, so no
         // write is admitted at an epoch the gauge does not show yet.
-        self.metrics.epoch.set(to_gauge(target));
+        self.metrics
+            .epoch
+            .set(to_gauge(target.max(self.durable_at_start)));
         let from = self.epoch.fetch_max(target, SeqCst);
         self.marks_rose.notify_waiters();
         tracing::info!(domain = %self.name, from, to = target, "epoch raised");
@@ -547,7 +565,7 @@ impl Gate {
         if problem.token.is_none() {
             problem.token = token.map(Token::get);
         }
-        problem.epoch.get_or_insert_with(|| self.epoch.load(SeqCst));
+        problem.epoch.get_or_insert_with(|| self.reported_epoch());
         if problem.leader.is_none() {
             problem.leader = self.election.as_ref().and_then(|v| v.snapshot().leader);
         }
@@ -558,7 +576,7 @@ impl Gate {
         let mut problem = Problem::new(reason, detail);
         problem.domain = Some(self.name.to_string());
         problem.token = Some(token.get());
-        problem.epoch = Some(self.epoch.load(SeqCst));
+        problem.epoch = Some(self.reported_epoch());
         problem
     }
 }

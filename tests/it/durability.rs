@@ -4,7 +4,7 @@
 //! commands, against the real binary and a real nginx store.
 
 use crate::support::{
-    client, http_get, parse_response, raw_request_timeout, run_bounded, EventKind, Fencegate,
+    client, http_get, metric_value, parse_response, raw_request_timeout, run_bounded, EventKind, Fencegate,
     FencegateConfig, Nginx, RawResponse, ScriptedStore, Tmpfs,
 };
 use serde_json::Value;
@@ -311,7 +311,24 @@ fn a_domain_the_configuration_raises_after_a_crash_waits_like_a_raise() {
     second.admin_listen = first.admin_listen.clone();
     fg.rewrite_config(second);
     fg.start_again_with(&["--forget-domain", "b"]);
-    assert_stale(&put(&fg, "/a/x", 10), "a starts at b's 20");
+    let stale = put(&fg, "/a/x", 10);
+    assert_stale(&stale, "a starts at b's 20");
+    // 20 is durable (SPEC: the epoch, which never goes down), though it is
+    // admitted only through a raise: every report says 20, not the 10 the
+    // gate admits until then.
+    let body: Value = serde_json::from_str(&stale.body).expect("a problem+json body");
+    assert_eq!(body["epoch"], 20, "the refusal's epoch: {body}");
+    assert_eq!(
+        epoch_in(&admin_domains(&fg), "a"),
+        Some(20),
+        "/domains before the raise"
+    );
+    let metrics = fg.admin_get("/metrics").body;
+    assert_eq!(
+        metric_value(&metrics, "fencegate_epoch", "a"),
+        Some(20.0),
+        "the gauge"
+    );
     let resp = put(&fg, "/a/x", 20);
     let admitted = crashed.elapsed();
     assert_admitted(&resp, "token 20 in a after the crash");

@@ -12,8 +12,8 @@
 
 use crate::support::etcd::client as etcd_client;
 use crate::support::{
-    client, format_duration, Candidate, Etcd, EventKind, Fencegate, FencegateConfig, Nginx, RawResponse,
-    ScriptedStore,
+    client, format_duration, metric_value, Candidate, Etcd, EventKind, Fencegate, FencegateConfig, Nginx,
+    RawResponse, ScriptedStore,
 };
 use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
 use serde_json::Value;
@@ -219,13 +219,6 @@ async fn answer(r: reqwest::Response) -> RawResponse {
         body: r.text().await.expect("read response body"),
         interim: Vec::new(),
     }
-}
-
-/// The value of `name{domain="DOMAIN"}` in Prometheus text.
-fn metric_value(text: &str, name: &str, domain: &str) -> Option<f64> {
-    let series = format!("{name}{{domain=\"{domain}\"}}");
-    let rest = text.lines().find_map(|l| l.strip_prefix(&series))?;
-    rest.split_whitespace().next()?.parse().ok()
 }
 
 fn as_i64(v: &Value, field: &str) -> Option<i64> {

@@ -60,3 +60,10 @@ pub fn free_port() -> u16 {
     }
     panic!("free_port: no new free port on 127.0.0.1 after 1000 tries");
 }
+
+/// The value of `name{domain="DOMAIN"}` in Prometheus text.
+pub fn metric_value(text: &str, name: &str, domain: &str) -> Option<f64> {
+    let series = format!("{name}{{domain=\"{domain}\"}}");
+    let rest = text.lines().find_map(|l| l.strip_prefix(&series))?;
+    rest.split_whitespace().next()?.parse().ok()
+}
