@@ -66,44 +66,76 @@ fn json_logs_have_one_line_per_refusal_and_none_per_admitted_write() {
 #[test]
 fn failed_accepts_are_logged_when_they_begin_and_end_not_per_retry() {
     let nginx = Nginx::start();
-    let mut fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
-    fg.start_again_with(&["--log-format", "json"]);
-    let pid = i32::try_from(fg.pid().expect("running")).expect("a pid");
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc")
-        .count();
-    // Room for one more file: the connections after it wait in the backlog
-    // while every accept fails.
-    let original = set_open_files_limit(pid, open as u64 + 1);
+    let (mut fg, limit) = short_of_files(&nginx);
     let held: Vec<std::net::TcpStream> = (0..8)
         .map(|_| std::net::TcpStream::connect(fg.addr()).expect("connect"))
         .collect();
     // About 30 retries at 50 ms each.
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    set_open_files_limit(pid, original);
+    limit.restore();
     drop(held);
     assert_eq!(put(&fg, "/orders/a", 7), 201, "serving again once files are free");
     fg.terminate();
 
     let stderr = fg.stderr_text();
-    let count = |message: &str| {
-        stderr
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| {
-                v["fields"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with(message))
-            })
-            .count()
-    };
-    assert_eq!(count("accept failed"), 1, "one line when it begins:\n{stderr}");
-    assert_eq!(count("accept still failing"), 0, "within 10 s:\n{stderr}");
     assert_eq!(
-        count("accepting connections again"),
+        messages(&stderr, "accept failed"),
+        1,
+        "one line when it begins:\n{stderr}"
+    );
+    assert_eq!(
+        messages(&stderr, "accept still failing"),
+        0,
+        "within 10 s:\n{stderr}"
+    );
+    assert_eq!(
+        messages(&stderr, "accepting connections again"),
         1,
         "one line when it ends:\n{stderr}"
     );
+}
+
+/// A fencegate (JSON logs, one serving thread) left room for one more open
+/// file, once its serving thread has served a request: a thread still
+/// building its event loop when the limit falls would get no file for it.
+fn short_of_files(nginx: &Nginx) -> (Fencegate, OpenFilesLimit) {
+    let config = FencegateConfig::new(&nginx.url())
+        .domain("orders", "/orders/")
+        .workers(1);
+    let mut fg = Fencegate::init_only(config);
+    fg.start_again_with(&["--log-format", "json"]);
+    assert_eq!(put(&fg, "/orders/first", 7), 201, "served before the limit falls");
+    let pid = i32::try_from(fg.pid().expect("running")).expect("a pid");
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc")
+        .count();
+    let original = set_open_files_limit(pid, open as u64 + 1);
+    (fg, OpenFilesLimit { pid, original })
+}
+
+/// A process's soft limit of open files before [`short_of_files`].
+struct OpenFilesLimit {
+    pid: i32,
+    original: u64,
+}
+
+impl OpenFilesLimit {
+    fn restore(&self) {
+        set_open_files_limit(self.pid, self.original);
+    }
+}
+
+/// How many JSON log lines in `stderr` have a message containing `message`.
+fn messages(stderr: &str, message: &str) -> usize {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(message))
+        })
+        .count()
 }
 
 /// Sets the soft limit of open files of process `pid`; returns the one before.
@@ -132,20 +164,14 @@ fn set_open_files_limit(pid: i32, soft: u64) -> u64 {
 #[test]
 fn failed_admin_accepts_are_logged_when_they_begin_and_end_not_per_retry() {
     let nginx = Nginx::start();
-    let mut fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
-    fg.start_again_with(&["--log-format", "json"]);
-    let pid = i32::try_from(fg.pid().expect("running")).expect("a pid");
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc")
-        .count();
-    let original = set_open_files_limit(pid, open as u64 + 1);
+    let (mut fg, limit) = short_of_files(&nginx);
     let admin = fg.config().admin_listen.clone();
     let held: Vec<std::net::TcpStream> = (0..8)
         .map(|_| std::net::TcpStream::connect(&admin).expect("connect"))
         .collect();
     // About 30 retries at 50 ms each.
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    set_open_files_limit(pid, original);
+    limit.restore();
     drop(held);
     assert_eq!(
         fg.admin_get("/healthz").status,
@@ -155,20 +181,13 @@ fn failed_admin_accepts_are_logged_when_they_begin_and_end_not_per_retry() {
     fg.terminate();
 
     let stderr = fg.stderr_text();
-    let count = |message: &str| {
-        stderr
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| {
-                v["fields"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains(message))
-            })
-            .count()
-    };
-    assert_eq!(count("accept failed"), 1, "one line when it begins:\n{stderr}");
     assert_eq!(
-        count("accepting connections again"),
+        messages(&stderr, "accept failed"),
+        1,
+        "one line when it begins:\n{stderr}"
+    );
+    assert_eq!(
+        messages(&stderr, "accepting connections again"),
         1,
         "one line when it ends:\n{stderr}"
     );
