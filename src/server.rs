@@ -73,9 +73,15 @@ pub async fn serve_workers(
         tracing::info!(?cpus, "pinning the serving threads to these CPUs, in order");
     }
     let open: Arc<[AtomicUsize]> = (0..workers).map(|_| AtomicUsize::new(0)).collect();
+    // Every event loop is built before the first connection is taken, so a
+    // start short of file descriptors fails here, with its error, instead
+    // of a serving thread dying on it later.
+    let runtimes = (0..workers)
+        .map(|_| tokio::runtime::Builder::new_current_thread().enable_all().build())
+        .collect::<std::io::Result<Vec<_>>>()?;
     let mut inboxes = Vec::with_capacity(workers);
     let mut done = Vec::new();
-    for i in 0..workers {
+    for (i, runtime) in runtimes.into_iter().enumerate() {
         let (inbox, arrivals) = mpsc::unbounded_channel();
         inboxes.push(inbox);
         let proxy = Arc::new(proxy());
@@ -98,10 +104,6 @@ pub async fn serve_workers(
                         tracing::warn!(worker = i, cpu, error = %e, "could not pin a serving thread");
                     }
                 }
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a worker's event loop");
                 let ended = runtime.block_on(async move {
                     let clock = Clock::new(proxy.shortest_timeout().min(settings.header_read_timeout));
                     let anchor = tokio::spawn(clock.clone().run());
