@@ -331,17 +331,25 @@ impl StateFile {
         }
         let was_clean = self.meta(CLEAN_KEY)? == Some(1);
         let epochs = start_epochs(&stored, wanted);
-        let mut lowest_guards_before = lowest_guards_before(&stored, wanted);
         let unsettled = self.unsettled()?;
-        if !was_clean {
-            // A start after a crash that followed one: the guards of the
-            // first are still owed their wait.
-            for (w, lowest) in wanted.iter().zip(lowest_guards_before.iter_mut()) {
-                if let Some(&before) = unsettled.get(&format!("{}{}", UNSETTLED_KEYS.start, w.name)) {
-                    *lowest = Some(lowest.map_or(before, |l| l.min(before)));
-                }
-            }
-        }
+        // A start after a crash that followed one: the guards of the first
+        // are still owed their wait. Each guarded the paths of the stored
+        // domain it was kept for, wherever this configuration puts them
+        // (renamed, moved, taken by an enclosing domain), so it lowers
+        // that stored domain's epoch region by region, not a name's.
+        let guards: Vec<StoredDomain> = stored
+            .iter()
+            .map(
+                |s| match unsettled.get(&format!("{}{}", UNSETTLED_KEYS.start, s.name)) {
+                    Some(&before) if !was_clean => StoredDomain {
+                        epoch: s.epoch.min(before),
+                        ..s.clone()
+                    },
+                    _ => s.clone(),
+                },
+            )
+            .collect();
+        let lowest_guards_before = lowest_guards_before(&guards, wanted);
         self.write(|table, meta| {
             for key in unsettled.keys() {
                 meta.remove(key.as_str())?;
@@ -755,6 +763,36 @@ mod tests {
             vec![Some(500)],
             "settled by the clean stop"
         );
+    }
+
+    /// The lower guard a crash start kept belongs to the paths of the
+    /// domain it was kept for, wherever the next start after a crash puts
+    /// them: renamed, moved to another domain, or taken by an enclosing
+    /// one (found by review: it was looked up by the new configuration's
+    /// names, so a rename or a move dropped it, and the paths' new domain
+    /// admitted the higher epoch at once).
+    #[test]
+    fn a_kept_lower_guard_follows_its_paths_to_another_domain() {
+        let moves: [(&[(&str, &str)], &str); 3] = [
+            (&[("e", "/d/")], "renamed"),
+            (&[("root", "/")], "taken by an enclosing domain"),
+            (&[("d", "/x/"), ("e", "/d/")], "moved away"),
+        ];
+        for (after, what) in moves {
+            let dir = tempfile::tempdir().unwrap();
+            let (state, _) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
+            let merged = wanted(&[("d", "/d/")]);
+            let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+            assert_eq!(start.lowest_guards_before, vec![Some(100)]);
+            let again = state.start(&wanted(after), &["d".to_owned()]).unwrap();
+            assert!(!again.was_clean);
+            let guard_of_d_paths = after.iter().position(|(_, p)| "/d/".starts_with(p)).unwrap();
+            assert_eq!(
+                again.lowest_guards_before[guard_of_d_paths],
+                Some(100),
+                "{what}: the lower guard was lost"
+            );
+        }
     }
 
     /// A prefix stored in an earlier normal form (`/d/a%40b/`, `/d/x|y/`
