@@ -396,7 +396,7 @@ impl Gate {
             },
             Reason::CoordinatorRegressed => format!(
                 "etcd answered with a revision below one it had shown (domain `{name}` is at epoch {}, or fencegate read a later revision): etcd lost history; an operator must act",
-                marks.epoch
+                self.reported_epoch()
             ),
             _ => format!("token {token} was refused in domain `{name}`"),
         };
