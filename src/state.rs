@@ -28,7 +28,8 @@ const CLEAN_KEY: &str = "clean_shutdown";
 /// some of domain NAME's paths, while NAME starts above it (a merge). The
 /// higher epoch is stored at once, so a start after another crash would
 /// find no lower guard left, and admit it without the crash wait: the
-/// lower one is kept here until a clean run ends.
+/// lower one is kept here until a raise in NAME (which waits out the crash
+/// wait) or a clean run ends.
 const UNSETTLED_KEYS: std::ops::Range<&str> = "unsettled:".."unsettled;";
 
 /// Why the state file cannot be used.
@@ -381,9 +382,13 @@ impl StateFile {
     }
 
     /// Raises the stored epochs of the named domains (never lowers one).
+    /// A raise settles the domain's kept lower guard ([`UNSETTLED_KEYS`]):
+    /// every raise waits out the crash wait before it commits, so the
+    /// writes that guard stood for are over.
     pub fn raise(&self, updates: &BTreeMap<String, u64>) -> Result<(), StateError> {
-        self.write(|table, _| {
+        self.write(|table, meta| {
             for (name, value) in updates {
+                meta.remove(format!("{}{name}", UNSETTLED_KEYS.start).as_str())?;
                 let (epoch, prefix) = match table.get(name.as_str())? {
                     Some(row) => {
                         let (e, p) = row.value();
@@ -762,6 +767,29 @@ mod tests {
             after.lowest_guards_before,
             vec![Some(500)],
             "settled by the clean stop"
+        );
+    }
+
+    /// A raise committed in the domain settles its kept lower guard: every
+    /// raise waits out the crash wait first, so the writes it guarded
+    /// against are over (found by review: it was kept until a clean stop,
+    /// and after every later crash the domain held back its own durable
+    /// epoch, its leader's writes at that epoch waiting request_timeout as
+    /// if they raised it).
+    #[test]
+    fn a_raise_settles_the_kept_lower_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
+        let merged = wanted(&[("d", "/d/")]);
+        let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+        assert_eq!(start.lowest_guards_before, vec![Some(100)]);
+        state.raise(&[("d".to_owned(), 500)].into()).unwrap();
+        let again = state.start(&merged, &[]).unwrap();
+        assert!(!again.was_clean);
+        assert_eq!(
+            (again.epochs, again.lowest_guards_before),
+            (vec![500], vec![Some(500)]),
+            "the raise settled the lower guard"
         );
     }
 
