@@ -63,12 +63,17 @@ pub async fn serve(
     let connections = crate::drain::Connections::new();
     let mut trouble = AcceptTrouble::new("admin");
     loop {
+        let settles = trouble.settles_at();
         let stream = tokio::select! {
             biased;
             () = stop.cancelled() => break,
+            () = tokio::time::sleep_until(settles.unwrap_or_else(tokio::time::Instant::now)), if settles.is_some() => {
+                trouble.ended();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    trouble.ended();
+                    trouble.accepted();
                     stream
                 }
                 Err(e) => {
@@ -91,6 +96,7 @@ pub async fn serve(
             let _ = connection.await;
         });
     }
+    trouble.ended();
     connections.stop().await;
 }
 

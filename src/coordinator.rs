@@ -463,7 +463,6 @@ async fn fencer(view: Arc<ElectionView>, gate: Arc<Gate>) {
     }
 }
 
-/// A read's answer with the revision of its header, or why it is no answer.
 /// The least revision a read of `view` starting now may answer with
 /// ([`ElectionView::floor`]). The refusal mark counts, not only the epoch
 /// the gate admits: after a crash, a domain that took a nested domain's
@@ -475,6 +474,7 @@ fn regression_floor(view: &ElectionView, gate: &Gate) -> u64 {
     view.floor(marks.epoch.max(marks.refusal))
 }
 
+/// A read's answer with the revision of its header, or why it is no answer.
 fn with_header(answer: Result<GetResponse, etcd_client::Error>) -> Result<(i64, GetResponse), String> {
     let resp = answer.map_err(|e| causes(&e))?;
     match resp.header() {

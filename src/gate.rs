@@ -366,7 +366,16 @@ impl Gate {
     fn leader(&self, confirmation: Option<bool>) -> Leader {
         match &self.election {
             None => Leader::NotElected,
-            Some(view) => view.leader(confirmation),
+            Some(view) => match view.leader(confirmation) {
+                // `local` mode caps tokens at the highest leader seen or
+                // the epoch: the durable one, which a merge at a crash
+                // start admits only through a raise, counts as the epoch
+                // (a plain crash start at it admits it at once).
+                Leader::Local { highest } => Leader::Local {
+                    highest: highest.max(self.durable_at_start),
+                },
+                leader => leader,
+            },
         }
     }
 
@@ -388,15 +397,15 @@ impl Gate {
                 leader_text()
             ),
             Reason::NoLeader => format!("the election of domain `{name}` has no candidate (confirmed by etcd)"),
-            Reason::CoordinatorUnavailable => match self.election.as_deref().map(|v| v.leader(None)) {
-                Some(Leader::Local { highest }) => format!(
+            Reason::CoordinatorUnavailable => match self.leader(None) {
+                Leader::Local { highest } => format!(
                     "etcd cannot be reached and token {token} is above every leader seen in domain `{name}` ({highest}): it cannot be checked until etcd answers"
                 ),
                 _ => format!("the leader of domain `{name}` cannot be confirmed: etcd did not answer in time"),
             },
             Reason::CoordinatorRegressed => format!(
                 "etcd answered with a revision below one it had shown (domain `{name}` is at epoch {}, or fencegate read a later revision): etcd lost history; an operator must act",
-                marks.epoch
+                self.reported_epoch()
             ),
             _ => format!("token {token} was refused in domain `{name}`"),
         };
@@ -913,5 +922,56 @@ mod tests {
         assert!(admitted.contains(&164), "the highest token is always admitted");
         let commits = f.metrics.epoch_persist.get_sample_count();
         assert!(commits <= 3, "64 concurrent raises took {commits} commits");
+    }
+
+    /// After a crash start that merged a nested domain in, the gate admits
+    /// its durable epoch only through a raise ([`Gate::pending_raise_to`]).
+    /// In `local` mode without etcd, that epoch is no token "above every
+    /// leader seen": a plain crash start at the same epoch admits it, and
+    /// so does this one, through its raise (found by review: it was
+    /// measured against the lower epoch admitted meanwhile, and the
+    /// current leader got 503 coordinator_unavailable until etcd answered).
+    #[tokio::test]
+    async fn in_local_mode_a_durable_epoch_pending_its_raise_is_no_unseen_leader() {
+        use crate::config::{Consistency, OnUnavailable};
+        let settings = crate::election::ViewSettings {
+            consistency: Consistency::Watch,
+            on_unavailable: OnUnavailable::Local,
+            max_staleness: Duration::from_secs(5),
+        };
+        let view = Arc::new(ElectionView::new(
+            "d".into(),
+            "/e".into(),
+            settings,
+            Metrics::new().election("d"),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let wanted = [WantedDomain {
+            name: "d".into(),
+            prefix: "/d/".into(),
+        }];
+        let state = StateFile::create(&dir.path().join("s.redb"), &wanted).unwrap();
+        state.start(&wanted, &[]).unwrap();
+        let metrics = Metrics::new();
+        let (committer, _task) = Committer::spawn(state, metrics.clone());
+        let settings = GateSettings {
+            crash_wait_until: None,
+            drain_limit: Duration::from_secs(30),
+            committer,
+        };
+        let gate = Gate::new("d", "/d/".into(), Some(view), 100, metrics.domain("d"), settings);
+        let gate = Arc::new(gate.pending_raise_to(500));
+        assert_eq!(
+            write(&gate, 501).await.err(),
+            Some(Reason::CoordinatorUnavailable)
+        );
+        assert!(write(&gate, 500).await.is_ok(), "the durable epoch was refused");
+        assert_eq!(
+            gate.marks(),
+            Marks {
+                epoch: 500,
+                refusal: 500
+            }
+        );
     }
 }

@@ -162,13 +162,18 @@ async fn accept(
     let mut next = 0;
     let mut trouble = AcceptTrouble::new("proxy");
     loop {
+        let settles = trouble.settles_at();
         let (stream, peer) = tokio::select! {
             // A stop already given takes no more connections.
             biased;
             () = &mut stop => break,
+            () = tokio::time::sleep_until(settles.unwrap_or_else(tokio::time::Instant::now)), if settles.is_some() => {
+                trouble.ended();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => {
-                    trouble.ended();
+                    trouble.accepted();
                     pair
                 }
                 Err(e) => {
@@ -202,6 +207,7 @@ async fn accept(
             }
         }
     }
+    trouble.ended();
 }
 
 /// How long an acceptor waits after a failed accept before it tries again.
@@ -215,12 +221,20 @@ const ACCEPT_TROUBLE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// file descriptors, the acceptor retries every [`ACCEPT_BACKOFF`], and a
 /// line per retry would flood the log just when an operator reads it. The
 /// proxy's acceptor and the admin listener's each keep one.
+///
+/// A run ends once accepts have gone on for [`ACCEPT_TROUBLE_LOG_EVERY`]
+/// without failing (or the listener stops): out of files under a steady
+/// stream of connections, each one that leaves frees a file, one accept
+/// succeeds and the next fails again, and ending the run at each success
+/// logged two lines per connection served.
 pub(crate) struct AcceptTrouble {
     /// Which listener: `proxy` or `admin`.
     listener: &'static str,
     /// When the run began and when it was last logged, if one is going on.
     since: Option<(Instant, Instant)>,
     failures: u64,
+    /// When accepts began to succeed again in the run, if none failed since.
+    accepting_since: Option<Instant>,
 }
 
 impl AcceptTrouble {
@@ -230,6 +244,7 @@ impl AcceptTrouble {
             listener,
             since: None,
             failures: 0,
+            accepting_since: None,
         }
     }
 
@@ -255,15 +270,33 @@ impl AcceptTrouble {
             }
             Some(_) => {}
         }
+        self.accepting_since = None;
     }
 
-    /// Ends the run of failed accepts, if one is going on, logging it.
+    /// Counts an accept that succeeded: the run, if one is going on, may
+    /// be ending ([`AcceptTrouble::settles_at`]).
+    pub(crate) fn accepted(&mut self) {
+        if self.since.is_some() && self.accepting_since.is_none() {
+            self.accepting_since = Some(Instant::now());
+        }
+    }
+
+    /// When the run ends if no accept fails before: `None` while none is
+    /// ending.
+    pub(crate) fn settles_at(&self) -> Option<tokio::time::Instant> {
+        self.accepting_since
+            .map(|since| tokio::time::Instant::from_std(since + ACCEPT_TROUBLE_LOG_EVERY))
+    }
+
+    /// Ends the run of failed accepts if accepts succeed again, logging
+    /// it: when it settled, or when the listener stops.
     pub(crate) fn ended(&mut self) {
-        if let Some((began, _)) = self.since.take() {
+        if let (Some((began, _)), Some(accepting)) = (self.since, self.accepting_since.take()) {
             tracing::info!(
-                listener = self.listener, failures = self.failures, lasted = ?began.elapsed(),
+                listener = self.listener, failures = self.failures, lasted = ?accepting.duration_since(began),
                 "accepting connections again"
             );
+            self.since = None;
             self.failures = 0;
         }
     }

@@ -28,7 +28,8 @@ const CLEAN_KEY: &str = "clean_shutdown";
 /// some of domain NAME's paths, while NAME starts above it (a merge). The
 /// higher epoch is stored at once, so a start after another crash would
 /// find no lower guard left, and admit it without the crash wait: the
-/// lower one is kept here until a clean run ends.
+/// lower one is kept here until a raise in NAME (which waits out the crash
+/// wait) or a clean run ends.
 const UNSETTLED_KEYS: std::ops::Range<&str> = "unsettled:".."unsettled;";
 
 /// Why the state file cannot be used.
@@ -331,17 +332,25 @@ impl StateFile {
         }
         let was_clean = self.meta(CLEAN_KEY)? == Some(1);
         let epochs = start_epochs(&stored, wanted);
-        let mut lowest_guards_before = lowest_guards_before(&stored, wanted);
         let unsettled = self.unsettled()?;
-        if !was_clean {
-            // A start after a crash that followed one: the guards of the
-            // first are still owed their wait.
-            for (w, lowest) in wanted.iter().zip(lowest_guards_before.iter_mut()) {
-                if let Some(&before) = unsettled.get(&format!("{}{}", UNSETTLED_KEYS.start, w.name)) {
-                    *lowest = Some(lowest.map_or(before, |l| l.min(before)));
-                }
-            }
-        }
+        // A start after a crash that followed one: the guards of the first
+        // are still owed their wait. Each guarded the paths of the stored
+        // domain it was kept for, wherever this configuration puts them
+        // (renamed, moved, taken by an enclosing domain), so it lowers
+        // that stored domain's epoch region by region, not a name's.
+        let guards: Vec<StoredDomain> = stored
+            .iter()
+            .map(
+                |s| match unsettled.get(&format!("{}{}", UNSETTLED_KEYS.start, s.name)) {
+                    Some(&before) if !was_clean => StoredDomain {
+                        epoch: s.epoch.min(before),
+                        ..s.clone()
+                    },
+                    _ => s.clone(),
+                },
+            )
+            .collect();
+        let lowest_guards_before = lowest_guards_before(&guards, wanted);
         self.write(|table, meta| {
             for key in unsettled.keys() {
                 meta.remove(key.as_str())?;
@@ -373,9 +382,13 @@ impl StateFile {
     }
 
     /// Raises the stored epochs of the named domains (never lowers one).
+    /// A raise settles the domain's kept lower guard ([`UNSETTLED_KEYS`]):
+    /// every raise waits out the crash wait before it commits, so the
+    /// writes that guard stood for are over.
     pub fn raise(&self, updates: &BTreeMap<String, u64>) -> Result<(), StateError> {
-        self.write(|table, _| {
+        self.write(|table, meta| {
             for (name, value) in updates {
+                meta.remove(format!("{}{name}", UNSETTLED_KEYS.start).as_str())?;
                 let (epoch, prefix) = match table.get(name.as_str())? {
                     Some(row) => {
                         let (e, p) = row.value();
@@ -755,6 +768,59 @@ mod tests {
             vec![Some(500)],
             "settled by the clean stop"
         );
+    }
+
+    /// A raise committed in the domain settles its kept lower guard: every
+    /// raise waits out the crash wait first, so the writes it guarded
+    /// against are over (found by review: it was kept until a clean stop,
+    /// and after every later crash the domain held back its own durable
+    /// epoch, its leader's writes at that epoch waiting request_timeout as
+    /// if they raised it).
+    #[test]
+    fn a_raise_settles_the_kept_lower_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
+        let merged = wanted(&[("d", "/d/")]);
+        let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+        assert_eq!(start.lowest_guards_before, vec![Some(100)]);
+        state.raise(&[("d".to_owned(), 500)].into()).unwrap();
+        let again = state.start(&merged, &[]).unwrap();
+        assert!(!again.was_clean);
+        assert_eq!(
+            (again.epochs, again.lowest_guards_before),
+            (vec![500], vec![Some(500)]),
+            "the raise settled the lower guard"
+        );
+    }
+
+    /// The lower guard a crash start kept belongs to the paths of the
+    /// domain it was kept for, wherever the next start after a crash puts
+    /// them: renamed, moved to another domain, or taken by an enclosing
+    /// one (found by review: it was looked up by the new configuration's
+    /// names, so a rename or a move dropped it, and the paths' new domain
+    /// admitted the higher epoch at once).
+    #[test]
+    fn a_kept_lower_guard_follows_its_paths_to_another_domain() {
+        let moves: [(&[(&str, &str)], &str); 3] = [
+            (&[("e", "/d/")], "renamed"),
+            (&[("root", "/")], "taken by an enclosing domain"),
+            (&[("d", "/x/"), ("e", "/d/")], "moved away"),
+        ];
+        for (after, what) in moves {
+            let dir = tempfile::tempdir().unwrap();
+            let (state, _) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
+            let merged = wanted(&[("d", "/d/")]);
+            let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+            assert_eq!(start.lowest_guards_before, vec![Some(100)]);
+            let again = state.start(&wanted(after), &["d".to_owned()]).unwrap();
+            assert!(!again.was_clean);
+            let guard_of_d_paths = after.iter().position(|(_, p)| "/d/".starts_with(p)).unwrap();
+            assert_eq!(
+                again.lowest_guards_before[guard_of_d_paths],
+                Some(100),
+                "{what}: the lower guard was lost"
+            );
+        }
     }
 
     /// A prefix stored in an earlier normal form (`/d/a%40b/`, `/d/x|y/`

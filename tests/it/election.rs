@@ -1496,11 +1496,19 @@ async fn an_epoch_merged_in_after_a_crash_is_the_floor_of_etcds_revision() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         r = proxy.put("/orders/a", ra).await;
     }
-    problem(
+    let v = problem(
         &r,
         503,
         "coordinator_regressed",
         "etcd below the orders' epoch after the merge",
+    );
+    // The detail names the epoch etcd fell below, the durable one (found
+    // by review: it named the lower one admitted until the raise, and
+    // contradicted the problem's own `epoch`).
+    let detail = v["detail"].as_str().unwrap_or_default();
+    assert!(
+        as_i64(&v, "epoch") == Some(high) && detail.contains(&format!("at epoch {high},")),
+        "{v}"
     );
     fg.kill9();
 }
