@@ -202,15 +202,9 @@ fn failed_admin_accepts_are_logged_when_they_begin_and_end_not_per_retry() {
 #[test]
 fn accepts_that_succeed_between_failures_do_not_end_the_run() {
     let nginx = Nginx::start();
-    let mut fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
-    fg.start_again_with(&["--log-format", "json"]);
-    let pid = i32::try_from(fg.pid().expect("running")).expect("a pid");
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc")
-        .count();
     // Room for one connection at a time: each client that leaves frees a
     // file for the next, and the one behind it fails to be accepted.
-    let original = set_open_files_limit(pid, open as u64 + 1);
+    let (mut fg, limit) = short_of_files(&nginx);
     for _ in 0..10 {
         let waiting: Vec<std::net::TcpStream> = (0..2)
             .map(|_| std::net::TcpStream::connect(fg.addr()).expect("connect"))
@@ -219,25 +213,18 @@ fn accepts_that_succeed_between_failures_do_not_end_the_run() {
         std::thread::sleep(std::time::Duration::from_millis(150));
         drop(waiting);
     }
-    set_open_files_limit(pid, original);
+    limit.restore();
     assert_eq!(put(&fg, "/orders/a", 7), 201, "serving again once files are free");
     fg.terminate();
 
     let stderr = fg.stderr_text();
-    let count = |message: &str| {
-        stderr
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| {
-                v["fields"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with(message))
-            })
-            .count()
-    };
-    assert_eq!(count("accept failed"), 1, "one line when it begins:\n{stderr}");
     assert_eq!(
-        count("accepting connections again"),
+        messages(&stderr, "accept failed"),
+        1,
+        "one line when it begins:\n{stderr}"
+    );
+    assert_eq!(
+        messages(&stderr, "accepting connections again"),
         1,
         "one line when it ends:\n{stderr}"
     );
