@@ -85,6 +85,7 @@ impl Proxy {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: Arc<Peer>) -> Response<ProxyBody> {
         let started = Instant::now();
         let body_unread = !request.body().is_end_stream();
+        let version = request.version();
         let mut domain = None;
         let result = self.process(request, &peer, &mut domain).await;
         let metrics = domain.as_ref().map_or(&self.outside, |g| &g.metrics);
@@ -97,7 +98,18 @@ impl Proxy {
             Err(problem) => {
                 metrics.count(Err(problem.reason));
                 log_refusal(&problem);
-                problem.into_response(body_unread).map(Either::Left)
+                let mut response = problem.into_response(body_unread);
+                if body_unread && version == Version::HTTP_10 {
+                    // hyper answers an HTTP/1.0 client that asked for
+                    // keep-alive by appending `keep-alive` to the
+                    // `Connection` of a response it takes for HTTP/1.1:
+                    // `close, keep-alive`, which a client that looks for
+                    // `keep-alive` takes for a connection that stays open.
+                    // An HTTP/1.0 response gets no such token, and its
+                    // `close` ends the connection as it says.
+                    *response.version_mut() = Version::HTTP_10;
+                }
+                response.map(Either::Left)
             }
         }
     }
