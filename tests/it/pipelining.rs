@@ -5,7 +5,7 @@
 //! like, must never be taken for a next request that reaches the store,
 //! and the answers come back in request order.
 
-use crate::support::{EventKind, Fencegate, FencegateConfig, Nginx, ScriptedStore};
+use crate::support::{EventKind, Fault, Fencegate, FencegateConfig, Nginx, ScriptedStore};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
@@ -71,7 +71,12 @@ fn a_refused_writes_body_is_never_a_next_request() {
     let nginx = Nginx::start();
     let fg = Fencegate::start(config(&nginx.url()));
     let addr = fg.addr();
-    let admitted = request("PUT", "/orders/a", &["Fencing-Token: 5"], "one");
+    let admitted = request(
+        "PUT",
+        "/orders/a",
+        &["Fencing-Token: 5", "Connection: close"],
+        "one",
+    );
     let (text, _) = until_close(&addr, admitted.as_bytes());
     assert_eq!(statuses(&text), [201], "{text}");
     let mut log = vec!["PUT /orders/a 5".to_string()];
@@ -215,15 +220,16 @@ async fn answers_keep_request_order_and_a_gone_client_s_write_is_whole() {
     );
     assert!(closed, "{text}");
 
+    // A client that goes away right after sending a whole write: its
+    // write goes whole or not at all, and a raise still waits for it.
     store.clear_holds();
-    store.hold_token("6", Duration::from_millis(500));
+    store.hold_token("6", Duration::from_millis(800));
     let addr = fg.addr();
-    let body = "w".repeat(100_000);
+    let body = "w".repeat(10_000);
     tokio::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .write_all(request("PUT", "/orders/gone", &["Fencing-Token: 6"], &body).as_bytes())
-            .unwrap();
+        let write = request("PUT", "/orders/gone", &["Fencing-Token: 6"], &body);
+        stream.write_all(write.as_bytes()).unwrap();
         let _ = stream.shutdown(Shutdown::Both);
     })
     .await
@@ -237,13 +243,180 @@ async fn answers_keep_request_order_and_a_gone_client_s_write_is_whole() {
                 )
         })
     };
-    store.wait_for(Duration::from_secs(5), ended).await;
-    let events = store.events_for("6");
-    let complete: Vec<_> = events
+    // Had the write not been forwarded at all, nothing arrives.
+    store.wait_for(Duration::from_secs(2), ended).await;
+    let addr = fg.addr();
+    let raise = request(
+        "PUT",
+        "/orders/raise",
+        &["Fencing-Token: 7", "Connection: close"],
+        "r",
+    );
+    let (text, _) = tokio::task::spawn_blocking(move || until_close(&addr, raise.as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(statuses(&text), [201], "{text}");
+    let events = store.events();
+    let at = |token: &str, kind: EventKind| {
+        events
+            .iter()
+            .find(|e| e.token.as_deref() == Some(token) && e.kind == kind)
+            .map(|e| e.at)
+    };
+    if let Some(e) = events
         .iter()
-        .filter(|e| e.kind == EventKind::BodyComplete)
+        .find(|e| e.token.as_deref() == Some("6") && e.kind == EventKind::BodyComplete)
+    {
+        assert_eq!(e.body.len(), 10_000, "a write forwarded in part: {events:?}");
+        let (answered, raised) = (at("6", EventKind::Responded), at("7", EventKind::HeadArrived));
+        assert!(
+            answered.is_some() && raised.is_some() && answered <= raised,
+            "the raise reached the store before the gone client's write was answered: {events:?}"
+        );
+    }
+}
+
+/// `(epoch, refusal_mark, inflight_writes)` of `orders` in `/domains`.
+fn marks(fg: &Fencegate) -> (u64, u64, u64) {
+    let text = fg.admin_get("/domains").body;
+    let list: serde_json::Value = serde_json::from_str(&text).expect("/domains is JSON");
+    let d = list
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["name"] == "orders"))
+        .cloned();
+    let d = d.unwrap_or_else(|| panic!("no domain orders in /domains: {text}"));
+    let get = |k: &str| d[k].as_u64().unwrap_or_else(|| panic!("/domains {k}: {d}"));
+    (get("epoch"), get("refusal_mark"), get("inflight_writes"))
+}
+
+/// A client that goes away while its write waits for a raise (behind a
+/// lower write still at the store) leaves the raise to end as it would
+/// have: the higher token is then admitted at once, the lower refused, and
+/// nothing of the gone write reaches the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_gone_while_its_raise_waits_leaves_the_domain_sound() {
+    let store = ScriptedStore::start().await;
+    let fg = Fencegate::start(config(&store.url()));
+    let send = |bytes: String| {
+        let addr = fg.addr();
+        tokio::task::spawn_blocking(move || until_close(&addr, bytes.as_bytes()))
+    };
+    let (text, _) = send(request(
+        "PUT",
+        "/orders/w",
+        &["Fencing-Token: 5", "Connection: close"],
+        "w",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(statuses(&text), [201], "{text}");
+    store.hold_token("5", Duration::from_millis(1500));
+    let lower = send(request(
+        "PUT",
+        "/orders/held",
+        &["Fencing-Token: 5", "Connection: close"],
+        "h",
+    ));
+    assert!(
+        store
+            .wait_for(Duration::from_secs(3), |e| e
+                .iter()
+                .any(|e| e.path == "/orders/held"))
+            .await
+    );
+    let addr = fg.addr();
+    tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        let write = request("PUT", "/orders/gone", &["Fencing-Token: 6"], "g");
+        stream.write_all(write.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = stream.shutdown(Shutdown::Both);
+    })
+    .await
+    .unwrap();
+    let (text, _) = lower.await.unwrap();
+    assert!(statuses(&text)[0] < 300, "{text}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (text, _) = send(request(
+        "PUT",
+        "/orders/after",
+        &["Fencing-Token: 6", "Connection: close"],
+        "a",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(statuses(&text), [201], "{text}");
+    let (text, _) = send(request(
+        "PUT",
+        "/orders/late",
+        &["Fencing-Token: 5", "Connection: close"],
+        "l",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(statuses(&text), [412], "{text}");
+    assert_eq!(marks(&fg), (6, 6, 0), "(epoch, refusal mark, writes in flight)");
+    // Dropped with its client, or sent whole after the raise: never in part.
+    let gone: Vec<_> = store
+        .events()
+        .into_iter()
+        .filter(|e| e.path == "/orders/gone")
         .collect();
-    for e in &complete {
-        assert_eq!(e.body.len(), 100_000, "a write forwarded in part: {events:?}");
+    let whole = gone
+        .iter()
+        .any(|e| e.kind == EventKind::BodyComplete && e.body.as_ref() == b"g");
+    assert!(
+        gone.is_empty() || whole,
+        "the gone write reached the store in part: {gone:?}"
+    );
+}
+
+/// A write the store answers before reading its body, with a read
+/// pipelined behind it: the body still goes whole (it is what the client
+/// framed), and the read is answered after it, never taken from the body.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_pipelined_behind_an_early_answered_write_waits_its_turn() {
+    let store = ScriptedStore::start().await;
+    let fg = Fencegate::start(config(&store.url()));
+    store.fault_path(
+        "/orders/early",
+        Fault::AnswerEarly {
+            read_after: Duration::from_millis(300),
+        },
+    );
+    let body = format!("{SMUGGLED}{}", "b".repeat(200_000));
+    let bytes = [
+        request("PUT", "/orders/early", &["Fencing-Token: 5"], &body),
+        request("GET", "/orders/next", &["Connection: close"], ""),
+    ]
+    .concat();
+    let addr = fg.addr();
+    let (text, closed) = tokio::task::spawn_blocking(move || until_close(&addr, bytes.as_bytes()))
+        .await
+        .unwrap();
+    assert!(closed, "{text}");
+    let got = statuses(&text);
+    assert!(got.len() <= 2 && got.first() == Some(&200), "{got:?}\n{text}");
+    let ended = |events: &[crate::support::Event]| {
+        events.iter().any(|e| {
+            e.path == "/orders/early" && matches!(e.kind, EventKind::BodyComplete | EventKind::BodyFailed)
+        })
+    };
+    assert!(
+        store.wait_for(Duration::from_secs(3), ended).await,
+        "{:?}",
+        store.events()
+    );
+    let events = store.events();
+    let smuggled: Vec<_> = events.iter().filter(|e| e.path == "/orders/smuggled").collect();
+    assert!(smuggled.is_empty(), "{smuggled:?}");
+    let early: Vec<_> = events
+        .iter()
+        .filter(|e| e.path == "/orders/early" && e.kind == EventKind::BodyComplete)
+        .collect();
+    assert!(early.iter().all(|e| e.body.len() == body.len()), "{events:?}");
+    let next = events.iter().position(|e| e.path == "/orders/next");
+    if got.len() == 2 {
+        assert!(next.is_some(), "answered without the store: {text}");
     }
 }
