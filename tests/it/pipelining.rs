@@ -167,7 +167,8 @@ fn keep_alive_and_close_are_honoured_on_pipelined_requests() {
     let put = request("PUT", "/orders/k", &["Fencing-Token: 5"], "k");
     let get10 =
         request("GET", "/orders/k", &["Connection: keep-alive"], "").replacen("HTTP/1.1", "HTTP/1.0", 1);
-    let head = request("HEAD", "/orders/k", &[], "");
+    let head =
+        request("HEAD", "/orders/k", &["Connection: keep-alive"], "").replacen("HTTP/1.1", "HTTP/1.0", 1);
     let options = request("OPTIONS", "/orders/k", &[], "");
     let last = request("GET", "/orders/k", &["Connection: close"], "");
     let never = request("PUT", "/orders/never", &["Fencing-Token: 5"], "n");
