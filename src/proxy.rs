@@ -85,6 +85,7 @@ impl Proxy {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: Arc<Peer>) -> Response<ProxyBody> {
         let started = Instant::now();
         let body_unread = !request.body().is_end_stream();
+        let version = request.version();
         let mut domain = None;
         let result = self.process(request, &peer, &mut domain).await;
         let metrics = domain.as_ref().map_or(&self.outside, |g| &g.metrics);
@@ -97,7 +98,11 @@ impl Proxy {
             Err(problem) => {
                 metrics.count(Err(problem.reason));
                 log_refusal(&problem);
-                problem.into_response(body_unread).map(Either::Left)
+                let mut response = problem.into_response(body_unread);
+                if body_unread {
+                    closing_for(version, &mut response);
+                }
+                response.map(Either::Left)
             }
         }
     }
@@ -336,6 +341,7 @@ impl Proxy {
         metrics: &DomainMetrics,
     ) -> Result<Response<ProxyBody>, Problem> {
         let (mut parts, body) = request.into_parts();
+        let client_version = parts.version;
         parts.uri = self.upstream.uri(std::mem::take(&mut parts.uri), path);
         parts.version = Version::HTTP_11;
         if let Some(destination) = parts.headers.get(&DESTINATION) {
@@ -386,7 +392,26 @@ impl Proxy {
         // The codec kept only the end-to-end headers.
         let (parts, body) = response.into_parts();
         let body = GuardedBody::new(body, self.upstream.body_idle_timeout);
-        Ok(Response::from_parts(parts, Either::Right(body)))
+        let mut response = Response::from_parts(parts, Either::Right(body));
+        if response.body().size_hint().exact().is_none() {
+            // Of unknown length, the answer to an HTTP/1.0 client ends
+            // with the connection.
+            closing_for(client_version, &mut response);
+        }
+        Ok(response)
+    }
+}
+
+/// Makes `response`, which ends its connection, say so and only so to an
+/// HTTP/1.0 client. To one that asked for keep-alive, hyper appends
+/// `keep-alive` to the `Connection` of a response it takes for HTTP/1.1
+/// (a refusal's `close, keep-alive`; a close-delimited answer's
+/// `keep-alive`), and a client that looks for `keep-alive` takes the
+/// connection for one that stays open. An HTTP/1.0 response gets no such
+/// token, and hyper closes its connection unless it says `keep-alive`.
+fn closing_for<B>(client_version: Version, response: &mut Response<B>) {
+    if client_version == Version::HTTP_10 {
+        *response.version_mut() = Version::HTTP_10;
     }
 }
 

@@ -552,6 +552,8 @@ async fn a_chunked_answer_reaches_an_http_10_client_decoded_and_delimited_by_the
         "{answer:?}"
     );
     assert_eq!(body, "abcde", "{answer:?}");
+    // Its end is the close: the head may not say the connection stays.
+    assert!(!head.contains("keep-alive"), "{answer:?}");
 }
 
 /// A head longer than fencegate reads (64 KiB), or with more fields than
