@@ -449,38 +449,3 @@ async fn a_client_that_half_closes_after_its_write_still_gets_the_answer() {
         "the answer to a half-closed client: {text:?}"
     );
 }
-
-/// The same for a pipeline: every request sent before the half-close is
-/// answered, in order.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_pipeline_that_half_closes_gets_every_answer_in_order() {
-    let store = ScriptedStore::start().await;
-    let fg = Fencegate::start(config(&store.url()));
-    store.hold_token("5", Duration::from_millis(300));
-    let addr = fg.addr();
-    let text = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let bytes = [
-            request("PUT", "/orders/h1", &["Fencing-Token: 5"], "one"),
-            request("GET", "/orders/h2", &[], ""),
-            request("PUT", "/orders/h3", &["Fencing-Token: 5"], "three"),
-        ]
-        .concat();
-        stream.write_all(bytes.as_bytes()).unwrap();
-        stream.shutdown(Shutdown::Write).unwrap();
-        let mut buf = Vec::new();
-        let _ = stream.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-    .await
-    .unwrap();
-    assert_eq!(statuses(&text), [201, 201, 201], "{text:?}");
-    let paths: Vec<_> = store
-        .events()
-        .into_iter()
-        .filter(|e| e.kind == EventKind::Responded)
-        .map(|e| e.path)
-        .collect();
-    assert_eq!(paths, ["/orders/h1", "/orders/h2", "/orders/h3"]);
-}
