@@ -362,13 +362,6 @@ async fn serve(
         // hyper answers a bare 431 past this buffer; below it, fencegate's
         // own check answers 431 with a problem body at max_header_bytes.
         .max_buf_size((settings.max_header_bytes + 16 * 1024).max(8192))
-        // A client may shut down its sending side once its request is
-        // sent and wait for the answer (RFC 9112 §9.6): a writer must learn
-        // whether its write was admitted. Without this, hyper takes that
-        // end of input for a client gone, drops the request's handler and
-        // closes with no answer. A client really gone is found when its
-        // answer is written, within `request_timeout`.
-        .half_close(true)
         .keep_alive(true);
     let connections = Connections::new();
     tokio::pin!(shutdown);

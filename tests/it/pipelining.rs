@@ -421,31 +421,3 @@ async fn a_read_pipelined_behind_an_early_answered_write_waits_its_turn() {
         assert!(next.is_some(), "answered without the store: {text}");
     }
 }
-
-/// A client may shut down its sending side once its request is sent and
-/// wait for the answer (RFC 9112 §9.6 leaves it the reading side): a writer
-/// must learn whether its write was admitted, as with nginx.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_client_that_half_closes_after_its_write_still_gets_the_answer() {
-    let store = ScriptedStore::start().await;
-    let fg = Fencegate::start(config(&store.url()));
-    store.hold_token("5", Duration::from_millis(300));
-    let addr = fg.addr();
-    let text = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let write = request("PUT", "/orders/half", &["Fencing-Token: 5"], "half");
-        stream.write_all(write.as_bytes()).unwrap();
-        stream.shutdown(Shutdown::Write).unwrap();
-        let mut buf = Vec::new();
-        let _ = stream.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        statuses(&text),
-        [201],
-        "the answer to a half-closed client: {text:?}"
-    );
-}
