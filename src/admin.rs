@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::committer::Committer;
 use crate::gate::Gates;
 use crate::metrics::Metrics;
-use crate::server::{AcceptTrouble, ACCEPT_BACKOFF};
+use crate::server::Acceptor;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -61,30 +61,8 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
     let connections = crate::drain::Connections::new();
-    let mut trouble = AcceptTrouble::new("admin");
-    loop {
-        let settles = trouble.settles_at();
-        let stream = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            () = tokio::time::sleep_until(settles.unwrap_or_else(tokio::time::Instant::now)), if settles.is_some() => {
-                trouble.ended();
-                continue;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    trouble.accepted();
-                    stream
-                }
-                Err(e) => {
-                    // Out of file descriptors, most likely: back off rather
-                    // than spin, logged like the proxy's acceptor.
-                    trouble.failed(&e);
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
+    let mut acceptor = Acceptor::new(listener, "admin");
+    while let Some((stream, _)) = acceptor.next(stop.cancelled()).await {
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: axum::http::Request<Incoming>| {
             // A router is always ready: no `poll_ready` needed.
@@ -96,7 +74,7 @@ pub async fn serve(
             let _ = connection.await;
         });
     }
-    trouble.ended();
+    drop(acceptor);
     connections.stop().await;
 }
 

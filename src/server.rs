@@ -160,31 +160,8 @@ async fn accept(
 ) {
     tokio::pin!(stop);
     let mut next = 0;
-    let mut trouble = AcceptTrouble::new("proxy");
-    loop {
-        let settles = trouble.settles_at();
-        let (stream, peer) = tokio::select! {
-            // A stop already given takes no more connections.
-            biased;
-            () = &mut stop => break,
-            () = tokio::time::sleep_until(settles.unwrap_or_else(tokio::time::Instant::now)), if settles.is_some() => {
-                trouble.ended();
-                continue;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => {
-                    trouble.accepted();
-                    pair
-                }
-                Err(e) => {
-                    // Out of file descriptors, most likely: back off rather
-                    // than spin, and keep serving the connections we have.
-                    trouble.failed(&e);
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
+    let mut acceptor = Acceptor::new(listener, "proxy");
+    while let Some((stream, peer)) = acceptor.next(&mut stop).await {
         // Leaves this runtime's event loop for the worker's.
         let Ok(mut stream) = stream.into_std() else {
             continue;
@@ -207,11 +184,69 @@ async fn accept(
             }
         }
     }
-    trouble.ended();
+}
+
+/// A listener's connections, one at a time, that rides out failed
+/// accepts: out of file descriptors, most likely, it backs off rather than
+/// spin (the connections already open keep being served), and logs the
+/// run of failures once ([`AcceptTrouble`]). The proxy's acceptor and the
+/// admin listener each have one.
+pub(crate) struct Acceptor {
+    listener: TcpListener,
+    trouble: AcceptTrouble,
+}
+
+impl Acceptor {
+    /// `name` (`proxy` or `admin`) tells the listeners apart in the log.
+    pub(crate) fn new(listener: TcpListener, name: &'static str) -> Acceptor {
+        Acceptor {
+            listener,
+            trouble: AcceptTrouble::new(name),
+        }
+    }
+
+    /// The next connection, or `None` once `stop` resolves: a stop already
+    /// given takes no more connections.
+    pub(crate) async fn next(&mut self, stop: impl Future<Output = ()>) -> Option<(TcpStream, SocketAddr)> {
+        tokio::pin!(stop);
+        loop {
+            // No clock read and no timer unless a run of failures is ending.
+            let settles = self.trouble.settles_at();
+            let settled = async {
+                match settles {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = &mut stop => return None,
+                () = settled => self.trouble.ended(),
+                accepted = self.listener.accept() => match accepted {
+                    Ok(pair) => {
+                        self.trouble.accepted();
+                        return Some(pair);
+                    }
+                    Err(e) => {
+                        self.trouble.failed(&e);
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    /// A run of failed accepts going on when the listener stops is logged
+    /// as ended, if accepts had succeeded again.
+    fn drop(&mut self) {
+        self.trouble.ended();
+    }
 }
 
 /// How long an acceptor waits after a failed accept before it tries again.
-pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How often a run of failed accepts is logged again while it lasts.
 const ACCEPT_TROUBLE_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -219,15 +254,14 @@ const ACCEPT_TROUBLE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// A run of failed accepts, logged when it starts, every
 /// [`ACCEPT_TROUBLE_LOG_EVERY`] while it lasts, and when it ends: out of
 /// file descriptors, the acceptor retries every [`ACCEPT_BACKOFF`], and a
-/// line per retry would flood the log just when an operator reads it. The
-/// proxy's acceptor and the admin listener's each keep one.
+/// line per retry would flood the log just when an operator reads it.
 ///
 /// A run ends once accepts have gone on for [`ACCEPT_TROUBLE_LOG_EVERY`]
 /// without failing (or the listener stops): out of files under a steady
 /// stream of connections, each one that leaves frees a file, one accept
 /// succeeds and the next fails again, and ending the run at each success
 /// logged two lines per connection served.
-pub(crate) struct AcceptTrouble {
+struct AcceptTrouble {
     /// Which listener: `proxy` or `admin`.
     listener: &'static str,
     /// When the run began and when it was last logged, if one is going on.
@@ -239,7 +273,7 @@ pub(crate) struct AcceptTrouble {
 
 impl AcceptTrouble {
     /// No trouble yet on `listener`.
-    pub(crate) fn new(listener: &'static str) -> AcceptTrouble {
+    fn new(listener: &'static str) -> AcceptTrouble {
         AcceptTrouble {
             listener,
             since: None,
@@ -250,7 +284,7 @@ impl AcceptTrouble {
 
     /// Counts a failed accept, logging it if it begins a run (or the run
     /// was last logged [`ACCEPT_TROUBLE_LOG_EVERY`] ago).
-    pub(crate) fn failed(&mut self, error: &std::io::Error) {
+    fn failed(&mut self, error: &std::io::Error) {
         let now = Instant::now();
         self.failures += 1;
         match &mut self.since {
@@ -275,7 +309,7 @@ impl AcceptTrouble {
 
     /// Counts an accept that succeeded: the run, if one is going on, may
     /// be ending ([`AcceptTrouble::settles_at`]).
-    pub(crate) fn accepted(&mut self) {
+    fn accepted(&mut self) {
         if self.since.is_some() && self.accepting_since.is_none() {
             self.accepting_since = Some(Instant::now());
         }
@@ -283,14 +317,14 @@ impl AcceptTrouble {
 
     /// When the run ends if no accept fails before: `None` while none is
     /// ending.
-    pub(crate) fn settles_at(&self) -> Option<tokio::time::Instant> {
+    fn settles_at(&self) -> Option<tokio::time::Instant> {
         self.accepting_since
             .map(|since| tokio::time::Instant::from_std(since + ACCEPT_TROUBLE_LOG_EVERY))
     }
 
     /// Ends the run of failed accepts if accepts succeed again, logging
     /// it: when it settled, or when the listener stops.
-    pub(crate) fn ended(&mut self) {
+    fn ended(&mut self) {
         if let (Some((began, _)), Some(accepting)) = (self.since, self.accepting_since.take()) {
             tracing::info!(
                 listener = self.listener, failures = self.failures, lasted = ?accepting.duration_since(began),
