@@ -655,6 +655,17 @@ mod tests {
     }
 
     fn fixture_with(epoch: u64, drain_limit: Duration, election: Option<Arc<ElectionView>>) -> Fixture {
+        fixture_built(epoch, drain_limit, election, |gate| gate)
+    }
+
+    /// The fixture's gate passes through `shape` before it is shared (for
+    /// [`Gate::pending_raise_to`], which takes it whole).
+    fn fixture_built(
+        epoch: u64,
+        drain_limit: Duration,
+        election: Option<Arc<ElectionView>>,
+        shape: impl FnOnce(Gate) -> Gate,
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let wanted = [WantedDomain {
             name: "d".into(),
@@ -669,14 +680,14 @@ mod tests {
             drain_limit,
             committer,
         };
-        let gate = Arc::new(Gate::new(
+        let gate = Arc::new(shape(Gate::new(
             "d",
             "/d/".into(),
             election,
             epoch,
             metrics.domain("d"),
             settings,
-        ));
+        )));
         Fixture {
             gate,
             metrics,
@@ -945,29 +956,16 @@ mod tests {
             settings,
             Metrics::new().election("d"),
         ));
-        let dir = tempfile::tempdir().unwrap();
-        let wanted = [WantedDomain {
-            name: "d".into(),
-            prefix: "/d/".into(),
-        }];
-        let state = StateFile::create(&dir.path().join("s.redb"), &wanted).unwrap();
-        state.start(&wanted, &[]).unwrap();
-        let metrics = Metrics::new();
-        let (committer, _task) = Committer::spawn(state, metrics.clone());
-        let settings = GateSettings {
-            crash_wait_until: None,
-            drain_limit: Duration::from_secs(30),
-            committer,
-        };
-        let gate = Gate::new("d", "/d/".into(), Some(view), 100, metrics.domain("d"), settings);
-        let gate = Arc::new(gate.pending_raise_to(500));
+        let f = fixture_built(100, Duration::from_secs(30), Some(view), |gate| {
+            gate.pending_raise_to(500)
+        });
         assert_eq!(
-            write(&gate, 501).await.err(),
+            write(&f.gate, 501).await.err(),
             Some(Reason::CoordinatorUnavailable)
         );
-        assert!(write(&gate, 500).await.is_ok(), "the durable epoch was refused");
+        assert!(write(&f.gate, 500).await.is_ok(), "the durable epoch was refused");
         assert_eq!(
-            gate.marks(),
+            f.gate.marks(),
             Marks {
                 epoch: 500,
                 refusal: 500

@@ -294,23 +294,7 @@ fn a_clean_stop_within_the_crash_wait_leaves_the_wait_to_the_next_start() {
 fn a_domain_the_configuration_raises_after_a_crash_waits_like_a_raise() {
     let request_timeout = Duration::from_secs(3);
     let nginx = Nginx::start();
-    let first = FencegateConfig::new(&nginx.url())
-        .domain("a", "/a/")
-        .domain("b", "/a/b/")
-        .request_timeout(request_timeout);
-    let mut fg = Fencegate::start(first.clone());
-    assert_admitted(&put(&fg, "/a/x", 10), "a to 10");
-    assert_admitted(&put(&fg, "/a/b/y", 20), "b to 20");
-    // From here a write with token 10 to /a/x may still be at the store.
-    fg.kill9();
-    let crashed = Instant::now();
-    let mut second = FencegateConfig::new(&nginx.url())
-        .domain("a", "/a/")
-        .request_timeout(request_timeout);
-    second.listen = first.listen.clone();
-    second.admin_listen = first.admin_listen.clone();
-    fg.rewrite_config(second);
-    fg.start_again_with(&["--forget-domain", "b"]);
+    let (fg, crashed) = b_merged_into_a_after_a_crash(&nginx, request_timeout);
     let stale = put(&fg, "/a/x", 10);
     assert_stale(&stale, "a starts at b's 20");
     // 20 is durable (SPEC: the epoch, which never goes down), though it is
@@ -350,23 +334,7 @@ fn a_domain_the_configuration_raises_after_a_crash_waits_like_a_raise() {
 fn a_domain_the_configuration_raised_waits_though_the_run_after_the_crash_crashed_too() {
     let request_timeout = Duration::from_secs(4);
     let nginx = Nginx::start();
-    let first = FencegateConfig::new(&nginx.url())
-        .domain("a", "/a/")
-        .domain("b", "/a/b/")
-        .request_timeout(request_timeout);
-    let mut fg = Fencegate::start(first.clone());
-    assert_admitted(&put(&fg, "/a/x", 10), "a to 10");
-    assert_admitted(&put(&fg, "/a/b/y", 20), "b to 20");
-    // From here a write with token 10 to /a/x may still be at the store.
-    fg.kill9();
-    let crashed = Instant::now();
-    let mut second = FencegateConfig::new(&nginx.url())
-        .domain("a", "/a/")
-        .request_timeout(request_timeout);
-    second.listen = first.listen.clone();
-    second.admin_listen = first.admin_listen.clone();
-    fg.rewrite_config(second);
-    fg.start_again_with(&["--forget-domain", "b"]);
+    let (mut fg, crashed) = b_merged_into_a_after_a_crash(&nginx, request_timeout);
     fg.kill9();
     fg.start_again();
     assert_stale(&put(&fg, "/a/x", 10), "a is at b's 20");
@@ -378,6 +346,31 @@ fn a_domain_the_configuration_raised_waits_though_the_run_after_the_crash_crashe
         "token 20 was admitted in a {admitted:?} after the first crash, before request_timeout \
          {request_timeout:?}: a 10-write of the first run could still reach the store after it"
     );
+}
+
+/// A fencegate whose nested domain `b` (`/a/b/`, at 20) was merged into
+/// `a` (`/a/`, at 10) by a start right after a crash: started with both,
+/// raised, SIGKILLed, and started again with `a` alone and
+/// `--forget-domain b`. Returns it and when it crashed: from then a write
+/// with token 10 to `/a/x` may still be at the store.
+fn b_merged_into_a_after_a_crash(nginx: &Nginx, request_timeout: Duration) -> (Fencegate, Instant) {
+    let mut fg = Fencegate::start(
+        FencegateConfig::new(&nginx.url())
+            .domain("a", "/a/")
+            .domain("b", "/a/b/")
+            .request_timeout(request_timeout),
+    );
+    assert_admitted(&put(&fg, "/a/x", 10), "a to 10");
+    assert_admitted(&put(&fg, "/a/b/y", 20), "b to 20");
+    fg.kill9();
+    let crashed = Instant::now();
+    fg.rewrite_config_on_the_same_ports(
+        FencegateConfig::new(&nginx.url())
+            .domain("a", "/a/")
+            .request_timeout(request_timeout),
+    );
+    fg.start_again_with(&["--forget-domain", "b"]);
+    (fg, crashed)
 }
 
 #[test]
@@ -487,21 +480,21 @@ impl Drop for RunWithArgs {
 #[test]
 fn stored_domains_are_reconciled_with_the_config() {
     let nginx = Nginx::start();
-    let first = FencegateConfig::new(&nginx.url())
-        .domain("all", "/")
-        .domain("misc", "/misc/");
-    let mut fg = Fencegate::start(first.clone());
+    let mut fg = Fencegate::start(
+        FencegateConfig::new(&nginx.url())
+            .domain("all", "/")
+            .domain("misc", "/misc/"),
+    );
     assert_admitted(&put(&fg, "/misc/a", 5), "misc to 5");
     assert_admitted(&put(&fg, "/x/a", 9), "all to 9");
     assert_terminates_cleanly(&mut fg);
 
     // `misc` dropped from the config, `orders` added under `all`.
-    let mut second = FencegateConfig::new(&nginx.url())
-        .domain("all", "/")
-        .domain("orders", "/orders/");
-    second.listen = first.listen.clone();
-    second.admin_listen = first.admin_listen.clone();
-    fg.rewrite_config(second);
+    fg.rewrite_config_on_the_same_ports(
+        FencegateConfig::new(&nginx.url())
+            .domain("all", "/")
+            .domain("orders", "/orders/"),
+    );
     let exit = fg.run_expect_exit(&[]);
     assert_eq!(
         exit.code(),
@@ -775,28 +768,7 @@ async fn sigterm_during_a_slow_write_lets_it_finish_and_exits_cleanly() {
         .await
         .unwrap();
 
-    let write = tokio::spawn({
-        let url = format!("{}/orders/slow", fg.url());
-        async move {
-            client()
-                .put(url)
-                .header("Fencing-Token", "5")
-                .body("slow")
-                .send()
-                .await
-        }
-    });
-    let sent = store
-        .wait_for(Duration::from_secs(10), |ev| {
-            ev.iter()
-                .any(|e| e.kind == EventKind::BodyComplete && e.token.as_deref() == Some("5"))
-        })
-        .await;
-    assert!(
-        sent,
-        "the slow write never reached the store: {:?}",
-        store.events()
-    );
+    let write = write_5_held_at_the_store(&store, &fg, "/orders/slow").await;
 
     let term_started = Instant::now();
     let (mut fg, status) = tokio::task::spawn_blocking(move || {
@@ -963,24 +935,7 @@ async fn a_write_the_store_never_answers_holds_a_sigterm_for_shutdown_grace_once
     let fg = tokio::task::spawn_blocking(move || Fencegate::start(config))
         .await
         .unwrap();
-    let write = tokio::spawn({
-        let url = format!("{}/orders/held", fg.url());
-        async move {
-            client()
-                .put(url)
-                .header("Fencing-Token", "5")
-                .body("held")
-                .send()
-                .await
-        }
-    });
-    let sent = store
-        .wait_for(Duration::from_secs(10), |ev| {
-            ev.iter()
-                .any(|e| e.kind == EventKind::BodyComplete && e.token.as_deref() == Some("5"))
-        })
-        .await;
-    assert!(sent, "the write never reached the store: {:?}", store.events());
+    let write = write_5_held_at_the_store(&store, &fg, "/orders/held").await;
 
     let started = Instant::now();
     let (fg, status) = tokio::task::spawn_blocking(move || {
@@ -1013,4 +968,35 @@ fn healthcheck_follows_the_admin_listener() {
     assert_exit(&fg.run_cli(&["healthcheck"]), 0, "healthcheck while serving");
     assert_terminates_cleanly(&mut fg);
     assert_exit(&fg.run_cli(&["healthcheck"]), 69, "healthcheck once stopped");
+}
+
+/// Sends a PUT of `path` with token 5 through `fg` from a task of its own,
+/// and returns that task once `store` (which holds token 5's answer) has
+/// the whole request.
+async fn write_5_held_at_the_store(
+    store: &ScriptedStore,
+    fg: &Fencegate,
+    path: &str,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let url = format!("{}{path}", fg.url());
+    let write = tokio::spawn(async move {
+        client()
+            .put(url)
+            .header("Fencing-Token", "5")
+            .body("held")
+            .send()
+            .await
+    });
+    let sent = store
+        .wait_for(Duration::from_secs(10), |ev| {
+            ev.iter()
+                .any(|e| e.kind == EventKind::BodyComplete && e.token.as_deref() == Some("5"))
+        })
+        .await;
+    assert!(
+        sent,
+        "the write of {path} never reached the store: {:?}",
+        store.events()
+    );
+    write
 }

@@ -1469,8 +1469,7 @@ async fn an_epoch_merged_in_after_a_crash_is_the_floor_of_etcds_revision() {
     let c = etcd_client(&etcd.endpoints()).await;
     let a = Candidate::campaign(&c, ELECTION, "a", TTL).await;
     let ra = a.rev();
-    let nested = config(&nginx, &etcd, "watch").domain("sub", "/orders/sub/");
-    let mut fg = Fencegate::start(nested.clone());
+    let mut fg = Fencegate::start(config(&nginx, &etcd, "watch").domain("sub", "/orders/sub/"));
     let proxy = Proxy::new(&fg);
     proxy
         .wait_domain("epoch = A's revision", STEP, |d| as_i64(d, "epoch") == Some(ra))
@@ -1480,10 +1479,7 @@ async fn an_epoch_merged_in_after_a_crash_is_the_floor_of_etcds_revision() {
     let high = ra + 100_000;
     assert_admitted(&proxy.put("/orders/sub/x", high).await, "sub, no election");
     fg.kill9();
-    let mut merged = config(&nginx, &etcd, "watch");
-    merged.listen = nested.listen.clone();
-    merged.admin_listen = nested.admin_listen.clone();
-    fg.rewrite_config(merged);
+    fg.rewrite_config_on_the_same_ports(config(&nginx, &etcd, "watch"));
     fg.start_again_with(&["--forget-domain", "sub"]);
     let started = Instant::now();
     let mut r = proxy.put("/orders/a", ra).await;

@@ -509,6 +509,25 @@ fn slowloris_does_not_starve_the_listener() {
     rig.finish();
 }
 
+/// Sends `GET /public/big` for a file far larger than the socket buffers
+/// between the store and the client hold, on a connection with a small
+/// receive window (the client side holds little, whatever the host's
+/// tcp_rmem lets autotuning reach). Returns the connection, with a 5 s read
+/// timeout, and the file's size.
+fn get_a_big_answer_through_a_small_window(rig: &Rig) -> (TcpStream, usize) {
+    let size = 64 << 20;
+    std::fs::write(rig.nginx.data_dir().join("public/big"), vec![0x5A; size]).expect("write the file");
+    let mut s = TcpStream::connect(rig.fg.addr()).expect("connect");
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(16 * 1024)
+        .expect("SO_RCVBUF");
+    s.write_all(b"GET /public/big HTTP/1.1\r\nHost: store.test\r\n\r\n")
+        .expect("send the request");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    (s, size)
+}
+
 /// A client that stops reading its answer is cut once it has taken nothing
 /// for `body_idle_timeout`, like one that stops sending its body: its
 /// connection and the store's are closed, not held for good (nginx's
@@ -519,19 +538,7 @@ fn slowloris_does_not_starve_the_listener() {
 fn a_client_that_stops_reading_its_answer_is_cut_after_body_idle_timeout() {
     let idle = Duration::from_secs(1);
     let mut rig = Rig::start(|c| c.body_idle_timeout(idle));
-    // Far more than the socket buffers between the store and the client hold.
-    let size = 64 << 20;
-    std::fs::write(rig.nginx.data_dir().join("public/big"), vec![0x5A; size]).expect("write the file");
-    let mut s = TcpStream::connect(rig.fg.addr()).expect("connect");
-    // A small window: the client side holds little, whatever the host's
-    // tcp_rmem lets autotuning reach.
-    socket2::SockRef::from(&s)
-        .set_recv_buffer_size(16 * 1024)
-        .expect("SO_RCVBUF");
-    s.write_all(b"GET /public/big HTTP/1.1\r\nHost: store.test\r\n\r\n")
-        .expect("send the request");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
+    let (mut s, size) = get_a_big_answer_through_a_small_window(&rig);
     let mut head = [0u8; 1024];
     let n = s.read(&mut head).expect("the answer's head");
     assert!(
@@ -566,17 +573,7 @@ fn a_client_that_stops_reading_its_answer_is_cut_after_body_idle_timeout() {
 fn a_client_that_reads_its_answer_slowly_but_steadily_is_not_cut() {
     let idle = Duration::from_secs(1);
     let mut rig = Rig::start(|c| c.body_idle_timeout(idle));
-    // Far more than the socket buffers between the store and the client hold.
-    let size = 64 << 20;
-    std::fs::write(rig.nginx.data_dir().join("public/big"), vec![0x5A; size]).expect("write the file");
-    let mut s = TcpStream::connect(rig.fg.addr()).expect("connect");
-    socket2::SockRef::from(&s)
-        .set_recv_buffer_size(16 * 1024)
-        .expect("SO_RCVBUF");
-    s.write_all(b"GET /public/big HTTP/1.1\r\nHost: store.test\r\n\r\n")
-        .expect("send the request");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
+    let (mut s, _) = get_a_big_answer_through_a_small_window(&rig);
     // 8 KiB every 40 ms, about 200 KB/s, for five idle timeouts.
     let mut chunk = [0u8; 8192];
     let mut got = 0;

@@ -67,31 +67,16 @@ fn json_logs_have_one_line_per_refusal_and_none_per_admitted_write() {
 fn failed_accepts_are_logged_when_they_begin_and_end_not_per_retry() {
     let nginx = Nginx::start();
     let (mut fg, limit) = short_of_files(&nginx);
-    let held: Vec<std::net::TcpStream> = (0..8)
-        .map(|_| std::net::TcpStream::connect(fg.addr()).expect("connect"))
-        .collect();
-    // About 30 retries at 50 ms each.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    limit.restore();
-    drop(held);
+    hold_connections_while_short(&fg.addr(), limit);
     assert_eq!(put(&fg, "/orders/a", 7), 201, "serving again once files are free");
     fg.terminate();
 
     let stderr = fg.stderr_text();
-    assert_eq!(
-        messages(&stderr, "accept failed"),
-        1,
-        "one line when it begins:\n{stderr}"
-    );
+    assert_one_run_logged(&stderr);
     assert_eq!(
         messages(&stderr, "accept still failing"),
         0,
         "within 10 s:\n{stderr}"
-    );
-    assert_eq!(
-        messages(&stderr, "accepting connections again"),
-        1,
-        "one line when it ends:\n{stderr}"
     );
 }
 
@@ -123,6 +108,33 @@ impl OpenFilesLimit {
     fn restore(&self) {
         set_open_files_limit(self.pid, self.original);
     }
+}
+
+/// Connects 8 clients to `addr` of a fencegate [`short_of_files`], holds
+/// them for about 30 of its retries at 50 ms, then gives it its files back.
+fn hold_connections_while_short(addr: &str, limit: OpenFilesLimit) {
+    let held: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    limit.restore();
+    drop(held);
+}
+
+/// One run of failed accepts in `stderr`: one line when it began, one when
+/// it ended.
+#[track_caller]
+fn assert_one_run_logged(stderr: &str) {
+    assert_eq!(
+        messages(stderr, "accept failed"),
+        1,
+        "one line when it begins:\n{stderr}"
+    );
+    assert_eq!(
+        messages(stderr, "accepting connections again"),
+        1,
+        "one line when it ends:\n{stderr}"
+    );
 }
 
 /// How many JSON log lines in `stderr` have a message containing `message`.
@@ -166,13 +178,7 @@ fn failed_admin_accepts_are_logged_when_they_begin_and_end_not_per_retry() {
     let nginx = Nginx::start();
     let (mut fg, limit) = short_of_files(&nginx);
     let admin = fg.config().admin_listen.clone();
-    let held: Vec<std::net::TcpStream> = (0..8)
-        .map(|_| std::net::TcpStream::connect(&admin).expect("connect"))
-        .collect();
-    // About 30 retries at 50 ms each.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    limit.restore();
-    drop(held);
+    hold_connections_while_short(&admin, limit);
     assert_eq!(
         fg.admin_get("/healthz").status,
         200,
@@ -181,16 +187,7 @@ fn failed_admin_accepts_are_logged_when_they_begin_and_end_not_per_retry() {
     fg.terminate();
 
     let stderr = fg.stderr_text();
-    assert_eq!(
-        messages(&stderr, "accept failed"),
-        1,
-        "one line when it begins:\n{stderr}"
-    );
-    assert_eq!(
-        messages(&stderr, "accepting connections again"),
-        1,
-        "one line when it ends:\n{stderr}"
-    );
+    assert_one_run_logged(&stderr);
 }
 
 /// Out of file descriptors under a steady stream of connections, a file
@@ -218,14 +215,5 @@ fn accepts_that_succeed_between_failures_do_not_end_the_run() {
     fg.terminate();
 
     let stderr = fg.stderr_text();
-    assert_eq!(
-        messages(&stderr, "accept failed"),
-        1,
-        "one line when it begins:\n{stderr}"
-    );
-    assert_eq!(
-        messages(&stderr, "accepting connections again"),
-        1,
-        "one line when it ends:\n{stderr}"
-    );
+    assert_one_run_logged(&stderr);
 }

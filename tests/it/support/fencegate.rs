@@ -132,6 +132,14 @@ impl Fencegate {
         self.config = config;
     }
 
+    /// [`Fencegate::rewrite_config`] on the listen addresses in use, so
+    /// that clients made for this fencegate still reach it after a restart.
+    pub fn rewrite_config_on_the_same_ports(&mut self, mut config: FencegateConfig) {
+        config.listen = self.config.listen.clone();
+        config.admin_listen = self.config.admin_listen.clone();
+        self.rewrite_config(config);
+    }
+
     /// Spawn `run` again with the same config (no `init`) and wait until
     /// healthy. Panics if it is already running.
     pub fn start_again(&mut self) {
