@@ -12,6 +12,9 @@
 //! `cargo run --release --example pipe_relay -- --listen 127.0.0.1:8091
 //! --upstream 127.0.0.1:8081 [--workers 2] [--store-connections 1]`
 
+#[path = "common/relay.rs"]
+mod relay;
+
 use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
@@ -23,13 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Parser, Debug)]
 #[command(about = "an HTTP relay that pipelines to the store (a bench/run experiment)")]
 struct Cli {
-    #[arg(long)]
-    listen: SocketAddr,
-    #[arg(long)]
-    upstream: SocketAddr,
-    /// Worker threads, each a single-threaded runtime.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    #[command(flatten)]
+    relay: relay::RelayArgs,
     /// Store connections per worker, each carrying pipelined requests.
     #[arg(long, default_value_t = 1)]
     store_connections: usize,
@@ -43,27 +41,11 @@ struct Job {
 
 fn main() -> std::io::Result<()> {
     let cli = Cli::parse();
-    let listener = std::net::TcpListener::bind(cli.listen)?;
-    listener.set_nonblocking(true)?;
-    let mut threads = Vec::new();
-    for _ in 0..cli.workers.max(1) {
-        let listener = listener.try_clone()?;
-        let (upstream, conns) = (cli.upstream, cli.store_connections.max(1));
-        threads.push(std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(worker(listener, upstream, conns))
-        }));
-    }
-    for thread in threads {
-        thread.join().expect("a relay worker panicked")?;
-    }
-    Ok(())
+    let (upstream, conns) = (cli.relay.upstream, cli.store_connections.max(1));
+    relay::serve(&cli.relay, move |listener| worker(listener, upstream, conns))
 }
 
-async fn worker(listener: std::net::TcpListener, upstream: SocketAddr, conns: usize) -> std::io::Result<()> {
-    let listener = TcpListener::from_std(listener)?;
+async fn worker(listener: TcpListener, upstream: SocketAddr, conns: usize) -> std::io::Result<()> {
     let mut stores = Vec::new();
     for _ in 0..conns {
         let store = TcpStream::connect(upstream).await?;

@@ -12,6 +12,9 @@
 //! `cargo run --release --example tcp_relay -- --listen 127.0.0.1:8090
 //! --upstream 127.0.0.1:8081 [--workers 2]`
 
+#[path = "common/relay.rs"]
+mod relay;
+
 use std::net::SocketAddr;
 
 use clap::Parser;
@@ -20,40 +23,17 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Parser, Debug)]
 #[command(about = "a TCP relay: the floor of what a proxy costs (bench/run)")]
 struct Cli {
-    /// Address to accept clients on (loopback).
-    #[arg(long)]
-    listen: SocketAddr,
-    /// The store every client connection is relayed to.
-    #[arg(long)]
-    upstream: SocketAddr,
-    /// Worker threads, each a single-threaded runtime.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    #[command(flatten)]
+    relay: relay::RelayArgs,
 }
 
 fn main() -> std::io::Result<()> {
     let cli = Cli::parse();
-    let listener = std::net::TcpListener::bind(cli.listen)?;
-    listener.set_nonblocking(true)?;
-    let mut threads = Vec::new();
-    for _ in 0..cli.workers.max(1) {
-        let listener = listener.try_clone()?;
-        let upstream = cli.upstream;
-        threads.push(std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(accept_loop(listener, upstream))
-        }));
-    }
-    for thread in threads {
-        thread.join().expect("a relay worker panicked")?;
-    }
-    Ok(())
+    let upstream = cli.relay.upstream;
+    relay::serve(&cli.relay, move |listener| accept_loop(listener, upstream))
 }
 
-async fn accept_loop(listener: std::net::TcpListener, upstream: SocketAddr) -> std::io::Result<()> {
-    let listener = TcpListener::from_std(listener)?;
+async fn accept_loop(listener: TcpListener, upstream: SocketAddr) -> std::io::Result<()> {
     loop {
         let (client, _) = listener.accept().await?;
         tokio::spawn(async move {
