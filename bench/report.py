@@ -163,6 +163,14 @@ def print_targets(kind, summary, refs):
         print(f"- PUT, 64 connections, fencegate req/s ÷ {ref} ≥ 1.25: " + verdict(g(64, "PUT", ref), lambda m: m >= 1.25))
         print(f"- PUT, 64 connections, fencegate p99 ÷ {ref} p99 ≤ 1: " + verdict(g(64, "PUT", "p99:" + ref), lambda m: m <= 1.0))
         print(f"- GET, 64 connections, fencegate req/s ÷ {ref} ≥ 1: " + verdict(g(64, "GET", ref), lambda m: m >= 1.0))
+        p = lambda conc, method, key: summary.get((conc, method, "fencegate-pipelined"), {}).get(key, [])
+        if p(64, "PUT", ref):
+            print(f"- with `upstream.pipeline_depth` (contender fencegate-pipelined), "
+                  f"PUT, 64 connections, req/s ÷ {ref} ≥ 1.25: " + verdict(p(64, "PUT", ref), lambda m: m >= 1.25))
+            print(f"- with `upstream.pipeline_depth`, PUT, 64 connections, p99 ÷ {ref} p99 ≤ 1: "
+                  + verdict(p(64, "PUT", "p99:" + ref), lambda m: m <= 1.0))
+            print(f"- with `upstream.pipeline_depth`, GET, 64 connections, req/s ÷ {ref} ≥ 1: "
+                  + verdict(p(64, "GET", ref), lambda m: m >= 1.0))
         floor = lambda conc, method: summary.get((conc, method, "relay"), {}).get(ref, [])
         if floor(64, "PUT"):
             print(f"- the floor, a TCP relay that parses nothing (no HTTP proxy that reads and writes each message "

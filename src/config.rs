@@ -86,7 +86,23 @@ pub struct UpstreamConfig {
     /// Longest pause allowed inside a body, in either direction.
     #[serde(with = "humantime_serde", default = "default_30s")]
     pub body_idle_timeout: Duration,
+    /// Unanswered writes one store connection may carry (HTTP/1.1
+    /// pipelining of small whole writes, see `pipeline`); 0 (the
+    /// default) sends every request on a connection of its own.
+    #[serde(default)]
+    pub pipeline_depth: usize,
+    /// Requests a pipelined connection carries before fencegate closes it;
+    /// must stay below the store's own limit (nginx's `keepalive_requests`).
+    #[serde(default = "default_pipeline_max_requests")]
+    pub pipeline_max_requests: u64,
 }
+
+fn default_pipeline_max_requests() -> u64 {
+    500
+}
+
+/// The most unanswered writes a pipelined connection may carry.
+pub const MAX_PIPELINE_DEPTH: usize = 256;
 
 fn deserialize_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<http::Uri, D::Error> {
     let text = String::deserialize(d)?;
@@ -340,6 +356,15 @@ impl Config {
             if value.is_zero() {
                 return bad(key, "must be above zero".into());
             }
+        }
+        if self.upstream.pipeline_depth > MAX_PIPELINE_DEPTH {
+            return bad(
+                "upstream.pipeline_depth",
+                format!("must be at most {MAX_PIPELINE_DEPTH}"),
+            );
+        }
+        if self.upstream.pipeline_max_requests == 0 {
+            return bad("upstream.pipeline_max_requests", "must be above zero".into());
         }
         if self.state.path.as_os_str().is_empty() {
             return bad("state.path", "must not be empty".into());

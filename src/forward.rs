@@ -22,6 +22,7 @@ use crate::error::causes;
 use crate::gate::AbortSignal;
 use crate::hop::RequestHop;
 use crate::path::NormalPath;
+use crate::pipeline::{self, LaneError, LaneSettings, Pipeline, Whole};
 use crate::pool::{Conn, ExchangeError, Outgoing, Pool, StoreBody};
 
 /// How long an unused connection to the store is kept.
@@ -61,6 +62,8 @@ pub enum ForwardError {
 /// The store and how to reach it, with one serving thread's connections.
 pub struct Upstream {
     pool: Pool,
+    /// Lanes for small whole writes, where pipelining is on.
+    pipeline: Option<Pipeline>,
     /// `Host` for requests that came without one (HTTP/1.0).
     host: HeaderValue,
     request_timeout: Duration,
@@ -80,8 +83,21 @@ impl Upstream {
             80 => authority.host().to_owned(),
             _ => format!("{}:{port}", authority.host()),
         };
+        let store_host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let pipeline = (config.pipeline_depth > 0).then(|| {
+            Pipeline::new(LaneSettings {
+                host: store_host.to_owned(),
+                port,
+                connect_timeout: config.connect_timeout,
+                request_timeout: config.request_timeout,
+                idle_timeout: POOL_IDLE_TIMEOUT,
+                depth: config.pipeline_depth,
+                max_requests: config.pipeline_max_requests,
+            })
+        });
         Upstream {
             pool: Pool::new(authority.host(), port, config.connect_timeout, POOL_IDLE_TIMEOUT),
+            pipeline,
             host: HeaderValue::from_str(&host).expect("a URL's host is a valid header value"),
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
@@ -135,6 +151,16 @@ impl Upstream {
                 Poll::Ready(Some(Ok(frame))) => first = Some(frame),
                 Poll::Ready(Some(Err(e))) => return Err(classify(ExchangeError::Body(e))),
                 Poll::Ready(None) | Poll::Pending => {}
+            }
+        }
+        if let Some(pipeline) = &self.pipeline {
+            if let Some(whole) =
+                whole_request(&parts, target, hop, &self.host, framing, &body, &first, exchange)
+            {
+                // Whole (the body is here, and ended): dropping it aborts
+                // nothing.
+                drop(body);
+                return self.send_pipelined(pipeline, whole, exchange).await;
             }
         }
         // The serving thread finishes its turn first (its other ready
@@ -214,6 +240,47 @@ impl Upstream {
         }
     }
 
+    /// Sends a small whole write on a pipelined connection
+    /// ([`crate::pipeline`]) and waits for its answer. A raise before the
+    /// lane decided it sent takes it out of its lane unsent.
+    async fn send_pipelined(
+        &self,
+        pipeline: &Pipeline,
+        mut whole: Whole,
+        exchange: &Arc<Exchange>,
+    ) -> Result<Response<StoreBody>, ForwardError> {
+        loop {
+            let mut waiting = pipeline.enqueue(whole);
+            // The lane's driver bounds the wait once the request is sent
+            // (`request_timeout`), and a lane that cannot connect gives it
+            // back failed; until it is sent, only a raise counts here.
+            let reply = tokio::select! {
+                biased;
+                reply = &mut waiting.reply => reply,
+                Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => {
+                    waiting.withdraw();
+                    return Err(why);
+                }
+            };
+            match reply {
+                Ok(Ok(answer)) => {
+                    let mut response = Response::new(StoreBody::Whole(answer.body));
+                    *response.status_mut() = answer.head.status;
+                    *response.headers_mut() = answer.head.headers;
+                    return Ok(response);
+                }
+                // Not one byte of it was written: another lane may take it.
+                Ok(Err(LaneError::Unsent(back))) => whole = back,
+                Ok(Err(LaneError::Failed(e))) => return Err(e),
+                Err(_) => {
+                    return Err(ForwardError::Failed(
+                        "the pipelined connection ended without a word on this write".to_owned(),
+                    ))
+                }
+            }
+        }
+    }
+
     /// The response to hand to the client. A request the store answered
     /// before it was sent whole goes on being sent (HTTP/1.1 lets a body
     /// go on after an early answer) from a task of its own.
@@ -252,6 +319,52 @@ impl Upstream {
         *response.headers_mut() = head.headers;
         response
     }
+}
+
+/// `request` encoded whole, head and body, if it may take a pipelined
+/// connection: a write (it holds a ticket) whose body, at most
+/// [`pipeline::MAX_WHOLE`] bytes, is all here. Anything else streams
+/// through the pool.
+#[allow(clippy::too_many_arguments)]
+fn whole_request(
+    parts: &http::request::Parts,
+    target: &str,
+    hop: &RequestHop,
+    host: &HeaderValue,
+    framing: codec::Framing,
+    body: &UpstreamBody,
+    first: &Option<http_body::Frame<bytes::Bytes>>,
+    exchange: &Arc<Exchange>,
+) -> Option<Whole> {
+    if !exchange.holds_ticket() || !body.is_end_stream() {
+        return None;
+    }
+    let data = match first {
+        Some(frame) => frame.data_ref()?.clone(),
+        None => bytes::Bytes::new(),
+    };
+    let fits = match framing {
+        codec::Framing::Empty => data.is_empty(),
+        codec::Framing::Length(n) => n == data.len() as u64 && data.len() <= pipeline::MAX_WHOLE,
+        codec::Framing::Chunked | codec::Framing::UntilClose => false,
+    };
+    if !fits {
+        return None;
+    }
+    let mut buffer = Vec::with_capacity(512 + data.len());
+    codec::encode_request_head(
+        &mut buffer,
+        &parts.method,
+        target,
+        hop.fields(&parts.headers, host),
+        framing,
+    );
+    buffer.extend_from_slice(&data);
+    Some(Whole {
+        bytes: buffer.into(),
+        method: parts.method.clone(),
+        exchange: exchange.clone(),
+    })
 }
 
 /// Sends the rest of a request whose store answered before it was sent

@@ -10,6 +10,7 @@
 //!   raises durable in the [`state`] file, several raises per commit.
 //! - [`proxy`] is the data path of one request, top to bottom; [`forward`],
 //!   [`body`] and [`hop`] are its store side, bodies and header hygiene;
+//!   [`pool`] and, where it is on, [`pipeline`] hold its store connections;
 //!   [`socket`] is how both sides' connections read and write.
 //! - [`error`] is the one place that turns refusals into HTTP answers.
 //! - [`server`], [`admin`], [`metrics`], [`shutdown`] and [`app`] run the
@@ -37,6 +38,7 @@ pub mod gate;
 pub mod hop;
 pub mod metrics;
 pub mod path;
+pub mod pipeline;
 pub mod pool;
 pub mod proxy;
 pub mod server;

@@ -34,6 +34,7 @@ use crate::body::{BodyError, Exchange};
 use crate::codec::{self, BodyDecoder, CodecError, Decoded, Framing, ResponseHead};
 use crate::connector::{connect, ConnectError, KillHandle, Wire};
 use crate::forward::UpstreamBody;
+use crate::pipeline::WholeBody;
 
 /// Most body bytes taken from the client ahead of the store, as hyper's
 /// write buffer did: a body that is ready faster than the store takes it
@@ -301,7 +302,7 @@ impl Conn {
     /// may go back to the pool at the body's end. `out`'s head buffer
     /// returns to the connection.
     pub fn into_body(self, head: &ResponseHead, reusable: bool) -> StoreBody {
-        let mut body = StoreBody {
+        let mut body = ConnBody {
             decoder: BodyDecoder::new(head.framing),
             reusable: reusable && head.keep_alive,
             conn: None,
@@ -312,7 +313,7 @@ impl Conn {
         } else {
             body.conn = Some(self);
         }
-        body
+        StoreBody::Conn(body)
     }
 
     /// Keeps an `Outgoing`'s head buffer for the next exchange.
@@ -540,11 +541,50 @@ pub enum ReadError {
     Protocol(#[from] CodecError),
 }
 
+/// A response body from the store.
+pub enum StoreBody {
+    /// Read from a pooled connection.
+    Conn(ConnBody),
+    /// The whole answer to a pipelined write ([`crate::pipeline`]).
+    Whole(WholeBody),
+}
+
+impl Body for StoreBody {
+    type Data = Bytes;
+    type Error = ReadError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
+        match self.get_mut() {
+            StoreBody::Conn(body) => Pin::new(body).poll_frame(cx),
+            StoreBody::Whole(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(|never| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            StoreBody::Conn(body) => body.is_end_stream(),
+            StoreBody::Whole(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            StoreBody::Conn(body) => body.size_hint(),
+            StoreBody::Whole(body) => body.size_hint(),
+        }
+    }
+}
+
 /// A response body from the store, read from its connection by whoever
 /// polls it, which offers the connection back to the pool at its end.
 /// Dropped before its end, it drops the connection: the rest of the body
 /// is still on it.
-pub struct StoreBody {
+pub struct ConnBody {
     decoder: BodyDecoder,
     /// Whether the connection may carry another exchange after this body.
     reusable: bool,
@@ -552,7 +592,7 @@ pub struct StoreBody {
     conn: Option<Conn>,
 }
 
-impl StoreBody {
+impl ConnBody {
     fn finish(&mut self) {
         if let Some(conn) = self.conn.take() {
             conn.recycle_if(self.reusable);
@@ -560,7 +600,7 @@ impl StoreBody {
     }
 }
 
-impl Body for StoreBody {
+impl Body for ConnBody {
     type Data = Bytes;
     type Error = ReadError;
 
@@ -642,6 +682,7 @@ mod tests {
     #[test]
     fn an_answers_body_and_head_are_moved_inline() {
         assert!(std::mem::size_of::<StoreBody>() <= 128);
+        assert!(std::mem::size_of::<ConnBody>() <= 128);
         assert!(std::mem::size_of::<ResponseHead>() <= 128);
     }
 

@@ -28,3 +28,4 @@ mod smoke;
 mod soak;
 mod store_answers;
 mod store_faults;
+mod store_pipelining;

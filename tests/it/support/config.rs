@@ -49,6 +49,10 @@ pub struct FencegateConfig {
     pub connect_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
     pub body_idle_timeout: Option<Duration>,
+    /// `upstream.pipeline_depth`: unanswered writes per store connection.
+    pub pipeline_depth: Option<usize>,
+    /// `upstream.pipeline_max_requests`.
+    pub pipeline_max_requests: Option<u64>,
     /// `None`: [`super::Fencegate`] puts the state file in its temp dir.
     pub state_path: Option<PathBuf>,
     pub fencing_header: Option<String>,
@@ -77,6 +81,8 @@ impl FencegateConfig {
             connect_timeout: None,
             request_timeout: None,
             body_idle_timeout: None,
+            pipeline_depth: None,
+            pipeline_max_requests: None,
             state_path: None,
             fencing_header: None,
             read_methods: None,
@@ -133,6 +139,16 @@ impl FencegateConfig {
 
     pub fn body_idle_timeout(mut self, d: Duration) -> Self {
         self.body_idle_timeout = Some(d);
+        self
+    }
+
+    pub fn pipeline_depth(mut self, n: usize) -> Self {
+        self.pipeline_depth = Some(n);
+        self
+    }
+
+    pub fn pipeline_max_requests(mut self, n: u64) -> Self {
+        self.pipeline_max_requests = Some(n);
         self
     }
 
@@ -202,6 +218,12 @@ impl FencegateConfig {
         opt_duration(&mut t, "connect_timeout", self.connect_timeout);
         opt_duration(&mut t, "request_timeout", self.request_timeout);
         opt_duration(&mut t, "body_idle_timeout", self.body_idle_timeout);
+        if let Some(n) = self.pipeline_depth {
+            kv(&mut t, "pipeline_depth", &n.to_string());
+        }
+        if let Some(n) = self.pipeline_max_requests {
+            kv(&mut t, "pipeline_max_requests", &n.to_string());
+        }
 
         t.push_str("\n[state]\n");
         let state = self

@@ -58,6 +58,12 @@ impl Nginx {
     /// Start nginx on a free port and wait until it accepts connections.
     /// Panics (with error.log) if it does not within 5 s.
     pub fn start() -> Nginx {
+        Nginx::start_with("")
+    }
+
+    /// Like [`Nginx::start`], with `http_extra` added to the `http` block
+    /// (e.g. `keepalive_requests 3;`).
+    pub fn start_with(http_extra: &str) -> Nginx {
         let binary = require_binary("nginx", "nginx");
         let mut last_error = String::new();
         // A port taken between free_port() and nginx's bind: try another.
@@ -67,7 +73,7 @@ impl Nginx {
                 .tempdir()
                 .expect("create nginx temp dir");
             let port = free_port();
-            write_layout(dir.path(), port);
+            write_layout(dir.path(), port, http_extra);
             let mut nginx = Nginx {
                 child: Some(spawn(&binary, dir.path())),
                 dir,
@@ -236,7 +242,7 @@ fn spawn(binary: &Path, dir: &Path) -> Child {
         .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()))
 }
 
-fn write_layout(dir: &Path, port: u16) {
+fn write_layout(dir: &Path, port: u16, http_extra: &str) {
     for sub in [
         "data",
         "tmp/client_body",
@@ -247,10 +253,10 @@ fn write_layout(dir: &Path, port: u16) {
     ] {
         std::fs::create_dir_all(dir.join(sub)).expect("create nginx dirs");
     }
-    std::fs::write(dir.join("nginx.conf"), nginx_conf(dir, port)).expect("write nginx.conf");
+    std::fs::write(dir.join("nginx.conf"), nginx_conf(dir, port, http_extra)).expect("write nginx.conf");
 }
 
-fn nginx_conf(dir: &Path, port: u16) -> String {
+fn nginx_conf(dir: &Path, port: u16, http_extra: &str) -> String {
     let d = dir.display();
     format!(
         r#"daemon off;
@@ -272,6 +278,7 @@ http {{
 
     log_format fencing '$request_method $uri $http_fencing_token $status $request_length';
     access_log {d}/access.log fencing;
+    {http_extra}
 
     server {{
         listen 127.0.0.1:{port};

@@ -1,0 +1,676 @@
+//! Pipelining of small whole writes to the store (opt-in:
+//! `upstream.pipeline_depth`). Every other request goes through
+//! [`crate::pool`], one connection per request in flight.
+//!
+//! A *lane* is a store connection that carries up to `depth` writes whose
+//! answers have not come yet, in order (RFC 9112 §9.3.2). One `writev`
+//! carries several requests, and the store reads several in one `recv`:
+//! that is where the time goes (bench/RESULTS.md, steps 22 and 23). Each
+//! lane has a task of its own (its *driver*) that writes what handlers
+//! queued and reads the answers, in order, each whole (head and body, at
+//! most [`MAX_ANSWER`] bytes), so that one slow reader never holds up the
+//! answers behind its own.
+//!
+//! What the barrier promises stays as it is, because only a request that
+//! is here whole, head and body, takes a lane, and it is decided there:
+//! - a request still queued (not one byte of it written) is aborted by a
+//!   raise like any other, and leaves the queue;
+//! - the driver decides a request sent (`Exchange::complete`) as it puts
+//!   the request's bytes in the write, and only when everything decided
+//!   before it is written: from then on a raise waits for its answer
+//!   (rule 4b), as for a request the pool sent whole. The kernel takes
+//!   the write whole unless its buffer is full; then the rest follows
+//!   before anything else, and `request_timeout` bounds it like an answer
+//!   (the connection is cut, and with it what was unsent);
+//! - nothing is ever resent: a request decided sent whose answer never
+//!   comes (the store closed, or the connection was cut) fails with its
+//!   outcome unknown. A request still queued on a lane that closes goes
+//!   to another (not one byte of it was written, rule 6).
+//!
+//! Costs, which is why it is opt-in: a slow answer holds up the writes
+//! behind it (head-of-line blocking), a connection the store closes takes
+//! the unanswered writes on it with it (so a lane retires itself after
+//! `pipeline_max_requests`, which must stay below the store's own limit:
+//! nginx's `keepalive_requests`, 1000 by default), and a lane opens with
+//! one request and pipelines only after its first answer (RFC 9112
+//! §9.3.2: the store may not keep connections open).
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, Method};
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::Exchange;
+use crate::codec::{self, BodyDecoder, Decoded, ResponseHead};
+use crate::connector::{connect, KillHandle, Wire};
+use crate::forward::ForwardError;
+
+/// The largest request (head and body) a lane takes; a larger one goes
+/// through the pool. Bounded so that a lane's writes stay well within what
+/// the kernel takes in one call.
+pub const MAX_WHOLE: usize = 16 * 1024;
+
+/// The most bytes of requests one write call carries.
+const MAX_BATCH: usize = 64 * 1024;
+
+/// The largest answer body a lane reads for one write. A larger one cuts
+/// the lane: buffered whole, it would cost memory per write, and streamed
+/// it would hold up every answer behind it for as long as its client reads.
+pub const MAX_ANSWER: usize = 1024 * 1024;
+
+/// What a lane needs to know.
+#[derive(Debug, Clone)]
+pub struct LaneSettings {
+    /// The store.
+    pub host: String,
+    /// The store's port.
+    pub port: u16,
+    /// Time allowed to open a connection.
+    pub connect_timeout: Duration,
+    /// From a request decided sent to its answer's head.
+    pub request_timeout: Duration,
+    /// How long an unused lane stays open.
+    pub idle_timeout: Duration,
+    /// Unanswered requests per lane.
+    pub depth: usize,
+    /// Requests per lane before it retires.
+    pub max_requests: u64,
+}
+
+/// One serving thread's lanes. Each serving thread has its own (see
+/// [`crate::server`]), so its lock is never contended.
+pub struct Pipeline {
+    lanes: Mutex<Vec<Arc<Lane>>>,
+    settings: Arc<LaneSettings>,
+}
+
+/// A request, head and body, encoded and ready to go.
+pub struct Whole {
+    /// The bytes to write.
+    pub bytes: Bytes,
+    /// Its method (the answer to a HEAD has no body).
+    pub method: Method,
+    /// The write's exchange: decided sent by the lane's driver.
+    pub exchange: Arc<Exchange>,
+}
+
+/// The store's whole answer to a pipelined write.
+pub struct Answer {
+    /// Its head.
+    pub head: ResponseHead,
+    /// Its body.
+    pub body: WholeBody,
+}
+
+/// What a lane says of a request.
+pub type Reply = Result<Answer, LaneError>;
+
+/// Why a lane gave a request back.
+#[derive(Debug)]
+pub enum LaneError {
+    /// Not one byte of it was written, and the lane is closing: the
+    /// request may go on another.
+    Unsent(Whole),
+    /// It failed; the error says whether it reached the store.
+    Failed(ForwardError),
+}
+
+impl std::fmt::Debug for Whole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Whole")
+            .field("method", &self.method)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// A write waiting for its answer.
+pub struct Waiting {
+    lane: Arc<Lane>,
+    exchange: Arc<Exchange>,
+    /// The lane's answer, or that it gave the request back.
+    pub reply: oneshot::Receiver<Reply>,
+}
+
+impl Waiting {
+    /// Takes the request back out of its lane if it is still queued there
+    /// (aborted before one byte of it was written).
+    pub fn withdraw(&self) {
+        let mut state = self.lane.lock();
+        state
+            .queued
+            .retain(|q| !Arc::ptr_eq(&q.whole.exchange, &self.exchange));
+    }
+}
+
+impl Pipeline {
+    /// No lanes yet; they open as writes come.
+    pub fn new(settings: LaneSettings) -> Pipeline {
+        Pipeline {
+            lanes: Mutex::new(Vec::new()),
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// Queues `whole` on the first lane with room, opening one if none
+    /// has. Filling lanes in order rather than spreading the writes keeps
+    /// each write call carrying as many requests as there are.
+    pub fn enqueue(&self, whole: Whole) -> Waiting {
+        let (tx, rx) = oneshot::channel();
+        let exchange = whole.exchange.clone();
+        let mut lanes = self.lanes.lock().expect("pipeline lock");
+        lanes.retain(|lane| !lane.lock().dead);
+        let depth = self.settings.depth;
+        let lane = lanes.iter().find(|lane| lane.lock().has_room(depth)).cloned();
+        let lane = match lane {
+            Some(lane) => lane,
+            None => {
+                let lane = Lane::open(self.settings.clone());
+                lanes.push(lane.clone());
+                lane
+            }
+        };
+        drop(lanes);
+        {
+            let mut state = lane.lock();
+            state.queued.push_back(Queued { whole, reply: tx });
+            if let Some(driver) = state.driver.take() {
+                driver.wake();
+            }
+        }
+        Waiting {
+            lane,
+            exchange,
+            reply: rx,
+        }
+    }
+}
+
+/// A store connection carrying pipelined writes.
+struct Lane {
+    state: Mutex<LaneState>,
+}
+
+struct Queued {
+    whole: Whole,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// A request decided sent, waiting for its answer.
+struct Sent {
+    method: Method,
+    /// Holds the write's place in its generation until its answer's head.
+    exchange: Arc<Exchange>,
+    reply: oneshot::Sender<Reply>,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct LaneState {
+    /// Requests not yet decided: not one byte of them written.
+    queued: VecDeque<Queued>,
+    /// Requests decided sent, oldest first: their answers come in this order.
+    sent: VecDeque<Sent>,
+    /// Bytes decided sent that the kernel has not taken yet.
+    unwritten: VecDeque<Bytes>,
+    /// Requests decided sent on this lane, and answers read.
+    requests: u64,
+    answers: u64,
+    /// No more requests: the lane is closing (retired, or the store said
+    /// it closes).
+    closing: bool,
+    /// The driver is gone; the lane takes nothing.
+    dead: bool,
+    driver: Option<Waker>,
+}
+
+impl LaneState {
+    fn has_room(&self, depth: usize) -> bool {
+        !self.closing && !self.dead && self.queued.len() + self.sent.len() < depth
+    }
+}
+
+impl Lane {
+    fn open(settings: Arc<LaneSettings>) -> Arc<Lane> {
+        let lane = Arc::new(Lane {
+            state: Mutex::new(LaneState::default()),
+        });
+        tokio::spawn(drive(lane.clone(), settings));
+        lane
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LaneState> {
+        self.state.lock().expect("lane lock")
+    }
+
+    /// Ends the lane: every request decided sent fails with `failure`
+    /// (its outcome is unknown), every queued one is given back.
+    fn end(&self, mut failure: impl FnMut() -> ForwardError) {
+        let mut state = self.lock();
+        state.dead = true;
+        state.closing = true;
+        state.unwritten.clear();
+        let sent = std::mem::take(&mut state.sent);
+        let queued = std::mem::take(&mut state.queued);
+        drop(state);
+        for s in sent {
+            let _ = s.reply.send(Err(LaneError::Failed(failure())));
+        }
+        for q in queued {
+            let _ = q.reply.send(Err(LaneError::Unsent(q.whole)));
+        }
+    }
+}
+
+/// The answer being read.
+struct Reading {
+    head: ResponseHead,
+    decoder: BodyDecoder,
+    body: BytesMut,
+    trailers: Option<Box<HeaderMap>>,
+}
+
+/// How a lane's connection ended.
+enum Ended {
+    /// Idle, retired or closed by the store with nothing owed.
+    Quietly,
+    /// With requests unanswered: they fail with this.
+    Failing(ForwardError),
+}
+
+/// A lane's task: connects, then writes and reads until the lane ends.
+async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
+    let connected = connect(&settings.host, settings.port, settings.connect_timeout).await;
+    let (wire, kill) = match connected {
+        Ok(connected) => connected,
+        Err(e) => {
+            // Every request on the lane fails as the pool's would: given
+            // back, one would open another lane, fail again, and so on.
+            let message = crate::error::causes(&e);
+            let mut state = lane.lock();
+            state.dead = true;
+            let queued = std::mem::take(&mut state.queued);
+            drop(state);
+            for q in queued {
+                let _ = q
+                    .reply
+                    .send(Err(LaneError::Failed(ForwardError::Connect(message.clone()))));
+            }
+            return;
+        }
+    };
+    let mut driver = Driver {
+        lane: &lane,
+        settings: &settings,
+        wire: wire.clone(),
+        kill: kill.clone(),
+        read: BytesMut::new(),
+        fields: Box::default(),
+        reading: None,
+        timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
+        timer_at: None,
+    };
+    let ended = poll_fn(|cx| driver.poll(cx)).await;
+    match ended {
+        Ended::Quietly => lane.end(|| ForwardError::Failed("the pipelined connection closed".to_owned())),
+        Ended::Failing(failure) => {
+            // Nothing more of what was unwritten may reach the store.
+            kill.kill();
+            let message = failure.to_string();
+            let mut first = Some(failure);
+            lane.end(|| {
+                first.take().unwrap_or_else(|| {
+                    ForwardError::Failed(format!(
+                        "a write ahead of this one on its pipelined connection failed ({message}); \
+                         this one was sent, and its outcome is unknown"
+                    ))
+                })
+            });
+        }
+    }
+}
+
+struct Driver<'a> {
+    lane: &'a Lane,
+    settings: &'a LaneSettings,
+    wire: Arc<Wire>,
+    kill: KillHandle,
+    read: BytesMut,
+    fields: Box<codec::Fields>,
+    reading: Option<Reading>,
+    /// The oldest unanswered request's deadline, or the idle timeout.
+    timer: Pin<Box<Sleep>>,
+    /// What `timer` is set to: `Some(deadline)` of a request.
+    timer_at: Option<Instant>,
+}
+
+impl Driver<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
+        loop {
+            let mut progress = false;
+            // Reading first: a close by the store that is already here is
+            // seen before another request goes onto the connection.
+            match self.poll_read(cx) {
+                Poll::Ready(Ok(Some(ended))) => return Poll::Ready(ended),
+                Poll::Ready(Ok(None)) => progress = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Ended::Failing(e)),
+                Poll::Pending => {}
+            }
+            match self.poll_write(cx) {
+                Poll::Ready(Ok(())) => progress = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Ended::Failing(e)),
+                Poll::Pending => {}
+            }
+            if progress {
+                continue;
+            }
+            let mut state = self.lane.lock();
+            if state.closing && state.sent.is_empty() {
+                return Poll::Ready(Ended::Quietly);
+            }
+            // The timer: the oldest unanswered request's deadline, or,
+            // with none, the idle timeout from now.
+            let front = state.sent.front().map(|s| s.deadline);
+            let idle = state.sent.is_empty() && state.queued.is_empty();
+            state.driver = Some(cx.waker().clone());
+            drop(state);
+            if front != self.timer_at || (idle && self.timer_at.is_some()) {
+                self.timer_at = front;
+                let at = front.unwrap_or_else(|| Instant::now() + self.settings.idle_timeout);
+                self.timer.as_mut().reset(at);
+            }
+            if !idle && front.is_none() {
+                // Requests queued behind a lane that is not open yet to
+                // pipelining (waiting for its first answer) or retiring:
+                // they wait for the answers, which wake the driver.
+                return Poll::Pending;
+            }
+            if self.timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(match front {
+                    None => Ended::Quietly,
+                    Some(_) => Ended::Failing(ForwardError::Timeout(self.settings.request_timeout)),
+                });
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// Decides what may go and writes it. Ready(Ok) when bytes were
+    /// written.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
+        let mut state = self.lane.lock();
+        if state.unwritten.is_empty() {
+            self.decide(&mut state);
+        }
+        if state.unwritten.is_empty() {
+            return Poll::Pending;
+        }
+        let mut slices = [IoSlice::new(&[]); 64];
+        let mut count = 0;
+        for piece in state.unwritten.iter().take(slices.len()) {
+            slices[count] = IoSlice::new(piece);
+            count += 1;
+        }
+        let mut n = match std::task::ready!(self.wire.poll_write(cx, &slices[..count])) {
+            Ok(n) => n,
+            Err(e) => {
+                return Poll::Ready(Err(ForwardError::Failed(format!(
+                    "writing to the store failed: {e}; the outcome is unknown"
+                ))))
+            }
+        };
+        while n > 0 {
+            let front = state.unwritten.front_mut().expect("written bytes were queued");
+            if n < front.len() {
+                front.advance(n);
+                break;
+            }
+            n -= front.len();
+            state.unwritten.pop_front();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Moves queued requests to the write, deciding each sent, as far as
+    /// the lane's depth and one write's size allow.
+    fn decide(&self, state: &mut LaneState) {
+        let now = Instant::now();
+        let mut batch = 0;
+        while let Some(next) = state.queued.front() {
+            let open = state.answers > 0 || state.requests == 0;
+            if !open
+                || state.closing
+                || state.sent.len() >= self.settings.depth
+                || (batch > 0 && batch + next.whole.bytes.len() > MAX_BATCH)
+            {
+                break;
+            }
+            let Queued { whole, reply } = state.queued.pop_front().expect("front exists");
+            // From here a raise waits for this write's answer; one that
+            // began already has aborted it (rule 4a).
+            if !whole.exchange.complete() {
+                let _ = reply.send(Err(LaneError::Failed(ForwardError::Fenced)));
+                continue;
+            }
+            batch += whole.bytes.len();
+            state.unwritten.push_back(whole.bytes);
+            state.sent.push_back(Sent {
+                method: whole.method,
+                exchange: whole.exchange,
+                reply,
+                deadline: now + self.settings.request_timeout,
+            });
+            state.requests += 1;
+            if state.requests >= self.settings.max_requests {
+                state.closing = true;
+            }
+        }
+        if state.closing {
+            // Not one byte of these was written: they go on another lane.
+            for q in std::mem::take(&mut state.queued) {
+                let _ = q.reply.send(Err(LaneError::Unsent(q.whole)));
+            }
+        }
+    }
+
+    /// Reads answers and hands each to its request. Ready(Ok(None)) when
+    /// something was read, Ready(Ok(Some)) when the lane ended.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Ended>, ForwardError>> {
+        let mut eof = false;
+        match self.wire.poll_read(cx, &mut self.read) {
+            Poll::Ready(Ok(0)) => eof = true,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Ready(Err(e)) => {
+                return Poll::Ready(Err(ForwardError::Failed(format!(
+                    "the pipelined connection to the store failed: {e}; the outcome is unknown"
+                ))))
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+        // Answers handed over wait here until the kernel has sent every
+        // byte written (see `forward::until_sent_out`): only then may
+        // their writes leave their generations.
+        let mut answered = Vec::new();
+        let result = self.parse(eof, &mut answered);
+        if !answered.is_empty() && !self.wire.nothing_unsent() {
+            // Rare: a store answers what it has read whole. These writes
+            // keep their places until the rest has gone out, within
+            // `request_timeout`, else the connection is cut.
+            let (wire, kill, limit) = (
+                self.wire.clone(),
+                self.kill.clone(),
+                self.settings.request_timeout,
+            );
+            tokio::spawn(async move {
+                if tokio::time::timeout(limit, wire.sent_out()).await.is_err() {
+                    kill.kill();
+                }
+                drop(answered);
+            });
+        }
+        result
+    }
+
+    /// Parses what was read. `eof`: the store closed after it.
+    fn parse(
+        &mut self,
+        eof: bool,
+        answered: &mut Vec<Arc<Exchange>>,
+    ) -> Poll<Result<Option<Ended>, ForwardError>> {
+        loop {
+            let state = self.lane.lock();
+            let Some(front) = state.sent.front() else {
+                drop(state);
+                if !self.read.is_empty() {
+                    return Poll::Ready(Err(ForwardError::BadResponse(
+                        "the store sent bytes no request asked for".to_owned(),
+                    )));
+                }
+                if eof {
+                    return Poll::Ready(Ok(Some(Ended::Quietly)));
+                }
+                return Poll::Ready(Ok(None));
+            };
+            if self.reading.is_none() {
+                if self.read.is_empty() && !eof {
+                    return Poll::Ready(Ok(None));
+                }
+                let method = front.method.clone();
+                drop(state);
+                match codec::parse_response_head(&mut self.read, &method, &mut self.fields) {
+                    Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
+                        continue
+                    }
+                    Ok(Some(head)) if head.status.as_u16() == 101 => {
+                        return Poll::Ready(Err(ForwardError::BadResponse(
+                            "the store switched protocols, which fencegate never tunnels".to_owned(),
+                        )))
+                    }
+                    Ok(Some(head)) => {
+                        self.reading = Some(Reading {
+                            decoder: BodyDecoder::new(head.framing),
+                            head,
+                            body: BytesMut::new(),
+                            trailers: None,
+                        });
+                    }
+                    Ok(None) if eof => {
+                        return Poll::Ready(Err(ForwardError::Failed(
+                            "the store closed the connection without answering".to_owned(),
+                        )))
+                    }
+                    Ok(None) => return Poll::Ready(Ok(None)),
+                    Err(e) => return Poll::Ready(Err(ForwardError::BadResponse(e.to_string()))),
+                }
+                continue;
+            }
+            drop(state);
+            let reading = self.reading.as_mut().expect("an answer is being read");
+            let done = loop {
+                let decoded = match reading
+                    .decoder
+                    .decode(&mut self.read, self.fields.connection_named())
+                {
+                    Ok(Decoded::More) if eof => reading.decoder.at_eof(),
+                    other => other,
+                };
+                match decoded {
+                    Ok(Decoded::Data(data)) => {
+                        if reading.body.len() + data.len() > MAX_ANSWER {
+                            return Poll::Ready(Err(ForwardError::Failed(format!(
+                                "the store's answer to a pipelined write is over {MAX_ANSWER} bytes"
+                            ))));
+                        }
+                        reading.body.extend_from_slice(&data);
+                    }
+                    Ok(Decoded::Trailers(trailers)) => {
+                        reading.trailers = Some(Box::new(trailers));
+                        break true;
+                    }
+                    Ok(Decoded::End) => break true,
+                    Ok(Decoded::More) => break false,
+                    Err(e) => return Poll::Ready(Err(ForwardError::BadResponse(e.to_string()))),
+                }
+            };
+            if !done {
+                return Poll::Ready(Ok(None));
+            }
+            let Reading {
+                head, body, trailers, ..
+            } = self.reading.take().expect("an answer was being read");
+            let mut state = self.lane.lock();
+            let sent = state.sent.pop_front().expect("the answer's request");
+            state.answers += 1;
+            let keep_alive = head.keep_alive && !eof;
+            if !keep_alive {
+                state.closing = true;
+            }
+            drop(state);
+            answered.push(sent.exchange);
+            let _ = sent.reply.send(Ok(Answer {
+                head,
+                body: WholeBody {
+                    data: (!body.is_empty()).then(|| body.freeze()),
+                    trailers,
+                },
+            }));
+            if !keep_alive {
+                // The store closes after this answer: the requests sent
+                // after it will not be answered.
+                let unanswered = !self.lane.lock().sent.is_empty();
+                return Poll::Ready(if unanswered {
+                    Err(ForwardError::Failed(
+                        "the store closed a pipelined connection before answering this write; \
+                         its outcome is unknown"
+                            .to_owned(),
+                    ))
+                } else {
+                    Ok(Some(Ended::Quietly))
+                });
+            }
+        }
+    }
+}
+
+/// A pipelined write's answer body, read whole.
+#[derive(Debug, Default)]
+pub struct WholeBody {
+    data: Option<Bytes>,
+    /// Boxed: rare, and the answer's body is moved whole.
+    trailers: Option<Box<HeaderMap>>,
+}
+
+impl Body for WholeBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(*t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.data, &self.trailers) {
+            (data, None) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            _ => SizeHint::default(),
+        }
+    }
+}

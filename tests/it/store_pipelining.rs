@@ -1,0 +1,336 @@
+//! Pipelining to the store (`upstream.pipeline_depth`): small whole writes
+//! share a store connection, a *lane*, and are answered in order. What the
+//! barrier promises must not change: a raise still takes back a lower
+//! write of which not one byte was written, waits for the answers of those
+//! that were, and nothing is ever resent. Run against [`ScriptedStore`]
+//! (event order at the store; hyper answers one request of a connection
+//! after another) and nginx (its `keepalive_requests` closing a pipelined
+//! connection).
+
+use crate::support::{client, Event, EventKind, Fencegate, FencegateConfig, Nginx, ScriptedStore};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const DOMAIN: &str = "d";
+const PREFIX: &str = "/d/";
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    reason: Option<String>,
+}
+
+impl Reply {
+    fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+async fn put(http: &reqwest::Client, base: &str, path: &str, token: &str) -> Reply {
+    let response = http
+        .put(format!("{base}{path}"))
+        .header("Fencing-Token", token)
+        .body(format!("body of {path} with token {token}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {path} (token {token}): {e}"));
+    let status = response.status().as_u16();
+    let reason = response
+        .headers()
+        .get("fencegate-reason")
+        .map(|v| v.to_str().unwrap_or_default().to_string());
+    let _ = response.bytes().await;
+    Reply { status, reason }
+}
+
+fn spawn_put(
+    http: &reqwest::Client,
+    fg: &Fencegate,
+    path: &str,
+    token: &str,
+) -> tokio::task::JoinHandle<Reply> {
+    let (http, base, path, token) = (http.clone(), fg.url(), path.to_string(), token.to_string());
+    tokio::spawn(async move { put(&http, &base, &path, &token).await })
+}
+
+/// fencegate with one serving thread (so every write takes the same
+/// lanes) and pipelining at `depth`, in front of `upstream`, with the
+/// domain `d` established at epoch 5 by a first write (which also opens
+/// the first lane and, answered, lets it pipeline).
+async fn pipelined(
+    upstream: &str,
+    depth: usize,
+    tune: impl FnOnce(FencegateConfig) -> FencegateConfig,
+) -> (Fencegate, reqwest::Client) {
+    let config = FencegateConfig::new(upstream)
+        .domain(DOMAIN, PREFIX)
+        .workers(1)
+        .pipeline_depth(depth);
+    let fg = Fencegate::start(tune(config));
+    let http = client();
+    let first = put(&http, &fg.url(), "/d/establish", "5").await;
+    assert!(first.is_success(), "establishing epoch 5: {first:?}");
+    (fg, http)
+}
+
+fn position(events: &[Event], path: &str, kind: EventKind) -> Option<usize> {
+    events.iter().position(|e| e.path == path && e.kind == kind)
+}
+
+fn describe(events: &[Event]) -> String {
+    events
+        .iter()
+        .map(|e| format!("{:?} {} {:?}\n", e.token, e.path, e.kind))
+        .collect()
+}
+
+async fn wait_head(store: &ScriptedStore, path: &str) {
+    let arrived = store
+        .wait_for(Duration::from_secs(10), |ev| {
+            position(ev, path, EventKind::HeadArrived).is_some()
+        })
+        .await;
+    assert!(
+        arrived,
+        "{path} never reached the store:\n{}",
+        describe(&store.events())
+    );
+}
+
+/// Writes that share a lane reach the store one after another: the store
+/// reads the next only once it has answered the one before (which is how
+/// a pipelined connection looks from the store), where the pool would
+/// have sent them side by side on connections of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_on_one_lane_reach_the_store_in_order_one_after_another() {
+    const HOLD: Duration = Duration::from_millis(300);
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    store.hold_token("5", HOLD);
+    let started = Instant::now();
+    let mut writes = Vec::new();
+    for i in 0..4 {
+        writes.push(spawn_put(&http, &fg, &format!("/d/w{i}"), "5"));
+        // In this order onto the lane.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for write in writes {
+        let reply = write.await.unwrap();
+        assert!(reply.is_success(), "{reply:?}");
+    }
+    let took = started.elapsed();
+    let events = store.events();
+    let log = describe(&events);
+    for i in 0..3 {
+        let answered = position(&events, &format!("/d/w{i}"), EventKind::Responded).expect(&log);
+        let next = position(&events, &format!("/d/w{}", i + 1), EventKind::HeadArrived).expect(&log);
+        assert!(
+            next > answered,
+            "w{} reached the store before w{i} was answered:\n{log}",
+            i + 1
+        );
+    }
+    assert!(took >= HOLD * 4, "four held writes on one lane took {took:?}");
+}
+
+/// A lower write decided sent on a lane (its bytes are behind another on
+/// the store connection) is not aborted by a raise: the higher write waits
+/// for its answer, and the store gets it whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_waits_for_the_answers_of_lower_writes_pipelined_before_it() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    store.hold_token("5", Duration::from_millis(500));
+    let a = spawn_put(&http, &fg, "/d/five-a", "5");
+    wait_head(&store, "/d/five-a").await;
+    let b = spawn_put(&http, &fg, "/d/five-b", "5");
+    // Written behind five-a; the store has not read it yet.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(position(&store.events(), "/d/five-b", EventKind::HeadArrived).is_none());
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(
+        a.is_success() && b.is_success(),
+        "the lower writes sent before the raise: {a:?} {b:?}"
+    );
+    assert!(six.is_success(), "the higher write: {six:?}");
+    let events = store.events();
+    let log = describe(&events);
+    let b_answered = position(&events, "/d/five-b", EventKind::Responded).expect(&log);
+    let six_head = position(&events, "/d/six", EventKind::HeadArrived).expect(&log);
+    assert!(
+        six_head > b_answered,
+        "the 6-write reached the store before five-b was answered:\n{log}"
+    );
+}
+
+/// A lower write still queued in its lane (the lane is new and waits for
+/// its first answer before it pipelines, RFC 9112 §9.3.2) has not one
+/// byte at the store: a raise takes it back, it is refused, and it never
+/// reaches the store, while the writes already sent are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_takes_back_a_lower_write_still_queued_in_its_lane() {
+    let store = ScriptedStore::start().await;
+    // Two requests per lane: the establishing write and five-a fill the
+    // first, so five-b opens a second, where five-c queues behind it.
+    let (fg, http) = pipelined(&store.url(), 4, |c| c.pipeline_max_requests(2)).await;
+    store.hold_token("5", Duration::from_millis(800));
+    let a = spawn_put(&http, &fg, "/d/five-a", "5");
+    wait_head(&store, "/d/five-a").await;
+    let b = spawn_put(&http, &fg, "/d/five-b", "5");
+    wait_head(&store, "/d/five-b").await;
+    let c = spawn_put(&http, &fg, "/d/five-c", "5");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    let (a, b, c) = (a.await.unwrap(), b.await.unwrap(), c.await.unwrap());
+    assert!(
+        a.is_success() && b.is_success(),
+        "the writes sent before the raise: {a:?} {b:?}"
+    );
+    assert_eq!(
+        (c.status, c.reason.as_deref()),
+        (412, Some("stale_epoch")),
+        "the queued lower write: {c:?}"
+    );
+    assert!(six.is_success(), "the higher write: {six:?}");
+    // Give a wrongly sent five-c time to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = store.events();
+    let log = describe(&events);
+    assert!(
+        position(&events, "/d/five-c", EventKind::HeadArrived).is_none(),
+        "five-c reached the store:\n{log}"
+    );
+    let b_answered = position(&events, "/d/five-b", EventKind::Responded).expect(&log);
+    let six_head = position(&events, "/d/six", EventKind::HeadArrived).expect(&log);
+    assert!(six_head > b_answered, "{log}");
+}
+
+/// A pipelined write whose answer does not come within `request_timeout`
+/// is cut with its connection (504); the write sent behind it on the same
+/// connection was sent, so its outcome is unknown (502), and it is not
+/// resent. The next write takes a new lane.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipelined_write_past_request_timeout_cuts_its_lane() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_millis(400))).await;
+    store.hold_token("5", Duration::from_secs(3));
+    let a = spawn_put(&http, &fg, "/d/slow", "5");
+    wait_head(&store, "/d/slow").await;
+    let b = spawn_put(&http, &fg, "/d/behind", "5");
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert_eq!(
+        (a.status, a.reason.as_deref()),
+        (504, Some("upstream_timeout")),
+        "{a:?}"
+    );
+    assert_eq!(
+        (b.status, b.reason.as_deref()),
+        (502, Some("upstream_unreachable")),
+        "{b:?}"
+    );
+    store.clear_holds();
+    let next = put(&http, &fg.url(), "/d/next", "5").await;
+    assert!(next.is_success(), "a write after the cut: {next:?}");
+    let events = store.events();
+    let sent_behind = events
+        .iter()
+        .filter(|e| e.path == "/d/behind" && e.kind == EventKind::HeadArrived)
+        .count();
+    assert!(
+        sent_behind <= 1,
+        "the write behind was resent:\n{}",
+        describe(&events)
+    );
+}
+
+/// Drives `writers` × `each` writes of distinct paths through `fg`, each
+/// writer one after another, and returns each path's status.
+async fn write_many(fg: &Fencegate, writers: usize, each: usize) -> HashMap<String, Reply> {
+    let http = client();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (http, base) = (http.clone(), fg.url());
+        tasks.push(tokio::spawn(async move {
+            let mut replies = Vec::new();
+            for i in 0..each {
+                let path = format!("/d/w{w}-{i}");
+                replies.push((path.clone(), put(&http, &base, &path, "5").await));
+            }
+            replies
+        }));
+    }
+    let mut all = HashMap::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all
+}
+
+/// nginx closes a connection after `keepalive_requests` answers. Writes
+/// pipelined behind the last one were sent and are never answered: they
+/// fail as outcome unknown, and none is resent (each path reaches nginx at
+/// most once, every write answered 2xx exactly once).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_closes_a_pipelined_connection_gets_no_write_twice() {
+    let nginx = Nginx::start_with("keepalive_requests 3;");
+    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c.pipeline_max_requests(100)).await;
+    let replies = write_many(&fg, 8, 10).await;
+    let entries = nginx.log_entries_at_least(replies.values().filter(|r| r.is_success()).count() + 1);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for e in &entries {
+        *seen.entry(e.uri.clone()).or_default() += 1;
+    }
+    for (path, reply) in &replies {
+        let times = seen.get(path).copied().unwrap_or(0);
+        if reply.is_success() {
+            assert_eq!(times, 1, "{path} answered {reply:?} reached nginx {times} times");
+        } else {
+            assert_eq!(
+                (reply.status, reply.reason.as_deref()),
+                (502, Some("upstream_unreachable")),
+                "{path}"
+            );
+            assert!(times <= 1, "{path} ({reply:?}) reached nginx {times} times");
+        }
+    }
+}
+
+/// With `pipeline_max_requests` at or below the store's own limit, a lane
+/// retires before the store closes it, so no write is lost to the close.
+#[tokio::test(flavor = "multi_thread")]
+async fn lanes_that_retire_before_the_store_closes_them_lose_no_write() {
+    let nginx = Nginx::start_with("keepalive_requests 3;");
+    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c.pipeline_max_requests(3)).await;
+    let replies = write_many(&fg, 8, 10).await;
+    let failed: Vec<_> = replies.iter().filter(|(_, r)| !r.is_success()).collect();
+    assert!(failed.is_empty(), "writes failed: {failed:?}");
+    let entries = nginx.log_entries_at_least(replies.len() + 1);
+    assert_eq!(entries.len(), replies.len() + 1, "every write reached nginx once");
+}
+
+/// A store that refuses connections fails a pipelined write at once, as
+/// it fails any other (502, nothing sent): the write is not handed from
+/// one new lane to the next.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_refuses_connections_fails_a_pipelined_write_at_once() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    store.stop();
+    // The lane of the first write is gone with the store's close.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(5), put(&http, &fg.url(), "/d/refused", "5"))
+        .await
+        .expect("a write to a store that refuses connections was answered");
+    assert_eq!(
+        (reply.status, reply.reason.as_deref()),
+        (502, Some("upstream_unreachable")),
+        "{reply:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
