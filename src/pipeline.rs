@@ -293,11 +293,14 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
     let (wire, kill) = match connected {
         Ok(connected) => connected,
         Err(e) => {
-            // Every request on the lane fails as the pool's would: given
-            // back, one would open another lane, fail again, and so on.
+            // Nothing was written, but the writes queued here fail like a
+            // checkout from the pool that cannot connect: given back, they
+            // would open lane after lane that cannot connect either, and
+            // never be answered.
             let message = crate::error::causes(&e);
             let mut state = lane.lock();
             state.dead = true;
+            state.closing = true;
             let queued = std::mem::take(&mut state.queued);
             drop(state);
             for q in queued {
