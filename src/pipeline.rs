@@ -212,6 +212,9 @@ struct Sent {
     exchange: Arc<Exchange>,
     reply: oneshot::Sender<Reply>,
     deadline: Instant,
+    /// `LaneState::decided_bytes` once its bytes were queued: its last
+    /// byte has left the lane's queue once `written_bytes` reaches it.
+    end: u64,
 }
 
 #[derive(Default)]
@@ -222,6 +225,9 @@ struct LaneState {
     sent: VecDeque<Sent>,
     /// Bytes decided sent that the kernel has not taken yet.
     unwritten: VecDeque<Bytes>,
+    /// Bytes decided sent on this lane, and bytes the kernel took.
+    decided_bytes: u64,
+    written_bytes: u64,
     /// Requests decided sent on this lane, and answers read.
     requests: u64,
     answers: u64,
@@ -343,7 +349,7 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
 }
 
 struct Driver<'a> {
-    lane: &'a Lane,
+    lane: &'a Arc<Lane>,
     settings: &'a LaneSettings,
     wire: Arc<Wire>,
     kill: KillHandle,
@@ -431,6 +437,7 @@ impl Driver<'_> {
                 ))))
             }
         };
+        state.written_bytes += n as u64;
         while n > 0 {
             let front = state.unwritten.front_mut().expect("written bytes were queued");
             if n < front.len() {
@@ -465,12 +472,15 @@ impl Driver<'_> {
                 continue;
             }
             batch += whole.bytes.len();
+            state.decided_bytes += whole.bytes.len() as u64;
+            let end = state.decided_bytes;
             state.unwritten.push_back(whole.bytes);
             state.sent.push_back(Sent {
                 method: whole.method,
                 exchange: whole.exchange,
                 reply,
                 deadline: now + self.settings.request_timeout,
+                end,
             });
             state.requests += 1;
             if state.requests >= self.settings.max_requests {
@@ -499,25 +509,72 @@ impl Driver<'_> {
             }
             Poll::Pending => return Poll::Pending,
         }
-        // Answers handed over wait here until the kernel has sent every
-        // byte written (see `forward::until_sent_out`): only then may
-        // their writes leave their generations.
+        // Answers handed over wait here until every byte decided before
+        // them has gone out, from the lane's own queue and then from the
+        // kernel (see `forward::until_sent_out`): only then may their
+        // writes leave their generations.
         let mut answered = Vec::new();
         let result = self.parse(eof, &mut answered);
-        if !answered.is_empty() && !self.wire.nothing_unsent() {
-            // Rare: a store answers what it has read whole. These writes
-            // keep their places until the rest has gone out, within
-            // `request_timeout`, else the connection is cut.
-            let (wire, kill, limit) = (
-                self.wire.clone(),
-                self.kill.clone(),
-                self.settings.request_timeout,
-            );
+        if answered.is_empty() {
+            return result;
+        }
+        let written = self.lane.lock().written_bytes;
+        let kernel_clear = self.wire.nothing_unsent();
+        for (exchange, end) in answered {
+            if written >= end && kernel_clear {
+                continue;
+            }
+            // Rare: a store answers what it has not read whole. This write
+            // keeps its place until the rest has gone out, within
+            // `request_timeout`; a raise meanwhile cuts the connection (the
+            // reset drops what is unsent), as on the pool's path.
+            let (lane, wire, kill) = (self.lane.clone(), self.wire.clone(), self.kill.clone());
+            let deadline = Instant::now() + self.settings.request_timeout;
             tokio::spawn(async move {
-                if tokio::time::timeout(limit, wire.sent_out()).await.is_err() {
-                    kill.kill();
+                {
+                    // Out of the lane's queue (or dropped with the lane),
+                    // and out of the kernel.
+                    let out = || {
+                        let state = lane.lock();
+                        (state.written_bytes >= end || state.dead) && wire.nothing_unsent()
+                    };
+                    let raised = async {
+                        match exchange.abort_signal() {
+                            Some(signal) => signal.raised().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::pin!(raised);
+                    let timeout = tokio::time::sleep_until(deadline);
+                    tokio::pin!(timeout);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            () = wire.sent_out() => {
+                                if out() {
+                                    break;
+                                }
+                                // The driver writes the rest when it runs.
+                                tokio::task::yield_now().await;
+                            }
+                            () = &mut raised => {
+                                if !out() {
+                                    kill.kill();
+                                }
+                                break;
+                            }
+                            () = &mut timeout => {
+                                if !out() {
+                                    kill.kill();
+                                }
+                                break;
+                            }
+                        }
+                    }
                 }
-                drop(answered);
+                // Only now, with every byte out or the connection cut, does
+                // the write leave its generation.
+                drop(exchange);
             });
         }
         result
@@ -527,7 +584,7 @@ impl Driver<'_> {
     fn parse(
         &mut self,
         eof: bool,
-        answered: &mut Vec<Arc<Exchange>>,
+        answered: &mut Vec<(Arc<Exchange>, u64)>,
     ) -> Poll<Result<Option<Ended>, ForwardError>> {
         loop {
             let state = self.lane.lock();
@@ -618,7 +675,7 @@ impl Driver<'_> {
                 state.closing = true;
             }
             drop(state);
-            answered.push(sent.exchange);
+            answered.push((sent.exchange, sent.end));
             let _ = sent.reply.send(Ok(Answer {
                 head,
                 body: WholeBody {

@@ -3,9 +3,11 @@
 //! must not wait on a lower write that already has its answer any longer
 //! than it would on the pool's path.
 
-use crate::support::{Fencegate, FencegateConfig};
+use crate::support::{Fault, Fencegate, FencegateConfig, ScriptedStore};
 use serde_json::Value;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const DOMAIN: &str = "d";
 /// Far longer than any answer below should take.
@@ -91,4 +93,77 @@ async fn a_pipelined_write_to_a_store_that_is_down_gets_502() {
     );
     assert!(answer.2 < Duration::from_secs(5), "took {:?}", answer.2);
     assert_eq!(marks(&fg).2, 0, "no write left in flight");
+}
+
+/// A store may answer a pipelined write before it has read it all, and then
+/// stop reading; the rest waits unsent in fencegate's socket. Until it has
+/// gone out, the write keeps its place in its generation, and a raise cuts
+/// its connection at once (as on the pool's path, `forward::until_sent_out`)
+/// rather than wait for the store to read again (or `request_timeout`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_cuts_a_pipelined_write_answered_early_that_the_kernel_holds() {
+    const READ_AFTER: Duration = Duration::from_secs(4);
+    const BODY: usize = 16 << 10;
+    let store = ScriptedStore::start().await;
+    // The smallest window: most of the write waits in fencegate's socket.
+    store.set_receive_buffer(2048);
+    let fg = start(
+        FencegateConfig::new(&store.url())
+            .domain(DOMAIN, "/d/")
+            .workers(1)
+            .request_timeout(Duration::from_secs(10))
+            .body_idle_timeout(Duration::from_secs(10))
+            .pipeline_depth(4),
+    );
+    store.fault_path(
+        "/d/early",
+        Fault::AnswerEarly {
+            read_after: READ_AFTER,
+        },
+    );
+    // One client connection: large writes first, so that fencegate's
+    // listener reads a whole write at once (hyper's read size grows), and
+    // the last one is whole when handled: it takes a lane.
+    let mut stream = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    let body = vec![b'x'; BODY];
+    for (i, path) in ["/d/w1", "/d/w2", "/d/w3", "/d/w4", "/d/early"]
+        .iter()
+        .enumerate()
+    {
+        let mut request = format!(
+            "PUT {path} HTTP/1.1\r\nHost: store.test\r\nFencing-Token: 5\r\nContent-Length: {BODY}\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        stream.write_all(&request).await.expect("send a write");
+        let mut answer = [0u8; 1024];
+        let n = tokio::time::timeout(HANG, stream.read(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to write {i}\n{}", log_tail(&fg)))
+            .expect("read an answer");
+        let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+        assert!(
+            text.starts_with("HTTP/1.1 2"),
+            "write {path}: {text}\n{}",
+            log_tail(&fg)
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = marks(&fg).2;
+    if held == 0 {
+        panic!(
+            "precondition: the early-answered write left its generation at once (its bytes all \
+             went out, or it did not take a lane); the test proves nothing"
+        );
+    }
+    let raise = put(&fg, "/d/six", 6).await;
+    assert_eq!(raise.0 / 100, 2, "the raise to 6: {raise:?}\n{}", log_tail(&fg));
+    assert!(
+        raise.2 < Duration::from_secs(1),
+        "the raise waited {:?} for a lower pipelined write the store had answered (the store reads \
+         again after {READ_AFTER:?})\n{}",
+        raise.2,
+        log_tail(&fg)
+    );
+    assert_eq!(marks(&fg), (6, 6, 0), "(epoch, refusal mark, writes in flight)");
 }
