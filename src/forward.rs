@@ -249,17 +249,38 @@ impl Upstream {
         mut whole: Whole,
         exchange: &Arc<Exchange>,
     ) -> Result<Response<StoreBody>, ForwardError> {
+        // A write handed back unsent (its lane closed) is queued again,
+        // maybe behind another lane's first request: it may wait for a lane
+        // to send it no longer than one lane's connect and first answer.
+        let unsent_by = tokio::time::sleep(self.connect_timeout + self.request_timeout);
+        tokio::pin!(unsent_by);
+        let mut expired = false;
         loop {
             let mut waiting = pipeline.enqueue(whole);
             // The lane's driver bounds the wait once the request is sent
             // (`request_timeout`), and a lane that cannot connect gives it
-            // back failed; until it is sent, only a raise counts here.
-            let reply = tokio::select! {
-                biased;
-                reply = &mut waiting.reply => reply,
-                Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => {
-                    waiting.withdraw();
-                    return Err(why);
+            // back failed; until it is sent, a raise or `unsent_by` ends it.
+            let reply = loop {
+                tokio::select! {
+                    biased;
+                    reply = &mut waiting.reply => break reply,
+                    Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => {
+                        waiting.withdraw();
+                        return Err(why);
+                    }
+                    () = &mut unsent_by, if !expired => {
+                        expired = true;
+                        // Not one byte of it was written: it fails as a
+                        // connection that could not be made. Decided sent
+                        // meanwhile, its lane bounds the wait.
+                        if exchange.abort() {
+                            waiting.withdraw();
+                            return Err(ForwardError::Connect(format!(
+                                "no pipelined connection sent the request within {:?}; nothing of it was sent",
+                                self.connect_timeout + self.request_timeout
+                            )));
+                        }
+                    }
                 }
             };
             match reply {

@@ -167,3 +167,44 @@ async fn a_raise_cuts_a_pipelined_write_answered_early_that_the_kernel_holds() {
     );
     assert_eq!(marks(&fg), (6, 6, 0), "(epoch, refusal mark, writes in flight)");
 }
+
+/// A write queued on a lane behind that lane's first request (a lane
+/// pipelines only after its first answer) is handed back when that request
+/// times out, and queued again behind the next lane's first request, and so
+/// on: against a store that never answers, the writes behind waited one
+/// `request_timeout` more per write ahead of them (and, with writes coming
+/// all the time, without bound). A write waits for a lane to send it at
+/// most `connect_timeout` + `request_timeout`, then at most
+/// `request_timeout` for its answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_queued_behind_a_lanes_first_request_wait_a_bounded_time() {
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+    let store = ScriptedStore::start().await;
+    store.fault_path("/d/hang", Fault::NeverAnswer);
+    let fg = start(
+        FencegateConfig::new(&store.url())
+            .domain(DOMAIN, "/d/")
+            .workers(1)
+            .connect_timeout(Duration::from_millis(500))
+            .request_timeout(REQUEST_TIMEOUT)
+            .pipeline_depth(4),
+    );
+    // No write before: the four open the first lane together, and three of
+    // them wait there for the first one's answer.
+    let (a, b, c, d) = tokio::join!(
+        put(&fg, "/d/hang", 5),
+        put(&fg, "/d/hang", 5),
+        put(&fg, "/d/hang", 5),
+        put(&fg, "/d/hang", 5)
+    );
+    let answers = [a, b, c, d];
+    for answer in &answers {
+        assert!(
+            answer.0 >= 500 && answer.2 < Duration::from_millis(2800),
+            "every write to a store that never answers ends within connect_timeout + \
+             2 × request_timeout: {answers:?}\n{}",
+            log_tail(&fg)
+        );
+    }
+    assert_eq!(marks(&fg).2, 0, "no write left in flight");
+}
