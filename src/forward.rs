@@ -250,37 +250,24 @@ impl Upstream {
         exchange: &Arc<Exchange>,
     ) -> Result<Response<StoreBody>, ForwardError> {
         // A write handed back unsent (its lane closed) is queued again,
-        // maybe behind another lane's first request: it may wait for a lane
-        // to send it no longer than one lane's connect and first answer.
-        let unsent_by = tokio::time::sleep(self.connect_timeout + self.request_timeout);
-        tokio::pin!(unsent_by);
-        let mut expired = false;
+        // maybe behind another lane's first request: each stay in a lane
+        // is bounded (by its connect, its first answer or its oldest
+        // request's `request_timeout`), and a write handed back after one
+        // connect and first answer's worth of waiting fails, unsent. Read
+        // only then: no timer on the way of every write.
+        let started = Instant::now();
+        let budget = self.connect_timeout + self.request_timeout;
         loop {
             let mut waiting = pipeline.enqueue(whole);
             // The lane's driver bounds the wait once the request is sent
-            // (`request_timeout`), and a lane that cannot connect gives it
-            // back failed; until it is sent, a raise or `unsent_by` ends it.
-            let reply = loop {
-                tokio::select! {
-                    biased;
-                    reply = &mut waiting.reply => break reply,
-                    Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => {
-                        waiting.withdraw();
-                        return Err(why);
-                    }
-                    () = &mut unsent_by, if !expired => {
-                        expired = true;
-                        // Not one byte of it was written: it fails as a
-                        // connection that could not be made. Decided sent
-                        // meanwhile, its lane bounds the wait.
-                        if exchange.abort() {
-                            waiting.withdraw();
-                            return Err(ForwardError::Connect(format!(
-                                "no pipelined connection sent the request within {:?}; nothing of it was sent",
-                                self.connect_timeout + self.request_timeout
-                            )));
-                        }
-                    }
+            // (`request_timeout`), and a lane that cannot connect fails it;
+            // until it is sent, only a raise counts here.
+            let reply = tokio::select! {
+                biased;
+                reply = &mut waiting.reply => reply,
+                Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => {
+                    waiting.withdraw();
+                    return Err(why);
                 }
             };
             match reply {
@@ -290,7 +277,13 @@ impl Upstream {
                     *response.headers_mut() = answer.head.headers;
                     return Ok(response);
                 }
-                // Not one byte of it was written: another lane may take it.
+                // Not one byte of it was written: another lane may take
+                // it, unless it has waited for one long enough.
+                Ok(Err(LaneError::Unsent(_))) if started.elapsed() >= budget && exchange.abort() => {
+                    return Err(ForwardError::Connect(format!(
+                        "no pipelined connection to the store sent the request within {budget:?}; nothing of it was sent"
+                    )));
+                }
                 Ok(Err(LaneError::Unsent(back))) => whole = back,
                 Ok(Err(LaneError::Failed(e))) => return Err(e),
                 Err(_) => {
@@ -343,9 +336,11 @@ impl Upstream {
 }
 
 /// `request` encoded whole, head and body, if it may take a pipelined
-/// connection: a write (it holds a ticket) whose body, at most
-/// [`pipeline::MAX_WHOLE`] bytes, is all here. Anything else streams
-/// through the pool.
+/// connection: a PUT or DELETE write (it holds a ticket) whose body, at
+/// most [`pipeline::MAX_WHOLE`] bytes, is all here. Anything else streams
+/// through the pool. Only idempotent methods (RFC 9112 §9.3.2): a lane
+/// that ends fails the writes sent on it with their outcome unknown, and
+/// a writer may send a PUT or DELETE again after that, not a POST.
 #[allow(clippy::too_many_arguments)]
 fn whole_request(
     parts: &http::request::Parts,
@@ -357,7 +352,10 @@ fn whole_request(
     first: &Option<http_body::Frame<bytes::Bytes>>,
     exchange: &Arc<Exchange>,
 ) -> Option<Whole> {
-    if !exchange.holds_ticket() || !body.is_end_stream() {
+    if !exchange.holds_ticket()
+        || !body.is_end_stream()
+        || !matches!(parts.method, http::Method::PUT | http::Method::DELETE)
+    {
         return None;
     }
     let data = match first {

@@ -465,9 +465,10 @@ impl Driver<'_> {
                 break;
             }
             let Queued { whole, reply } = state.queued.pop_front().expect("front exists");
-            // From here a raise waits for this write's answer; one that
-            // began already has aborted it (rule 4a).
-            if !whole.exchange.complete() {
+            // From here a raise waits for this write's answer. One that
+            // began already aborts it (rule 4a), as `pool::Outgoing` does
+            // before every write, even if its handler has not yet seen it.
+            if whole.exchange.must_stop() || !whole.exchange.complete() {
                 let _ = reply.send(Err(LaneError::Failed(ForwardError::Fenced)));
                 continue;
             }

@@ -1,7 +1,8 @@
-//! Review of the pipelined path (`upstream.pipeline_depth`, src/pipeline.rs):
-//! a write on a lane must end within the configured timeouts, and a raise
-//! must not wait on a lower write that already has its answer any longer
-//! than it would on the pool's path.
+//! Pipelining to the store (`upstream.pipeline_depth`, src/pipeline.rs)
+//! against a store that misbehaves: a write on a lane ends within the
+//! configured timeouts, and a raise waits on a lower write that already has
+//! its answer no longer than it would on the pool's path. (A store that is
+//! down: `store_pipelining::a_store_that_refuses_connections_...`.)
 
 use crate::support::{Fault, Fencegate, FencegateConfig, ScriptedStore};
 use serde_json::Value;
@@ -66,33 +67,6 @@ fn marks(fg: &Fencegate) -> (u64, u64, u64) {
 
 fn start(config: FencegateConfig) -> Fencegate {
     tokio::task::block_in_place(|| Fencegate::start(config))
-}
-
-/// With pipelining on and the store down, a write gets 502
-/// `upstream_unreachable` within `connect_timeout`, as on the pool's path:
-/// a lane that cannot connect must not hand its writes back to be queued
-/// on a new lane that cannot connect either, for ever.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_pipelined_write_to_a_store_that_is_down_gets_502() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
-    let url = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
-    let fg = start(
-        FencegateConfig::new(&url)
-            .domain(DOMAIN, "/d/")
-            .connect_timeout(Duration::from_millis(500))
-            .pipeline_depth(4),
-    );
-    let answer = put(&fg, "/d/x", 5).await;
-    assert_eq!(
-        (answer.0, answer.1.as_deref()),
-        (502, Some("upstream_unreachable")),
-        "a write to a store that is down, after {:?}\n{}",
-        answer.2,
-        log_tail(&fg)
-    );
-    assert!(answer.2 < Duration::from_secs(5), "took {:?}", answer.2);
-    assert_eq!(marks(&fg).2, 0, "no write left in flight");
 }
 
 /// A store may answer a pipelined write before it has read it all, and then
