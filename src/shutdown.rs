@@ -1,4 +1,8 @@
-//! The shutdown signal: SIGTERM or SIGINT (Ctrl-C).
+//! The shutdown signal: SIGTERM or SIGINT (Ctrl-C). SIGHUP is logged and
+//! ignored: its default action (a closed terminal, `systemctl reload`,
+//! `kill -HUP` sent out of habit to reload) would end the process with no
+//! drain and no clean-shutdown mark, and fencegate does not reload its
+//! configuration.
 
 use std::future::Future;
 
@@ -9,9 +13,13 @@ use std::future::Future;
 /// inside the runtime.
 pub fn signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    let (terminate, interrupt) = {
+    let (terminate, interrupt, hangup) = {
         use tokio::signal::unix::{signal, SignalKind};
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        )
     };
     async move {
         #[cfg(unix)]
@@ -27,9 +35,24 @@ pub fn signal() -> impl Future<Output = ()> {
                     }
                 }
             };
+            // Once installed, tokio's handler stays: a SIGHUP after this
+            // future is done (during the drain) is ignored too.
+            let ignore_hangups = async move {
+                let Ok(mut hangups) = hangup else {
+                    return std::future::pending::<()>().await;
+                };
+                while hangups.recv().await.is_some() {
+                    tracing::warn!(
+                        "SIGHUP received and ignored: fencegate does not reload its configuration; \
+                         restart it (SIGTERM drains) to apply a change"
+                    );
+                }
+                std::future::pending::<()>().await
+            };
             tokio::select! {
                 () = wait(interrupt, "SIGINT") => tracing::info!("SIGINT received, shutting down"),
                 () = wait(terminate, "SIGTERM") => tracing::info!("SIGTERM received, shutting down"),
+                () = ignore_hangups => {}
             }
         }
         #[cfg(not(unix))]

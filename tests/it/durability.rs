@@ -4,8 +4,8 @@
 //! commands, against the real binary and a real nginx store.
 
 use crate::support::{
-    client, http_get, metric_value, parse_response, raw_request_timeout, run_bounded, EventKind, Fencegate,
-    FencegateConfig, Nginx, RawResponse, ScriptedStore, Tmpfs,
+    client, http_get, metric_value, parse_response, raw_request_timeout, run_bounded, send_signal, EventKind,
+    Fencegate, FencegateConfig, Nginx, RawResponse, ScriptedStore, Tmpfs,
 };
 use serde_json::Value;
 use std::path::PathBuf;
@@ -106,6 +106,29 @@ fn assert_terminates_cleanly(fg: &mut Fencegate) {
 
 fn orders_config(nginx: &Nginx) -> FencegateConfig {
     FencegateConfig::new(&nginx.url()).domain("orders", "/orders/")
+}
+
+/// SIGHUP's default action ends a process at once: no drain, no
+/// clean-shutdown mark (the next start then waits out a crash). fencegate
+/// says it ignores it, and goes on serving; SIGTERM still drains.
+#[test]
+fn a_sighup_is_logged_and_ignored() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx));
+    assert_admitted(&put(&fg, "/orders/a", 7), "a write before the SIGHUP");
+    send_signal(i64::from(fg.pid().expect("fencegate runs")), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fg.stderr_text().contains("SIGHUP received and ignored") {
+        assert!(
+            Instant::now() < deadline,
+            "no log line for the SIGHUP\n--- stderr ---\n{}",
+            fg.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(fg.is_running(), "SIGHUP ended fencegate\n{}", fg.stderr_text());
+    assert_admitted(&put(&fg, "/orders/b", 7), "a write after the SIGHUP");
+    assert_terminates_cleanly(&mut fg);
 }
 
 #[test]
