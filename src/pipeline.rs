@@ -228,6 +228,12 @@ struct LaneState {
     /// Bytes decided sent on this lane, and bytes the kernel took.
     decided_bytes: u64,
     written_bytes: u64,
+    /// Bytes known to have left the kernel too: `written_bytes` when the
+    /// kernel was last seen holding nothing unsent. A lane's kernel queue
+    /// may hold a later write's bytes (another domain's, say) while an
+    /// earlier write's are all out: `Wire::nothing_unsent` alone would
+    /// hold the earlier one's ticket, and a raise would cut the lane.
+    out_bytes: u64,
     /// Requests decided sent on this lane, and answers read.
     requests: u64,
     answers: u64,
@@ -242,6 +248,13 @@ struct LaneState {
 impl LaneState {
     fn has_room(&self, depth: usize) -> bool {
         !self.closing && !self.dead && self.queued.len() + self.sent.len() < depth
+    }
+
+    /// Whether the request whose last byte is `end` has left the lane's
+    /// queue (or the lane dropped it) and the kernel, given whether the
+    /// kernel holds nothing unsent now.
+    fn is_out(&self, end: u64, nothing_unsent: impl FnOnce() -> bool) -> bool {
+        end <= self.out_bytes || ((self.written_bytes >= end || self.dead) && nothing_unsent())
     }
 }
 
@@ -423,6 +436,19 @@ impl Driver<'_> {
         if state.unwritten.is_empty() {
             return Poll::Pending;
         }
+        // A request not yet answered whose last byte was written before
+        // this call, not known to be out: one `poll` tells whether it is,
+        // so that its answer need not wait on the bytes written now. (One
+        // request at a time, there is none: its answer's check polls.)
+        let (out, written) = (state.out_bytes, state.written_bytes);
+        let unknown = state
+            .sent
+            .iter()
+            .find(|s| s.end > out)
+            .is_some_and(|s| s.end <= written);
+        if unknown && self.wire.nothing_unsent() {
+            state.out_bytes = written;
+        }
         let mut slices = [IoSlice::new(&[]); 64];
         let mut count = 0;
         for piece in state.unwritten.iter().take(slices.len()) {
@@ -510,21 +536,35 @@ impl Driver<'_> {
             }
             Poll::Pending => return Poll::Pending,
         }
-        // Answers handed over wait here until every byte decided before
-        // them has gone out, from the lane's own queue and then from the
+        // Answers handed over wait here until their requests' last bytes
+        // have gone out, from the lane's own queue and then from the
         // kernel (see `forward::until_sent_out`): only then may their
-        // writes leave their generations.
+        // writes leave their generations. Bytes of later requests still
+        // in the kernel are no reason to hold them (`out_bytes`).
         let mut answered = Vec::new();
         let result = self.parse(eof, &mut answered);
         if answered.is_empty() {
             return result;
         }
-        let written = self.lane.lock().written_bytes;
-        let kernel_clear = self.wire.nothing_unsent();
+        let mut state = self.lane.lock();
+        let mut kernel_clear = None;
+        let mut out = Vec::new();
+        let mut held = Vec::new();
         for (exchange, end) in answered {
-            if written >= end && kernel_clear {
-                continue;
+            if state.is_out(end, || {
+                *kernel_clear.get_or_insert_with(|| self.wire.nothing_unsent())
+            }) {
+                out.push(exchange);
+            } else {
+                held.push((exchange, end));
             }
+        }
+        if kernel_clear == Some(true) {
+            state.out_bytes = state.written_bytes;
+        }
+        drop(state);
+        drop(out);
+        for (exchange, end) in held {
             // Rare: a store answers what it has not read whole. This write
             // keeps its place until the rest has gone out, within
             // `request_timeout`; a raise meanwhile cuts the connection (the
@@ -535,10 +575,7 @@ impl Driver<'_> {
                 {
                     // Out of the lane's queue (or dropped with the lane),
                     // and out of the kernel.
-                    let out = || {
-                        let state = lane.lock();
-                        (state.written_bytes >= end || state.dead) && wire.nothing_unsent()
-                    };
+                    let out = || lane.lock().is_out(end, || wire.nothing_unsent());
                     let raised = async {
                         match exchange.abort_signal() {
                             Some(signal) => signal.raised().await,

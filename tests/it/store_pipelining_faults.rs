@@ -182,3 +182,87 @@ async fn writes_queued_behind_a_lanes_first_request_wait_a_bounded_time() {
     }
     assert_eq!(marks(&fg).2, 0, "no write left in flight");
 }
+
+/// Sends `PUT path` with `token` and a `len`-byte body on `stream` in one
+/// write, and reads the status of its answer (0 when none came).
+async fn raw_put(stream: &mut TcpStream, path: &str, token: u64, len: usize) -> u16 {
+    let mut request = format!(
+        "PUT {path} HTTP/1.1\r\nHost: store.test\r\nFencing-Token: {token}\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(&vec![b'x'; len]);
+    stream.write_all(&request).await.expect("send a write");
+    let mut answer = [0u8; 1024];
+    let n = match tokio::time::timeout(HANG, stream.read(&mut answer)).await {
+        Ok(Ok(n)) => n,
+        _ => return 0,
+    };
+    let text = String::from_utf8_lossy(&answer[..n]);
+    text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A lane is shared by every domain. A write answered while the kernel
+/// still holds unsent bytes of a *later* write on its lane (here another
+/// domain's, which the store has not read yet) has sent all of its own:
+/// a raise in its domain must neither wait for nor cut those later bytes.
+/// It was held until the kernel held nothing unsent at all, and the raise
+/// then cut the lane, failing the other domain's write (502, outcome
+/// unknown) though nothing of the raised domain was left to go out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raise_does_not_cut_another_domains_write_pipelined_behind_an_answered_one() {
+    const OTHER: &str = "e";
+    const BODY: usize = 16 << 10;
+    let store = ScriptedStore::start().await;
+    // A small window: most of the other domain's write waits in fencegate's
+    // socket while the store has not read its body.
+    store.set_receive_buffer(2048);
+    let fg = start(
+        FencegateConfig::new(&store.url())
+            .domain(DOMAIN, "/d/")
+            .domain(OTHER, "/e/")
+            .workers(1)
+            .request_timeout(Duration::from_secs(10))
+            .body_idle_timeout(Duration::from_secs(10))
+            .pipeline_depth(4),
+    );
+    // Large writes first on one client connection, so that fencegate's
+    // listener reads a whole write at once (hyper's read size grows) and
+    // the other domain's write takes the lane; they open it too.
+    let mut stream = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
+    for i in 0..4 {
+        let status = raw_put(&mut stream, &format!("/d/w{i}"), 5, BODY).await;
+        assert_eq!(status / 100, 2, "warm-up write {i}: {status}\n{}", log_tail(&fg));
+    }
+    // d's write is answered after 300 ms; e's, sent behind it on the same
+    // lane, is read 3 s after its head reached the store.
+    store.hold_token("5", Duration::from_millis(300));
+    store.hold_token_before_body("7", Duration::from_secs(3));
+    let fg_ref = &fg;
+    let other = async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        raw_put(&mut stream, "/e/other", 7, BODY).await
+    };
+    let raise = async move {
+        let answered = put(fg_ref, "/d/first", 5).await;
+        // At once: e's write is still unread at the store.
+        let held = marks(fg_ref).2;
+        let raised = put(fg_ref, "/d/six", 6).await;
+        (answered, held, raised)
+    };
+    let ((answered, held, raised), other) = tokio::join!(raise, other);
+    assert_eq!(
+        answered.0 / 100,
+        2,
+        "d's first write: {answered:?}\n{}",
+        log_tail(&fg)
+    );
+    assert_eq!(raised.0 / 100, 2, "the raise to 6: {raised:?}\n{}", log_tail(&fg));
+    assert_eq!(
+        other / 100,
+        2,
+        "the other domain's write, pipelined behind d's answered one, was failed by d's raise \
+         (d's write held its place after its answer: {held} in flight)\n{}",
+        log_tail(&fg)
+    );
+    assert_eq!(marks(&fg), (6, 6, 0), "(epoch, refusal mark, writes in flight)");
+}
