@@ -57,6 +57,14 @@ pub enum ForwardError {
     /// The store's answer broke HTTP/1.1.
     #[error("the store's answer is not valid HTTP/1.1: {0}")]
     BadResponse(String),
+    /// A write ahead of this one on its pipelined connection had no answer
+    /// within `request_timeout`, and the connection was cut with this one
+    /// sent: a raise waiting for it is let go without its answer, as for
+    /// a [`ForwardError::Timeout`].
+    #[error(
+        "a write ahead of this one on its pipelined connection had no answer within {0:?}, and the connection was cut; this one was sent, and its outcome is unknown"
+    )]
+    CutBehindTimeout(Duration),
 }
 
 /// The store and how to reach it, with one serving thread's connections.

@@ -348,13 +348,21 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
             // Nothing more of what was unwritten may reach the store.
             kill.kill();
             let message = failure.to_string();
+            // Cut by the oldest write's request timeout, the writes behind
+            // it are let go without their answers too: counted like it
+            // where a raise waited for them.
+            let timed_out = match failure {
+                ForwardError::Timeout(after) => Some(after),
+                _ => None,
+            };
             let mut first = Some(failure);
             lane.end(|| {
-                first.take().unwrap_or_else(|| {
-                    ForwardError::Failed(format!(
+                first.take().unwrap_or_else(|| match timed_out {
+                    Some(after) => ForwardError::CutBehindTimeout(after),
+                    None => ForwardError::Failed(format!(
                         "a write ahead of this one on its pipelined connection failed ({message}); \
                          this one was sent, and its outcome is unknown"
-                    ))
+                    )),
                 })
             });
         }

@@ -480,14 +480,20 @@ where
     }
 }
 
-/// Counts a write cut at `request_timeout` while a raise waited for it:
-/// the one exception to the guarantee (`fencegate_barrier_timeouts_total`).
+/// Counts a write cut at `request_timeout` while a raise waited for it
+/// (its own, or, pipelined, that of a write ahead of it on its
+/// connection): the one exception to the guarantee
+/// (`fencegate_barrier_timeouts_total`).
 fn count_barrier_timeout<T>(
     result: &Result<T, ForwardError>,
     exchange: &Exchange,
     barrier_timeouts: &prometheus::IntCounter,
 ) {
-    if matches!(result, Err(ForwardError::Timeout(_))) && exchange.is_fenced() {
+    let cut = matches!(
+        result,
+        Err(ForwardError::Timeout(_) | ForwardError::CutBehindTimeout(_))
+    );
+    if cut && exchange.is_fenced() {
         barrier_timeouts.inc();
     }
 }
@@ -523,7 +529,9 @@ fn normalized_destination(value: &HeaderValue) -> Result<(NormalPath, HeaderValu
 
 fn forward_problem(e: ForwardError) -> Problem {
     let reason = match e {
-        ForwardError::Connect(_) | ForwardError::Failed(_) => Reason::UpstreamUnreachable,
+        ForwardError::Connect(_) | ForwardError::Failed(_) | ForwardError::CutBehindTimeout(_) => {
+            Reason::UpstreamUnreachable
+        }
         ForwardError::Timeout(_) | ForwardError::Stalled(_) => Reason::UpstreamTimeout,
         ForwardError::Fenced => Reason::StaleEpoch,
         ForwardError::BadResponse(_) => Reason::UpstreamBadResponse,

@@ -266,3 +266,46 @@ async fn a_raise_does_not_cut_another_domains_write_pipelined_behind_an_answered
     );
     assert_eq!(marks(&fg), (6, 6, 0), "(epoch, refusal mark, writes in flight)");
 }
+
+/// Every lower write a raise waited for and that fencegate cut without its
+/// answer is the SPEC's one exception, counted in
+/// `fencegate_barrier_timeouts_total`. When a lane's oldest write outlives
+/// `request_timeout`, the lane is cut, and so are the writes sent behind
+/// it: fully sent, the raise waiting for them too, and let go without an
+/// answer. Only the oldest was counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_pipelined_write_a_raise_waited_for_and_a_timeout_cut_is_counted() {
+    let store = ScriptedStore::start().await;
+    store.fault_path("/d/hang", Fault::NeverAnswer);
+    let fg = start(
+        FencegateConfig::new(&store.url())
+            .domain(DOMAIN, "/d/")
+            .workers(1)
+            .request_timeout(Duration::from_secs(1))
+            .pipeline_depth(4),
+    );
+    let warm = put(&fg, "/d/warm", 5).await;
+    assert_eq!(warm.0 / 100, 2, "warm-up: {warm:?}\n{}", log_tail(&fg));
+    let fg_ref = &fg;
+    let lower = |delay: u64| async move {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        put(fg_ref, "/d/hang", 5).await
+    };
+    let (a, b, raised) = tokio::join!(lower(0), lower(100), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        put(fg_ref, "/d/six", 6).await
+    });
+    assert!(
+        a.0 >= 500 && b.0 >= 500,
+        "lower writes: {a:?} {b:?}\n{}",
+        log_tail(&fg)
+    );
+    assert_eq!(raised.0 / 100, 2, "the raise to 6: {raised:?}\n{}", log_tail(&fg));
+    let text = fg.admin_get("/metrics").body;
+    let counted = crate::support::metric_value(&text, "fencegate_barrier_timeouts_total", DOMAIN);
+    assert_eq!(
+        counted,
+        Some(2.0),
+        "both lower writes the raise waited for were cut without an answer"
+    );
+}
