@@ -54,9 +54,9 @@ use crate::codec::{self, BodyDecoder, Decoded, ResponseHead};
 use crate::connector::{connect, KillHandle, Wire};
 use crate::forward::ForwardError;
 
-/// The largest request (head and body) a lane takes; a larger one goes
-/// through the pool. Bounded so that a lane's writes stay well within what
-/// the kernel takes in one call.
+/// The largest request body a lane takes (the head comes on top); a
+/// larger one goes through the pool. Bounded so that a lane's writes stay
+/// well within what the kernel takes in one call.
 pub const MAX_WHOLE: usize = 16 * 1024;
 
 /// The most bytes of requests one write call carries.
