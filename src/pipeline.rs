@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
@@ -463,7 +463,7 @@ impl Driver<'_> {
             slices[count] = IoSlice::new(piece);
             count += 1;
         }
-        let mut n = match std::task::ready!(self.wire.poll_write(cx, &slices[..count])) {
+        let n = match std::task::ready!(self.wire.poll_write(cx, &slices[..count])) {
             Ok(n) => n,
             Err(e) => {
                 return Poll::Ready(Err(ForwardError::Failed(format!(
@@ -472,15 +472,7 @@ impl Driver<'_> {
             }
         };
         state.written_bytes += n as u64;
-        while n > 0 {
-            let front = state.unwritten.front_mut().expect("written bytes were queued");
-            if n < front.len() {
-                front.advance(n);
-                break;
-            }
-            n -= front.len();
-            state.unwritten.pop_front();
-        }
+        crate::pool::drop_written(&mut state.unwritten, n);
         Poll::Ready(Ok(()))
     }
 

@@ -507,16 +507,21 @@ impl Outgoing {
             self.head_at += from_head;
             n -= from_head;
             self.queued -= n;
-            while n > 0 {
-                let front = self.queue.front_mut().expect("written bytes were queued");
-                if n < front.len() {
-                    front.advance(n);
-                    break;
-                }
-                n -= front.len();
-                self.queue.pop_front();
-            }
+            drop_written(&mut self.queue, n);
         }
+    }
+}
+
+/// Takes the `n` bytes a write call took off the front of `queue`.
+pub fn drop_written(queue: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let front = queue.front_mut().expect("written bytes were queued");
+        if n < front.len() {
+            front.advance(n);
+            break;
+        }
+        n -= front.len();
+        queue.pop_front();
     }
 }
 

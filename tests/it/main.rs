@@ -29,4 +29,3 @@ mod soak;
 mod store_answers;
 mod store_faults;
 mod store_pipelining;
-mod store_pipelining_faults;

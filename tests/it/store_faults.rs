@@ -1573,3 +1573,6 @@ async fn a_raise_aborts_a_lower_body_still_queued_in_fencegate() {
         "the higher write waited {high_took:?}: for the lower one's store, not its abort"
     );
 }
+
+/// The same faults on pipelined connections (`upstream.pipeline_depth`).
+mod pipelined;

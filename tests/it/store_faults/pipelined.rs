@@ -2,68 +2,14 @@
 //! against a store that misbehaves: a write on a lane ends within the
 //! configured timeouts, and a raise waits on a lower write that already has
 //! its answer no longer than it would on the pool's path. (A store that is
-//! down: `store_pipelining::a_store_that_refuses_connections_...`.)
+//! down: `store_pipelining::a_store_that_refuses_connections_...`.) The
+//! helpers are `store_faults`'s.
 
+use super::{log_tail, marks, put, DOMAIN, HANG};
 use crate::support::{Fault, Fencegate, FencegateConfig, ScriptedStore};
-use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const DOMAIN: &str = "d";
-/// Far longer than any answer below should take.
-const HANG: Duration = Duration::from_secs(20);
-
-fn log_tail(fg: &Fencegate) -> String {
-    let text = fg.stderr_text();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(25)..].join("\n");
-    format!("--- fencegate stderr (last 25 lines) ---\n{tail}")
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(0)
-        .timeout(HANG)
-        .build()
-        .expect("build reqwest client")
-}
-
-/// `PUT path` with `token`: status, `Fencegate-Reason`, time taken (status 0
-/// when no answer came within [`HANG`]).
-async fn put(fg: &Fencegate, path: &str, token: u64) -> (u16, Option<String>, Duration) {
-    let started = Instant::now();
-    let r = http()
-        .put(format!("{}{path}", fg.url()))
-        .header("Fencing-Token", token.to_string())
-        .body("healthy")
-        .send()
-        .await;
-    let Ok(r) = r else {
-        return (0, None, started.elapsed());
-    };
-    let status = r.status().as_u16();
-    let reason = r
-        .headers()
-        .get("fencegate-reason")
-        .map(|v| v.to_str().unwrap_or("?").to_string());
-    let _ = r.bytes().await;
-    (status, reason, started.elapsed())
-}
-
-/// (epoch, refusal mark, writes in flight) of the domain.
-fn marks(fg: &Fencegate) -> (u64, u64, u64) {
-    let text = fg.admin_get("/domains").body;
-    let list: Value = serde_json::from_str(&text).expect("/domains is JSON");
-    let d = list
-        .as_array()
-        .and_then(|l| l.iter().find(|d| d["name"] == DOMAIN))
-        .cloned()
-        .unwrap_or_else(|| panic!("no domain {DOMAIN} in /domains: {text}"));
-    let get = |k: &str| d[k].as_u64().unwrap_or_else(|| panic!("/domains {k}: {d}"));
-    (get("epoch"), get("refusal_mark"), get("inflight_writes"))
-}
 
 fn start(config: FencegateConfig) -> Fencegate {
     tokio::task::block_in_place(|| Fencegate::start(config))
