@@ -956,10 +956,21 @@ async fn raises_in_several_domains_at_once_share_commits() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_sees_tokens_never_decrease_across_a_long_concurrent_run() {
+    tokens_never_decrease_at_nginx(|c| c).await;
+}
+
+/// The same with the writes pipelined to nginx (`upstream.pipeline_depth`):
+/// the deposed leader's writes share store connections with the leader's.
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_sees_tokens_never_decrease_with_writes_pipelined() {
+    tokens_never_decrease_at_nginx(|c| c.pipeline_depth(8).workers(1)).await;
+}
+
+async fn tokens_never_decrease_at_nginx(tune: impl FnOnce(FencegateConfig) -> FencegateConfig) {
     const WRITES: u64 = 200;
     const WRITERS: usize = 8;
     let nginx = Nginx::start();
-    let fg = gate(&nginx.url(), |c| c);
+    let fg = gate(&nginx.url(), tune);
     let http = client();
     let next = Arc::new(AtomicU64::new(0));
 

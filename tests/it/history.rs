@@ -1240,7 +1240,9 @@ async fn kill_and_restart(ctx: Arc<Ctx>, mut fg: Fencegate) -> (Fencegate, Vec<C
     (fg, checkpoints, outages)
 }
 
-async fn run_history(consistency: Consistency) {
+/// `pipeline_depth`: `upstream.pipeline_depth`, for the run with the
+/// writes pipelined to the store.
+async fn run_history(consistency: Consistency, pipeline_depth: Option<usize>) {
     let started = Instant::now();
     example_binary();
     let etcd = tokio::task::block_in_place(Etcd::start);
@@ -1265,6 +1267,9 @@ async fn run_history(consistency: Consistency) {
         .shutdown_grace(Duration::from_secs(5));
     for d in &DOMAINS {
         config = config.election_domain(d.name, d.prefix, d.election);
+    }
+    if let Some(depth) = pipeline_depth {
+        config = config.pipeline_depth(depth);
     }
     let fg = tokio::task::block_in_place(|| Fencegate::start(config));
 
@@ -1409,12 +1414,20 @@ async fn run_history(consistency: Consistency) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_holds_in_watch_mode() {
-    run_history(Consistency::Watch).await;
+    run_history(Consistency::Watch, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_holds_in_linearizable_mode() {
-    run_history(Consistency::Linearizable).await;
+    run_history(Consistency::Linearizable, None).await;
+}
+
+/// The same schedule with the writes pipelined to the store
+/// (`upstream.pipeline_depth`): lanes shared by the domains, the leaders'
+/// writes and the deposed ones' on the same store connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn history_holds_with_writes_pipelined_to_the_store() {
+    run_history(Consistency::Watch, Some(8)).await;
 }
 
 // ---------------------------------------------------------------------
