@@ -279,12 +279,7 @@ impl Upstream {
                 }
             };
             match reply {
-                Ok(Ok(answer)) => {
-                    let mut response = Response::new(StoreBody::Whole(answer.body));
-                    *response.status_mut() = answer.head.status;
-                    *response.headers_mut() = answer.head.headers;
-                    return Ok(response);
-                }
+                Ok(Ok(answer)) => return Ok(store_response(answer.head, StoreBody::Whole(answer.body))),
                 // Not one byte of it was written: another lane may take
                 // it, unless it has waited for one long enough.
                 Ok(Err(LaneError::Unsent(_))) if started.elapsed() >= budget && exchange.abort() => {
@@ -334,13 +329,18 @@ impl Upstream {
             finish_sending(conn.wire(), out, exchange.clone(), kill, self.body_idle_timeout);
         }
         let body = conn.into_body(&head, reusable);
-        let mut response = Response::new(body);
-        // The version stays fencegate's own (RFC 9110 §6.2): the store's
-        // framed only the store's side.
-        *response.status_mut() = head.status;
-        *response.headers_mut() = head.headers;
-        response
+        store_response(head, body)
     }
+}
+
+/// The store's answer as the response to hand on. The version stays
+/// fencegate's own (RFC 9110 §6.2): the store's framed only the store's
+/// side.
+fn store_response(head: ResponseHead, body: StoreBody) -> Response<StoreBody> {
+    let mut response = Response::new(body);
+    *response.status_mut() = head.status;
+    *response.headers_mut() = head.headers;
+    response
 }
 
 /// `request` encoded whole, head and body, if it may take a pipelined
@@ -527,7 +527,8 @@ fn cut(connection: Option<&KillHandle>) {
     }
 }
 
-async fn fenced(fence: Option<&AbortSignal>) {
+/// Resolves once a raise began in the write's domain (never for a read).
+pub(crate) async fn fenced(fence: Option<&AbortSignal>) {
     match fence {
         Some(fence) => fence.raised().await,
         None => std::future::pending().await,

@@ -208,7 +208,8 @@ struct Queued {
 /// A request decided sent, waiting for its answer.
 struct Sent {
     method: Method,
-    /// Holds the write's place in its generation until its answer's head.
+    /// Holds the write's place in its generation until its answer is
+    /// read whole (and its bytes are out of the kernel).
     exchange: Arc<Exchange>,
     reply: oneshot::Sender<Reply>,
     deadline: Instant,
@@ -272,8 +273,9 @@ impl Lane {
     }
 
     /// Ends the lane: every request decided sent fails with `failure`
-    /// (its outcome is unknown), every queued one is given back.
-    fn end(&self, mut failure: impl FnMut() -> ForwardError) {
+    /// (its outcome is unknown); every queued one is given back to go on
+    /// another lane, or, with `give_back` false, fails with `failure` too.
+    fn end(&self, mut failure: impl FnMut() -> ForwardError, give_back: bool) {
         let mut state = self.lock();
         state.dead = true;
         state.closing = true;
@@ -285,7 +287,11 @@ impl Lane {
             let _ = s.reply.send(Err(LaneError::Failed(failure())));
         }
         for q in queued {
-            let _ = q.reply.send(Err(LaneError::Unsent(q.whole)));
+            let why = match give_back {
+                true => LaneError::Unsent(q.whole),
+                false => LaneError::Failed(failure()),
+            };
+            let _ = q.reply.send(Err(why));
         }
     }
 }
@@ -317,16 +323,7 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
             // would open lane after lane that cannot connect either, and
             // never be answered.
             let message = crate::error::causes(&e);
-            let mut state = lane.lock();
-            state.dead = true;
-            state.closing = true;
-            let queued = std::mem::take(&mut state.queued);
-            drop(state);
-            for q in queued {
-                let _ = q
-                    .reply
-                    .send(Err(LaneError::Failed(ForwardError::Connect(message.clone()))));
-            }
+            lane.end(|| ForwardError::Connect(message.clone()), false);
             return;
         }
     };
@@ -343,7 +340,10 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
     };
     let ended = poll_fn(|cx| driver.poll(cx)).await;
     match ended {
-        Ended::Quietly => lane.end(|| ForwardError::Failed("the pipelined connection closed".to_owned())),
+        Ended::Quietly => lane.end(
+            || ForwardError::Failed("the pipelined connection closed".to_owned()),
+            true,
+        ),
         Ended::Failing(failure) => {
             // Nothing more of what was unwritten may reach the store.
             kill.kill();
@@ -356,15 +356,18 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
                 _ => None,
             };
             let mut first = Some(failure);
-            lane.end(|| {
-                first.take().unwrap_or_else(|| match timed_out {
-                    Some(after) => ForwardError::CutBehindTimeout(after),
-                    None => ForwardError::Failed(format!(
-                        "a write ahead of this one on its pipelined connection failed ({message}); \
-                         this one was sent, and its outcome is unknown"
-                    )),
-                })
-            });
+            lane.end(
+                || {
+                    first.take().unwrap_or_else(|| match timed_out {
+                        Some(after) => ForwardError::CutBehindTimeout(after),
+                        None => ForwardError::Failed(format!(
+                            "a write ahead of this one on its pipelined connection failed ({message}); \
+                             this one was sent, and its outcome is unknown"
+                        )),
+                    })
+                },
+                true,
+            );
         }
     }
 }
@@ -576,15 +579,14 @@ impl Driver<'_> {
                     // Out of the lane's queue (or dropped with the lane),
                     // and out of the kernel.
                     let out = || lane.lock().is_out(end, || wire.nothing_unsent());
-                    let raised = async {
-                        match exchange.abort_signal() {
-                            Some(signal) => signal.raised().await,
-                            None => std::future::pending().await,
+                    // A raise in the write's domain, or its deadline.
+                    let give_up = async {
+                        tokio::select! {
+                            () = crate::forward::fenced(exchange.abort_signal()) => {}
+                            () = tokio::time::sleep_until(deadline) => {}
                         }
                     };
-                    tokio::pin!(raised);
-                    let timeout = tokio::time::sleep_until(deadline);
-                    tokio::pin!(timeout);
+                    tokio::pin!(give_up);
                     loop {
                         tokio::select! {
                             biased;
@@ -595,13 +597,7 @@ impl Driver<'_> {
                                 // The driver writes the rest when it runs.
                                 tokio::task::yield_now().await;
                             }
-                            () = &mut raised => {
-                                if !out() {
-                                    kill.kill();
-                                }
-                                break;
-                            }
-                            () = &mut timeout => {
+                            () = &mut give_up => {
                                 if !out() {
                                     kill.kill();
                                 }
