@@ -161,9 +161,14 @@ impl Upstream {
                 Poll::Ready(None) | Poll::Pending => {}
             }
         }
-        if let Some(pipeline) = &self.pipeline {
-            if let Some(whole) =
-                whole_request(&parts, target, hop, &self.host, framing, &body, &first, exchange)
+        // Counted until the answer's head is here: a small whole write
+        // takes a lane only in company (see `Pipeline::depart`).
+        let departure = self.pipeline.as_ref().map(Pipeline::depart);
+        if let (Some(pipeline), Some(departure)) = (&self.pipeline, &departure) {
+            if let Some(whole) = departure
+                .in_company
+                .then(|| whole_request(&parts, target, hop, &self.host, framing, &body, &first, exchange))
+                .flatten()
             {
                 // Whole (the body is here, and ended): dropping it aborts
                 // nothing.

@@ -39,7 +39,8 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -91,6 +92,23 @@ pub struct LaneSettings {
 pub struct Pipeline {
     lanes: Mutex<Vec<Arc<Lane>>>,
     settings: Arc<LaneSettings>,
+    /// Requests on their way to the store from this serving thread, by
+    /// either path (see [`Pipeline::depart`]).
+    departing: AtomicUsize,
+}
+
+/// A request counted on its way to the store (see [`Pipeline::depart`])
+/// until this drops.
+pub struct Departure<'a> {
+    departing: &'a AtomicUsize,
+    /// Whether another was on its way when this one was counted.
+    pub in_company: bool,
+}
+
+impl Drop for Departure<'_> {
+    fn drop(&mut self) {
+        self.departing.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A request, head and body, encoded and ready to go.
@@ -158,6 +176,21 @@ impl Pipeline {
         Pipeline {
             lanes: Mutex::new(Vec::new()),
             settings: Arc::new(settings),
+            departing: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts a request on its way to the store until the departure
+    /// drops. A write with no other request in company has nothing to
+    /// share a write call with: the pool sends it at once, where a lane
+    /// would add a hop through its driver task and cost a lone writer
+    /// latency (bench/RESULTS.md, step 24). The counter is this serving
+    /// thread's own, so it is never contended.
+    pub fn depart(&self) -> Departure<'_> {
+        let before = self.departing.fetch_add(1, Ordering::Relaxed);
+        Departure {
+            departing: &self.departing,
+            in_company: before > 0,
         }
     }
 
@@ -268,8 +301,11 @@ impl Lane {
         lane
     }
 
+    /// The lane's state. A driver that panicked holding it poisoned it;
+    /// its lane is ended then ([`Ends`]), and a dead lane is only emptied
+    /// and pruned, so the state is taken as it is.
     fn lock(&self) -> MutexGuard<'_, LaneState> {
-        self.state.lock().expect("lane lock")
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Ends the lane: every request decided sent fails with `failure`
@@ -312,8 +348,28 @@ enum Ended {
     Failing(ForwardError),
 }
 
+/// Ends its lane when dropped: a driver task that ends otherwise than by
+/// returning (a panic, or its runtime shut down) must not leave handlers
+/// waiting on a lane that looks alive. After the driver's own end, a
+/// second changes nothing.
+struct Ends(Arc<Lane>);
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        self.0.end(
+            || {
+                ForwardError::Failed(
+                    "the pipelined connection's task ended; the outcome is unknown".to_owned(),
+                )
+            },
+            true,
+        );
+    }
+}
+
 /// A lane's task: connects, then writes and reads until the lane ends.
 async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
+    let _ends = Ends(lane.clone());
     let connected = connect(&settings.host, settings.port, settings.connect_timeout).await;
     let (wire, kill) = match connected {
         Ok(connected) => connected,
@@ -766,5 +822,64 @@ impl Body for WholeBody {
             (data, None) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole() -> Whole {
+        Whole {
+            bytes: Bytes::from_static(b"PUT / HTTP/1.1\r\nhost: s\r\ncontent-length: 0\r\n\r\n"),
+            method: Method::PUT,
+            exchange: Exchange::new(None, None),
+        }
+    }
+
+    /// A driver that panics, even holding its lane's lock, ends its lane:
+    /// the write it sent fails (its outcome unknown), the queued one is
+    /// handed back unsent, and the lane takes nothing more.
+    #[tokio::test]
+    async fn a_driver_that_panics_ends_its_lane() {
+        let lane = Arc::new(Lane {
+            state: Mutex::new(LaneState::default()),
+        });
+        let (sent_tx, sent_rx) = oneshot::channel();
+        let (queued_tx, queued_rx) = oneshot::channel();
+        {
+            let mut state = lane.lock();
+            let sent = whole();
+            state.sent.push_back(Sent {
+                method: sent.method,
+                exchange: sent.exchange,
+                reply: sent_tx,
+                deadline: Instant::now(),
+                end: 0,
+            });
+            state.queued.push_back(Queued {
+                whole: whole(),
+                reply: queued_tx,
+            });
+        }
+        let driver = {
+            let lane = lane.clone();
+            tokio::spawn(async move {
+                let _ends = Ends(lane.clone());
+                let _state = lane.lock();
+                panic!("a bug in the driver");
+            })
+        };
+        assert!(driver.await.unwrap_err().is_panic());
+        let within = Duration::from_secs(5);
+        let (sent, queued) = tokio::time::timeout(within, async { (sent_rx.await, queued_rx.await) })
+            .await
+            .expect("the lane's writes were answered");
+        assert!(matches!(
+            sent,
+            Ok(Err(LaneError::Failed(ForwardError::Failed(_))))
+        ));
+        assert!(matches!(queued, Ok(Err(LaneError::Unsent(_)))));
+        assert!(lane.lock().dead && !lane.lock().has_room(8));
     }
 }

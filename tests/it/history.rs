@@ -1269,7 +1269,10 @@ async fn run_history(consistency: Consistency, pipeline_depth: Option<usize>) {
         config = config.election_domain(d.name, d.prefix, d.election);
     }
     if let Some(depth) = pipeline_depth {
-        config = config.pipeline_depth(depth);
+        // One serving thread: the domains' writers' requests keep each
+        // other company, and only a write in company takes a lane
+        // (`Pipeline::depart`).
+        config = config.pipeline_depth(depth).workers(1);
     }
     let fg = tokio::task::block_in_place(|| Fencegate::start(config));
 

@@ -73,6 +73,16 @@ async fn pipelined(
     (fg, http)
 }
 
+/// Opens a lane to pipelining: a write in company (a lone write goes
+/// through the pool, `Pipeline::depart`), answered, its lane's first. The
+/// companion read stays in flight for `hold`, so the next write takes a
+/// lane too.
+async fn open_lane(store: &ScriptedStore, fg: &Fencegate, http: &reqwest::Client, hold: Duration) {
+    let _companion = store.companion(&fg.url(), hold).await;
+    let open = put(http, &fg.url(), "/d/open", "5").await;
+    assert!(open.is_success(), "a lane's first write: {open:?}");
+}
+
 fn position(events: &[Event], path: &str, kind: EventKind) -> Option<usize> {
     events.iter().position(|e| e.path == path && e.kind == kind)
 }
@@ -107,6 +117,7 @@ async fn writes_on_one_lane_reach_the_store_in_order_one_after_another() {
     let store = ScriptedStore::start().await;
     let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
     store.hold_token("5", HOLD);
+    let _companion = store.companion(&fg.url(), Duration::from_secs(2)).await;
     let started = Instant::now();
     let mut writes = Vec::new();
     for i in 0..4 {
@@ -140,6 +151,7 @@ async fn writes_on_one_lane_reach_the_store_in_order_one_after_another() {
 async fn a_raise_waits_for_the_answers_of_lower_writes_pipelined_before_it() {
     let store = ScriptedStore::start().await;
     let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    open_lane(&store, &fg, &http, Duration::from_secs(2)).await;
     store.hold_token("5", Duration::from_millis(500));
     let a = spawn_put(&http, &fg, "/d/five-a", "5");
     wait_head(&store, "/d/five-a").await;
@@ -171,9 +183,10 @@ async fn a_raise_waits_for_the_answers_of_lower_writes_pipelined_before_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_raise_takes_back_a_lower_write_still_queued_in_its_lane() {
     let store = ScriptedStore::start().await;
-    // Two requests per lane: the establishing write and five-a fill the
-    // first, so five-b opens a second, where five-c queues behind it.
+    // Two requests per lane: a first write and five-a fill the first
+    // lane, so five-b opens a second, where five-c queues behind it.
     let (fg, http) = pipelined(&store.url(), 4, |c| c.pipeline_max_requests(2)).await;
+    open_lane(&store, &fg, &http, Duration::from_secs(3)).await;
     store.hold_token("5", Duration::from_millis(800));
     let a = spawn_put(&http, &fg, "/d/five-a", "5");
     wait_head(&store, "/d/five-a").await;
@@ -214,6 +227,7 @@ async fn a_raise_takes_back_a_lower_write_still_queued_in_its_lane() {
 async fn a_pipelined_write_past_request_timeout_cuts_its_lane() {
     let store = ScriptedStore::start().await;
     let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_millis(400))).await;
+    open_lane(&store, &fg, &http, Duration::from_millis(300)).await;
     store.hold_token("5", Duration::from_secs(3));
     let a = spawn_put(&http, &fg, "/d/slow", "5");
     wait_head(&store, "/d/slow").await;
@@ -316,9 +330,9 @@ async fn lanes_that_retire_before_the_store_closes_them_lose_no_write() {
 async fn a_store_that_refuses_connections_fails_a_pipelined_write_at_once() {
     let store = ScriptedStore::start().await;
     let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
-    store.stop();
-    // The lane of the first write is gone with the store's close.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // In company, the write takes a lane, whose connection is refused.
+    let _companion = store.companion(&fg.url(), Duration::from_secs(10)).await;
+    store.stop_accepting();
     let started = Instant::now();
     let reply = tokio::time::timeout(Duration::from_secs(5), put(&http, &fg.url(), "/d/refused", "5"))
         .await

@@ -44,6 +44,8 @@ async fn a_raise_cuts_a_pipelined_write_answered_early_that_the_kernel_holds() {
     // One client connection: large writes first, so that fencegate's
     // listener reads a whole write at once (hyper's read size grows), and
     // the last one is whole when handled: it takes a lane.
+    // In company, every write takes a lane.
+    let _companion = store.companion(&fg.url(), Duration::from_secs(3)).await;
     let mut stream = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
     let body = vec![b'x'; BODY];
     for (i, path) in ["/d/w1", "/d/w2", "/d/w3", "/d/w4", "/d/early"]
@@ -109,8 +111,9 @@ async fn writes_queued_behind_a_lanes_first_request_wait_a_bounded_time() {
             .request_timeout(REQUEST_TIMEOUT)
             .pipeline_depth(4),
     );
-    // No write before: the four open the first lane together, and three of
-    // them wait there for the first one's answer.
+    // No write before: the four open the first lane together (in
+    // company), and three of them wait there for the first one's answer.
+    let _companion = store.companion(&fg.url(), Duration::from_secs(3)).await;
     let (a, b, c, d) = tokio::join!(
         put(&fg, "/d/hang", 5),
         put(&fg, "/d/hang", 5),
@@ -174,6 +177,7 @@ async fn a_raise_does_not_cut_another_domains_write_pipelined_behind_an_answered
     // Large writes first on one client connection, so that fencegate's
     // listener reads a whole write at once (hyper's read size grows) and
     // the other domain's write takes the lane; they open it too.
+    let _companion = store.companion(&fg.url(), Duration::from_secs(2)).await;
     let mut stream = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
     for i in 0..4 {
         let status = raw_put(&mut stream, &format!("/d/w{i}"), 5, BODY).await;
@@ -230,6 +234,8 @@ async fn every_pipelined_write_a_raise_waited_for_and_a_timeout_cut_is_counted()
             .request_timeout(Duration::from_secs(1))
             .pipeline_depth(4),
     );
+    // In company, the writes take a lane (the warm-up opens it).
+    let _companion = store.companion(&fg.url(), Duration::from_secs(3)).await;
     let warm = put(&fg, "/d/warm", 5).await;
     assert_eq!(warm.0 / 100, 2, "warm-up: {warm:?}\n{}", log_tail(&fg));
     let fg_ref = &fg;

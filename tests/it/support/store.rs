@@ -75,6 +75,8 @@ pub enum Fault {
     NeverAnswer,
     /// Read the whole request, then answer `status` with `body`.
     Answer { status: u16, body: &'static str },
+    /// Read the whole request, then answer after this long.
+    AnswerAfter(Duration),
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +120,8 @@ pub struct ScriptedStore {
     addr: SocketAddr,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
+    /// Ends the accept loop alone ([`ScriptedStore::stop_accepting`]).
+    accepting: watch::Sender<bool>,
 }
 
 /// A second descriptor of `listener`, to set its options from the test.
@@ -150,11 +154,13 @@ impl ScriptedStore {
             listening: Mutex::new(Some(listening(&listener))),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
-        tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        let (accepting, accepting_rx) = watch::channel(false);
+        tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx, accepting_rx));
         ScriptedStore {
             addr,
             shared,
             shutdown,
+            accepting,
         }
     }
 
@@ -176,8 +182,15 @@ impl ScriptedStore {
         }
         *lock(&self.shared.listening) = Some(listening(&listener));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        tokio::spawn(accept_loop(listener, self.shared.clone(), shutdown_rx));
+        let (accepting, accepting_rx) = watch::channel(false);
+        tokio::spawn(accept_loop(
+            listener,
+            self.shared.clone(),
+            shutdown_rx,
+            accepting_rx,
+        ));
         self.shutdown = shutdown;
+        self.accepting = accepting;
     }
 
     /// "http://127.0.0.1:PORT"
@@ -254,11 +267,42 @@ impl ScriptedStore {
         }
     }
 
+    /// Keeps a read through fencegate at `fencegate_url` in flight for
+    /// `hold` (this store answers it then; the task ends with its answer):
+    /// a write that comes meanwhile has company on its way to the store,
+    /// and takes a lane where pipelining is on (`Pipeline::depart`). Each
+    /// call reads a path of its own, returned once its head is here.
+    pub async fn companion(&self, fencegate_url: &str, hold: Duration) -> tokio::task::JoinHandle<()> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let path = format!("/companion-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        self.fault_path(&path, Fault::AnswerAfter(hold));
+        let (http, url) = (super::client(), format!("{fencegate_url}{path}"));
+        let read = tokio::spawn(async move {
+            let _ = http.get(url).send().await;
+        });
+        let arrived = self
+            .wait_for(Duration::from_secs(10), |events| {
+                events
+                    .iter()
+                    .any(|e| e.path == path && e.kind == EventKind::HeadArrived)
+            })
+            .await;
+        assert!(arrived, "the companion read {path} never reached the store");
+        read
+    }
+
     /// Stop accepting and close every connection. Idempotent.
     pub fn stop(&self) {
+        self.stop_accepting();
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Stop listening (new connections are refused), keeping the
+    /// connections open and their requests going. Idempotent.
+    pub fn stop_accepting(&self) {
         // The second descriptor would keep the port listening.
         lock(&self.shared.listening).take();
-        let _ = self.shutdown.send(true);
+        let _ = self.accepting.send(true);
     }
 }
 
@@ -272,9 +316,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    mut accepting: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
+            _ = accepting.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(_) => {
@@ -561,6 +611,9 @@ async fn handle(
     record(EventKind::BodyComplete, HeaderMap::new(), data.freeze(), trailers);
     if fault == Some(Fault::NeverAnswer) {
         std::future::pending::<()>().await;
+    }
+    if let Some(Fault::AnswerAfter(d)) = fault {
+        tokio::time::sleep(d).await;
     }
 
     if let Some(d) = held(&shared.holds) {
