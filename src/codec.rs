@@ -166,6 +166,8 @@ struct HopFields {
     /// names are left out in order (a removal afterwards would move the
     /// last field into the gap).
     connection: hop::ConnectionOptions,
+    /// `Keep-Alive`'s `max`, if it gave one.
+    keep_alive_max: Option<u64>,
 }
 
 impl HopFields {
@@ -189,6 +191,10 @@ impl HopFields {
                 }
                 true
             }
+            "keep-alive" => {
+                self.keep_alive_max = keep_alive_max(value).or(self.keep_alive_max);
+                true
+            }
             other => hop::is_hop_by_hop_lower(other),
         };
         hop_by_hop || self.connection.names(name)
@@ -210,9 +216,35 @@ pub struct Fields {
     /// than in the head or the decoder, which are moved whole through the
     /// exchange's futures, where each byte more costs every answer.
     connection_named: Vec<HeaderName>,
+    /// The last answer's `Keep-Alive: max` (see [`Fields::keep_alive_max`]).
+    keep_alive_max: Option<u64>,
+}
+
+/// The `max` of a `Keep-Alive` field (`timeout=5, max=100`, RFC 2068
+/// §19.7.1.1), if it has a valid one.
+fn keep_alive_max(value: &[u8]) -> Option<u64> {
+    hop::list_items(value).find_map(|item| {
+        let (name, n) = item.split_at(item.iter().position(|b| *b == b'=')?);
+        if !name.trim_ascii().eq_ignore_ascii_case(b"max") {
+            return None;
+        }
+        let n = n[1..].trim_ascii();
+        let n = n
+            .strip_prefix(b"\"")
+            .and_then(|n| n.strip_suffix(b"\""))
+            .unwrap_or(n);
+        std::str::from_utf8(n).ok()?.parse().ok()
+    })
 }
 
 impl Fields {
+    /// How many more requests the store said it takes on this connection
+    /// in the last answer's `Keep-Alive` (Apache httpd sends it), if it did:
+    /// a pipelining client stops sending before the store closes.
+    pub fn keep_alive_max(&self) -> Option<u64> {
+        self.keep_alive_max
+    }
+
     /// The fields the last answer's `Connection` named, beyond the
     /// hop-by-hop ones: its trailers lose them too.
     pub fn connection_named(&self) -> &[HeaderName] {
@@ -359,6 +391,7 @@ pub fn parse_response_head(
     // Swapped, not assigned: the previous answer's names (rarely any) go
     // with the rest of `hop_fields`, with no drop of their own here.
     std::mem::swap(&mut fields.connection_named, &mut hop_fields.connection.named);
+    fields.keep_alive_max = hop_fields.keep_alive_max;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -896,6 +929,37 @@ mod tests {
         );
         assert_eq!(decoder.decode(&mut buf, &[]).unwrap(), Decoded::End);
         assert_eq!(&buf[..], b"HTTP", "bytes after the body stay in the buffer");
+    }
+
+    /// `Keep-Alive: max` is read from each answer (the field itself is
+    /// hop-by-hop and goes no further), and forgotten on one without it.
+    #[test]
+    fn keep_alive_max_is_read_from_each_answer() {
+        let mut fields = Fields::default();
+        let mut max = |text: &str| {
+            let h = parse_response_head(&mut BytesMut::from(text), &Method::PUT, &mut fields)
+                .unwrap()
+                .unwrap();
+            assert!(h.headers.get("keep-alive").is_none(), "{text}");
+            fields.keep_alive_max()
+        };
+        let ok = "HTTP/1.1 204 No Content\r\n";
+        assert_eq!(
+            max(&format!("{ok}Keep-Alive: timeout=5, max=100\r\n\r\n")),
+            Some(100)
+        );
+        assert_eq!(max(&format!("{ok}\r\n")), None);
+        assert_eq!(
+            max(&format!("{ok}keep-alive: MAX = \"7\" , timeout=5\r\n\r\n")),
+            Some(7)
+        );
+        assert_eq!(
+            max(&format!("{ok}Keep-Alive: timeout=5\r\nKeep-Alive: max=2\r\n\r\n")),
+            Some(2)
+        );
+        for bad in ["max", "max=", "max=-1", "max=x", "maximum=3", "timeout=5"] {
+            assert_eq!(max(&format!("{ok}Keep-Alive: {bad}\r\n\r\n")), None, "{bad}");
+        }
     }
 
     #[test]

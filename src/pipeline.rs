@@ -27,13 +27,17 @@
 //!   outcome unknown. A request still queued on a lane that closes goes
 //!   to another (not one byte of it was written, rule 6).
 //!
+//! Only a write in company takes a lane ([`Pipeline::depart`]): one alone
+//! has nothing to share a write call with, and the pool sends it sooner.
+//!
 //! Costs, which is why it is opt-in: a slow answer holds up the writes
 //! behind it (head-of-line blocking), a connection the store closes takes
 //! the unanswered writes on it with it (so a lane retires itself after
 //! `pipeline_max_requests`, which must stay below the store's own limit:
-//! nginx's `keepalive_requests`, 1000 by default), and a lane opens with
-//! one request and pipelines only after its first answer (RFC 9112
-//! §9.3.2: the store may not keep connections open).
+//! nginx's `keepalive_requests`, 1000 by default; or after what the store
+//! said it takes in `Keep-Alive: max`), and a lane opens with one request
+//! and pipelines only after its first answer (RFC 9112 §9.3.2: the store
+//! may not keep connections open).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -271,6 +275,9 @@ struct LaneState {
     /// Requests decided sent on this lane, and answers read.
     requests: u64,
     answers: u64,
+    /// The most requests the store said it takes on this connection
+    /// (`Keep-Alive: max`), if it did.
+    store_limit: Option<u64>,
     /// No more requests: the lane is closing (retired, or the store said
     /// it closes).
     closing: bool,
@@ -569,7 +576,12 @@ impl Driver<'_> {
                 end,
             });
             state.requests += 1;
-            if state.requests >= self.settings.max_requests {
+            if state.requests
+                >= self
+                    .settings
+                    .max_requests
+                    .min(state.store_limit.unwrap_or(u64::MAX))
+            {
                 state.closing = true;
             }
         }
@@ -760,6 +772,20 @@ impl Driver<'_> {
             let mut state = self.lane.lock();
             let sent = state.sent.pop_front().expect("the answer's request");
             state.answers += 1;
+            if let Some(max) = self.fields.keep_alive_max() {
+                // The store takes `max` more requests on this connection
+                // (Apache httpd says so in every answer, and closes after
+                // them): the lane retires before, so that no write is sent
+                // that the store would not answer. Read as counting this
+                // answer's request too, which may leave one unused: what
+                // `max` counts differs between servers.
+                let limit = state.answers + max.saturating_sub(1);
+                let limit = state.store_limit.map_or(limit, |l| l.min(limit));
+                state.store_limit = Some(limit);
+                if state.requests >= limit {
+                    state.closing = true;
+                }
+            }
             let keep_alive = head.keep_alive && !eof;
             if !keep_alive {
                 state.closing = true;

@@ -323,6 +323,24 @@ async fn lanes_that_retire_before_the_store_closes_them_lose_no_write() {
     assert_eq!(entries.len(), replies.len() + 1, "every write reached nginx once");
 }
 
+/// A store that states how many more requests it takes on a connection
+/// (`Keep-Alive: max`, as Apache httpd does in every answer) is taken at
+/// its word: with `pipeline_max_requests` above nginx's limit, lanes retire
+/// before nginx closes them, and no write is lost to the close (against
+/// `a_store_that_closes_a_pipelined_connection_gets_no_write_twice`).
+#[tokio::test(flavor = "multi_thread")]
+async fn lanes_retire_before_a_store_that_states_its_limit_closes_them() {
+    // nginx takes 3 requests a connection and says 2 more in every answer:
+    // after the first answer, a lane sends 2 at most.
+    let nginx = Nginx::start_with("keepalive_requests 3;\nadd_header Keep-Alive \"timeout=60, max=2\";");
+    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c.pipeline_max_requests(100)).await;
+    let replies = write_many(&fg, 8, 10).await;
+    let failed: Vec<_> = replies.iter().filter(|(_, r)| !r.is_success()).collect();
+    assert!(failed.is_empty(), "writes failed: {failed:?}");
+    let entries = nginx.log_entries_at_least(replies.len() + 1);
+    assert_eq!(entries.len(), replies.len() + 1, "every write reached nginx once");
+}
+
 /// A store that refuses connections fails a pipelined write at once, as
 /// it fails any other (502, nothing sent): the write is not handed from
 /// one new lane to the next.
