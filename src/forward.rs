@@ -164,9 +164,19 @@ impl Upstream {
         // Counted until the answer's head is here: a small whole write
         // takes a lane only in company (see `Pipeline::depart`).
         let departure = self.pipeline.as_ref().map(Pipeline::depart);
+        let mut yielded = false;
         if let (Some(pipeline), Some(departure)) = (&self.pipeline, &departure) {
+            if !departure.in_company() {
+                // Alone so far. The rest of the serving thread's turn may
+                // bring company: writes that arrive together come one
+                // after another, and the first of them finds the others
+                // not yet counted. So the yield the pool's path takes
+                // anyway (below) comes first, then the count is read again.
+                tokio::task::yield_now().await;
+                yielded = true;
+            }
             if let Some(whole) = departure
-                .in_company
+                .in_company()
                 .then(|| whole_request(&parts, target, hop, &self.host, framing, &body, &first, exchange))
                 .flatten()
             {
@@ -181,7 +191,9 @@ impl Upstream {
         // reach the store together: the store is woken once for them, not
         // once per request, which on a shared host cost the proxy more
         // kernel time than the yield costs (bench/RESULTS.md, step 17).
-        tokio::task::yield_now().await;
+        if !yielded {
+            tokio::task::yield_now().await;
+        }
         let mut body = Some(body);
         let mut pending: Option<Outgoing> = None;
         loop {

@@ -105,8 +105,14 @@ pub struct Pipeline {
 /// until this drops.
 pub struct Departure<'a> {
     departing: &'a AtomicUsize,
-    /// Whether another was on its way when this one was counted.
-    pub in_company: bool,
+}
+
+impl Departure<'_> {
+    /// Whether another request is on its way to the store from this
+    /// serving thread now.
+    pub fn in_company(&self) -> bool {
+        self.departing.load(Ordering::Relaxed) > 1
+    }
 }
 
 impl Drop for Departure<'_> {
@@ -191,10 +197,9 @@ impl Pipeline {
     /// latency (bench/RESULTS.md, step 24). The counter is this serving
     /// thread's own, so it is never contended.
     pub fn depart(&self) -> Departure<'_> {
-        let before = self.departing.fetch_add(1, Ordering::Relaxed);
+        self.departing.fetch_add(1, Ordering::Relaxed);
         Departure {
             departing: &self.departing,
-            in_company: before > 0,
         }
     }
 
