@@ -150,7 +150,8 @@ pub async fn run(
     };
     let gates = Arc::new(Gates::new(gates));
     let outside = metrics.outside();
-    let make_proxy = || Proxy::new(&config, gates.clone(), outside.clone());
+    let pipelined = metrics.pipelined.clone();
+    let make_proxy = || Proxy::new(&config, gates.clone(), outside.clone(), pipelined.clone());
 
     let serving = Arc::new(AtomicBool::new(true));
     let stop_admin = CancellationToken::new();

@@ -192,7 +192,12 @@ impl HopFields {
                 true
             }
             "keep-alive" => {
-                self.keep_alive_max = keep_alive_max(value).or(self.keep_alive_max);
+                // Given twice, the smaller: a lane that retires early
+                // costs a connection, one that retires late loses writes.
+                self.keep_alive_max = match (keep_alive_max(value), self.keep_alive_max) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 true
             }
             other => hop::is_hop_by_hop_lower(other),
@@ -955,6 +960,14 @@ mod tests {
         );
         assert_eq!(
             max(&format!("{ok}Keep-Alive: timeout=5\r\nKeep-Alive: max=2\r\n\r\n")),
+            Some(2)
+        );
+        assert_eq!(
+            max(&format!("{ok}Keep-Alive: max=2\r\nKeep-Alive: max=9\r\n\r\n")),
+            Some(2)
+        );
+        assert_eq!(
+            max(&format!("{ok}Keep-Alive: max=9\r\nKeep-Alive: max=2\r\n\r\n")),
             Some(2)
         );
         for bad in ["max", "max=", "max=-1", "max=x", "maximum=3", "timeout=5"] {

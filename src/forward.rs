@@ -2,6 +2,7 @@
 //! connection ([`crate::pool`]), with fencegate's timeouts. A request is resent only if no
 //! byte of it was written, on a pooled connection the store had closed.
 
+use prometheus::IntCounter;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -82,8 +83,8 @@ pub struct Upstream {
 
 impl Upstream {
     /// The store of `config` (validated: http with an authority), with a
-    /// pool of its own.
-    pub fn new(config: &UpstreamConfig) -> Upstream {
+    /// pool of its own; `pipelined` counts what its lanes send.
+    pub fn new(config: &UpstreamConfig, pipelined: IntCounter) -> Upstream {
         let authority = config.url.authority().expect("validated upstream url");
         let port = authority.port_u16().unwrap_or(80);
         // Like the URL's authority, without any userinfo or default port.
@@ -101,6 +102,7 @@ impl Upstream {
                 idle_timeout: POOL_IDLE_TIMEOUT,
                 depth: config.pipeline_depth,
                 max_requests: config.pipeline_max_requests,
+                sent: pipelined,
             })
         });
         Upstream {
@@ -360,6 +362,9 @@ fn store_response(head: ResponseHead, body: StoreBody) -> Response<StoreBody> {
     response
 }
 
+/// The `Connection` option of a lane's requests.
+static KEEP_ALIVE: HeaderValue = HeaderValue::from_static("keep-alive");
+
 /// `request` encoded whole, head and body, if it may take a pipelined
 /// connection: a PUT or DELETE write (it holds a ticket) whose body, at
 /// most [`pipeline::MAX_WHOLE`] bytes, is all here. Anything else streams
@@ -396,11 +401,15 @@ fn whole_request(
         return None;
     }
     let mut buffer = Vec::with_capacity(512 + data.len());
+    // `keep-alive`, though HTTP/1.1 persists without it: Apache httpd
+    // states how many more requests it takes (`Keep-Alive: max`, which a
+    // lane heeds) only to a request that carries it.
+    let keep_alive = std::iter::once((&http::header::CONNECTION, &KEEP_ALIVE));
     codec::encode_request_head(
         &mut buffer,
         &parts.method,
         target,
-        hop.fields(&parts.headers, host),
+        hop.fields(&parts.headers, host).chain(keep_alive),
         framing,
     );
     buffer.extend_from_slice(&data);

@@ -38,6 +38,8 @@ pub struct Metrics {
     /// 1 while etcd answers every election domain's reads, 0 otherwise;
     /// exported once an election domain exists, and set when scraped.
     pub etcd_up: IntGauge,
+    /// Writes sent to the store on pipelined connections.
+    pub pipelined: IntCounter,
 }
 
 /// The metrics of one domain (or of `none`), resolved once.
@@ -165,6 +167,14 @@ impl Metrics {
             .expect("unique metric");
         let etcd_up =
             IntGauge::new("fencegate_etcd_up", "1 while etcd answers, 0 otherwise.").expect("valid metric");
+        let pipelined = IntCounter::new(
+            "fencegate_upstream_pipelined_total",
+            "Writes sent to the store on pipelined connections (upstream.pipeline_depth; 0 while it is off).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(pipelined.clone()))
+            .expect("unique metric");
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
@@ -185,6 +195,7 @@ impl Metrics {
             inflight,
             epoch_persist,
             etcd_up,
+            pipelined,
         }
     }
 

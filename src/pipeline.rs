@@ -58,6 +58,7 @@ use crate::body::Exchange;
 use crate::codec::{self, BodyDecoder, Decoded, ResponseHead};
 use crate::connector::{connect, KillHandle, Wire};
 use crate::forward::ForwardError;
+use prometheus::IntCounter;
 
 /// The largest request body a lane takes (the head comes on top); a
 /// larger one goes through the pool. Bounded so that a lane's writes stay
@@ -89,6 +90,8 @@ pub struct LaneSettings {
     pub depth: usize,
     /// Requests per lane before it retires.
     pub max_requests: u64,
+    /// Counts the requests lanes decide sent (one add per write call).
+    pub sent: IntCounter,
 }
 
 /// One serving thread's lanes. Each serving thread has its own (see
@@ -362,13 +365,23 @@ enum Ended {
 
 /// Ends its lane when dropped: a driver task that ends otherwise than by
 /// returning (a panic, or its runtime shut down) must not leave handlers
-/// waiting on a lane that looks alive. After the driver's own end, a
-/// second changes nothing.
-struct Ends(Arc<Lane>);
+/// waiting on a lane that looks alive. The connection is cut first, as on
+/// the driver's own failing end: the writes sent on it leave their
+/// generations with `end`, and nothing more of them may reach the store
+/// after (an early-answer hold may keep the socket open). After the
+/// driver's own end, a second changes nothing.
+struct Ends {
+    lane: Arc<Lane>,
+    /// The connection's, once there is one.
+    kill: Option<KillHandle>,
+}
 
 impl Drop for Ends {
     fn drop(&mut self) {
-        self.0.end(
+        if let Some(kill) = &self.kill {
+            kill.kill();
+        }
+        self.lane.end(
             || {
                 ForwardError::Failed(
                     "the pipelined connection's task ended; the outcome is unknown".to_owned(),
@@ -381,10 +394,16 @@ impl Drop for Ends {
 
 /// A lane's task: connects, then writes and reads until the lane ends.
 async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
-    let _ends = Ends(lane.clone());
+    let mut ends = Ends {
+        lane: lane.clone(),
+        kill: None,
+    };
     let connected = connect(&settings.host, settings.port, settings.connect_timeout).await;
     let (wire, kill) = match connected {
-        Ok(connected) => connected,
+        Ok((wire, kill)) => {
+            ends.kill = Some(kill.clone());
+            (wire, kill)
+        }
         Err(e) => {
             // Nothing was written, but the writes queued here fail like a
             // checkout from the pool that cannot connect: given back, they
@@ -407,6 +426,9 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
         timer_at: None,
     };
     let ended = poll_fn(|cx| driver.poll(cx)).await;
+    // Ended as it should: what to cut is decided below (a quiet end keeps
+    // the connection open for an early-answered write still going out).
+    ends.kill = None;
     match ended {
         Ended::Quietly => lane.end(
             || ForwardError::Failed("the pipelined connection closed".to_owned()),
@@ -552,6 +574,7 @@ impl Driver<'_> {
     fn decide(&self, state: &mut LaneState) {
         let now = Instant::now();
         let mut batch = 0;
+        let mut decided = 0;
         while let Some(next) = state.queued.front() {
             let open = state.answers > 0 || state.requests == 0;
             if !open
@@ -570,6 +593,7 @@ impl Driver<'_> {
                 continue;
             }
             batch += whole.bytes.len();
+            decided += 1;
             state.decided_bytes += whole.bytes.len() as u64;
             let end = state.decided_bytes;
             state.unwritten.push_back(whole.bytes);
@@ -589,6 +613,9 @@ impl Driver<'_> {
             {
                 state.closing = true;
             }
+        }
+        if decided > 0 {
+            self.settings.sent.inc_by(decided);
         }
         if state.closing {
             // Not one byte of these was written: they go on another lane.
@@ -784,7 +811,8 @@ impl Driver<'_> {
                 // that the store would not answer. Read as counting this
                 // answer's request too, which may leave one unused: what
                 // `max` counts differs between servers.
-                let limit = state.answers + max.saturating_sub(1);
+                // Saturating: `max` is the store's word, any number.
+                let limit = state.answers.saturating_add(max.saturating_sub(1));
                 let limit = state.store_limit.map_or(limit, |l| l.min(limit));
                 state.store_limit = Some(limit);
                 if state.requests >= limit {
@@ -869,8 +897,9 @@ mod tests {
     }
 
     /// A driver that panics, even holding its lane's lock, ends its lane:
-    /// the write it sent fails (its outcome unknown), the queued one is
-    /// handed back unsent, and the lane takes nothing more.
+    /// its connection is cut, the write it sent fails (its outcome
+    /// unknown), the queued one is handed back unsent, and the lane takes
+    /// nothing more.
     #[tokio::test]
     async fn a_driver_that_panics_ends_its_lane() {
         let lane = Arc::new(Lane {
@@ -893,10 +922,16 @@ mod tests {
                 reply: queued_tx,
             });
         }
+        let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = store.local_addr().unwrap().port();
+        let (_wire, kill) = connect("127.0.0.1", port, Duration::from_secs(5)).await.unwrap();
         let driver = {
-            let lane = lane.clone();
+            let (lane, kill) = (lane.clone(), kill.clone());
             tokio::spawn(async move {
-                let _ends = Ends(lane.clone());
+                let _ends = Ends {
+                    lane: lane.clone(),
+                    kill: Some(kill),
+                };
                 let _state = lane.lock();
                 panic!("a bug in the driver");
             })
@@ -912,5 +947,6 @@ mod tests {
         ));
         assert!(matches!(queued, Ok(Err(LaneError::Unsent(_)))));
         assert!(lane.lock().dead && !lane.lock().has_room(8));
+        assert!(kill.is_killed(), "the connection was cut");
     }
 }

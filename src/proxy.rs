@@ -2,6 +2,7 @@
 //! token, admit it (which may wait for a raise), forward it, and count it.
 //! Refusals are [`Problem`]s, rendered in one place ([`crate::error`]).
 
+use prometheus::IntCounter;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -48,10 +49,11 @@ impl Proxy {
     /// The data path for `config`, with the domains' live state in `gates`.
     /// Each serving thread has its own, with its own pool of connections
     /// to the store; the domains are shared.
-    pub fn new(config: &Config, gates: Arc<Gates>, outside: DomainMetrics) -> Proxy {
+    /// `pipelined` counts the writes its lanes send, if pipelining is on.
+    pub fn new(config: &Config, gates: Arc<Gates>, outside: DomainMetrics, pipelined: IntCounter) -> Proxy {
         Proxy {
             gates,
-            upstream: Arc::new(Upstream::new(&config.upstream)),
+            upstream: Arc::new(Upstream::new(&config.upstream, pipelined)),
             fencing_header: HeaderName::from_bytes(config.fencing.header.as_bytes())
                 .expect("validated header name"),
             read_methods: config

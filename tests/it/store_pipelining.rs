@@ -227,7 +227,8 @@ async fn a_raise_takes_back_a_lower_write_still_queued_in_its_lane() {
 async fn a_pipelined_write_past_request_timeout_cuts_its_lane() {
     let store = ScriptedStore::start().await;
     let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_millis(400))).await;
-    open_lane(&store, &fg, &http, Duration::from_millis(300)).await;
+    // The companion is cut at request_timeout, which changes nothing here.
+    open_lane(&store, &fg, &http, Duration::from_secs(2)).await;
     store.hold_token("5", Duration::from_secs(3));
     let a = spawn_put(&http, &fg, "/d/slow", "5");
     wait_head(&store, "/d/slow").await;
@@ -308,6 +309,7 @@ async fn a_store_that_closes_a_pipelined_connection_gets_no_write_twice() {
             assert!(times <= 1, "{path} ({reply:?}) reached nginx {times} times");
         }
     }
+    assert!(fg.pipelined_writes() > 0, "precondition: writes took lanes");
 }
 
 /// With `pipeline_max_requests` at or below the store's own limit, a lane
@@ -328,19 +330,36 @@ async fn no_write_lost(http_extra: &str, max_requests: u64) {
     assert!(failed.is_empty(), "writes failed: {failed:?}");
     let entries = nginx.log_entries_at_least(replies.len() + 1);
     assert_eq!(entries.len(), replies.len() + 1, "every write reached nginx once");
+    assert!(fg.pipelined_writes() > 0, "precondition: writes took lanes");
 }
 
 /// A store that states how many more requests it takes on a connection
-/// (`Keep-Alive: max`, as Apache httpd does in every answer) is taken at
-/// its word: with `pipeline_max_requests` above nginx's limit, lanes retire
-/// before nginx closes them, and no write is lost to the close (against
-/// `a_store_that_closes_a_pipelined_connection_gets_no_write_twice`).
+/// (`Keep-Alive: max`) is taken at its word: with `pipeline_max_requests`
+/// above nginx's limit, lanes retire before nginx closes them, and no
+/// write is lost to the close (against
+/// `a_store_that_closes_a_pipelined_connection_gets_no_write_twice`). nginx
+/// plays Apache httpd, which states it only to a request whose
+/// `Connection` carries `keep-alive` (`ap_set_keepalive`).
 #[tokio::test(flavor = "multi_thread")]
 async fn lanes_retire_before_a_store_that_states_its_limit_closes_them() {
-    // nginx takes 3 requests a connection and says 2 more in every answer:
-    // after the first answer, a lane sends 2 at most.
+    // 3 requests a connection, and 2 more said in every answer to a
+    // request that asks: after the first answer, a lane sends 2 at most.
     no_write_lost(
-        "keepalive_requests 3;\nadd_header Keep-Alive \"timeout=60, max=2\";",
+        "keepalive_requests 3;\n\
+         map $http_connection $keep_alive { ~*keep-alive \"timeout=60, max=2\"; default \"\"; }\n\
+         add_header Keep-Alive $keep_alive;",
+        100,
+    )
+    .await;
+}
+
+/// A `Keep-Alive: max` too large to add to (a broken or hostile store)
+/// leaves lanes as they are: the driver that added it overflowed and
+/// panicked, failing writes the store had applied (502).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keep_alive_max_too_large_to_add_to_fails_no_write() {
+    no_write_lost(
+        "add_header Keep-Alive \"timeout=60, max=18446744073709551615\";",
         100,
     )
     .await;

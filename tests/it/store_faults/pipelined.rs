@@ -71,6 +71,7 @@ async fn a_raise_cuts_a_pipelined_write_answered_early_that_the_kernel_holds() {
         );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fg.pipelined_writes() > 0, "precondition: the writes took a lane");
     let held = marks(&fg).2;
     if held == 0 {
         panic!(
@@ -130,6 +131,7 @@ async fn writes_queued_behind_a_lanes_first_request_wait_a_bounded_time() {
         );
     }
     assert_eq!(marks(&fg).2, 0, "no write left in flight");
+    assert!(fg.pipelined_writes() > 0, "precondition: the writes took a lane");
 }
 
 /// Sends `PUT path` with `token` and a `len`-byte body on `stream` in one
@@ -199,7 +201,15 @@ async fn a_raise_does_not_cut_another_domains_write_pipelined_behind_an_answered
         let raised = put(fg_ref, "/d/six", 6).await;
         (answered, held, raised)
     };
+    let before = fg.pipelined_writes();
     let ((answered, held, raised), other) = tokio::join!(raise, other);
+    // d's first write and e's: both on the lane (the raise, too, if it
+    // found company).
+    assert!(
+        fg.pipelined_writes() >= before + 2,
+        "precondition: both writes took a lane ({before} before, {} after)",
+        fg.pipelined_writes()
+    );
     assert_eq!(
         answered.0 / 100,
         2,
@@ -238,6 +248,7 @@ async fn every_pipelined_write_a_raise_waited_for_and_a_timeout_cut_is_counted()
     let _companion = store.companion(&fg.url(), Duration::from_secs(3)).await;
     let warm = put(&fg, "/d/warm", 5).await;
     assert_eq!(warm.0 / 100, 2, "warm-up: {warm:?}\n{}", log_tail(&fg));
+    let before = fg.pipelined_writes();
     let fg_ref = &fg;
     let lower = |delay: u64| async move {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -253,6 +264,10 @@ async fn every_pipelined_write_a_raise_waited_for_and_a_timeout_cut_is_counted()
         log_tail(&fg)
     );
     assert_eq!(raised.0 / 100, 2, "the raise to 6: {raised:?}\n{}", log_tail(&fg));
+    assert!(
+        fg.pipelined_writes() >= before + 2,
+        "precondition: both lower writes took a lane"
+    );
     let text = fg.admin_get("/metrics").body;
     let counted = crate::support::metric_value(&text, "fencegate_barrier_timeouts_total", DOMAIN);
     assert_eq!(

@@ -309,6 +309,18 @@ impl Fencegate {
             .unwrap_or_else(|e| panic!("GET {}{path}: {e}", self.admin_url()))
     }
 
+    /// Writes sent to the store on pipelined connections so far
+    /// (`fencegate_upstream_pipelined_total`): a test of lanes checks
+    /// that its writes took one.
+    pub fn pipelined_writes(&self) -> u64 {
+        let text = self.admin_get("/metrics").body;
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fencegate_upstream_pipelined_total "))
+            .unwrap_or_else(|| panic!("no fencegate_upstream_pipelined_total in /metrics:\n{text}"));
+        value.trim().parse::<f64>().expect("a number") as u64
+    }
+
     pub fn config(&self) -> &FencegateConfig {
         &self.config
     }
