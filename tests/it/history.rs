@@ -1317,6 +1317,14 @@ async fn run_history(consistency: Consistency, pipeline_depth: Option<usize>) {
     let writes = std::mem::take(&mut *ctx.writes.lock().unwrap());
     let admitted = writes.iter().filter(|w| w.outcome.admitted()).count();
     let store = tokio::task::block_in_place(|| nginx.log_entries_at_least(admitted));
+    if pipeline_depth.is_some() {
+        let pipelined = store.iter().filter(|e| e.pipelined).count();
+        assert!(
+            pipelined > 0,
+            "precondition: no write reached nginx pipelined behind another ({} in the log)",
+            store.len()
+        );
+    }
     let history = History {
         consistency,
         domains: DOMAINS
@@ -1460,6 +1468,7 @@ fn entry(path: &str, token: i64, status: u16) -> LogEntry {
         token: Some(token.to_string()),
         status,
         request_length: 100,
+        pipelined: false,
     }
 }
 

@@ -27,6 +27,9 @@ pub struct LogEntry {
     pub status: u16,
     /// `$request_length`: request line, headers and body, in bytes.
     pub request_length: u64,
+    /// `$pipe`: the request came pipelined behind another on its
+    /// connection.
+    pub pipelined: bool,
 }
 
 impl LogEntry {
@@ -276,7 +279,7 @@ http {{
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
 
-    log_format fencing '$request_method $uri $http_fencing_token $status $request_length';
+    log_format fencing '$request_method $uri $http_fencing_token $status $request_length $pipe';
     access_log {d}/access.log fencing;
     {http_extra}
 
@@ -295,11 +298,12 @@ http {{
     )
 }
 
-/// `METHOD URI TOKEN STATUS LENGTH`; the URI may contain spaces, so the
-/// last three fields are taken from the end.
+/// `METHOD URI TOKEN STATUS LENGTH PIPE`; the URI may contain spaces, so
+/// the last four fields are taken from the end.
 fn parse_log_line(line: &str) -> Option<LogEntry> {
     let (method, rest) = line.split_once(' ')?;
-    let mut tail = rest.rsplitn(4, ' ');
+    let mut tail = rest.rsplitn(5, ' ');
+    let pipelined = tail.next()? == "p";
     let request_length = tail.next()?.parse().ok()?;
     let status = tail.next()?.parse().ok()?;
     let token = tail.next()?;
@@ -310,6 +314,7 @@ fn parse_log_line(line: &str) -> Option<LogEntry> {
         token: (token != "-").then(|| token.to_string()),
         status,
         request_length,
+        pipelined,
     })
 }
 
@@ -319,13 +324,15 @@ mod tests {
 
     #[test]
     fn parses_log_lines() {
-        let e = parse_log_line("PUT /a b/c 42 201 180").unwrap();
+        let e = parse_log_line("PUT /a b/c 42 201 180 p").unwrap();
         assert_eq!(e.method, "PUT");
         assert_eq!(e.uri, "/a b/c");
         assert_eq!(e.token.as_deref(), Some("42"));
         assert_eq!(e.status, 201);
         assert_eq!(e.request_length, 180);
-        let e = parse_log_line("GET / - 200 75").unwrap();
+        assert!(e.pipelined);
+        let e = parse_log_line("GET / - 200 75 .").unwrap();
         assert_eq!(e.token, None);
+        assert!(!e.pipelined);
     }
 }
