@@ -1134,8 +1134,12 @@ async fn linearizable_writers_share_reads() {
     );
     assert_eq!(confirmed, writes, "every write asked for a read");
     // Periodic reads count too, but they are max_staleness / 3 apart.
+    // Unshared, every write would cost a read of its own (reads ≥ writes).
+    // How many share one moves with the machine (2.1 to 6.9 writes a read
+    // on the same build here): the ratio is the benchmark's to measure
+    // (`bench/run linearizable`), sharing is this test's.
     assert!(
-        reads >= 1.0 && reads <= writes / 4.0,
+        reads >= 1.0 && reads <= writes / 1.5,
         "{reads} reads for {writes} writes from {WRITERS} concurrent writers: not shared"
     );
 }
