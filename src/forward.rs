@@ -362,9 +362,6 @@ fn store_response(head: ResponseHead, body: StoreBody) -> Response<StoreBody> {
     response
 }
 
-/// The `Connection` option of a lane's requests.
-static KEEP_ALIVE: HeaderValue = HeaderValue::from_static("keep-alive");
-
 /// `request` encoded whole, head and body, if it may take a pipelined
 /// connection: a PUT or DELETE write (it holds a ticket) whose body, at
 /// most [`pipeline::MAX_WHOLE`] bytes, is all here. Anything else streams
@@ -401,19 +398,17 @@ fn whole_request(
         return None;
     }
     let mut buffer = Vec::with_capacity(512 + data.len());
-    // `keep-alive`, though HTTP/1.1 persists without it: Apache httpd
-    // states how many more requests it takes (`Keep-Alive: max`, which a
-    // lane heeds) only to a request that carries it.
-    let keep_alive = std::iter::once((&http::header::CONNECTION, &KEEP_ALIVE));
     codec::encode_request_head(
         &mut buffer,
         &parts.method,
         target,
-        hop.fields(&parts.headers, host).chain(keep_alive),
+        hop.fields(&parts.headers, host),
         framing,
     );
+    let head_len = buffer.len();
     buffer.extend_from_slice(&data);
     Some(Whole {
+        head_len,
         bytes: buffer.into(),
         method: parts.method.clone(),
         exchange: exchange.clone(),
