@@ -949,27 +949,17 @@ mod tests {
             fields.keep_alive_max()
         };
         let ok = "HTTP/1.1 204 No Content\r\n";
-        assert_eq!(
-            max(&format!("{ok}Keep-Alive: timeout=5, max=100\r\n\r\n")),
-            Some(100)
-        );
-        assert_eq!(max(&format!("{ok}\r\n")), None);
-        assert_eq!(
-            max(&format!("{ok}keep-alive: MAX = \"7\" , timeout=5\r\n\r\n")),
-            Some(7)
-        );
-        assert_eq!(
-            max(&format!("{ok}Keep-Alive: timeout=5\r\nKeep-Alive: max=2\r\n\r\n")),
-            Some(2)
-        );
-        assert_eq!(
-            max(&format!("{ok}Keep-Alive: max=2\r\nKeep-Alive: max=9\r\n\r\n")),
-            Some(2)
-        );
-        assert_eq!(
-            max(&format!("{ok}Keep-Alive: max=9\r\nKeep-Alive: max=2\r\n\r\n")),
-            Some(2)
-        );
+        for (fields, expected) in [
+            ("Keep-Alive: timeout=5, max=100\r\n", Some(100)),
+            ("", None),
+            ("keep-alive: MAX = \"7\" , timeout=5\r\n", Some(7)),
+            ("Keep-Alive: timeout=5\r\nKeep-Alive: max=2\r\n", Some(2)),
+            // Given twice, the smaller.
+            ("Keep-Alive: max=2\r\nKeep-Alive: max=9\r\n", Some(2)),
+            ("Keep-Alive: max=9\r\nKeep-Alive: max=2\r\n", Some(2)),
+        ] {
+            assert_eq!(max(&format!("{ok}{fields}\r\n")), expected, "{fields}");
+        }
         for bad in ["max", "max=", "max=-1", "max=x", "maximum=3", "timeout=5"] {
             assert_eq!(max(&format!("{ok}Keep-Alive: {bad}\r\n\r\n")), None, "{bad}");
         }

@@ -15,6 +15,31 @@ fn start(config: FencegateConfig) -> Fencegate {
     tokio::task::block_in_place(|| Fencegate::start(config))
 }
 
+/// fencegate with domain `d` and lanes of 4 on one serving thread (every
+/// write takes the same lanes) in front of `store`; `tune` adds to it.
+fn lanes(store: &ScriptedStore, tune: impl FnOnce(FencegateConfig) -> FencegateConfig) -> Fencegate {
+    start(tune(
+        FencegateConfig::new(&store.url())
+            .domain(DOMAIN, "/d/")
+            .workers(1)
+            .pipeline_depth(4),
+    ))
+}
+
+/// [`lanes`] in front of `store`, whose connections get the smallest
+/// receive window, so that most of a 16 KiB write waits in fencegate's
+/// socket until the store reads it; timeouts long enough never to be what
+/// ends a write.
+fn small_window(store: &ScriptedStore, tune: impl FnOnce(FencegateConfig) -> FencegateConfig) -> Fencegate {
+    store.set_receive_buffer(2048);
+    lanes(store, |c| {
+        tune(
+            c.request_timeout(Duration::from_secs(10))
+                .body_idle_timeout(Duration::from_secs(10)),
+        )
+    })
+}
+
 /// A store may answer a pipelined write before it has read it all, and then
 /// stop reading; the rest waits unsent in fencegate's socket. Until it has
 /// gone out, the write keeps its place in its generation, and a raise cuts
@@ -25,50 +50,22 @@ async fn a_raise_cuts_a_pipelined_write_answered_early_that_the_kernel_holds() {
     const READ_AFTER: Duration = Duration::from_secs(4);
     const BODY: usize = 16 << 10;
     let store = ScriptedStore::start().await;
-    // The smallest window: most of the write waits in fencegate's socket.
-    store.set_receive_buffer(2048);
-    let fg = start(
-        FencegateConfig::new(&store.url())
-            .domain(DOMAIN, "/d/")
-            .workers(1)
-            .request_timeout(Duration::from_secs(10))
-            .body_idle_timeout(Duration::from_secs(10))
-            .pipeline_depth(4),
-    );
+    let fg = small_window(&store, |c| c);
     store.fault_path(
         "/d/early",
         Fault::AnswerEarly {
             read_after: READ_AFTER,
         },
     );
-    // One client connection: large writes first, so that fencegate's
+    // One client connection, in company (writes that are whole when
+    // handled take a lane): large writes first, so that fencegate's
     // listener reads a whole write at once (hyper's read size grows), and
-    // the last one is whole when handled: it takes a lane.
-    // In company, every write takes a lane.
+    // the last one is whole when handled.
     let _companion = store.companion(&fg.url(), Duration::from_secs(3)).await;
     let mut stream = TcpStream::connect(fg.addr()).await.expect("connect to fencegate");
-    let body = vec![b'x'; BODY];
-    for (i, path) in ["/d/w1", "/d/w2", "/d/w3", "/d/w4", "/d/early"]
-        .iter()
-        .enumerate()
-    {
-        let mut request = format!(
-            "PUT {path} HTTP/1.1\r\nHost: store.test\r\nFencing-Token: 5\r\nContent-Length: {BODY}\r\n\r\n"
-        )
-        .into_bytes();
-        request.extend_from_slice(&body);
-        stream.write_all(&request).await.expect("send a write");
-        let mut answer = [0u8; 1024];
-        let n = tokio::time::timeout(HANG, stream.read(&mut answer))
-            .await
-            .unwrap_or_else(|_| panic!("no answer to write {i}\n{}", log_tail(&fg)))
-            .expect("read an answer");
-        let text = String::from_utf8_lossy(&answer[..n]).into_owned();
-        assert!(
-            text.starts_with("HTTP/1.1 2"),
-            "write {path}: {text}\n{}",
-            log_tail(&fg)
-        );
+    for path in ["/d/w1", "/d/w2", "/d/w3", "/d/w4", "/d/early"] {
+        let status = raw_put(&mut stream, path, 5, BODY).await;
+        assert_eq!(status / 100, 2, "write {path}: {status}\n{}", log_tail(&fg));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(fg.pipelined_writes() > 0, "precondition: the writes took a lane");
@@ -104,14 +101,10 @@ async fn writes_queued_behind_a_lanes_first_request_wait_a_bounded_time() {
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
     let store = ScriptedStore::start().await;
     store.fault_path("/d/hang", Fault::NeverAnswer);
-    let fg = start(
-        FencegateConfig::new(&store.url())
-            .domain(DOMAIN, "/d/")
-            .workers(1)
-            .connect_timeout(Duration::from_millis(500))
+    let fg = lanes(&store, |c| {
+        c.connect_timeout(Duration::from_millis(500))
             .request_timeout(REQUEST_TIMEOUT)
-            .pipeline_depth(4),
-    );
+    });
     // No write before: the four open the first lane together (in
     // company), and three of them wait there for the first one's answer.
     let _companion = store.companion(&fg.url(), Duration::from_secs(3)).await;
@@ -164,18 +157,9 @@ async fn a_raise_does_not_cut_another_domains_write_pipelined_behind_an_answered
     const OTHER: &str = "e";
     const BODY: usize = 16 << 10;
     let store = ScriptedStore::start().await;
-    // A small window: most of the other domain's write waits in fencegate's
-    // socket while the store has not read its body.
-    store.set_receive_buffer(2048);
-    let fg = start(
-        FencegateConfig::new(&store.url())
-            .domain(DOMAIN, "/d/")
-            .domain(OTHER, "/e/")
-            .workers(1)
-            .request_timeout(Duration::from_secs(10))
-            .body_idle_timeout(Duration::from_secs(10))
-            .pipeline_depth(4),
-    );
+    // Most of the other domain's write waits in fencegate's socket while
+    // the store has not read its body.
+    let fg = small_window(&store, |c| c.domain(OTHER, "/e/"));
     // Large writes first on one client connection, so that fencegate's
     // listener reads a whole write at once (hyper's read size grows) and
     // the other domain's write takes the lane; they open it too.
@@ -237,13 +221,7 @@ async fn a_raise_does_not_cut_another_domains_write_pipelined_behind_an_answered
 async fn every_pipelined_write_a_raise_waited_for_and_a_timeout_cut_is_counted() {
     let store = ScriptedStore::start().await;
     store.fault_path("/d/hang", Fault::NeverAnswer);
-    let fg = start(
-        FencegateConfig::new(&store.url())
-            .domain(DOMAIN, "/d/")
-            .workers(1)
-            .request_timeout(Duration::from_secs(1))
-            .pipeline_depth(4),
-    );
+    let fg = lanes(&store, |c| c.request_timeout(Duration::from_secs(1)));
     // In company, the writes take a lane (the warm-up opens it).
     let _companion = store.companion(&fg.url(), Duration::from_secs(3)).await;
     let warm = put(&fg, "/d/warm", 5).await;
