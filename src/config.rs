@@ -95,6 +95,14 @@ pub struct UpstreamConfig {
     /// must stay below the store's own limit (nginx's `keepalive_requests`).
     #[serde(default = "default_pipeline_max_requests")]
     pub pipeline_max_requests: u64,
+    /// Whether GETs and HEADs without a body are pipelined too, on lanes
+    /// of their own, when `pipeline_depth` is above 0.
+    #[serde(default = "default_true")]
+    pub pipeline_reads: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_pipeline_max_requests() -> u64 {

@@ -2,7 +2,7 @@
 //! connection ([`crate::pool`]), with fencegate's timeouts. A request is resent only if no
 //! byte of it was written, on a pooled connection the store had closed.
 
-use prometheus::IntCounter;
+use crate::metrics::PipelineCounters;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -71,8 +71,11 @@ pub enum ForwardError {
 /// The store and how to reach it, with one serving thread's connections.
 pub struct Upstream {
     pool: Pool,
-    /// Lanes for small whole writes, where pipelining is on.
+    /// Lanes for small whole writes (and reads without a body, with
+    /// `pipeline_reads`), where pipelining is on.
     pipeline: Option<Pipeline>,
+    /// Whether reads take lanes too.
+    pipeline_reads: bool,
     /// `Host` for requests that came without one (HTTP/1.0).
     host: HeaderValue,
     request_timeout: Duration,
@@ -84,7 +87,7 @@ pub struct Upstream {
 impl Upstream {
     /// The store of `config` (validated: http with an authority), with a
     /// pool of its own; `pipelined` counts what its lanes send.
-    pub fn new(config: &UpstreamConfig, pipelined: IntCounter) -> Upstream {
+    pub fn new(config: &UpstreamConfig, pipelined: PipelineCounters) -> Upstream {
         let authority = config.url.authority().expect("validated upstream url");
         let port = authority.port_u16().unwrap_or(80);
         // Like the URL's authority, without any userinfo or default port.
@@ -102,12 +105,13 @@ impl Upstream {
                 idle_timeout: POOL_IDLE_TIMEOUT,
                 depth: config.pipeline_depth,
                 max_requests: config.pipeline_max_requests,
-                sent: pipelined,
+                counters: pipelined,
             })
         });
         Upstream {
             pool: Pool::new(authority.host(), port, config.connect_timeout, POOL_IDLE_TIMEOUT),
             pipeline,
+            pipeline_reads: config.pipeline_reads,
             host: HeaderValue::from_str(&host).expect("a URL's host is a valid header value"),
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
@@ -163,14 +167,15 @@ impl Upstream {
                 Poll::Ready(None) | Poll::Pending => {}
             }
         }
-        // Counted until the answer's head is here: a small whole write
-        // takes a lane only in company (see `Pipeline::depart`).
+        // Counted until the answer's head is here: a small whole write, or
+        // a read without a body, takes a lane only in company (see
+        // `Pipeline::depart`).
         let departure = self.pipeline.as_ref().map(Pipeline::depart);
         let mut yielded = false;
         if let (Some(pipeline), Some(departure)) = (&self.pipeline, &departure) {
             if !departure.in_company() {
                 // Alone so far. The rest of the serving thread's turn may
-                // bring company: writes that arrive together come one
+                // bring company: requests that arrive together come one
                 // after another, and the first of them finds the others
                 // not yet counted. So the yield the pool's path takes
                 // anyway (below) comes first, then the count is read again.
@@ -179,13 +184,21 @@ impl Upstream {
             }
             if let Some(whole) = departure
                 .in_company()
-                .then(|| whole_request(&parts, target, hop, &self.host, framing, &body, &first, exchange))
+                .then(|| {
+                    let reads = self.pipeline_reads;
+                    whole_request(
+                        &parts, target, hop, &self.host, framing, &body, &first, exchange, reads,
+                    )
+                })
                 .flatten()
             {
-                // Whole (the body is here, and ended): dropping it aborts
-                // nothing.
-                drop(body);
-                return self.send_pipelined(pipeline, whole, exchange).await;
+                // Whole (the body is here, and ended): the lane sends it.
+                if let Some(response) = self.send_pipelined(pipeline, whole, exchange).await? {
+                    return Ok(response);
+                }
+                // A read its lane gave back unanswered (the lane ended, or
+                // its answer was too large to read whole): the pool sends
+                // it again, and streams its answer.
             }
         }
         // The serving thread finishes its turn first (its other ready
@@ -267,15 +280,16 @@ impl Upstream {
         }
     }
 
-    /// Sends a small whole write on a pipelined connection
-    /// ([`crate::pipeline`]) and waits for its answer. A raise before the
-    /// lane decided it sent takes it out of its lane unsent.
+    /// Sends a small whole write, or a read without a body, on a
+    /// pipelined connection ([`crate::pipeline`]) and waits for its answer.
+    /// A raise before the lane decided it sent takes it out of its lane
+    /// unsent. `None`: a read to send again through the pool.
     async fn send_pipelined(
         &self,
         pipeline: &Pipeline,
         mut whole: Whole,
         exchange: &Arc<Exchange>,
-    ) -> Result<Response<StoreBody>, ForwardError> {
+    ) -> Result<Option<Response<StoreBody>>, ForwardError> {
         // A write handed back unsent (its lane closed) is queued again,
         // maybe behind another lane's first request: each stay in a lane
         // is bounded (by its connect, its first answer or its oldest
@@ -298,7 +312,21 @@ impl Upstream {
                 }
             };
             match reply {
-                Ok(Ok(answer)) => return Ok(store_response(answer.head, StoreBody::Whole(answer.body))),
+                Ok(Ok(answer)) => {
+                    return Ok(Some(store_response(answer.head, StoreBody::Whole(answer.body))))
+                }
+                // Only read lanes give a request back sent, and they carry
+                // no write; a write is never sent twice.
+                Ok(Err(LaneError::Resend)) if !exchange.holds_ticket() => {
+                    pipeline.resent();
+                    return Ok(None);
+                }
+                Ok(Err(LaneError::Resend)) => {
+                    return Err(ForwardError::Failed(
+                        "the pipelined connection ended before answering this write; its outcome is unknown"
+                            .to_owned(),
+                    ))
+                }
                 // Not one byte of it was written: another lane may take
                 // it, unless it has waited for one long enough.
                 Ok(Err(LaneError::Unsent(_))) if started.elapsed() >= budget && exchange.abort() => {
@@ -364,10 +392,12 @@ fn store_response(head: ResponseHead, body: StoreBody) -> Response<StoreBody> {
 
 /// `request` encoded whole, head and body, if it may take a pipelined
 /// connection: a PUT or DELETE write (it holds a ticket) whose body, at
-/// most [`pipeline::MAX_WHOLE`] bytes, is all here. Anything else streams
-/// through the pool. Only idempotent methods (RFC 9112 §9.3.2): a lane
-/// that ends fails the writes sent on it with their outcome unknown, and
-/// a writer may send a PUT or DELETE again after that, not a POST.
+/// most [`pipeline::MAX_WHOLE`] bytes, is all here, or, with `reads`, a
+/// GET or HEAD without a body. Anything else streams through the pool.
+/// Only idempotent methods (RFC 9112 §9.3.2): a lane that ends fails the
+/// writes sent on it with their outcome unknown, and a writer may send a
+/// PUT or DELETE again after that, not a POST; the reads it sends again
+/// itself.
 #[allow(clippy::too_many_arguments)]
 fn whole_request(
     parts: &http::request::Parts,
@@ -378,11 +408,16 @@ fn whole_request(
     body: &UpstreamBody,
     first: &Option<http_body::Frame<bytes::Bytes>>,
     exchange: &Arc<Exchange>,
+    reads: bool,
 ) -> Option<Whole> {
-    if !exchange.holds_ticket()
-        || !body.is_end_stream()
-        || !matches!(parts.method, http::Method::PUT | http::Method::DELETE)
-    {
+    // A read with a ticket is a write in a read's clothes (a method
+    // override): it is never sent twice.
+    let read = reads
+        && !exchange.holds_ticket()
+        && pipeline::is_read(&parts.method)
+        && framing == codec::Framing::Empty;
+    let write = exchange.holds_ticket() && matches!(parts.method, http::Method::PUT | http::Method::DELETE);
+    if !body.is_end_stream() || !(read || write) {
         return None;
     }
     let data = match first {

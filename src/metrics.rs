@@ -38,8 +38,19 @@ pub struct Metrics {
     /// 1 while etcd answers every election domain's reads, 0 otherwise;
     /// exported once an election domain exists, and set when scraped.
     pub etcd_up: IntGauge,
-    /// Writes sent to the store on pipelined connections.
-    pub pipelined: IntCounter,
+    /// Requests sent to the store on pipelined connections.
+    pub pipelined: PipelineCounters,
+}
+
+/// What pipelined connections count, resolved once.
+#[derive(Debug, Clone)]
+pub struct PipelineCounters {
+    /// Writes sent on write lanes.
+    pub writes: IntCounter,
+    /// Reads sent on read lanes.
+    pub reads: IntCounter,
+    /// Reads a read lane left unanswered, sent again through the pool.
+    pub resent: IntCounter,
 }
 
 /// The metrics of one domain (or of `none`), resolved once.
@@ -167,14 +178,30 @@ impl Metrics {
             .expect("unique metric");
         let etcd_up =
             IntGauge::new("fencegate_etcd_up", "1 while etcd answers, 0 otherwise.").expect("valid metric");
-        let pipelined = IntCounter::new(
-            "fencegate_upstream_pipelined_total",
-            "Writes sent to the store on pipelined connections (upstream.pipeline_depth; 0 while it is off).",
+        let sent = IntCounterVec::new(
+            Opts::new(
+                "fencegate_upstream_pipelined_total",
+                "Requests sent to the store on pipelined connections, by access \
+                 (upstream.pipeline_depth; 0 while it is off).",
+            ),
+            &["access"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(sent.clone())).expect("unique metric");
+        let resent = IntCounter::new(
+            "fencegate_upstream_pipeline_resent_total",
+            "Reads a pipelined connection left unanswered (it ended, or the answer was too large \
+             to read whole), sent again on a connection of their own.",
         )
         .expect("valid metric");
         registry
-            .register(Box::new(pipelined.clone()))
+            .register(Box::new(resent.clone()))
             .expect("unique metric");
+        let pipelined = PipelineCounters {
+            writes: sent.with_label_values(&["write"]),
+            reads: sent.with_label_values(&["read"]),
+            resent,
+        };
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(

@@ -1,15 +1,17 @@
-//! Pipelining of small whole writes to the store (opt-in:
-//! `upstream.pipeline_depth`). Every other request goes through
+//! Pipelining to the store (opt-in: `upstream.pipeline_depth`) of small
+//! whole writes and, on lanes of their own, of reads without a body
+//! (`upstream.pipeline_reads`). Every other request goes through
 //! [`crate::pool`], one connection per request in flight.
 //!
-//! A *lane* is a store connection that carries up to `depth` writes whose
+//! A *lane* is a store connection that carries up to `depth` requests whose
 //! answers have not come yet, in order (RFC 9112 §9.3.2). One `writev`
 //! carries several requests, and the store reads several in one `recv`:
-//! that is where the time goes (bench/RESULTS.md, steps 22 and 23). Each
+//! that is where the time goes (bench/RESULTS.md, steps 22 to 25). Each
 //! lane has a task of its own (its *driver*) that writes what handlers
 //! queued and reads the answers, in order, each whole (head and body, at
-//! most [`MAX_ANSWER`] bytes), so that one slow reader never holds up the
-//! answers behind its own.
+//! most [`MAX_ANSWER`] bytes for a write, [`MAX_READ_ANSWER`] for a
+//! read), so that one slow reader never holds up the answers behind its
+//! own.
 //!
 //! What the barrier promises stays as it is, because only a request that
 //! is here whole, head and body, takes a lane, and it is decided there:
@@ -22,22 +24,32 @@
 //!   the write whole unless its buffer is full; then the rest follows
 //!   before anything else, and `request_timeout` bounds it like an answer
 //!   (the connection is cut, and with it what was unsent);
-//! - nothing is ever resent: a request decided sent whose answer never
+//! - no write is ever resent: a write decided sent whose answer never
 //!   comes (the store closed, or the connection was cut) fails with its
 //!   outcome unknown. A request still queued on a lane that closes goes
 //!   to another (not one byte of it was written, rule 6).
 //!
-//! Only a write in company takes a lane ([`Pipeline::depart`]): one alone
-//! has nothing to share a write call with, and the pool sends it sooner.
+//! Reads (GET and HEAD without a body, holding no ticket) are safe to send
+//! again, so a read lane that ends with reads unanswered sends them again
+//! through the pool ([`LaneError::Resend`]), as RFC 9112 §9.3.2 asks of a
+//! client that pipelines; only the read whose own answer failed (late,
+//! malformed) fails. An answer too large to read whole ends its lane the
+//! same way, and the pool, which streams, sends it again. Reads and writes
+//! never share a lane: a write behind such a read would be lost with it.
 //!
-//! Costs, which is why it is opt-in: a slow answer holds up the writes
+//! Only a request in company takes a lane ([`Pipeline::depart`]): one
+//! alone has nothing to share a write call with, and the pool sends it
+//! sooner.
+//!
+//! Costs, which is why it is opt-in: a slow answer holds up the requests
 //! behind it (head-of-line blocking), a connection the store closes takes
 //! the unanswered writes on it with it (so a lane retires itself after
 //! `pipeline_max_requests`, which must stay below the store's own limit:
 //! nginx's `keepalive_requests`, 1000 by default; or after what the store
-//! said it takes in `Keep-Alive: max`), and a lane opens with one request
-//! and pipelines only after its first answer (RFC 9112 §9.3.2: the store
-//! may not keep connections open).
+//! said it takes in `Keep-Alive: max`), a read with a large answer is
+//! sent twice, and a lane opens with one request and pipelines only after
+//! its first answer (RFC 9112 §9.3.2: the store may not keep connections
+//! open).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -58,7 +70,7 @@ use crate::body::Exchange;
 use crate::codec::{self, BodyDecoder, Decoded, ResponseHead};
 use crate::connector::{connect, KillHandle, Wire};
 use crate::forward::ForwardError;
-use prometheus::IntCounter;
+use crate::metrics::PipelineCounters;
 
 /// The largest request body a lane takes (the head comes on top); a
 /// larger one goes through the pool. Bounded so that a lane's writes stay
@@ -72,6 +84,18 @@ const MAX_BATCH: usize = 64 * 1024;
 /// the lane: buffered whole, it would cost memory per write, and streamed
 /// it would hold up every answer behind it for as long as its client reads.
 pub const MAX_ANSWER: usize = 1024 * 1024;
+
+/// The largest answer body a read lane reads for one read. A read may ask
+/// for anything the store holds; a larger answer ends the lane, and the
+/// reads on it go again through the pool, which streams.
+pub const MAX_READ_ANSWER: usize = 64 * 1024;
+
+/// Whether a request of this method goes on a read lane: a safe method,
+/// which may be sent again when its lane ends unanswered (RFC 9110
+/// §9.2.2, RFC 9112 §9.3.2).
+pub fn is_read(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD)
+}
 
 /// What a lane needs to know.
 #[derive(Debug, Clone)]
@@ -91,13 +115,17 @@ pub struct LaneSettings {
     /// Requests per lane before it retires.
     pub max_requests: u64,
     /// Counts the requests lanes decide sent (one add per write call).
-    pub sent: IntCounter,
+    pub counters: PipelineCounters,
 }
 
 /// One serving thread's lanes. Each serving thread has its own (see
 /// [`crate::server`]), so its lock is never contended.
 pub struct Pipeline {
-    lanes: Mutex<Vec<Arc<Lane>>>,
+    /// Lanes for writes.
+    writes: Mutex<Vec<Arc<Lane>>>,
+    /// Lanes for reads, apart: a read's large or late answer ends its lane,
+    /// which must not cost a write its outcome.
+    reads: Mutex<Vec<Arc<Lane>>>,
     settings: Arc<LaneSettings>,
     /// Requests on their way to the store from this serving thread, by
     /// either path (see [`Pipeline::depart`]).
@@ -155,6 +183,10 @@ pub enum LaneError {
     Unsent(Whole),
     /// It failed; the error says whether it reached the store.
     Failed(ForwardError),
+    /// A read that was sent but not answered: its lane ended before its
+    /// answer (or its answer was too large to read whole). A safe method,
+    /// it goes again through the pool.
+    Resend,
 }
 
 impl std::fmt::Debug for Whole {
@@ -189,17 +221,24 @@ impl Pipeline {
     /// No lanes yet; they open as writes come.
     pub fn new(settings: LaneSettings) -> Pipeline {
         Pipeline {
-            lanes: Mutex::new(Vec::new()),
+            writes: Mutex::new(Vec::new()),
+            reads: Mutex::new(Vec::new()),
             settings: Arc::new(settings),
             departing: AtomicUsize::new(0),
         }
     }
 
+    /// Counts a read its lane left unanswered, going again through the
+    /// pool.
+    pub fn resent(&self) {
+        self.settings.counters.resent.inc();
+    }
+
     /// Counts a request on its way to the store until the departure
-    /// drops. A write with no other request in company has nothing to
-    /// share a write call with: the pool sends it at once, where a lane
-    /// would add a hop through its driver task and cost a lone writer
-    /// latency (bench/RESULTS.md, step 24). The counter is this serving
+    /// drops. A request with no other in company has nothing to share a
+    /// write call with: the pool sends it at once, where a lane would add
+    /// a hop through its driver task and cost a lone writer latency
+    /// (bench/RESULTS.md, step 24). The counter is this serving
     /// thread's own, so it is never contended.
     pub fn depart(&self) -> Departure<'_> {
         self.departing.fetch_add(1, Ordering::Relaxed);
@@ -208,20 +247,23 @@ impl Pipeline {
         }
     }
 
-    /// Queues `whole` on the first lane with room, opening one if none
-    /// has. Filling lanes in order rather than spreading the writes keeps
-    /// each write call carrying as many requests as there are.
+    /// Queues `whole` on the first lane of its kind (read or write) with
+    /// room, opening one if none has. Filling lanes in order rather than
+    /// spreading the requests keeps each write call carrying as many
+    /// requests as there are.
     pub fn enqueue(&self, whole: Whole) -> Waiting {
         let (tx, rx) = oneshot::channel();
         let exchange = whole.exchange.clone();
-        let mut lanes = self.lanes.lock().expect("pipeline lock");
+        let reads = is_read(&whole.method);
+        let set = if reads { &self.reads } else { &self.writes };
+        let mut lanes = set.lock().expect("pipeline lock");
         lanes.retain(|lane| !lane.lock().dead);
         let depth = self.settings.depth;
         let lane = lanes.iter().find(|lane| lane.lock().has_room(depth)).cloned();
         let lane = match lane {
             Some(lane) => lane,
             None => {
-                let lane = Lane::open(self.settings.clone());
+                let lane = Lane::open(self.settings.clone(), reads);
                 lanes.push(lane.clone());
                 lane
             }
@@ -242,9 +284,11 @@ impl Pipeline {
     }
 }
 
-/// A store connection carrying pipelined writes.
+/// A store connection carrying pipelined requests: writes, or reads.
 struct Lane {
     state: Mutex<LaneState>,
+    /// A read lane: its requests may be sent again when it ends.
+    reads: bool,
 }
 
 struct Queued {
@@ -310,9 +354,10 @@ impl LaneState {
 }
 
 impl Lane {
-    fn open(settings: Arc<LaneSettings>) -> Arc<Lane> {
+    fn open(settings: Arc<LaneSettings>, reads: bool) -> Arc<Lane> {
         let lane = Arc::new(Lane {
             state: Mutex::new(LaneState::default()),
+            reads,
         });
         tokio::spawn(drive(lane.clone(), settings));
         lane
@@ -347,6 +392,32 @@ impl Lane {
             let _ = q.reply.send(Err(why));
         }
     }
+
+    /// Ends a read lane: the oldest read sent fails with `front` if its
+    /// own answer failed, and every other read sent goes again through
+    /// the pool (a client that pipelines SHOULD retry the requests left
+    /// unanswered when a connection closes: RFC 9112 §9.3.2; they are
+    /// safe). Queued ones are given back.
+    fn end_reads(&self, front: Option<ForwardError>) {
+        let mut state = self.lock();
+        state.dead = true;
+        state.closing = true;
+        state.unwritten.clear();
+        let sent = std::mem::take(&mut state.sent);
+        let queued = std::mem::take(&mut state.queued);
+        drop(state);
+        let mut front = front;
+        for s in sent {
+            let why = match front.take() {
+                Some(failure) => LaneError::Failed(failure),
+                None => LaneError::Resend,
+            };
+            let _ = s.reply.send(Err(why));
+        }
+        for q in queued {
+            let _ = q.reply.send(Err(LaneError::Unsent(q.whole)));
+        }
+    }
 }
 
 /// `request` (its head `head_len` bytes, ending in a blank line) with
@@ -372,8 +443,13 @@ struct Reading {
 enum Ended {
     /// Idle, retired or closed by the store with nothing owed.
     Quietly,
-    /// With requests unanswered: they fail with this.
+    /// With requests unanswered, the oldest one's own answer at fault
+    /// (failed, late, malformed): they fail with this.
     Failing(ForwardError),
+    /// With requests unanswered, none of them at fault: the store closed
+    /// after an answer, or a read's answer was too large to read whole.
+    /// Writes fail with this (their outcome is unknown); reads go again.
+    Unanswered(ForwardError),
 }
 
 /// Ends its lane when dropped: a driver task that ends otherwise than by
@@ -393,6 +469,10 @@ impl Drop for Ends {
     fn drop(&mut self) {
         if let Some(kill) = &self.kill {
             kill.kill();
+        }
+        if self.lane.reads {
+            self.lane.end_reads(None);
+            return;
         }
         self.lane.end(
             || {
@@ -447,7 +527,14 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
             || ForwardError::Failed("the pipelined connection closed".to_owned()),
             true,
         ),
-        Ended::Failing(failure) => {
+        ended if lane.reads => {
+            kill.kill();
+            lane.end_reads(match ended {
+                Ended::Failing(failure) => Some(failure),
+                _ => None,
+            });
+        }
+        Ended::Failing(failure) | Ended::Unanswered(failure) => {
             // Nothing more of what was unwritten may reach the store.
             kill.kill();
             let message = failure.to_string();
@@ -637,7 +724,11 @@ impl Driver<'_> {
             }
         }
         if decided > 0 {
-            self.settings.sent.inc_by(decided);
+            let sent = match self.lane.reads {
+                true => &self.settings.counters.reads,
+                false => &self.settings.counters.writes,
+            };
+            sent.inc_by(decided);
         }
         if state.closing {
             // Not one byte of these was written: they go on another lane.
@@ -772,6 +863,13 @@ impl Driver<'_> {
                         )))
                     }
                     Ok(Some(head)) => {
+                        if self.lane.reads
+                            && matches!(head.framing, codec::Framing::Length(n) if n > MAX_READ_ANSWER as u64)
+                        {
+                            // Said at once: the lane ends before the store
+                            // sends much of it, and the pool streams it.
+                            return Poll::Ready(Ok(Some(Ended::Unanswered(too_large()))));
+                        }
                         self.reading = Some(Reading {
                             decoder: BodyDecoder::new(head.framing),
                             head,
@@ -780,9 +878,11 @@ impl Driver<'_> {
                         });
                     }
                     Ok(None) if eof => {
-                        return Poll::Ready(Err(ForwardError::Failed(
+                        // Maybe the store's idle close, crossing the
+                        // request: not the request's fault.
+                        return Poll::Ready(Ok(Some(Ended::Unanswered(ForwardError::Failed(
                             "the store closed the connection without answering".to_owned(),
-                        )))
+                        )))));
                     }
                     Ok(None) => return Poll::Ready(Ok(None)),
                     Err(e) => return Poll::Ready(Err(ForwardError::BadResponse(e.to_string()))),
@@ -801,6 +901,9 @@ impl Driver<'_> {
                 };
                 match decoded {
                     Ok(Decoded::Data(data)) => {
+                        if self.lane.reads && reading.body.len() + data.len() > MAX_READ_ANSWER {
+                            return Poll::Ready(Ok(Some(Ended::Unanswered(too_large()))));
+                        }
                         if reading.body.len() + data.len() > MAX_ANSWER {
                             return Poll::Ready(Err(ForwardError::Failed(format!(
                                 "the store's answer to a pipelined write is over {MAX_ANSWER} bytes"
@@ -858,18 +961,26 @@ impl Driver<'_> {
                 // The store closes after this answer: the requests sent
                 // after it will not be answered.
                 let unanswered = !self.lane.lock().sent.is_empty();
-                return Poll::Ready(if unanswered {
-                    Err(ForwardError::Failed(
+                return Poll::Ready(Ok(Some(if unanswered {
+                    Ended::Unanswered(ForwardError::Failed(
                         "the store closed a pipelined connection before answering this write; \
                          its outcome is unknown"
                             .to_owned(),
                     ))
                 } else {
-                    Ok(Some(Ended::Quietly))
-                });
+                    Ended::Quietly
+                })));
             }
         }
     }
+}
+
+/// Why a read lane ended at a read's answer: the read goes again through
+/// the pool, which streams what a lane would have to hold whole.
+fn too_large() -> ForwardError {
+    ForwardError::Failed(format!(
+        "an answer on a read lane is over {MAX_READ_ANSWER} bytes"
+    ))
 }
 
 /// A pipelined write's answer body, read whole.
@@ -909,6 +1020,7 @@ impl Body for WholeBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus::IntCounter;
 
     #[test]
     fn a_lanes_first_request_asks_for_keep_alive_in_its_head() {
@@ -935,6 +1047,96 @@ mod tests {
         }
     }
 
+    fn read() -> Whole {
+        let bytes = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: s\r\n\r\n");
+        Whole {
+            head_len: bytes.len(),
+            bytes,
+            method: Method::GET,
+            exchange: Exchange::new(None, None),
+        }
+    }
+
+    fn settings() -> LaneSettings {
+        let counter = |name: &str| IntCounter::new(name, name).unwrap();
+        LaneSettings {
+            host: "127.0.0.1".to_owned(),
+            // Nothing listens on port 1: the lanes' drivers fail to connect.
+            port: 1,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            depth: 8,
+            max_requests: 100,
+            counters: PipelineCounters {
+                writes: counter("writes"),
+                reads: counter("reads"),
+                resent: counter("resent"),
+            },
+        }
+    }
+
+    /// A read's lane ends when its answer is too large, and then sends its
+    /// reads again: a write there would be sent twice. So reads and writes
+    /// never share a lane.
+    #[tokio::test]
+    async fn reads_and_writes_take_lanes_of_their_own() {
+        let pipeline = Pipeline::new(settings());
+        let first_write = pipeline.enqueue(whole());
+        let first_read = pipeline.enqueue(read());
+        let write = pipeline.enqueue(whole());
+        let read = pipeline.enqueue(read());
+        assert!(!first_write.lane.reads && first_read.lane.reads);
+        assert!(!Arc::ptr_eq(&first_write.lane, &first_read.lane));
+        assert!(Arc::ptr_eq(&first_write.lane, &write.lane));
+        assert!(Arc::ptr_eq(&first_read.lane, &read.lane));
+    }
+
+    /// A read lane that ends fails its oldest read with the failure of
+    /// that read's own answer, if it was at fault, and sends every other
+    /// read sent on it again (RFC 9112 §9.3.2); queued ones are given back.
+    #[test]
+    fn a_read_lane_that_ends_sends_its_reads_again() {
+        for at_fault in [true, false] {
+            let lane = Lane {
+                state: Mutex::new(LaneState::default()),
+                reads: true,
+            };
+            let mut replies = Vec::new();
+            {
+                let mut state = lane.lock();
+                for _ in 0..2 {
+                    let (tx, rx) = oneshot::channel();
+                    let sent = read();
+                    state.sent.push_back(Sent {
+                        method: sent.method,
+                        exchange: sent.exchange,
+                        reply: tx,
+                        deadline: Instant::now(),
+                        end: 0,
+                    });
+                    replies.push(rx);
+                }
+                let (tx, rx) = oneshot::channel();
+                state.queued.push_back(Queued {
+                    whole: read(),
+                    reply: tx,
+                });
+                replies.push(rx);
+            }
+            let failure = ForwardError::Timeout(Duration::from_secs(1));
+            lane.end_reads(at_fault.then_some(failure));
+            let got: Vec<Reply> = replies.into_iter().map(|mut rx| rx.try_recv().unwrap()).collect();
+            match at_fault {
+                true => assert!(matches!(got[0], Err(LaneError::Failed(ForwardError::Timeout(_))))),
+                false => assert!(matches!(got[0], Err(LaneError::Resend))),
+            }
+            assert!(matches!(got[1], Err(LaneError::Resend)));
+            assert!(matches!(got[2], Err(LaneError::Unsent(_))));
+            assert!(lane.lock().dead);
+        }
+    }
+
     /// A driver that panics, even holding its lane's lock, ends its lane:
     /// its connection is cut, the write it sent fails (its outcome
     /// unknown), the queued one is handed back unsent, and the lane takes
@@ -943,6 +1145,7 @@ mod tests {
     async fn a_driver_that_panics_ends_its_lane() {
         let lane = Arc::new(Lane {
             state: Mutex::new(LaneState::default()),
+            reads: false,
         });
         let (sent_tx, sent_rx) = oneshot::channel();
         let (queued_tx, queued_rx) = oneshot::channel();

@@ -2,7 +2,7 @@
 //! token, admit it (which may wait for a raise), forward it, and count it.
 //! Refusals are [`Problem`]s, rendered in one place ([`crate::error`]).
 
-use prometheus::IntCounter;
+use crate::metrics::PipelineCounters;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -50,7 +50,12 @@ impl Proxy {
     /// Each serving thread has its own, with its own pool of connections
     /// to the store; the domains are shared.
     /// `pipelined` counts the writes its lanes send, if pipelining is on.
-    pub fn new(config: &Config, gates: Arc<Gates>, outside: DomainMetrics, pipelined: IntCounter) -> Proxy {
+    pub fn new(
+        config: &Config,
+        gates: Arc<Gates>,
+        outside: DomainMetrics,
+        pipelined: PipelineCounters,
+    ) -> Proxy {
         Proxy {
             gates,
             upstream: Arc::new(Upstream::new(&config.upstream, pipelined)),

@@ -7,7 +7,7 @@
 //! after another) and nginx (its `keepalive_requests` closing a pipelined
 //! connection).
 
-use crate::support::{client, Event, EventKind, Fencegate, FencegateConfig, Nginx, ScriptedStore};
+use crate::support::{client, Event, EventKind, Fault, Fencegate, FencegateConfig, Nginx, ScriptedStore};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -388,5 +388,221 @@ async fn a_store_that_refuses_connections_fails_a_pipelined_write_at_once() {
         started.elapsed() < Duration::from_secs(2),
         "took {:?}",
         started.elapsed()
+    );
+}
+
+/// Reads through `fg` of every path in `paths`, `readers` at a time (each
+/// reader one after another), with each answer's status and body.
+async fn read_many(fg: &Fencegate, readers: usize, paths: &[String]) -> Vec<(String, u16, bytes::Bytes)> {
+    let http = client();
+    let mut tasks = Vec::new();
+    for r in 0..readers {
+        let mine: Vec<String> = paths.iter().skip(r).step_by(readers).cloned().collect();
+        let (http, base) = (http.clone(), fg.url());
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for path in mine {
+                let response = http
+                    .get(format!("{base}{path}"))
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+                let status = response.status().as_u16();
+                let body = response
+                    .bytes()
+                    .await
+                    .unwrap_or_else(|e| panic!("GET {path}'s body: {e}"));
+                answers.push((path, status, body));
+            }
+            answers
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all
+}
+
+/// Files in nginx's root, each of `size(i)` bytes of its own content, and
+/// their paths, each read `times` times.
+fn files(
+    nginx: &Nginx,
+    count: usize,
+    times: usize,
+    size: impl Fn(usize) -> usize,
+) -> (Vec<String>, HashMap<String, Vec<u8>>) {
+    let dir = nginx.data_dir().join("r");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut contents = HashMap::new();
+    for i in 0..count {
+        let body: Vec<u8> = format!("file {i} ").bytes().cycle().take(size(i)).collect();
+        std::fs::write(dir.join(format!("f{i}")), &body).unwrap();
+        contents.insert(format!("/r/f{i}"), body);
+    }
+    let paths = (0..times)
+        .flat_map(|_| contents.keys().cloned().collect::<Vec<_>>())
+        .collect();
+    (paths, contents)
+}
+
+fn assert_answers(answers: &[(String, u16, bytes::Bytes)], contents: &HashMap<String, Vec<u8>>) {
+    for (path, status, body) in answers {
+        assert_eq!(*status, 200, "GET {path}");
+        assert!(
+            body[..] == contents[path][..],
+            "GET {path}: {} bytes, not its file's {}",
+            body.len(),
+            contents[path].len()
+        );
+    }
+}
+
+/// Reads in company share read lanes (`upstream.pipeline_reads`, on by
+/// default), and each gets its own file's answer, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_in_company_share_a_lane_and_each_gets_its_own_answer() {
+    let nginx = Nginx::start();
+    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c).await;
+    let (paths, contents) = files(&nginx, 40, 5, |i| 1 + i * 97);
+    let answers = read_many(&fg, 8, &paths).await;
+    assert_answers(&answers, &contents);
+    assert!(fg.pipelined_reads() > 0, "precondition: reads took lanes");
+    assert_eq!(fg.pipeline_resent(), 0, "no lane left a read unanswered");
+    let pipelined_at_nginx = nginx
+        .log_entries_at_least(paths.len() + 1)
+        .iter()
+        .filter(|e| e.pipelined && e.method == "GET")
+        .count();
+    assert!(pipelined_at_nginx > 0, "nginx saw no GET pipelined");
+}
+
+/// With `pipeline_reads = false`, reads never take a lane (writes still do).
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_stay_off_lanes_when_asked() {
+    let nginx = Nginx::start();
+    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c.pipeline_reads(false)).await;
+    let (paths, contents) = files(&nginx, 40, 5, |i| 1 + i * 97);
+    let answers = read_many(&fg, 8, &paths).await;
+    assert_answers(&answers, &contents);
+    assert_eq!(fg.pipelined_reads(), 0);
+}
+
+/// An answer too large to read whole on a lane (over 64 KiB) ends its
+/// lane; it and the reads behind it go again through the pool, which
+/// streams: every read gets its whole file, large or small.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_whose_answer_is_too_large_for_a_lane_goes_again_through_the_pool() {
+    let nginx = Nginx::start();
+    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c).await;
+    // One file in four over the limit (200 KiB; nginx says its length in
+    // the head, so the lane ends there).
+    let (paths, contents) = files(&nginx, 24, 4, |i| {
+        if i % 4 == 0 {
+            200 * 1024 + i
+        } else {
+            1 + i * 131
+        }
+    });
+    let answers = read_many(&fg, 8, &paths).await;
+    assert_answers(&answers, &contents);
+    assert!(fg.pipelined_reads() > 0, "precondition: reads took lanes");
+    assert!(
+        fg.pipeline_resent() > 0,
+        "precondition: a lane ended at a large answer"
+    );
+}
+
+/// nginx closes a connection after `keepalive_requests` answers. Reads
+/// pipelined behind its last answer go again through the pool (they are
+/// safe): none fails, where writes in the same place fail as outcome
+/// unknown (`a_store_that_closes_a_pipelined_connection_gets_no_write_twice`).
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_behind_a_store_that_closes_a_lane_go_again_and_none_fails() {
+    let nginx = Nginx::start_with("keepalive_requests 3;");
+    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c.pipeline_max_requests(100)).await;
+    let (paths, contents) = files(&nginx, 40, 4, |i| 1 + i * 97);
+    let answers = read_many(&fg, 8, &paths).await;
+    assert_answers(&answers, &contents);
+    assert!(fg.pipelined_reads() > 0, "precondition: reads took lanes");
+    assert!(
+        fg.pipeline_resent() > 0,
+        "precondition: nginx closed lanes with reads unanswered"
+    );
+}
+
+/// Reads ending their lanes (large answers, nginx's closes) cost no write
+/// its outcome: reads and writes take lanes of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_that_end_their_lanes_fail_no_write() {
+    let nginx = Nginx::start_with("keepalive_requests 1000;");
+    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c).await;
+    let (paths, contents) = files(&nginx, 16, 6, |i| if i % 2 == 0 { 100 * 1024 } else { 10 });
+    let fg = std::sync::Arc::new(fg);
+    let reads = {
+        let fg = fg.clone();
+        tokio::spawn(async move { read_many(&fg, 6, &paths).await })
+    };
+    let writes = write_many(&fg, 6, 20).await;
+    let answers = reads.await.unwrap();
+    assert_answers(&answers, &contents);
+    let failed: Vec<_> = writes.iter().filter(|(_, r)| !r.is_success()).collect();
+    assert!(failed.is_empty(), "writes failed: {failed:?}");
+    // And none was sent twice.
+    let entries = nginx.log_entries_at_least(answers.len() + writes.len() + 1);
+    let mut puts: HashMap<&str, usize> = HashMap::new();
+    for e in entries.iter().filter(|e| e.method == "PUT") {
+        *puts.entry(e.uri.as_str()).or_default() += 1;
+    }
+    for path in writes.keys() {
+        assert_eq!(puts.get(path.as_str()), Some(&1), "{path} reached nginx once");
+    }
+    assert!(fg.pipelined_writes() > 0, "precondition: writes took lanes");
+    assert!(fg.pipeline_resent() > 0, "precondition: read lanes ended");
+}
+
+/// A read whose answer is late fails at `request_timeout` as on the pool
+/// (504), and the reads pipelined behind it on its lane, which the store
+/// had not answered, go again through the pool and are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_behind_a_late_answer_go_again_and_are_answered() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_secs(1))).await;
+    // Company for everything below (held past the test), then a read that
+    // opens a read lane to pipelining.
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
+    assert_eq!(open.status(), 201, "a read lane's first read");
+    assert_eq!(
+        fg.pipelined_reads(),
+        1,
+        "precondition: the first read took a lane"
+    );
+    store.fault_path("/late", Fault::AnswerAfter(Duration::from_secs(20)));
+    let late = {
+        let (http, url) = (http.clone(), format!("{}/late", fg.url()));
+        tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    wait_head(&store, "/late").await;
+    let started = Instant::now();
+    let behind: Vec<_> = (0..3)
+        .map(|i| {
+            let (http, url) = (http.clone(), format!("{}/behind-{i}", fg.url()));
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    for (i, task) in behind.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap().unwrap(), 201, "/behind-{i}");
+    }
+    assert_eq!(late.await.unwrap().unwrap(), 504, "/late");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the reads behind waited {:?}",
+        started.elapsed()
+    );
+    assert!(fg.pipelined_reads() >= 2, "precondition: /late took the lane");
+    assert!(
+        fg.pipeline_resent() >= 1,
+        "precondition: reads were behind /late on its lane"
     );
 }

@@ -53,6 +53,8 @@ pub struct FencegateConfig {
     pub pipeline_depth: Option<usize>,
     /// `upstream.pipeline_max_requests`.
     pub pipeline_max_requests: Option<u64>,
+    /// `upstream.pipeline_reads`.
+    pub pipeline_reads: Option<bool>,
     /// `None`: [`super::Fencegate`] puts the state file in its temp dir.
     pub state_path: Option<PathBuf>,
     pub fencing_header: Option<String>,
@@ -83,6 +85,7 @@ impl FencegateConfig {
             body_idle_timeout: None,
             pipeline_depth: None,
             pipeline_max_requests: None,
+            pipeline_reads: None,
             state_path: None,
             fencing_header: None,
             read_methods: None,
@@ -144,6 +147,11 @@ impl FencegateConfig {
 
     pub fn pipeline_depth(mut self, n: usize) -> Self {
         self.pipeline_depth = Some(n);
+        self
+    }
+
+    pub fn pipeline_reads(mut self, on: bool) -> Self {
+        self.pipeline_reads = Some(on);
         self
     }
 
@@ -220,6 +228,9 @@ impl FencegateConfig {
         opt_duration(&mut t, "body_idle_timeout", self.body_idle_timeout);
         if let Some(n) = self.pipeline_depth {
             kv(&mut t, "pipeline_depth", &n.to_string());
+        }
+        if let Some(on) = self.pipeline_reads {
+            kv(&mut t, "pipeline_reads", &on.to_string());
         }
         if let Some(n) = self.pipeline_max_requests {
             kv(&mut t, "pipeline_max_requests", &n.to_string());

@@ -310,14 +310,29 @@ impl Fencegate {
     }
 
     /// Writes sent to the store on pipelined connections so far
-    /// (`fencegate_upstream_pipelined_total`): a test of lanes checks
-    /// that its writes took one.
+    /// (`fencegate_upstream_pipelined_total{access="write"}`): a test of
+    /// lanes checks that its writes took one.
     pub fn pipelined_writes(&self) -> u64 {
+        self.counter(r#"fencegate_upstream_pipelined_total{access="write"}"#)
+    }
+
+    /// Reads sent to the store on read lanes so far.
+    pub fn pipelined_reads(&self) -> u64 {
+        self.counter(r#"fencegate_upstream_pipelined_total{access="read"}"#)
+    }
+
+    /// Reads a read lane left unanswered and the pool sent again.
+    pub fn pipeline_resent(&self) -> u64 {
+        self.counter("fencegate_upstream_pipeline_resent_total")
+    }
+
+    /// The value of the unlabelled (or fully labelled) series `series`.
+    fn counter(&self, series: &str) -> u64 {
         let text = self.admin_get("/metrics").body;
         let value = text
             .lines()
-            .find_map(|l| l.strip_prefix("fencegate_upstream_pipelined_total "))
-            .unwrap_or_else(|| panic!("no fencegate_upstream_pipelined_total in /metrics:\n{text}"));
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"));
         value.trim().parse::<f64>().expect("a number") as u64
     }
 
