@@ -32,9 +32,11 @@
 //! Reads (GET and HEAD without a body, holding no ticket) are safe to send
 //! again, so a read lane that ends with reads unanswered sends them again
 //! through the pool ([`LaneError::Resend`]), as RFC 9112 §9.3.2 asks of a
-//! client that pipelines; only the read whose own answer failed (late,
-//! malformed) fails. An answer too large to read whole ends its lane the
-//! same way, and the pool, which streams, sends it again. Reads and writes
+//! client that pipelines, the connection reset too; only the read whose
+//! own answer failed (late, malformed) fails. An answer too large to read
+//! whole, or whose body is still coming at `request_timeout` (its head was
+//! in time), ends its lane the same way, and the pool, which streams,
+//! sends it again. Reads and writes
 //! never share a lane: a write behind such a read would be lost with it.
 //!
 //! Only a request in company takes a lane ([`Pipeline::depart`]): one
@@ -444,10 +446,12 @@ enum Ended {
     /// Idle, retired or closed by the store with nothing owed.
     Quietly,
     /// With requests unanswered, the oldest one's own answer at fault
-    /// (failed, late, malformed): they fail with this.
+    /// (failed, late, malformed): they fail with this. On a read lane a
+    /// failed connection is no read's fault: only late or malformed is.
     Failing(ForwardError),
     /// With requests unanswered, none of them at fault: the store closed
-    /// after an answer, or a read's answer was too large to read whole.
+    /// after an answer, or a read's answer was too large or too slow to
+    /// read whole.
     /// Writes fail with this (their outcome is unknown); reads go again.
     Unanswered(ForwardError),
 }
@@ -529,8 +533,13 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
         ),
         ended if lane.reads => {
             kill.kill();
+            // Only the oldest read's own answer, late or malformed, fails
+            // it. A connection that failed (reset by the store, a write
+            // refused) is no read's fault: they all go again.
             lane.end_reads(match ended {
-                Ended::Failing(failure) => Some(failure),
+                Ended::Failing(failure @ (ForwardError::Timeout(_) | ForwardError::BadResponse(_))) => {
+                    Some(failure)
+                }
                 _ => None,
             });
         }
@@ -620,6 +629,15 @@ impl Driver<'_> {
             if self.timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(match front {
                     None => Ended::Quietly,
+                    // A read whose head came in time is not late
+                    // (`request_timeout` ends at the head): its body is
+                    // slow, a stream maybe, and the pool streams it.
+                    Some(_) if self.lane.reads && self.reading.is_some() => {
+                        Ended::Unanswered(ForwardError::Failed(format!(
+                            "an answer on a read lane was still coming after {:?}",
+                            self.settings.request_timeout
+                        )))
+                    }
                     Some(_) => Ended::Failing(ForwardError::Timeout(self.settings.request_timeout)),
                 });
             }

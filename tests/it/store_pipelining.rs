@@ -2,12 +2,15 @@
 //! share a store connection, a *lane*, and are answered in order. What the
 //! barrier promises must not change: a raise still takes back a lower
 //! write of which not one byte was written, waits for the answers of those
-//! that were, and nothing is ever resent. Run against [`ScriptedStore`]
+//! that were, and no write is ever resent (reads, on lanes of their own,
+//! go again through the pool when their lane ends unanswered). Run against [`ScriptedStore`]
 //! (event order at the store; hyper answers one request of a connection
 //! after another) and nginx (its `keepalive_requests` closing a pipelined
 //! connection).
 
-use crate::support::{client, Event, EventKind, Fault, Fencegate, FencegateConfig, Nginx, ScriptedStore};
+use crate::support::{
+    client, Event, EventKind, Fault, Fencegate, FencegateConfig, Nginx, ScriptedStore, TRICKLE_CHUNK,
+};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -605,4 +608,62 @@ async fn reads_behind_a_late_answer_go_again_and_are_answered() {
         fg.pipeline_resent() >= 1,
         "precondition: reads were behind /late on its lane"
     );
+}
+
+/// A read whose answer's head comes in time but whose body comes slowly
+/// (a stream, a large file from a slow disk) is not late: the SPEC's
+/// `request_timeout` ends at the final response head, and the pool streams
+/// such a body, bounded only by `body_idle_timeout`. A lane reads answers
+/// whole, so one still coming at `request_timeout` goes again through the
+/// pool rather than turn into a 504.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_whose_body_comes_slowly_is_not_late_on_a_lane() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_secs(1))).await;
+    // Company, so that the read takes a lane.
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    let chunks = 6;
+    store.fault_path(
+        "/slow",
+        Fault::Trickle {
+            chunks,
+            every: Duration::from_millis(400),
+        },
+    );
+    let response = http.get(format!("{}/slow", fg.url())).send().await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.bytes().await.unwrap();
+    assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
+    assert_eq!(status, 200, "the head came at once: {body:?}");
+    assert_eq!(body.len(), chunks * TRICKLE_CHUNK);
+}
+
+/// A store that resets a read lane's connection (RST) leaves its reads
+/// unanswered, the oldest too, and none of them at fault: they all go
+/// again through the pool. Only a read whose own answer is late (504) or
+/// malformed (502) fails (README, `upstream.pipeline_reads`).
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_on_a_lane_the_store_resets_go_again() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
+    assert_eq!(open.status(), 201, "a read lane's first read");
+    assert_eq!(
+        fg.pipelined_reads(),
+        1,
+        "precondition: the first read took a lane"
+    );
+    // The store resets the lane's connection at this read, and answers it
+    // when it comes again.
+    store.fault_path("/flaky", Fault::ResetOnce);
+    let flaky = http.get(format!("{}/flaky", fg.url())).send().await.unwrap();
+    assert_eq!(fg.pipelined_reads(), 2, "precondition: /flaky took the lane");
+    let heads = store
+        .events()
+        .iter()
+        .filter(|e| e.path == "/flaky" && e.kind == EventKind::HeadArrived)
+        .count();
+    assert_eq!(flaky.status(), 201, "/flaky reached the store {heads} times");
+    assert_eq!(fg.pipeline_resent(), 1);
 }

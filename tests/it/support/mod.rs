@@ -36,7 +36,7 @@ pub use http::{
 };
 pub use nginx::{LogEntry, Nginx};
 pub use process::{require_binary, run_bounded, send_signal};
-pub use store::{Event, EventKind, Fault, ScriptedStore};
+pub use store::{Event, EventKind, Fault, ScriptedStore, TRICKLE_CHUNK};
 pub use tmpfs::Tmpfs;
 
 use std::collections::HashSet;

@@ -77,7 +77,17 @@ pub enum Fault {
     Answer { status: u16, body: &'static str },
     /// Read the whole request, then answer after this long.
     AnswerAfter(Duration),
+    /// The first request to the path: read it whole, then reset the
+    /// connection (RST) without answering. Later ones are answered as if
+    /// there were no fault.
+    ResetOnce,
+    /// Answer `200` at once, with a chunked body of `chunks` pieces of
+    /// [`TRICKLE_CHUNK`] bytes, one every `every` (the first at once).
+    Trickle { chunks: usize, every: Duration },
 }
+
+/// The size of each piece of a [`Fault::Trickle`] answer.
+pub const TRICKLE_CHUNK: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -405,6 +415,12 @@ enum Answer {
         pause: Pin<Box<tokio::time::Sleep>>,
         reset: Arc<AtomicBool>,
     },
+    /// Sends `left` pieces, one each time `pause` ends, `every` apart.
+    Trickle {
+        left: usize,
+        every: Duration,
+        pause: Pin<Box<tokio::time::Sleep>>,
+    },
 }
 
 impl Body for Answer {
@@ -429,6 +445,15 @@ impl Body for Answer {
                     "scripted fault: reset in the middle of the response body",
                 ))))
             }
+            Answer::Trickle { left, every, pause } => {
+                if *left == 0 {
+                    return Poll::Ready(None);
+                }
+                std::task::ready!(pause.as_mut().poll(cx));
+                *left -= 1;
+                pause.as_mut().reset(tokio::time::Instant::now() + *every);
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b't'; TRICKLE_CHUNK])))))
+            }
         }
     }
 
@@ -440,7 +465,7 @@ impl Body for Answer {
         match self {
             Answer::Empty => SizeHint::with_exact(0),
             Answer::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Answer::Broken { .. } => SizeHint::default(),
+            Answer::Broken { .. } | Answer::Trickle { .. } => SizeHint::default(),
         }
     }
 }
@@ -482,7 +507,16 @@ async fn handle(
         HeaderMap::new(),
     );
 
-    let fault = lock(&shared.faults).get(&path).copied();
+    let fault = {
+        let mut faults = lock(&shared.faults);
+        match faults.get(&path).copied() {
+            Some(Fault::ResetOnce) => {
+                faults.remove(&path);
+                Some(Fault::ResetAfterBodyBytes(0))
+            }
+            other => other,
+        }
+    };
     if fault == Some(Fault::NeverRead) {
         // Until the store stops, which drops this future with its connection.
         std::future::pending::<()>().await;
@@ -638,6 +672,15 @@ async fn handle(
                 resp.headers_mut()
                     .insert(http::header::CONTENT_LENGTH, len.into());
             }
+            *resp.status_mut() = StatusCode::OK;
+            return Ok(resp);
+        }
+        Some(Fault::Trickle { chunks, every }) => {
+            let mut resp = Response::new(Answer::Trickle {
+                left: chunks,
+                every,
+                pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            });
             *resp.status_mut() = StatusCode::OK;
             return Ok(resp);
         }
