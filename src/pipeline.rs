@@ -785,9 +785,13 @@ impl Driver<'_> {
         let mut out = Vec::new();
         let mut held = Vec::new();
         for (exchange, end) in answered {
-            if state.is_out(end, || {
-                *kernel_clear.get_or_insert_with(|| self.wire.nothing_unsent())
-            }) {
+            // A read holds no place in a generation: nothing waits for
+            // its bytes to go out.
+            if !exchange.holds_ticket()
+                || state.is_out(end, || {
+                    *kernel_clear.get_or_insert_with(|| self.wire.nothing_unsent())
+                })
+            {
                 out.push(exchange);
             } else {
                 held.push((exchange, end));
