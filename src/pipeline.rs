@@ -372,17 +372,23 @@ impl Lane {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Ends the lane: every request decided sent fails with `failure`
-    /// (its outcome is unknown); every queued one is given back to go on
-    /// another lane, or, with `give_back` false, fails with `failure` too.
-    fn end(&self, mut failure: impl FnMut() -> ForwardError, give_back: bool) {
+    /// Marks the lane dead and takes out what it held: the requests
+    /// decided sent and those queued, to be answered by the caller.
+    fn empty(&self) -> (VecDeque<Sent>, VecDeque<Queued>) {
         let mut state = self.lock();
         state.dead = true;
         state.closing = true;
         state.unwritten.clear();
         let sent = std::mem::take(&mut state.sent);
         let queued = std::mem::take(&mut state.queued);
-        drop(state);
+        (sent, queued)
+    }
+
+    /// Ends the lane: every request decided sent fails with `failure`
+    /// (its outcome is unknown); every queued one is given back to go on
+    /// another lane, or, with `give_back` false, fails with `failure` too.
+    fn end(&self, mut failure: impl FnMut() -> ForwardError, give_back: bool) {
+        let (sent, queued) = self.empty();
         for s in sent {
             let _ = s.reply.send(Err(LaneError::Failed(failure())));
         }
@@ -401,13 +407,7 @@ impl Lane {
     /// unanswered when a connection closes: RFC 9112 §9.3.2; they are
     /// safe). Queued ones are given back.
     fn end_reads(&self, front: Option<ForwardError>) {
-        let mut state = self.lock();
-        state.dead = true;
-        state.closing = true;
-        state.unwritten.clear();
-        let sent = std::mem::take(&mut state.sent);
-        let queued = std::mem::take(&mut state.queued);
-        drop(state);
+        let (sent, queued) = self.empty();
         let mut front = front;
         for s in sent {
             let why = match front.take() {
@@ -1059,23 +1059,35 @@ mod tests {
         );
     }
 
-    fn whole() -> Whole {
-        let bytes = Bytes::from_static(b"PUT / HTTP/1.1\r\nhost: s\r\ncontent-length: 0\r\n\r\n");
+    /// A request of `method` with no body, encoded.
+    fn bodiless(method: Method) -> Whole {
+        let bytes = Bytes::from(format!(
+            "{method} / HTTP/1.1\r\nhost: s\r\ncontent-length: 0\r\n\r\n"
+        ));
         Whole {
             head_len: bytes.len(),
             bytes,
-            method: Method::PUT,
+            method,
             exchange: Exchange::new(None, None),
         }
     }
 
+    fn whole() -> Whole {
+        bodiless(Method::PUT)
+    }
+
     fn read() -> Whole {
-        let bytes = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: s\r\n\r\n");
-        Whole {
-            head_len: bytes.len(),
-            bytes,
-            method: Method::GET,
-            exchange: Exchange::new(None, None),
+        bodiless(Method::GET)
+    }
+
+    /// `whole` as a lane holds it once decided sent.
+    fn sent(whole: Whole, reply: oneshot::Sender<Reply>) -> Sent {
+        Sent {
+            method: whole.method,
+            exchange: whole.exchange,
+            reply,
+            deadline: Instant::now(),
+            end: 0,
         }
     }
 
@@ -1129,14 +1141,7 @@ mod tests {
                 let mut state = lane.lock();
                 for _ in 0..2 {
                     let (tx, rx) = oneshot::channel();
-                    let sent = read();
-                    state.sent.push_back(Sent {
-                        method: sent.method,
-                        exchange: sent.exchange,
-                        reply: tx,
-                        deadline: Instant::now(),
-                        end: 0,
-                    });
+                    state.sent.push_back(sent(read(), tx));
                     replies.push(rx);
                 }
                 let (tx, rx) = oneshot::channel();
@@ -1173,14 +1178,7 @@ mod tests {
         let (queued_tx, queued_rx) = oneshot::channel();
         {
             let mut state = lane.lock();
-            let sent = whole();
-            state.sent.push_back(Sent {
-                method: sent.method,
-                exchange: sent.exchange,
-                reply: sent_tx,
-                deadline: Instant::now(),
-                end: 0,
-            });
+            state.sent.push_back(sent(whole(), sent_tx));
             state.queued.push_back(Queued {
                 whole: whole(),
                 reply: queued_tx,

@@ -461,19 +461,41 @@ fn assert_answers(answers: &[(String, u16, bytes::Bytes)], contents: &HashMap<St
     }
 }
 
+/// Reads `times` times each of `count` files in nginx's root (file `i`
+/// of `size(i)` bytes), 8 readers at a time, through a fencegate
+/// pipelining at depth 8 (`tune`d), and checks every answer against its
+/// file. Returns the fencegate, for its counters.
+async fn read_files(
+    nginx: &Nginx,
+    tune: impl FnOnce(FencegateConfig) -> FencegateConfig,
+    count: usize,
+    times: usize,
+    size: impl Fn(usize) -> usize,
+) -> Fencegate {
+    let (fg, _http) = pipelined(&nginx.url(), 8, tune).await;
+    let (paths, contents) = files(nginx, count, times, size);
+    let answers = read_many(&fg, 8, &paths).await;
+    assert_answers(&answers, &contents);
+    fg
+}
+
+/// Checks the preconditions of a test of read lanes that end: reads took
+/// lanes, and some went again through the pool (`why`).
+fn assert_reads_went_again(fg: &Fencegate, why: &str) {
+    assert!(fg.pipelined_reads() > 0, "precondition: reads took lanes");
+    assert!(fg.pipeline_resent() > 0, "precondition: {why}");
+}
+
 /// Reads in company share read lanes (`upstream.pipeline_reads`, on by
 /// default), and each gets its own file's answer, in order.
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_in_company_share_a_lane_and_each_gets_its_own_answer() {
     let nginx = Nginx::start();
-    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c).await;
-    let (paths, contents) = files(&nginx, 40, 5, |i| 1 + i * 97);
-    let answers = read_many(&fg, 8, &paths).await;
-    assert_answers(&answers, &contents);
+    let fg = read_files(&nginx, |c| c, 40, 5, |i| 1 + i * 97).await;
     assert!(fg.pipelined_reads() > 0, "precondition: reads took lanes");
     assert_eq!(fg.pipeline_resent(), 0, "no lane left a read unanswered");
     let pipelined_at_nginx = nginx
-        .log_entries_at_least(paths.len() + 1)
+        .log_entries_at_least(40 * 5 + 1)
         .iter()
         .filter(|e| e.pipelined && e.method == "GET")
         .count();
@@ -484,10 +506,7 @@ async fn reads_in_company_share_a_lane_and_each_gets_its_own_answer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_stay_off_lanes_when_asked() {
     let nginx = Nginx::start();
-    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c.pipeline_reads(false)).await;
-    let (paths, contents) = files(&nginx, 40, 5, |i| 1 + i * 97);
-    let answers = read_many(&fg, 8, &paths).await;
-    assert_answers(&answers, &contents);
+    let fg = read_files(&nginx, |c| c.pipeline_reads(false), 40, 5, |i| 1 + i * 97).await;
     assert_eq!(fg.pipelined_reads(), 0);
 }
 
@@ -497,23 +516,11 @@ async fn reads_stay_off_lanes_when_asked() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_whose_answer_is_too_large_for_a_lane_goes_again_through_the_pool() {
     let nginx = Nginx::start();
-    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c).await;
     // One file in four over the limit (200 KiB; nginx says its length in
     // the head, so the lane ends there).
-    let (paths, contents) = files(&nginx, 24, 4, |i| {
-        if i % 4 == 0 {
-            200 * 1024 + i
-        } else {
-            1 + i * 131
-        }
-    });
-    let answers = read_many(&fg, 8, &paths).await;
-    assert_answers(&answers, &contents);
-    assert!(fg.pipelined_reads() > 0, "precondition: reads took lanes");
-    assert!(
-        fg.pipeline_resent() > 0,
-        "precondition: a lane ended at a large answer"
-    );
+    let size = |i| if i % 4 == 0 { 200 * 1024 + i } else { 1 + i * 131 };
+    let fg = read_files(&nginx, |c| c, 24, 4, size).await;
+    assert_reads_went_again(&fg, "a lane ended at a large answer");
 }
 
 /// nginx closes a connection after `keepalive_requests` answers. Reads
@@ -523,15 +530,8 @@ async fn a_read_whose_answer_is_too_large_for_a_lane_goes_again_through_the_pool
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_behind_a_store_that_closes_a_lane_go_again_and_none_fails() {
     let nginx = Nginx::start_with("keepalive_requests 3;");
-    let (fg, _http) = pipelined(&nginx.url(), 8, |c| c.pipeline_max_requests(100)).await;
-    let (paths, contents) = files(&nginx, 40, 4, |i| 1 + i * 97);
-    let answers = read_many(&fg, 8, &paths).await;
-    assert_answers(&answers, &contents);
-    assert!(fg.pipelined_reads() > 0, "precondition: reads took lanes");
-    assert!(
-        fg.pipeline_resent() > 0,
-        "precondition: nginx closed lanes with reads unanswered"
-    );
+    let fg = read_files(&nginx, |c| c.pipeline_max_requests(100), 40, 4, |i| 1 + i * 97).await;
+    assert_reads_went_again(&fg, "nginx closed lanes with reads unanswered");
 }
 
 /// Reads ending their lanes (large answers, nginx's closes) cost no write
