@@ -1,6 +1,9 @@
 //! The store's side: the sending of one request over a pooled HTTP/1.1
-//! connection ([`crate::pool`]), with fencegate's timeouts. A request is resent only if no
-//! byte of it was written, on a pooled connection the store had closed.
+//! connection ([`crate::pool`]) or a pipelined one ([`crate::pipeline`]),
+//! with fencegate's timeouts. A request is resent only if no byte of it
+//! was written, on a pooled connection the store had closed, or if it is
+//! a read that a pipelined connection left unanswered (reads are safe to
+//! repeat; a write never is).
 
 use crate::metrics::PipelineCounters;
 use std::pin::Pin;
@@ -86,7 +89,8 @@ pub struct Upstream {
 
 impl Upstream {
     /// The store of `config` (validated: http with an authority), with a
-    /// pool of its own; `pipelined` counts what its lanes send.
+    /// pool of its own; `pipelined` counts what its lanes send, and the
+    /// reads they give back to be sent again.
     pub fn new(config: &UpstreamConfig, pipelined: PipelineCounters) -> Upstream {
         let authority = config.url.authority().expect("validated upstream url");
         let port = authority.port_u16().unwrap_or(80);

@@ -49,7 +49,8 @@
 //! `pipeline_max_requests`, which must stay below the store's own limit:
 //! nginx's `keepalive_requests`, 1000 by default; or after what the store
 //! said it takes in `Keep-Alive: max`), a read with a large answer is
-//! sent twice, and a lane opens with one request and pipelines only after
+//! sent twice, a small read whose body trickles is answered only after
+//! `request_timeout` (and sent twice), and a lane opens with one request and pipelines only after
 //! its first answer (RFC 9112 §9.3.2: the store may not keep connections
 //! open).
 
@@ -116,7 +117,8 @@ pub struct LaneSettings {
     pub depth: usize,
     /// Requests per lane before it retires.
     pub max_requests: u64,
-    /// Counts the requests lanes decide sent (one add per write call).
+    /// Counts the writes and reads lanes decide sent (one add per write
+    /// call), and the reads they give back to be sent again.
     pub counters: PipelineCounters,
 }
 
@@ -162,11 +164,11 @@ pub struct Whole {
     pub head_len: usize,
     /// Its method (the answer to a HEAD has no body).
     pub method: Method,
-    /// The write's exchange: decided sent by the lane's driver.
+    /// The request's exchange: decided sent by the lane's driver.
     pub exchange: Arc<Exchange>,
 }
 
-/// The store's whole answer to a pipelined write.
+/// The store's whole answer to a pipelined request.
 pub struct Answer {
     /// Its head.
     pub head: ResponseHead,
@@ -200,7 +202,7 @@ impl std::fmt::Debug for Whole {
     }
 }
 
-/// A write waiting for its answer.
+/// A request waiting for its answer.
 pub struct Waiting {
     lane: Arc<Lane>,
     exchange: Arc<Exchange>,
@@ -220,7 +222,7 @@ impl Waiting {
 }
 
 impl Pipeline {
-    /// No lanes yet; they open as writes come.
+    /// No lanes yet; they open as requests come.
     pub fn new(settings: LaneSettings) -> Pipeline {
         Pipeline {
             writes: Mutex::new(Vec::new()),
@@ -301,8 +303,8 @@ struct Queued {
 /// A request decided sent, waiting for its answer.
 struct Sent {
     method: Method,
-    /// Holds the write's place in its generation until its answer is
-    /// read whole (and its bytes are out of the kernel).
+    /// Holds a write's place in its generation until its answer is read
+    /// whole (and its bytes are out of the kernel); a read's holds none.
     exchange: Arc<Exchange>,
     reply: oneshot::Sender<Reply>,
     deadline: Instant,
@@ -918,7 +920,19 @@ impl Driver<'_> {
                     .decoder
                     .decode(&mut self.read, self.fields.connection_named())
                 {
-                    Ok(Decoded::More) if eof => reading.decoder.at_eof(),
+                    Ok(Decoded::More) if eof => match reading.decoder.at_eof() {
+                        // The store closed in the middle of a read's
+                        // answer: nothing of it has reached the client,
+                        // and the close is the connection's end, not the
+                        // read's fault (a reset there ends the lane the
+                        // same way).
+                        Err(_) if self.lane.reads => {
+                            return Poll::Ready(Ok(Some(Ended::Unanswered(ForwardError::Failed(
+                                "the store closed the connection in the middle of an answer".to_owned(),
+                            )))));
+                        }
+                        ended => ended,
+                    },
                     other => other,
                 };
                 match decoded {
@@ -1005,7 +1019,7 @@ fn too_large() -> ForwardError {
     ))
 }
 
-/// A pipelined write's answer body, read whole.
+/// A pipelined request's answer body, read whole.
 #[derive(Debug, Default)]
 pub struct WholeBody {
     data: Option<Bytes>,

@@ -49,7 +49,8 @@ impl Proxy {
     /// The data path for `config`, with the domains' live state in `gates`.
     /// Each serving thread has its own, with its own pool of connections
     /// to the store; the domains are shared.
-    /// `pipelined` counts the writes its lanes send, if pipelining is on.
+    /// `pipelined` counts the writes and reads its lanes send, and the
+    /// reads sent again, if pipelining is on.
     pub fn new(
         config: &Config,
         gates: Arc<Gates>,

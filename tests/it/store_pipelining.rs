@@ -636,6 +636,7 @@ async fn a_read_whose_body_comes_slowly_is_not_late_on_a_lane() {
     assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
     assert_eq!(status, 200, "the head came at once: {body:?}");
     assert_eq!(body.len(), chunks * TRICKLE_CHUNK);
+    assert_eq!(fg.pipeline_resent(), 1, "the pool streamed it");
 }
 
 /// A store that resets a read lane's connection (RST) leaves its reads
@@ -665,5 +666,27 @@ async fn reads_on_a_lane_the_store_resets_go_again() {
         .filter(|e| e.path == "/flaky" && e.kind == EventKind::HeadArrived)
         .count();
     assert_eq!(flaky.status(), 201, "/flaky reached the store {heads} times");
+    assert_eq!(fg.pipeline_resent(), 1);
+}
+
+/// The same with a close (FIN) in the middle of a read's answer: the read
+/// goes again, where taking the cut answer as malformed failed it (502).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_lane_closed_in_the_middle_of_an_answer_sends_it_again() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
+    assert_eq!(open.status(), 201, "a read lane's first read");
+    store.fault_path(
+        "/cut",
+        Fault::CloseMidAnswerOnce {
+            sent: 10,
+            declared: 100,
+        },
+    );
+    let cut = http.get(format!("{}/cut", fg.url())).send().await.unwrap();
+    assert_eq!(fg.pipelined_reads(), 2, "precondition: /cut took the lane");
+    assert_eq!(cut.status(), 201, "/cut");
     assert_eq!(fg.pipeline_resent(), 1);
 }

@@ -81,6 +81,10 @@ pub enum Fault {
     /// connection (RST) without answering. Later ones are answered as if
     /// there were no fault.
     ResetOnce,
+    /// The first request to the path: answer `200` with `Content-Length:
+    /// declared` and only `sent` bytes of it, then close the connection
+    /// (FIN). Later ones are answered as if there were no fault.
+    CloseMidAnswerOnce { sent: usize, declared: usize },
     /// Answer `200` at once, with a chunked body of `chunks` pieces of
     /// [`TRICKLE_CHUNK`] bytes, one every `every` (the first at once).
     Trickle { chunks: usize, every: Duration },
@@ -413,7 +417,8 @@ enum Answer {
     Broken {
         first: Option<Bytes>,
         pause: Pin<Box<tokio::time::Sleep>>,
-        reset: Arc<AtomicBool>,
+        /// Set to end the connection with a reset; `None`: a close (FIN).
+        reset: Option<Arc<AtomicBool>>,
     },
     /// Sends `left` pieces, one each time `pause` ends, `every` apart.
     Trickle {
@@ -439,7 +444,9 @@ impl Body for Answer {
                     return Poll::Ready(Some(Ok(Frame::data(first))));
                 }
                 std::task::ready!(pause.as_mut().poll(cx));
-                reset.store(true, Ordering::SeqCst);
+                if let Some(reset) = reset {
+                    reset.store(true, Ordering::SeqCst);
+                }
                 Poll::Ready(Some(Err(io::Error::new(
                     io::ErrorKind::ConnectionReset,
                     "scripted fault: reset in the middle of the response body",
@@ -513,6 +520,10 @@ async fn handle(
             Some(Fault::ResetOnce) => {
                 faults.remove(&path);
                 Some(Fault::ResetAfterBodyBytes(0))
+            }
+            Some(once @ Fault::CloseMidAnswerOnce { .. }) => {
+                faults.remove(&path);
+                Some(once)
             }
             other => other,
         }
@@ -666,12 +677,23 @@ async fn handle(
             let mut resp = Response::new(Answer::Broken {
                 first: Some(Bytes::from(vec![b'r'; sent])),
                 pause: Box::pin(tokio::time::sleep(Duration::from_millis(200))),
-                reset,
+                reset: Some(reset),
             });
             if let Some(len) = declared {
                 resp.headers_mut()
                     .insert(http::header::CONTENT_LENGTH, len.into());
             }
+            *resp.status_mut() = StatusCode::OK;
+            return Ok(resp);
+        }
+        Some(Fault::CloseMidAnswerOnce { sent, declared }) => {
+            let mut resp = Response::new(Answer::Broken {
+                first: Some(Bytes::from(vec![b'r'; sent])),
+                pause: Box::pin(tokio::time::sleep(Duration::from_millis(200))),
+                reset: None,
+            });
+            resp.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, declared.into());
             *resp.status_mut() = StatusCode::OK;
             return Ok(resp);
         }
