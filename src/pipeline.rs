@@ -36,8 +36,8 @@
 //! own answer failed (late, malformed) fails. An answer too large to read
 //! whole, or whose body is still coming at `request_timeout` (its head was
 //! in time), ends its lane the same way, and the pool, which streams,
-//! sends it again. Reads and writes
-//! never share a lane: a write behind such a read would be lost with it.
+//! sends it again. Reads and writes never share a lane: a write behind
+//! such a read would be lost with it.
 //!
 //! Only a request in company takes a lane ([`Pipeline::depart`]): one
 //! alone has nothing to share a write call with, and the pool sends it
@@ -50,9 +50,9 @@
 //! nginx's `keepalive_requests`, 1000 by default; or after what the store
 //! said it takes in `Keep-Alive: max`), a read with a large answer is
 //! sent twice, a small read whose body trickles is answered only after
-//! `request_timeout` (and sent twice), and a lane opens with one request and pipelines only after
-//! its first answer (RFC 9112 §9.3.2: the store may not keep connections
-//! open).
+//! `request_timeout` (and sent twice), and a lane opens with one request
+//! and pipelines only after its first answer (RFC 9112 §9.3.2: the store
+//! may not keep connections open).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -408,9 +408,8 @@ impl Lane {
     /// the pool (a client that pipelines SHOULD retry the requests left
     /// unanswered when a connection closes: RFC 9112 §9.3.2; they are
     /// safe). Queued ones are given back.
-    fn end_reads(&self, front: Option<ForwardError>) {
+    fn end_reads(&self, mut front: Option<ForwardError>) {
         let (sent, queued) = self.empty();
-        let mut front = front;
         for s in sent {
             let why = match front.take() {
                 Some(failure) => LaneError::Failed(failure),
