@@ -4,12 +4,14 @@
 //! clean-shutdown mark.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::admin::{self, AdminState};
 use crate::affinity;
@@ -21,7 +23,7 @@ use crate::election::{ElectionView, ViewSettings};
 use crate::gate::{Gate, GateSettings, Gates};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::server::{self, Drain};
+use crate::server::{self, Drain, Stop};
 use crate::state::{StateFile, WantedDomain};
 
 /// How long a shutdown waits for the admin listener's connections, once
@@ -36,6 +38,18 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
+/// When to stop (from [`crate::shutdown::signals`]).
+pub struct Shutdown {
+    /// Resolves when the shutdown begins: readiness turns 503, the
+    /// listeners stop taking connections, and the open ones drain for up
+    /// to `shutdown_grace`.
+    pub begin: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Resolves when that drain must end at once: the connections still
+    /// open are cut, and no clean-shutdown mark is recorded if a write was
+    /// among them.
+    pub hurry: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
 /// The domains of `config` as the state file knows them.
 pub fn wanted_domains(config: &Config) -> Vec<WantedDomain> {
     config
@@ -48,7 +62,8 @@ pub fn wanted_domains(config: &Config) -> Vec<WantedDomain> {
         .collect()
 }
 
-/// Runs fencegate until `shutdown` resolves and the connections drain.
+/// Runs fencegate until `shutdown` begins and the connections drain (or
+/// `shutdown` hurries).
 /// `forget` names stored domains the configuration dropped on purpose;
 /// `etcd` is how to reach etcd, needed when a domain has an election.
 pub async fn run(
@@ -57,9 +72,20 @@ pub async fn run(
     forget: &[String],
     etcd: Option<etcd_client::ConnectOptions>,
     listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
+    shutdown: Shutdown,
 ) -> Result<(), Fatal> {
-    let mut shutdown = std::pin::pin!(shutdown);
+    let Shutdown {
+        begin: mut shutdown,
+        hurry,
+    } = shutdown;
+    let stop = Stop::default();
+    let _hurry = AbortOnDropHandle::new(tokio::spawn({
+        let hurry_token = stop.hurry.clone();
+        async move {
+            hurry.await;
+            hurry_token.cancel();
+        }
+    }));
     // A signal before serving (while etcd is awaited) stops the start, and
     // the shutdown is as clean as any: nothing was forwarded.
     let mut signalled = false;
@@ -191,9 +217,8 @@ pub async fn run(
 
     // Readiness turns 503 as soon as shutdown begins, so load balancers
     // stop sending while the connections drain.
-    let stop = CancellationToken::new();
     let on_signal = {
-        let (stop, serving) = (stop.clone(), serving.clone());
+        let (stop, serving) = (stop.begin.clone(), serving.clone());
         async move {
             if !signalled {
                 shutdown.await;
@@ -242,7 +267,12 @@ pub async fn run(
     if ended.drain != Drain::Complete || !ended.writes_ended {
         // The committer is not awaited here: connection tasks that outlived
         // the grace period still hold it, and the process is about to exit.
-        tracing::warn!("not recording a clean shutdown: writes were still in flight");
+        let why = match (ended.writes_ended, ended.drain) {
+            (false, _) => "writes were still in flight",
+            (true, Drain::Cut) => "the drain was ended early, with requests in flight",
+            (true, _) => "requests were still in flight",
+        };
+        tracing::warn!("not recording a clean shutdown: {why}");
         return Ok(());
     }
     // This start followed a crash, and the crashed run's writes may be at

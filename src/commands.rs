@@ -66,7 +66,8 @@ impl Fatal {
     }
 }
 
-/// `fencegate run`: serve until SIGTERM or SIGINT.
+/// `fencegate run`: serve until SIGTERM or SIGINT, then drain (until a
+/// second one).
 pub async fn run(config_path: &Path, forget: &[String]) -> Result<(), Fatal> {
     let config = Config::load(config_path)?;
     let etcd = etcd_options(config_path, &config)?;
@@ -80,7 +81,12 @@ pub async fn run(config_path: &Path, forget: &[String]) -> Result<(), Fatal> {
         proxy: bind(config.server.listen).await?,
         admin: bind(config.server.admin_listen).await?,
     };
-    app::run(config, state, forget, etcd, listeners, crate::shutdown::signal()).await?;
+    let signals = crate::shutdown::signals();
+    let shutdown = app::Shutdown {
+        begin: Box::pin(signals.first()),
+        hurry: Box::pin(signals.second()),
+    };
+    app::run(config, state, forget, etcd, listeners, shutdown).await?;
     Ok(())
 }
 

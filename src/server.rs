@@ -45,6 +45,20 @@ pub enum Drain {
     Complete,
     /// The grace period ran out with requests still in flight.
     TimedOut,
+    /// The drain was ended early ([`Stop::hurry`]) with requests still in
+    /// flight.
+    Cut,
+}
+
+/// When the workers stop.
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    /// Stop taking connections, and drain the open ones for up to
+    /// `shutdown_grace`.
+    pub begin: CancellationToken,
+    /// End that drain now: the connections still open are closed when
+    /// their serving threads end.
+    pub hurry: CancellationToken,
 }
 
 /// How the workers ended.
@@ -56,8 +70,8 @@ pub struct Ended {
     pub writes_ended: bool,
 }
 
-/// Serves `listener` with `workers` threads until `stop` is cancelled, then
-/// drains. `proxy` builds each worker's data path. With `cpus` (from
+/// Serves `listener` with `workers` threads until `stop` begins, then
+/// drains (until it hurries). `proxy` builds each worker's data path. With `cpus` (from
 /// [`affinity::placement`]), worker `i` is pinned to `cpus[i]`.
 pub async fn serve_workers(
     listener: TcpListener,
@@ -66,7 +80,7 @@ pub async fn serve_workers(
     proxy: impl Fn() -> Proxy,
     gates: Arc<Gates>,
     settings: &ServerConfig,
-    stop: CancellationToken,
+    stop: Stop,
 ) -> std::io::Result<Ended> {
     let workers = workers.max(1);
     if let Some(cpus) = &cpus {
@@ -112,13 +126,12 @@ pub async fn serve_workers(
                         .filter_map(|gate| gate.election.clone())
                         .map(|view| tokio::spawn(async move { view.reads.relay().await }))
                         .collect();
-                    let (drain, deadline) =
-                        serve(arrivals, open, proxy, &settings, clock, stop.cancelled_owned()).await;
+                    let (drain, deadline) = serve(arrivals, open, proxy, &settings, clock, &stop).await;
                     // Dropping this runtime would cancel the exchanges still
                     // holding back a raise; wait for them like for the
                     // connections, so the clean mark is never a lie, within
                     // the same grace period.
-                    let writes_ended = writes_ended(&gates, deadline).await;
+                    let writes_ended = writes_ended(&gates, deadline, &stop.hurry).await;
                     anchor.abort();
                     relays.iter().for_each(tokio::task::JoinHandle::abort);
                     Ended { drain, writes_ended }
@@ -127,7 +140,7 @@ pub async fn serve_workers(
             })?;
         done.push(rx);
     }
-    accept(listener, &inboxes, &open, stop.cancelled()).await;
+    accept(listener, &inboxes, &open, stop.begin.cancelled()).await;
     // Each worker stops at `stop` too; its inbox closing is the same news.
     drop(inboxes);
     let mut all = Ended {
@@ -139,8 +152,8 @@ pub async fn serve_workers(
             drain: Drain::TimedOut,
             writes_ended: false,
         });
-        if ended.drain == Drain::TimedOut {
-            all.drain = Drain::TimedOut;
+        if ended.drain != Drain::Complete {
+            all.drain = ended.drain;
         }
         all.writes_ended &= ended.writes_ended;
     }
@@ -365,22 +378,23 @@ impl Drop for Opened {
     }
 }
 
-/// Waits until no write is in flight in any domain, up to `deadline`.
-async fn writes_ended(gates: &Gates, deadline: tokio::time::Instant) -> bool {
+/// Waits until no write is in flight in any domain, up to `deadline` or
+/// until `hurry`.
+async fn writes_ended(gates: &Gates, deadline: tokio::time::Instant, hurry: &CancellationToken) -> bool {
     loop {
         if gates.iter().all(|g| g.inflight_writes() == 0) {
             return true;
         }
-        if tokio::time::Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= deadline || hurry.is_cancelled() {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// Serves the connections that arrive in `arrivals` until `shutdown`
-/// resolves (or the acceptor is gone), then waits up to
-/// `settings.shutdown_grace` for those still open. Returns the end of that
+/// Serves the connections that arrive in `arrivals` until `stop` begins
+/// (or the acceptor is gone), then waits up to `settings.shutdown_grace`
+/// for those still open, or until `stop` hurries. Returns the end of that
 /// grace period too, which bounds the rest of the shutdown.
 async fn serve(
     mut arrivals: mpsc::UnboundedReceiver<Arrival>,
@@ -388,8 +402,9 @@ async fn serve(
     proxy: Arc<Proxy>,
     settings: &ServerConfig,
     clock: Clock,
-    shutdown: impl Future<Output = ()>,
+    stop: &Stop,
 ) -> (Drain, tokio::time::Instant) {
+    let shutdown = stop.begin.cancelled();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(clock.timer())
         .header_read_timeout(settings.header_read_timeout)
@@ -434,12 +449,16 @@ async fn serve(
     drop(arrivals);
     tracing::info!(grace = ?settings.shutdown_grace, "stopped accepting; draining connections");
     let deadline = tokio::time::Instant::now() + settings.shutdown_grace;
-    let drain = match tokio::time::timeout_at(deadline, connections.stop()).await {
-        Ok(()) => Drain::Complete,
-        Err(_) => {
-            tracing::warn!(grace = ?settings.shutdown_grace, "grace period ran out with requests in flight");
-            Drain::TimedOut
-        }
+    let drain = tokio::select! {
+        drained = tokio::time::timeout_at(deadline, connections.stop()) => match drained {
+            Ok(()) => Drain::Complete,
+            Err(_) => {
+                tracing::warn!(grace = ?settings.shutdown_grace, "grace period ran out with requests in flight");
+                Drain::TimedOut
+            }
+        },
+        // The connections still open close with this serving thread.
+        () = stop.hurry.cancelled() => Drain::Cut,
     };
     (drain, deadline)
 }

@@ -982,6 +982,63 @@ async fn a_write_the_store_never_answers_holds_a_sigterm_for_shutdown_grace_once
     write.abort();
 }
 
+/// A second SIGTERM ends the drain at once: fencegate exits within a second
+/// with the write the store holds cut (its client sees the connection
+/// close), and records no clean shutdown. Two SIGTERMs back to back are
+/// one (Ctrl-C reaches a whole process group, and a wrapper that forwards
+/// it doubles it): the drain goes on after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let store = ScriptedStore::start().await;
+    store.hold_token("5", Duration::from_secs(60));
+    let config = FencegateConfig::new(&store.url())
+        .domain("orders", "/orders/")
+        .request_timeout(Duration::from_secs(60))
+        .shutdown_grace(Duration::from_secs(30));
+    let fg = tokio::task::spawn_blocking(move || Fencegate::start(config))
+        .await
+        .unwrap();
+    let write = write_5_held_at_the_store(&store, &fg, "/orders/held").await;
+
+    let (fg, still_draining, status, took) = tokio::task::spawn_blocking(move || {
+        let mut fg = fg;
+        fg.signal("TERM");
+        fg.signal("TERM");
+        std::thread::sleep(Duration::from_millis(1500));
+        let still_draining = fg.is_running();
+        let second = Instant::now();
+        fg.signal("TERM");
+        let status = fg.wait_exit(Duration::from_secs(5));
+        (fg, still_draining, status, second.elapsed())
+    })
+    .await
+    .unwrap();
+    let stderr = fg.stderr_text();
+    assert!(
+        still_draining,
+        "two SIGTERMs back to back ended the drain, as if they were two:\n{stderr}"
+    );
+    let status =
+        status.unwrap_or_else(|| panic!("a second SIGTERM did not end fencegate within 5 s:\n{stderr}"));
+    assert!(status.success(), "second SIGTERM: {status}\n{stderr}");
+    assert!(
+        took < Duration::from_secs(2),
+        "a second SIGTERM took {took:?} to end the drain\n{stderr}"
+    );
+    assert!(
+        stderr.contains("second SIGTERM received") && stderr.contains("not recording a clean shutdown"),
+        "the second SIGTERM and the missing clean mark are not in the log:\n{stderr}"
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(5), write)
+        .await
+        .expect("the held write's client still waits after fencegate exited")
+        .unwrap();
+    assert!(
+        answer.is_err(),
+        "the held write got an answer though its connection was cut: {answer:?}"
+    );
+}
+
 /// `fencegate healthcheck` (the image's HEALTHCHECK) exits 0 while the
 /// admin listener answers `/healthz`, and 69 once the proxy is stopped.
 #[test]

@@ -229,6 +229,21 @@ impl Fencegate {
         }
     }
 
+    /// Sends `signal` ("TERM", "INT", ...) without waiting.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("signal: fencegate is not running");
+        send_signal(i64::from(pid), signal);
+    }
+
+    /// Waits up to `bound` for the process to exit; `None` if it is still
+    /// running then.
+    pub fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("wait_exit: fencegate is not running");
+        let status = wait_timeout(child, bound)?;
+        self.child = None;
+        Some(status)
+    }
+
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(child) => matches!(child.try_wait(), Ok(None)),
