@@ -305,15 +305,13 @@ impl Upstream {
         loop {
             let mut waiting = pipeline.enqueue(whole);
             // The lane's driver bounds the wait once the request is sent
-            // (`request_timeout`), and a lane that cannot connect fails it;
-            // until it is sent, only a raise counts here.
+            // (`request_timeout`), and a lane that cannot connect fails it.
+            // Until it is sent, only a raise counts here; dropped, the
+            // wait takes the request out of its lane's queue.
             let reply = tokio::select! {
                 biased;
-                reply = &mut waiting.reply => reply,
-                Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => {
-                    waiting.withdraw();
-                    return Err(why);
-                }
+                reply = waiting.reply() => reply,
+                Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => return Err(why),
             };
             match reply {
                 Ok(Ok(answer)) => {

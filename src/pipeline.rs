@@ -202,18 +202,35 @@ impl std::fmt::Debug for Whole {
     }
 }
 
-/// A request waiting for its answer.
+/// A request waiting for its answer. Dropped before the lane replied (a
+/// raise aborted it, or its client left), it takes the request out of the
+/// lane's queue if not one byte of it was written: on the pool's path too,
+/// a request whose handler is gone before it was sent is never sent.
+/// (hyper sees a client leave while a read waits; a writer that leaves is
+/// seen only once its answer is written, since hyper reads nothing more of
+/// the connection while the body it delivered is not read to its end.)
 pub struct Waiting {
     lane: Arc<Lane>,
     exchange: Arc<Exchange>,
-    /// The lane's answer, or that it gave the request back.
-    pub reply: oneshot::Receiver<Reply>,
+    reply: oneshot::Receiver<Reply>,
+    /// The lane replied: nothing of the request is left in its queue.
+    replied: bool,
 }
 
 impl Waiting {
-    /// Takes the request back out of its lane if it is still queued there
-    /// (aborted before one byte of it was written).
-    pub fn withdraw(&self) {
+    /// The lane's answer, or that it gave the request back. Cancel safe.
+    pub async fn reply(&mut self) -> Result<Reply, oneshot::error::RecvError> {
+        let reply = (&mut self.reply).await;
+        self.replied = true;
+        reply
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.replied {
+            return;
+        }
         let mut state = self.lane.lock();
         state
             .queued
@@ -284,6 +301,7 @@ impl Pipeline {
             lane,
             exchange,
             reply: rx,
+            replied: false,
         }
     }
 }

@@ -222,6 +222,51 @@ async fn a_raise_takes_back_a_lower_write_still_queued_in_its_lane() {
     assert!(six_head > b_answered, "{log}");
 }
 
+/// A read still queued in its lane when its client leaves is taken out of
+/// the queue and never reaches the store, as on the pool's path, where a
+/// request whose client left before it was sent is never sent. (A writer
+/// that leaves is not seen until its answer: hyper reads nothing more of a
+/// connection while a request body it delivered is not read to its end.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_read_whose_client_left_never_reaches_the_store() {
+    use tokio::io::AsyncWriteExt;
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    // The first read lane waits for its first answer before it pipelines:
+    // the reads behind it queue.
+    store.fault_path("/first", Fault::AnswerAfter(Duration::from_millis(1500)));
+    let get = |path: &str| {
+        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
+        tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    let first = get("/first");
+    wait_head(&store, "/first").await;
+    let mut leaving = tokio::net::TcpStream::connect(fg.addr()).await.unwrap();
+    leaving
+        .write_all(b"GET /left HTTP/1.1\r\nhost: fg\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(leaving);
+    let after = get("/after");
+    assert_eq!(first.await.unwrap().unwrap(), 201, "/first");
+    assert_eq!(after.await.unwrap().unwrap(), 201, "/after");
+    // Give a wrongly kept /left time to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = store.events();
+    assert!(
+        position(&events, "/left", EventKind::HeadArrived).is_none(),
+        "/left, whose client left while it was queued, reached the store:\n{}",
+        describe(&events)
+    );
+    assert!(
+        fg.pipelined_reads() >= 2,
+        "precondition: /first and /after took a lane ({} reads did)",
+        fg.pipelined_reads()
+    );
+}
+
 /// A pipelined write whose answer does not come within `request_timeout`
 /// is cut with its connection (504); the write sent behind it on the same
 /// connection was sent, so its outcome is unknown (502), and it is not
