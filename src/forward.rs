@@ -314,9 +314,7 @@ impl Upstream {
                 Err(why) = while_unsent(exchange, None, self.body_idle_timeout, None) => return Err(why),
             };
             match reply {
-                Ok(Ok(answer)) => {
-                    return Ok(Some(store_response(answer.head, StoreBody::Whole(answer.body))))
-                }
+                Ok(Ok(answer)) => return Ok(Some(store_response(answer.head, answer.body))),
                 // Only read lanes give a request back sent, and they carry
                 // no write; a write is never sent twice.
                 Ok(Err(LaneError::Resend)) if !exchange.holds_ticket() => {

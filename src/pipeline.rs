@@ -34,9 +34,11 @@
 //! through the pool ([`LaneError::Resend`]), as RFC 9112 §9.3.2 asks of a
 //! client that pipelines, the connection reset too; only the read whose
 //! own answer failed (late, malformed) fails. An answer too large to read
-//! whole, or whose body is still coming at `request_timeout` (its head was
-//! in time), ends its lane the same way, and the pool, which streams,
-//! sends it again. Reads and writes never share a lane: a write behind
+//! whole ends its lane the same way, and the pool, which streams, sends it
+//! again. An answer that streams (of no stated length and not here whole,
+//! or still coming at `request_timeout`, its head in time) is handed the
+//! lane's connection and streams on it ([`Driver::hand_over`]); the reads
+//! behind it go again. Reads and writes never share a lane: a write behind
 //! such a read would be lost with it.
 //!
 //! Only a request in company takes a lane ([`Pipeline::depart`]): one
@@ -49,8 +51,9 @@
 //! `pipeline_max_requests`, which must stay below the store's own limit:
 //! nginx's `keepalive_requests`, 1000 by default; or after what the store
 //! said it takes in `Keep-Alive: max`), a read with a large answer is
-//! sent twice, a small read whose body trickles is answered only after
-//! `request_timeout` (and sent twice), and a lane opens with one request
+//! sent twice, so are the reads behind an answer that streams, a read
+//! whose stated length trickles in holds the reads behind it until
+//! `request_timeout`, and a lane opens with one request
 //! and pipelines only after its first answer (RFC 9112 §9.3.2: the store
 //! may not keep connections open).
 
@@ -74,6 +77,7 @@ use crate::codec::{self, BodyDecoder, Decoded, ResponseHead};
 use crate::connector::{connect, KillHandle, Wire};
 use crate::forward::ForwardError;
 use crate::metrics::PipelineCounters;
+use crate::pool::{Conn, HandedBody, StoreBody};
 
 /// The largest request body a lane takes (the head comes on top); a
 /// larger one goes through the pool. Bounded so that a lane's writes stay
@@ -168,12 +172,13 @@ pub struct Whole {
     pub exchange: Arc<Exchange>,
 }
 
-/// The store's whole answer to a pipelined request.
+/// The store's answer to a pipelined request: read whole, or, a read's
+/// that streams, with the lane's connection to read the rest from.
 pub struct Answer {
     /// Its head.
     pub head: ResponseHead,
     /// Its body.
-    pub body: WholeBody,
+    pub body: StoreBody,
 }
 
 /// What a lane says of a request.
@@ -473,6 +478,9 @@ enum Ended {
     /// read whole.
     /// Writes fail with this (their outcome is unknown); reads go again.
     Unanswered(ForwardError),
+    /// A read lane's connection went to its oldest read, whose answer
+    /// streams ([`Driver::hand_over`]); the reads behind it go again.
+    HandedOver,
 }
 
 /// Ends its lane when dropped: a driver task that ends otherwise than by
@@ -546,6 +554,8 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
     // the connection open for an early-answered write still going out).
     ends.kill = None;
     match ended {
+        // The connection is the streaming read's now: not cut here.
+        Ended::HandedOver => lane.end_reads(None),
         Ended::Quietly => lane.end(
             || ForwardError::Failed("the pipelined connection closed".to_owned()),
             true,
@@ -650,13 +660,8 @@ impl Driver<'_> {
                     None => Ended::Quietly,
                     // A read whose head came in time is not late
                     // (`request_timeout` ends at the head): its body is
-                    // slow, a stream maybe, and the pool streams it.
-                    Some(_) if self.lane.reads && self.reading.is_some() => {
-                        Ended::Unanswered(ForwardError::Failed(format!(
-                            "an answer on a read lane was still coming after {:?}",
-                            self.settings.request_timeout
-                        )))
-                    }
+                    // slow, a stream maybe, and it streams.
+                    Some(_) if self.lane.reads && self.reading.is_some() => self.hand_over(),
                     Some(_) => Ended::Failing(ForwardError::Timeout(self.settings.request_timeout)),
                 });
             }
@@ -868,6 +873,36 @@ impl Driver<'_> {
         result
     }
 
+    /// Hands the lane's connection to the oldest read, whose answer's head
+    /// is here and whose body streams (of no stated length and not here
+    /// whole, or still coming at `request_timeout`): its handler gets the
+    /// head and what came of the body now, and reads the rest from the
+    /// connection, as on the pool's path, which closes at the body's end.
+    /// The reads sent behind it go again through the pool: their answers
+    /// would come only after that end.
+    fn hand_over(&mut self) -> Ended {
+        let Reading {
+            head, decoder, body, ..
+        } = self.reading.take().expect("an answer is being read");
+        let conn = Conn::handed_over(
+            self.wire.clone(),
+            self.kill.clone(),
+            std::mem::take(&mut self.read),
+            std::mem::take(&mut self.fields),
+        );
+        let sent = {
+            let mut state = self.lane.lock();
+            state.closing = true;
+            state.sent.pop_front().expect("the answer's request")
+        };
+        let body = HandedBody::new(body.freeze(), decoder, conn);
+        let _ = sent.reply.send(Ok(Answer {
+            head,
+            body: StoreBody::Handed(Box::new(body)),
+        }));
+        Ended::HandedOver
+    }
+
     /// Parses what was read. `eof`: the store closed after it.
     fn parse(
         &mut self,
@@ -974,6 +1009,13 @@ impl Driver<'_> {
                 }
             };
             if !done {
+                if self.lane.reads && !matches!(reading.head.framing, codec::Framing::Length(_)) {
+                    // A read's answer of no stated length that is not here
+                    // whole may be a stream (events, a long poll) that ends
+                    // only when the store decides: read whole, it would
+                    // hold up every read behind it until `request_timeout`.
+                    return Poll::Ready(Ok(Some(self.hand_over())));
+                }
                 return Poll::Ready(Ok(None));
             }
             let Reading {
@@ -1005,10 +1047,10 @@ impl Driver<'_> {
             answered.push((sent.exchange, sent.end));
             let _ = sent.reply.send(Ok(Answer {
                 head,
-                body: WholeBody {
+                body: StoreBody::Whole(WholeBody {
                     data: (!body.is_empty()).then(|| body.freeze()),
                     trailers,
-                },
+                }),
             }));
             if !keep_alive {
                 // The store closes after this answer: the requests sent

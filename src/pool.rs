@@ -190,6 +190,27 @@ pub enum ExchangeError {
 }
 
 impl Conn {
+    /// A pipelined lane's connection handed to the answer it is reading
+    /// ([`crate::pipeline`]): `read` holds what came of it after its head.
+    /// Belongs to no pool: it closes when that answer's body ends.
+    pub fn handed_over(
+        wire: Arc<Wire>,
+        kill: KillHandle,
+        read: BytesMut,
+        fields: Box<codec::Fields>,
+    ) -> Conn {
+        Conn {
+            wire,
+            kill,
+            read,
+            head: Vec::new(),
+            fields,
+            reused: true,
+            pool: Weak::new(),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+
     /// The switch that cuts this connection.
     pub fn kill_handle(&self) -> &KillHandle {
         &self.kill
@@ -550,8 +571,34 @@ pub enum ReadError {
 pub enum StoreBody {
     /// Read from a pooled connection.
     Conn(ConnBody),
-    /// The whole answer to a pipelined write ([`crate::pipeline`]).
+    /// The whole answer to a pipelined request ([`crate::pipeline`]).
     Whole(WholeBody),
+    /// A pipelined read's answer that streams: what its lane had read of
+    /// the body, then the rest from the lane's connection, handed over.
+    /// Boxed: rare, and it would make every answer's body larger.
+    Handed(Box<HandedBody>),
+}
+
+/// See [`StoreBody::Handed`].
+pub struct HandedBody {
+    /// What of the body was read before the connection was handed over.
+    first: Option<Bytes>,
+    rest: ConnBody,
+}
+
+impl HandedBody {
+    /// The body whose first bytes are `first` (decoded), and whose rest
+    /// `decoder` reads from `conn`, which closes at its end.
+    pub fn new(first: Bytes, decoder: BodyDecoder, conn: Conn) -> HandedBody {
+        HandedBody {
+            first: (!first.is_empty()).then_some(first),
+            rest: ConnBody {
+                decoder,
+                reusable: false,
+                conn: Some(conn),
+            },
+        }
+    }
 }
 
 impl Body for StoreBody {
@@ -567,6 +614,10 @@ impl Body for StoreBody {
             StoreBody::Whole(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|frame| frame.map(|f| f.map_err(|never| match never {}))),
+            StoreBody::Handed(body) => match body.first.take() {
+                Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+                None => Pin::new(&mut body.rest).poll_frame(cx),
+            },
         }
     }
 
@@ -574,6 +625,7 @@ impl Body for StoreBody {
         match self {
             StoreBody::Conn(body) => body.is_end_stream(),
             StoreBody::Whole(body) => body.is_end_stream(),
+            StoreBody::Handed(body) => body.first.is_none() && body.rest.is_end_stream(),
         }
     }
 
@@ -581,6 +633,13 @@ impl Body for StoreBody {
         match self {
             StoreBody::Conn(body) => body.size_hint(),
             StoreBody::Whole(body) => body.size_hint(),
+            StoreBody::Handed(body) => {
+                let first = body.first.as_ref().map_or(0, |b| b.len() as u64);
+                match body.rest.decoder.remaining() {
+                    Some(n) => SizeHint::with_exact(first + n),
+                    None => SizeHint::default(),
+                }
+            }
         }
     }
 }

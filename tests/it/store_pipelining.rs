@@ -655,14 +655,15 @@ async fn reads_behind_a_late_answer_go_again_and_are_answered() {
     );
 }
 
-/// A read whose answer's head comes in time but whose body comes slowly
-/// (a stream, a large file from a slow disk) is not late: the SPEC's
-/// `request_timeout` ends at the final response head, and the pool streams
-/// such a body, bounded only by `body_idle_timeout`. A lane reads answers
-/// whole, so one still coming at `request_timeout` goes again through the
-/// pool rather than turn into a 504.
+/// A read whose answer streams (no stated length, its body coming slowly:
+/// an event stream, a long poll) is neither late nor sent twice: the SPEC's
+/// `request_timeout` ends at the final response head, and a lane that
+/// cannot read the answer whole hands the read its connection, where it
+/// streams as on the pool, bounded only by `body_idle_timeout`. (Read
+/// whole, it got 504 at `request_timeout`; then it was sent again through
+/// the pool after that wait.)
 #[tokio::test(flavor = "multi_thread")]
-async fn a_read_whose_body_comes_slowly_is_not_late_on_a_lane() {
+async fn a_read_whose_body_comes_slowly_streams_on_its_lane() {
     let store = ScriptedStore::start().await;
     let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_secs(1))).await;
     // Company, so that the read takes a lane.
@@ -681,7 +682,98 @@ async fn a_read_whose_body_comes_slowly_is_not_late_on_a_lane() {
     assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
     assert_eq!(status, 200, "the head came at once: {body:?}");
     assert_eq!(body.len(), chunks * TRICKLE_CHUNK);
-    assert_eq!(fg.pipeline_resent(), 1, "the pool streamed it");
+    let heads = store
+        .events()
+        .iter()
+        .filter(|e| e.path == "/slow" && e.kind == EventKind::HeadArrived)
+        .count();
+    assert_eq!(heads, 1, "the streaming read reached the store {heads} times");
+    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+}
+
+/// The same with the body's length stated: the lane reads it whole as
+/// long as it may, and at `request_timeout` (the head came in time) hands
+/// the read its connection, where the rest streams. Sent once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_of_stated_length_still_coming_at_request_timeout_streams_on_its_lane() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_secs(1))).await;
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    let chunks = 6;
+    store.fault_path(
+        "/slow",
+        Fault::TrickleStated {
+            chunks,
+            every: Duration::from_millis(400),
+        },
+    );
+    let response = http.get(format!("{}/slow", fg.url())).send().await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.bytes().await.unwrap();
+    assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
+    assert_eq!((status, body.len()), (200, chunks * TRICKLE_CHUNK), "{body:?}");
+    let heads = store
+        .events()
+        .iter()
+        .filter(|e| e.path == "/slow" && e.kind == EventKind::HeadArrived)
+        .count();
+    assert_eq!(heads, 1, "the slow read reached the store {heads} times");
+    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+}
+
+/// The reads pipelined behind an answer that streams go again through the
+/// pool as soon as it is seen to stream, and are answered while it goes
+/// on: read whole, it held them until its end.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_behind_an_answer_that_streams_go_again_at_once() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_secs(10))).await;
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
+    assert_eq!(open.status(), 201, "a read lane's first read");
+    assert_eq!(
+        fg.pipelined_reads(),
+        1,
+        "precondition: the first read took a lane"
+    );
+    let chunks = 10;
+    store.fault_path(
+        "/stream",
+        Fault::TrickleAfter {
+            after: Duration::from_millis(700),
+            chunks,
+            every: Duration::from_millis(300),
+        },
+    );
+    let get = |path: String| {
+        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
+        tokio::spawn(async move {
+            let response = http.get(url).send().await?;
+            let status = response.status().as_u16();
+            Ok::<_, reqwest::Error>((status, response.bytes().await?.len()))
+        })
+    };
+    let started = Instant::now();
+    let stream = get("/stream".to_owned());
+    wait_head(&store, "/stream").await;
+    let behind: Vec<_> = (0..3).map(|i| get(format!("/behind-{i}"))).collect();
+    for (i, task) in behind.into_iter().enumerate() {
+        let (status, _) = task.await.unwrap().unwrap();
+        assert_eq!(status, 201, "/behind-{i}");
+    }
+    let behind_took = started.elapsed();
+    let (status, len) = stream.await.unwrap().unwrap();
+    assert_eq!((status, len), (200, chunks * TRICKLE_CHUNK), "/stream");
+    assert!(
+        fg.pipelined_reads() >= 5,
+        "precondition: the reads behind /stream took its lane ({} reads did)",
+        fg.pipelined_reads()
+    );
+    assert!(
+        behind_took < Duration::from_millis(2000),
+        "the reads behind a 3.7 s stream were answered after {behind_took:?}"
+    );
+    assert_eq!(fg.pipeline_resent(), 3, "the reads behind went again");
 }
 
 /// A store that resets a read lane's connection (RST) leaves its reads

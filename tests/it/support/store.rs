@@ -88,6 +88,16 @@ pub enum Fault {
     /// Answer `200` at once, with a chunked body of `chunks` pieces of
     /// [`TRICKLE_CHUNK`] bytes, one every `every` (the first at once).
     Trickle { chunks: usize, every: Duration },
+    /// As [`Fault::Trickle`], with the body's length stated
+    /// (`Content-Length`).
+    TrickleStated { chunks: usize, every: Duration },
+    /// Read the whole request, then answer as [`Fault::Trickle`] after
+    /// this long.
+    TrickleAfter {
+        after: Duration,
+        chunks: usize,
+        every: Duration,
+    },
 }
 
 /// The size of each piece of a [`Fault::Trickle`] answer.
@@ -694,6 +704,27 @@ async fn handle(
             });
             resp.headers_mut()
                 .insert(http::header::CONTENT_LENGTH, declared.into());
+            *resp.status_mut() = StatusCode::OK;
+            return Ok(resp);
+        }
+        Some(Fault::TrickleAfter { after, chunks, every }) => {
+            tokio::time::sleep(after).await;
+            let mut resp = Response::new(Answer::Trickle {
+                left: chunks,
+                every,
+                pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            });
+            *resp.status_mut() = StatusCode::OK;
+            return Ok(resp);
+        }
+        Some(Fault::TrickleStated { chunks, every }) => {
+            let mut resp = Response::new(Answer::Trickle {
+                left: chunks,
+                every,
+                pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            });
+            resp.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, (chunks * TRICKLE_CHUNK).into());
             *resp.status_mut() = StatusCode::OK;
             return Ok(resp);
         }
