@@ -11,7 +11,7 @@
 //! queued and reads the answers, in order, each whole (head and body, at
 //! most [`MAX_ANSWER`] bytes for a write, [`MAX_READ_ANSWER`] for a
 //! read), so that one slow reader never holds up the answers behind its
-//! own.
+//! own; only a read's answer that streams is not read whole (below).
 //!
 //! What the barrier promises stays as it is, because only a request that
 //! is here whole, head and body, takes a lane, and it is decided there:
@@ -91,6 +91,13 @@ const MAX_BATCH: usize = 64 * 1024;
 /// the lane: buffered whole, it would cost memory per write, and streamed
 /// it would hold up every answer behind it for as long as its client reads.
 pub const MAX_ANSWER: usize = 1024 * 1024;
+
+/// How long a read's answer of no stated length may stay incomplete on its
+/// lane before the lane takes it for a stream and hands it its connection
+/// ([`Driver::hand_over`]). The rest of an answer the store wrote in
+/// pieces comes well within it; the next event of a stream, or a long
+/// poll's answer, does not.
+const STREAM_AFTER: Duration = Duration::from_millis(50);
 
 /// The largest answer body a read lane reads for one read. A read may ask
 /// for anything the store holds; a larger answer ends the lane, and the
@@ -474,8 +481,7 @@ enum Ended {
     /// failed connection is no read's fault: only late or malformed is.
     Failing(ForwardError),
     /// With requests unanswered, none of them at fault: the store closed
-    /// after an answer, or a read's answer was too large or too slow to
-    /// read whole.
+    /// after an answer, or a read's answer was too large to read whole.
     /// Writes fail with this (their outcome is unknown); reads go again.
     Unanswered(ForwardError),
     /// A read lane's connection went to its oldest read, whose answer
@@ -548,6 +554,7 @@ async fn drive(lane: Arc<Lane>, settings: Arc<LaneSettings>) {
         reading: None,
         timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
         timer_at: None,
+        incomplete_since: None,
     };
     let ended = poll_fn(|cx| driver.poll(cx)).await;
     // Ended as it should: what to cut is decided below (a quiet end keeps
@@ -612,6 +619,9 @@ struct Driver<'a> {
     timer: Pin<Box<Sleep>>,
     /// What `timer` is set to: `Some(deadline)` of a request.
     timer_at: Option<Instant>,
+    /// Since when the read answer being read, of no stated length, has
+    /// been incomplete: at [`STREAM_AFTER`] it is taken for a stream.
+    incomplete_since: Option<Instant>,
 }
 
 impl Driver<'_> {
@@ -638,9 +648,13 @@ impl Driver<'_> {
             if state.closing && state.sent.is_empty() {
                 return Poll::Ready(Ended::Quietly);
             }
-            // The timer: the oldest unanswered request's deadline, or,
-            // with none, the idle timeout from now.
-            let front = state.sent.front().map(|s| s.deadline);
+            // The timer: the oldest unanswered request's deadline (or,
+            // sooner, when its answer is taken for a stream), or, with
+            // none, the idle timeout from now.
+            let front = state.sent.front().map(|s| {
+                self.incomplete_since
+                    .map_or(s.deadline, |since| s.deadline.min(since + STREAM_AFTER))
+            });
             let idle = state.sent.is_empty() && state.queued.is_empty();
             state.driver = Some(cx.waker().clone());
             drop(state);
@@ -658,9 +672,9 @@ impl Driver<'_> {
             if self.timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(match front {
                     None => Ended::Quietly,
-                    // A read whose head came in time is not late
-                    // (`request_timeout` ends at the head): its body is
-                    // slow, a stream maybe, and it streams.
+                    // A read whose head is here is not late
+                    // (`request_timeout` ends at the head): its answer
+                    // streams, or its body is slow, and it streams.
                     Some(_) if self.lane.reads && self.reading.is_some() => self.hand_over(),
                     Some(_) => Ended::Failing(ForwardError::Timeout(self.settings.request_timeout)),
                 });
@@ -1009,15 +1023,20 @@ impl Driver<'_> {
                 }
             };
             if !done {
-                if self.lane.reads && !matches!(reading.head.framing, codec::Framing::Length(_)) {
+                if self.lane.reads
+                    && self.incomplete_since.is_none()
+                    && !matches!(reading.head.framing, codec::Framing::Length(_))
+                {
                     // A read's answer of no stated length that is not here
                     // whole may be a stream (events, a long poll) that ends
                     // only when the store decides: read whole, it would
                     // hold up every read behind it until `request_timeout`.
-                    return Poll::Ready(Ok(Some(self.hand_over())));
+                    // Still incomplete after `STREAM_AFTER`, it streams.
+                    self.incomplete_since = Some(Instant::now());
                 }
                 return Poll::Ready(Ok(None));
             }
+            self.incomplete_since = None;
             let Reading {
                 head, body, trailers, ..
             } = self.reading.take().expect("an answer was being read");

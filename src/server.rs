@@ -450,6 +450,8 @@ async fn serve(
     tracing::info!(grace = ?settings.shutdown_grace, "stopped accepting; draining connections");
     let deadline = tokio::time::Instant::now() + settings.shutdown_grace;
     let drain = tokio::select! {
+        // A drain that ended as the signal came is complete.
+        biased;
         drained = tokio::time::timeout_at(deadline, connections.stop()) => match drained {
             Ok(()) => Drain::Complete,
             Err(_) => {

@@ -721,6 +721,53 @@ async fn a_read_of_stated_length_still_coming_at_request_timeout_streams_on_its_
     assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
 }
 
+/// An answer of no stated length that the store writes in pieces close
+/// together is no stream: the lane reads it whole, and the reads behind
+/// it are answered on the lane, each sent once. (Taken for a stream at its
+/// first incomplete read, it ended the lane and sent them all again.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_written_in_pieces_close_together_is_read_whole_on_its_lane() {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
+    assert_eq!(open.status(), 201, "a read lane's first read");
+    let chunks = 3;
+    store.fault_path(
+        "/pieces",
+        Fault::TrickleAfter {
+            after: Duration::from_millis(700),
+            chunks,
+            every: Duration::from_millis(5),
+        },
+    );
+    let get = |path: String| {
+        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
+        tokio::spawn(async move {
+            let response = http.get(url).send().await?;
+            let status = response.status().as_u16();
+            Ok::<_, reqwest::Error>((status, response.bytes().await?.len()))
+        })
+    };
+    let pieces = get("/pieces".to_owned());
+    wait_head(&store, "/pieces").await;
+    let behind: Vec<_> = (0..3).map(|i| get(format!("/behind-{i}"))).collect();
+    assert_eq!(
+        pieces.await.unwrap().unwrap(),
+        (200, chunks * TRICKLE_CHUNK),
+        "/pieces"
+    );
+    for (i, task) in behind.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap().unwrap().0, 201, "/behind-{i}");
+    }
+    assert!(
+        fg.pipelined_reads() >= 5,
+        "precondition: the reads behind /pieces took its lane ({} reads did)",
+        fg.pipelined_reads()
+    );
+    assert_eq!(fg.pipeline_resent(), 0, "reads were sent again");
+}
+
 /// The reads pipelined behind an answer that streams go again through the
 /// pool as soon as it is seen to stream, and are answered while it goes
 /// on: read whole, it held them until its end.
