@@ -96,7 +96,10 @@ pub const MAX_ANSWER: usize = 1024 * 1024;
 /// lane before the lane takes it for a stream and hands it its connection
 /// ([`Driver::hand_over`]). The rest of an answer the store wrote in
 /// pieces comes well within it; the next event of a stream, or a long
-/// poll's answer, does not.
+/// poll's answer, does not. An answer of stated length (at most
+/// [`MAX_READ_ANSWER`]) is read whole until `request_timeout`: it is
+/// rarely slow, and one the store cuts short is then sent again unseen
+/// by its client, where once handed over it would reach it cut.
 const STREAM_AFTER: Duration = Duration::from_millis(50);
 
 /// The largest answer body a read lane reads for one read. A read may ask
