@@ -99,14 +99,14 @@ pub async fn run(
         .then(|| affinity::placement(workers))
         .transpose()?;
     let metrics = Metrics::new();
-    let start = state.start(&wanted_domains(&config), forget)?;
     let request_timeout = config.upstream.request_timeout;
-    let crash_wait_until = (!start.was_clean).then(|| {
+    let start = state.start(&wanted_domains(&config), forget, request_timeout)?;
+    let crash_wait_until = start.crash_wait.map(|wait| {
         tracing::warn!(
-            wait = ?request_timeout,
-            "the previous run did not shut down cleanly: each domain's first raise waits request_timeout from now, since its writes may still be in flight at the store"
+            ?wait,
+            "the previous run did not shut down cleanly: each domain's first raise waits this long from now (request_timeout, or a longer one of a run since the last clean shutdown), since its writes may still be in flight at the store"
         );
-        tokio::time::Instant::now() + request_timeout
+        tokio::time::Instant::now() + wait
     });
     let (committer, committer_task) = Committer::spawn(state, metrics.clone());
     let settings = GateSettings {
@@ -280,7 +280,7 @@ pub async fn run(
     // would let the next start raise at once, ahead of them.
     if crash_wait_until.is_some_and(|until| tokio::time::Instant::now() < until) {
         tracing::warn!(
-            "not recording a clean shutdown: request_timeout has not passed since this start, which followed a crash, so writes of the crashed run may still be at the store"
+            "not recording a clean shutdown: the crash wait has not passed since this start, which followed a crash, so writes of the crashed run may still be at the store"
         );
         return Ok(());
     }

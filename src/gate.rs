@@ -672,7 +672,7 @@ mod tests {
             prefix: "/d/".into(),
         }];
         let state = StateFile::create(&dir.path().join("s.redb"), &wanted).unwrap();
-        state.start(&wanted, &[]).unwrap();
+        state.start(&wanted, &[], Duration::from_secs(30)).unwrap();
         let metrics = Metrics::new();
         let (committer, _task) = Committer::spawn(state, metrics.clone());
         let settings = GateSettings {

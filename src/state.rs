@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -19,11 +20,18 @@ use crate::path::{lies_under_str, normalize_prefix};
 /// prefix moved, inherit the epoch of a stored domain that used to guard its
 /// paths.
 const DOMAINS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("domains");
-/// Bookkeeping: `format`, `clean_shutdown` and `unsettled:NAME`.
+/// Bookkeeping: `format`, `clean_shutdown`, `request_timeout_ms` and
+/// `unsettled:NAME`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FORMAT_KEY: &str = "format";
 const FORMAT_VERSION: u64 = 1;
 const CLEAN_KEY: &str = "clean_shutdown";
+/// Meta key: the longest `request_timeout` (ms) of the runs since the last
+/// clean shutdown, each recorded at its start. After a crash the first
+/// raise waits that long: the crashed run's writes may be at the store
+/// for its `request_timeout`, which the configuration may have lowered
+/// since.
+const REQUEST_TIMEOUT_KEY: &str = "request_timeout_ms";
 /// Meta keys `unsettled:NAME`: after a crash, the lowest epoch that guarded
 /// some of domain NAME's paths, while NAME starts above it (a merge). The
 /// higher epoch is stored at once, so a start after another crash would
@@ -125,6 +133,10 @@ pub struct StartState {
     pub epochs: Vec<u64>,
     /// Whether the previous run ended with a clean shutdown.
     pub was_clean: bool,
+    /// After a crash: how long each domain's first raise waits, the
+    /// longest `request_timeout` of the runs since the last clean
+    /// shutdown, this one's included.
+    pub crash_wait: Option<Duration>,
     /// For every configured domain, the lowest epoch of the stored domains
     /// that guarded any of its paths (`None`: no path of it was guarded).
     pub lowest_guards_before: Vec<Option<u64>>,
@@ -318,8 +330,14 @@ impl StateFile {
     /// a domain whose prefix moved takes the higher of its own epoch and
     /// that one (the paths it now guards never drop below the epoch that
     /// guarded them, and epochs never go down); stored domains not
-    /// configured stop the start unless in `forget`.
-    pub fn start(&self, wanted: &[WantedDomain], forget: &[String]) -> Result<StartState, StateError> {
+    /// configured stop the start unless in `forget`. Records
+    /// `request_timeout`, this run's, for the crash wait of the next start.
+    pub fn start(
+        &self,
+        wanted: &[WantedDomain],
+        forget: &[String],
+        request_timeout: Duration,
+    ) -> Result<StartState, StateError> {
         let stored = self.domains()?;
         for s in &stored {
             if !wanted.iter().any(|w| w.name == s.name) && !forget.contains(&s.name) {
@@ -331,6 +349,15 @@ impl StateFile {
             }
         }
         let was_clean = self.meta(CLEAN_KEY)? == Some(1);
+        let crash_wait = match was_clean {
+            true => None,
+            false => Some(self.meta(REQUEST_TIMEOUT_KEY)?.map_or(request_timeout, |ms| {
+                request_timeout.max(Duration::from_millis(ms))
+            })),
+        };
+        // Carried until a clean shutdown: a start after this run crashes
+        // may find writes of the run before still owed their wait.
+        let owed = crash_wait.unwrap_or(request_timeout);
         let epochs = start_epochs(&stored, wanted);
         let unsettled = self.unsettled()?;
         // A start after a crash that followed one: the guards of the first
@@ -372,11 +399,16 @@ impl StateFile {
                 table.insert(w.name.as_str(), (*epoch, w.prefix.as_str()))?;
             }
             meta.insert(CLEAN_KEY, 0)?;
+            meta.insert(
+                REQUEST_TIMEOUT_KEY,
+                u64::try_from(owed.as_millis()).unwrap_or(u64::MAX),
+            )?;
             Ok(())
         })?;
         Ok(StartState {
             epochs,
             was_clean,
+            crash_wait,
             lowest_guards_before,
         })
     }
@@ -653,20 +685,43 @@ mod tests {
             .collect()
     }
 
+    /// Any `request_timeout`: only the crash wait's tests read it.
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// After a crash, the first raise waits the longest `request_timeout`
+    /// of the runs since the last clean shutdown: the crashed run's writes
+    /// live by its own, which the configuration may have lowered since
+    /// (waiting only the new one, a raise could pass them at the store).
+    #[test]
+    fn the_crash_wait_is_the_longest_request_timeout_since_the_last_clean_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let domains = wanted(&[("orders", "/orders/")]);
+        let state = StateFile::create(&dir.path().join("state.redb"), &domains).unwrap();
+        let (long, short) = (Duration::from_secs(60), Duration::from_secs(5));
+        let wait = |timeout| state.start(&domains, &[], timeout).unwrap().crash_wait;
+        assert_eq!(wait(long), None, "a fresh file counts as clean");
+        assert_eq!(wait(short), Some(long), "after a crash of the 60 s run");
+        assert_eq!(wait(short), Some(long), "after a crash during that wait");
+        state.set_clean(true).unwrap();
+        assert_eq!(wait(short), None);
+        assert_eq!(wait(short), Some(short), "after a crash of a 5 s run only");
+        assert_eq!(wait(long), Some(long), "this run's own, when longer");
+    }
+
     #[test]
     fn epochs_survive_reopen_and_never_go_down() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/state.redb");
         let domains = wanted(&[("orders", "/orders/")]);
         let state = StateFile::create(&path, &domains).unwrap();
-        let start = state.start(&domains, &[]).unwrap();
+        let start = state.start(&domains, &[], TIMEOUT).unwrap();
         assert_eq!(start.epochs, vec![0]);
         assert!(start.was_clean, "a fresh file counts as clean");
         state.raise(&BTreeMap::from([("orders".to_owned(), 9)])).unwrap();
         state.raise(&BTreeMap::from([("orders".to_owned(), 4)])).unwrap();
         drop(state);
         let state = StateFile::open(&path).unwrap();
-        let start = state.start(&domains, &[]).unwrap();
+        let start = state.start(&domains, &[], TIMEOUT).unwrap();
         assert_eq!(start.epochs, vec![9]);
         assert!(!start.was_clean, "no clean mark after the previous start");
         state.set_clean(true).unwrap();
@@ -674,7 +729,7 @@ mod tests {
         assert!(
             StateFile::open(&path)
                 .unwrap()
-                .start(&domains, &[])
+                .start(&domains, &[], TIMEOUT)
                 .unwrap()
                 .was_clean
         );
@@ -730,7 +785,7 @@ mod tests {
     fn stored_at(dir: &tempfile::TempDir, domains: &[(&str, &str, u64)]) -> (StateFile, Vec<WantedDomain>) {
         let old = wanted(&domains.iter().map(|(n, p, _)| (*n, *p)).collect::<Vec<_>>());
         let state = StateFile::create(&dir.path().join("s.redb"), &old).unwrap();
-        state.start(&old, &[]).unwrap();
+        state.start(&old, &[], TIMEOUT).unwrap();
         let raised = domains.iter().map(|(n, _, e)| ((*n).to_owned(), *e));
         state.raise(&raised.collect()).unwrap();
         (state, old)
@@ -746,13 +801,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (state, _) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
         let merged = wanted(&[("d", "/d/")]);
-        let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+        let start = state.start(&merged, &["sub".to_owned()], TIMEOUT).unwrap();
         assert!(!start.was_clean);
         assert_eq!(
             (start.epochs.clone(), start.lowest_guards_before),
             (vec![500], vec![Some(100)])
         );
-        let again = state.start(&merged, &[]).unwrap();
+        let again = state.start(&merged, &[], TIMEOUT).unwrap();
         assert!(!again.was_clean);
         assert_eq!(
             (again.epochs, again.lowest_guards_before),
@@ -760,9 +815,9 @@ mod tests {
             "a second crash forgot the lower guard"
         );
         state.set_clean(true).unwrap();
-        let clean = state.start(&merged, &[]).unwrap();
+        let clean = state.start(&merged, &[], TIMEOUT).unwrap();
         assert_eq!(clean.lowest_guards_before, vec![Some(500)]);
-        let after = state.start(&merged, &[]).unwrap();
+        let after = state.start(&merged, &[], TIMEOUT).unwrap();
         assert_eq!(
             after.lowest_guards_before,
             vec![Some(500)],
@@ -781,10 +836,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (state, _) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
         let merged = wanted(&[("d", "/d/")]);
-        let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+        let start = state.start(&merged, &["sub".to_owned()], TIMEOUT).unwrap();
         assert_eq!(start.lowest_guards_before, vec![Some(100)]);
         state.raise(&[("d".to_owned(), 500)].into()).unwrap();
-        let again = state.start(&merged, &[]).unwrap();
+        let again = state.start(&merged, &[], TIMEOUT).unwrap();
         assert!(!again.was_clean);
         assert_eq!(
             (again.epochs, again.lowest_guards_before),
@@ -810,9 +865,9 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (state, _) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
             let merged = wanted(&[("d", "/d/")]);
-            let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+            let start = state.start(&merged, &["sub".to_owned()], TIMEOUT).unwrap();
             assert_eq!(start.lowest_guards_before, vec![Some(100)]);
-            let again = state.start(&wanted(after), &["d".to_owned()]).unwrap();
+            let again = state.start(&wanted(after), &["d".to_owned()], TIMEOUT).unwrap();
             assert!(!again.was_clean);
             let guard_of_d_paths = after.iter().position(|(_, p)| "/d/".starts_with(p)).unwrap();
             assert_eq!(
@@ -838,7 +893,10 @@ mod tests {
             ],
         );
         let today = wanted(&[("d", "/d/"), ("at", "/d/a@b/"), ("bar", "/d/x%7Cy/")]);
-        assert_eq!(state.start(&today, &[]).unwrap().epochs, vec![100, 500, 700]);
+        assert_eq!(
+            state.start(&today, &[], TIMEOUT).unwrap().epochs,
+            vec![100, 500, 700]
+        );
     }
 
     /// The reviewer's two cases: a nested domain moved away leaves its paths
@@ -850,17 +908,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (state, old) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
         assert_eq!(
-            state.start(&old, &[]).unwrap().epochs,
+            state.start(&old, &[], TIMEOUT).unwrap().epochs,
             vec![100, 500],
             "unchanged"
         );
         let moved = wanted(&[("d", "/d/"), ("sub", "/x/")]);
-        assert_eq!(state.start(&moved, &[]).unwrap().epochs, vec![500, 500]);
+        assert_eq!(state.start(&moved, &[], TIMEOUT).unwrap().epochs, vec![500, 500]);
 
         let dir = tempfile::tempdir().unwrap();
         let (state, _) = stored_at(&dir, &[("sub", "/d/sub/", 500)]);
         let enclosing = wanted(&[("sub", "/x/"), ("d", "/d/")]);
-        assert_eq!(state.start(&enclosing, &[]).unwrap().epochs, vec![500, 500]);
+        assert_eq!(
+            state.start(&enclosing, &[], TIMEOUT).unwrap().epochs,
+            vec![500, 500]
+        );
     }
 
     /// What each domain's paths were guarded by before, at the lowest: a
@@ -870,14 +931,14 @@ mod tests {
     fn the_lowest_epoch_that_guarded_a_domains_paths_is_known() {
         let dir = tempfile::tempdir().unwrap();
         let (state, old) = stored_at(&dir, &[("d", "/d/", 100), ("sub", "/d/sub/", 500)]);
-        let start = state.start(&old, &[]).unwrap();
+        let start = state.start(&old, &[], TIMEOUT).unwrap();
         assert_eq!(
             start.lowest_guards_before,
             vec![Some(100), Some(500)],
             "unchanged"
         );
         let merged = wanted(&[("d", "/d/"), ("new", "/elsewhere/")]);
-        let start = state.start(&merged, &["sub".to_owned()]).unwrap();
+        let start = state.start(&merged, &["sub".to_owned()], TIMEOUT).unwrap();
         assert_eq!(start.epochs, vec![500, 0]);
         assert_eq!(start.lowest_guards_before, vec![Some(100), None]);
     }
@@ -888,12 +949,12 @@ mod tests {
         let (state, _) = stored_at(&dir, &[("all", "/", 3), ("a", "/a/", 8)]);
 
         let new = wanted(&[("all", "/"), ("ab", "/a/b/"), ("c", "/c/")]);
-        let err = state.start(&new, &[]).unwrap_err();
+        let err = state.start(&new, &[], TIMEOUT).unwrap_err();
         assert!(
             matches!(err, StateError::ForgottenDomain { ref name, epoch: 8, .. } if name == "a"),
             "{err}"
         );
-        let start = state.start(&new, &["a".to_owned()]).unwrap();
+        let start = state.start(&new, &["a".to_owned()], TIMEOUT).unwrap();
         // The paths `a` guarded at 8 fall to `all` but for /a/b/: both
         // start at 8 (`all` took 3 before this was seen: found by review).
         assert_eq!(start.epochs, vec![8, 8, 3]);
@@ -914,7 +975,7 @@ mod tests {
         // which `root` guarded too, at less than `b`'s own 12; /b/, which
         // `b` guarded at 12, is `root`'s now.
         let moved = wanted(&[("root", "/"), ("a", "/c/"), ("b", "/d/")]);
-        let start = state.start(&moved, &[]).unwrap();
+        let start = state.start(&moved, &[], TIMEOUT).unwrap();
         assert_eq!(start.epochs, vec![12, 9, 12]);
         let stored: Vec<(String, String, u64)> = state
             .domains()

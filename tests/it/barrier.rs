@@ -1230,6 +1230,31 @@ async fn a_request_without_a_body_waits_for_its_connection_past_body_idle_timeou
     assert_eq!(status, 204, "the store's answer");
 }
 
+/// After a crash, the first raise waits the crashed run's
+/// `request_timeout` when the configuration lowered it since: that run's
+/// writes may be at the store for as long as its own timeout let them.
+/// (The wait was the new run's: lowered from 4 s to 0.5 s, a raise
+/// committed half a second after the start.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_crash_wait_is_the_crashed_runs_request_timeout_when_that_was_longer() {
+    let store = ScriptedStore::start().await;
+    let mut fg = gate(&store.url(), |c| c.request_timeout(Duration::from_secs(4)));
+    let http = client();
+    establish(&http, &fg, "5").await;
+    fg.kill9();
+    let lowered = fg.config().clone().request_timeout(Duration::from_millis(500));
+    fg.rewrite_config_on_the_same_ports(lowered);
+    let started = Instant::now();
+    fg.start_again();
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    let took = started.elapsed();
+    assert!(six.is_success(), "the 6-write: {six:?}");
+    assert!(
+        took >= Duration::from_millis(3500),
+        "the first raise after the crash of a 4 s run committed {took:?} after the start"
+    );
+}
+
 /// After a crash the first raise waits request_timeout from the start
 /// before its commit, since the crashed run's writes may still be at the
 /// store. Its refusal mark is set at once, and so must be rule 4(a): a
