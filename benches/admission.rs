@@ -9,9 +9,10 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use fencegate::fencing::{decide, Access, Leader, Marks};
+use fencegate::hop::{Peer, RequestHop};
 use fencegate::path::normalize;
 use fencegate::token::Token;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 const EPOCH: u64 = 1_234_567;
 
@@ -137,5 +138,47 @@ fn bench_admission(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_decide, bench_token, bench_path, bench_admission);
+/// A request head whose `Connection` names `names` fields (a client's
+/// 64 KiB head holds some 16,000), with 96 other fields, each checked
+/// against them: planning it must cost time in proportion to the names
+/// (16,000 about 16 × 1,000), not to their square, which once took
+/// seconds of a serving thread (bench/RESULTS.md, step 26).
+fn bench_hop(c: &mut Criterion) {
+    let head = |names: usize| {
+        let value: Vec<String> = (0..names).map(|i| format!("n{i:x}")).collect();
+        let mut map = HeaderMap::new();
+        map.append(
+            "connection",
+            HeaderValue::from_str(&value.join(",")).expect("a valid value"),
+        );
+        map.append("host", HeaderValue::from_static("store"));
+        for i in 0..96 {
+            let name = HeaderName::from_bytes(format!("f{i}").as_bytes()).expect("a valid name");
+            map.append(name, HeaderValue::from_static("1"));
+        }
+        map
+    };
+    let peer = Peer::new("127.0.0.1:5000".parse().expect("an address"));
+    let host = HeaderValue::from_static("store:80");
+    let mut group = c.benchmark_group("hop");
+    for names in [1_000, 16_000] {
+        let map = head(names);
+        group.bench_function(format!("a Connection naming {names} fields"), |b| {
+            b.iter(|| {
+                let hop = RequestHop::new(black_box(&map), &peer);
+                hop.fields(&map, &host).count()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_decide,
+    bench_token,
+    bench_path,
+    bench_admission,
+    bench_hop
+);
 criterion_main!(benches);

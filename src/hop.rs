@@ -374,11 +374,12 @@ mod tests {
     }
 
     /// A `Connection` that names thousands of fields (a client's 64 KiB
-    /// head holds some 16,000) costs time in proportion to them: each name
-    /// was compared with every one before it (O(n²): seconds of a serving
-    /// thread, for a read that needs no token, in a debug build).
+    /// head holds some 16,000) leaves out each field it names. What that
+    /// costs (in proportion to the names; each was once compared with every
+    /// one before it, O(n²), seconds of a serving thread) is measured in
+    /// `benches/admission.rs`, group `hop`, not timed here.
     #[test]
-    fn a_connection_naming_thousands_of_fields_is_read_in_linear_time() {
+    fn a_connection_naming_thousands_of_fields_leaves_out_each_of_them() {
         let value: Vec<String> = (0..16_000).map(|i| format!("{i:x}")).collect();
         let mut list = vec![
             ("connection", value.join(",")),
@@ -391,17 +392,11 @@ mod tests {
         let pairs: Vec<(&str, &str)> = list.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let map = headers(&pairs);
         let host = HeaderValue::from_static("store:80");
-        let started = std::time::Instant::now();
         let hop = RequestHop::new(&map, &Peer::new("127.0.0.1:5000".parse().unwrap()));
-        let sent = hop.fields(&map, &host).filter(|(k, _)| *k == "x-kept").count();
-        let took = started.elapsed();
-        assert_eq!(sent, 1);
-        // Linear, it takes a few milliseconds in a debug build; the bound
-        // leaves room for a loaded machine.
-        assert!(
-            took < std::time::Duration::from_millis(400),
-            "planning the head took {took:?}"
-        );
+        let sent: Vec<&str> = hop.fields(&map, &host).map(|(k, _)| k.as_str()).collect();
+        // `a` and `b` are among the names (10 and 11 in hex).
+        assert!(sent.contains(&"x-kept"), "{sent:?}");
+        assert!(!sent.iter().any(|k| *k == "a" || *k == "b"), "{sent:?}");
     }
 
     #[test]
