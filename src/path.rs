@@ -51,6 +51,12 @@ pub enum PathError {
 pub struct NormalPath(String);
 
 impl NormalPath {
+    /// The target of `OPTIONS *` (RFC 9112 §3.2.4: the server as a whole),
+    /// which lies in no domain.
+    pub fn asterisk() -> NormalPath {
+        NormalPath("*".to_owned())
+    }
+
     /// The normalized path as text.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -122,8 +122,13 @@ impl Proxy {
         domain: &mut Option<Arc<Gate>>,
     ) -> Result<Response<ProxyBody>, Problem> {
         self.screen(&request)?;
-        let path =
-            normalize(request.uri().path()).map_err(|e| Problem::new(Reason::BadPath, e.to_string()))?;
+        let path = match request.uri().path() {
+            // The asterisk-form asks about the server as a whole: OPTIONS
+            // only (RFC 9112 §3.2.4), in no domain, and it goes on as it
+            // came, a read (unless `read_methods` left OPTIONS out).
+            "*" if request.method() == Method::OPTIONS => NormalPath::asterisk(),
+            raw => normalize(raw).map_err(|e| Problem::new(Reason::BadPath, e.to_string()))?,
+        };
         let access = self.access(&request);
         let gate = self.gates.find(&path).cloned();
         *domain = gate.clone();

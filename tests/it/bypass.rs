@@ -311,6 +311,28 @@ fn paths_a_store_could_read_differently_are_bad_paths() {
     rig.finish(&["orders/raise", "billing/raise", "orders/ok", "orders/a b"]);
 }
 
+/// `OPTIONS *` (the asterisk-form, RFC 9112 §3.2.4: about the server as a
+/// whole) is a read in no domain, and goes to the store as it came; any
+/// other method with it is a bad path. (It was a bad path for OPTIONS too.)
+#[test]
+fn options_asterisk_reaches_the_store_as_it_came() {
+    let mut rig = Rig::start();
+    let options = b"OPTIONS * HTTP/1.1\r\nHost: store\r\n\r\n";
+    let (resp, ctx) = rig.send(options);
+    assert_eq!(resp.header("fencegate-reason"), None, "{ctx}\nnot forwarded");
+    // nginx does not serve the asterisk-form: its own 400, logged as a
+    // request it could not read, is what says it got there.
+    assert_eq!(
+        (resp.status, resp.header("server").map(|s| s.starts_with("nginx"))),
+        (400, Some(true)),
+        "{ctx}"
+    );
+    rig.expected.push(("-".to_string(), "-".to_string(), None));
+    rig.wait_log(&ctx);
+    rig.refused(&put("*", &[ORDERS]), BAD_PATH);
+    rig.finish(&["orders/raise", "billing/raise"]);
+}
+
 #[test]
 fn domains_are_case_sensitive_and_whole_segments() {
     let mut rig = Rig::start();
