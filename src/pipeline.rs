@@ -218,12 +218,12 @@ impl std::fmt::Debug for Whole {
 }
 
 /// A request waiting for its answer. Dropped before the lane replied (a
-/// raise aborted it, or its client left), it takes the request out of the
-/// lane's queue if not one byte of it was written: on the pool's path too,
-/// a request whose handler is gone before it was sent is never sent.
-/// (hyper sees a client leave while a read waits; a writer that leaves is
-/// seen only once its answer is written, since hyper reads nothing more of
-/// the connection while the body it delivered is not read to its end.)
+/// raise aborted it, or a read's client left), it takes the request out of
+/// the lane's queue if not one byte of it was written: on the pool's path
+/// too, a read whose handler is gone before it was sent is never sent. (A
+/// write's exchange runs to its end on either path even when its client
+/// leaves, `proxy::Detachable`: a client that leaves is not the end of a
+/// write.)
 pub struct Waiting {
     lane: Arc<Lane>,
     exchange: Arc<Exchange>,

@@ -224,9 +224,8 @@ async fn a_raise_takes_back_a_lower_write_still_queued_in_its_lane() {
 
 /// A read still queued in its lane when its client leaves is taken out of
 /// the queue and never reaches the store, as on the pool's path, where a
-/// request whose client left before it was sent is never sent. (A writer
-/// that leaves is not seen until its answer: hyper reads nothing more of a
-/// connection while a request body it delivered is not read to its end.)
+/// read whose client left before it was sent is never sent. (A write runs
+/// to its end on either path even when its client leaves.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_queued_read_whose_client_left_never_reaches_the_store() {
     use tokio::io::AsyncWriteExt;
