@@ -464,7 +464,7 @@ impl Config {
 }
 
 /// The longest duration a setting may take.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Header fields that frame the message, route it, or that fencegate reads
 /// or writes for a purpose of their own: as the fencing header, a client's

@@ -201,8 +201,8 @@ impl Upstream {
                     return Ok(response);
                 }
                 // A read its lane gave back unanswered (the lane ended, or
-                // its answer was too large to read whole): the pool sends
-                // it again, and streams its answer.
+                // an answer ahead of it streams on the lane's connection):
+                // the pool sends it again.
             }
         }
         // The serving thread finishes its turn first (its other ready

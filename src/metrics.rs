@@ -196,9 +196,8 @@ impl Metrics {
         registry.register(Box::new(reads.clone())).expect("unique metric");
         let resent = IntCounter::new(
             "fencegate_upstream_pipeline_resent_total",
-            "Reads a pipelined connection left unanswered (it ended, an answer was too large \
-             to read whole, or an answer ahead of them streams), sent again on a connection of \
-             their own.",
+            "Reads a pipelined connection left unanswered (it ended, or an answer ahead of \
+             them streams on it), sent again on a connection of their own.",
         )
         .expect("valid metric");
         registry

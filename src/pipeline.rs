@@ -33,12 +33,11 @@
 //! again, so a read lane that ends with reads unanswered sends them again
 //! through the pool ([`LaneError::Resend`]), as RFC 9112 §9.3.2 asks of a
 //! client that pipelines, the connection reset too; only the read whose
-//! own answer failed (late, malformed) fails. An answer too large to read
-//! whole ends its lane the same way, and the pool, which streams, sends it
-//! again. An answer that streams (of no stated length and not here whole,
-//! or still coming at `request_timeout`, its head in time) is handed the
-//! lane's connection and streams on it ([`Driver::hand_over`]); the reads
-//! behind it go again. Reads and writes never share a lane: a write behind
+//! own answer failed (late, malformed) fails. An answer that streams (over
+//! [`MAX_READ_ANSWER`], too large to hold whole; of no stated length and
+//! still incomplete after [`STREAM_AFTER`]; or still coming at
+//! `request_timeout`, its head in time) is handed the lane's connection and
+//! streams on it ([`Driver::hand_over`]); the reads behind it go again. Reads and writes never share a lane: a write behind
 //! such a read would be lost with it.
 //!
 //! Only a request in company takes a lane ([`Pipeline::depart`]): one
@@ -50,12 +49,11 @@
 //! the unanswered writes on it with it (so a lane retires itself after
 //! `pipeline_max_requests`, which must stay below the store's own limit:
 //! nginx's `keepalive_requests`, 1000 by default; or after what the store
-//! said it takes in `Keep-Alive: max`), a read with a large answer is
-//! sent twice, so are the reads behind an answer that streams, a read
-//! whose stated length trickles in holds the reads behind it until
-//! `request_timeout`, and a lane opens with one request
-//! and pipelines only after its first answer (RFC 9112 §9.3.2: the store
-//! may not keep connections open).
+//! said it takes in `Keep-Alive: max`), the reads behind an answer that
+//! streams are sent twice, a read whose stated length trickles in holds
+//! the reads behind it until `request_timeout`, and a lane opens with one
+//! request and pipelines only after its first answer (RFC 9112 §9.3.2:
+//! the store may not keep connections open).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -102,9 +100,10 @@ pub const MAX_ANSWER: usize = 1024 * 1024;
 /// by its client, where once handed over it would reach it cut.
 const STREAM_AFTER: Duration = Duration::from_millis(50);
 
-/// The largest answer body a read lane reads for one read. A read may ask
-/// for anything the store holds; a larger answer ends the lane, and the
-/// reads on it go again through the pool, which streams.
+/// The largest answer body a read lane reads whole for one read. A read
+/// may ask for anything the store holds; a larger answer streams on the
+/// lane's connection ([`Driver::hand_over`]), and the reads behind it go
+/// again through the pool.
 pub const MAX_READ_ANSWER: usize = 64 * 1024;
 
 /// Whether a request of this method goes on a read lane: a safe method,
@@ -203,8 +202,8 @@ pub enum LaneError {
     /// It failed; the error says whether it reached the store.
     Failed(ForwardError),
     /// A read that was sent but not answered: its lane ended before its
-    /// answer (or its answer was too large to read whole). A safe method,
-    /// it goes again through the pool.
+    /// answer (or an answer ahead of it streams on the lane's connection).
+    /// A safe method, it goes again through the pool.
     Resend,
 }
 
@@ -484,7 +483,7 @@ enum Ended {
     /// failed connection is no read's fault: only late or malformed is.
     Failing(ForwardError),
     /// With requests unanswered, none of them at fault: the store closed
-    /// after an answer, or a read's answer was too large to read whole.
+    /// after an answer, or in the middle of a read's.
     /// Writes fail with this (their outcome is unknown); reads go again.
     Unanswered(ForwardError),
     /// A read lane's connection went to its oldest read, whose answer
@@ -956,19 +955,19 @@ impl Driver<'_> {
                         )))
                     }
                     Ok(Some(head)) => {
-                        if self.lane.reads
-                            && matches!(head.framing, codec::Framing::Length(n) if n > MAX_READ_ANSWER as u64)
-                        {
-                            // Said at once: the lane ends before the store
-                            // sends much of it, and the pool streams it.
-                            return Poll::Ready(Ok(Some(Ended::Unanswered(too_large()))));
-                        }
+                        let too_large = self.lane.reads
+                            && matches!(head.framing, codec::Framing::Length(n) if n > MAX_READ_ANSWER as u64);
                         self.reading = Some(Reading {
                             decoder: BodyDecoder::new(head.framing),
                             head,
                             body: BytesMut::new(),
                             trailers: None,
                         });
+                        if too_large {
+                            // Said at once: it streams on the connection
+                            // before the reads behind it wait for much.
+                            return Poll::Ready(Ok(Some(self.hand_over())));
+                        }
                     }
                     Ok(None) if eof => {
                         // Maybe the store's idle close, crossing the
@@ -984,6 +983,7 @@ impl Driver<'_> {
             }
             drop(state);
             let reading = self.reading.as_mut().expect("an answer is being read");
+            let mut too_large = false;
             let done = loop {
                 let decoded = match reading
                     .decoder
@@ -1007,7 +1007,12 @@ impl Driver<'_> {
                 match decoded {
                     Ok(Decoded::Data(data)) => {
                         if self.lane.reads && reading.body.len() + data.len() > MAX_READ_ANSWER {
-                            return Poll::Ready(Ok(Some(Ended::Unanswered(too_large()))));
+                            // Of no stated length (a stated one is seen at
+                            // the head): what came of it goes first, and
+                            // the rest streams.
+                            reading.body.extend_from_slice(&data);
+                            too_large = true;
+                            break false;
                         }
                         if reading.body.len() + data.len() > MAX_ANSWER {
                             return Poll::Ready(Err(ForwardError::Failed(format!(
@@ -1025,6 +1030,9 @@ impl Driver<'_> {
                     Err(e) => return Poll::Ready(Err(ForwardError::BadResponse(e.to_string()))),
                 }
             };
+            if too_large {
+                return Poll::Ready(Ok(Some(self.hand_over())));
+            }
             if !done {
                 if self.lane.reads
                     && self.incomplete_since.is_none()
@@ -1090,14 +1098,6 @@ impl Driver<'_> {
             }
         }
     }
-}
-
-/// Why a read lane ended at a read's answer: the read goes again through
-/// the pool, which streams what a lane would have to hold whole.
-fn too_large() -> ForwardError {
-    ForwardError::Failed(format!(
-        "an answer on a read lane is over {MAX_READ_ANSWER} bytes"
-    ))
 }
 
 /// A pipelined request's answer body, read whole.
@@ -1205,9 +1205,9 @@ mod tests {
         }
     }
 
-    /// A read's lane ends when its answer is too large, and then sends its
-    /// reads again: a write there would be sent twice. So reads and writes
-    /// never share a lane.
+    /// A read lane ends when an answer on it streams or its connection
+    /// fails, and then sends the reads behind again: a write there would be
+    /// sent twice. So reads and writes never share a lane.
     #[tokio::test]
     async fn reads_and_writes_take_lanes_of_their_own() {
         let pipeline = Pipeline::new(settings());

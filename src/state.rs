@@ -351,8 +351,10 @@ impl StateFile {
         let was_clean = self.meta(CLEAN_KEY)? == Some(1);
         let crash_wait = match was_clean {
             true => None,
+            // At most what a configuration may say: the file is not
+            // trusted with a wait that would overflow the clock.
             false => Some(self.meta(REQUEST_TIMEOUT_KEY)?.map_or(request_timeout, |ms| {
-                request_timeout.max(Duration::from_millis(ms))
+                request_timeout.max(Duration::from_millis(ms).min(crate::config::MAX_DURATION))
             })),
         };
         // Carried until a clean shutdown: a start after this run crashes
@@ -401,7 +403,8 @@ impl StateFile {
             meta.insert(CLEAN_KEY, 0)?;
             meta.insert(
                 REQUEST_TIMEOUT_KEY,
-                u64::try_from(owed.as_millis()).unwrap_or(u64::MAX),
+                // Rounded up: never shorter than the run's own.
+                u64::try_from(owed.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX),
             )?;
             Ok(())
         })?;
@@ -706,6 +709,10 @@ mod tests {
         assert_eq!(wait(short), None);
         assert_eq!(wait(short), Some(short), "after a crash of a 5 s run only");
         assert_eq!(wait(long), Some(long), "this run's own, when longer");
+        // Kept in whole milliseconds, rounded up: never shorter.
+        state.set_clean(true).unwrap();
+        assert_eq!(wait(Duration::from_micros(1500)), None);
+        assert_eq!(wait(Duration::from_millis(1)), Some(Duration::from_millis(2)));
     }
 
     #[test]

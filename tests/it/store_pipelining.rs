@@ -554,17 +554,64 @@ async fn reads_stay_off_lanes_when_asked() {
     assert_eq!(fg.pipelined_reads(), 0);
 }
 
-/// An answer too large to read whole on a lane (over 64 KiB) ends its
-/// lane; it and the reads behind it go again through the pool, which
-/// streams: every read gets its whole file, large or small.
+/// An answer too large to read whole on a lane (over 64 KiB) streams on
+/// the lane's connection, and the reads behind it go again through the
+/// pool: every read gets its whole file, large or small.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_read_whose_answer_is_too_large_for_a_lane_goes_again_through_the_pool() {
+async fn a_read_whose_answer_is_too_large_for_a_lane_streams_on_it() {
     let nginx = Nginx::start();
     // One file in four over the limit (200 KiB; nginx says its length in
-    // the head, so the lane ends there).
+    // the head, so the lane hands it over there).
     let size = |i| if i % 4 == 0 { 200 * 1024 + i } else { 1 + i * 131 };
     let fg = read_files(&nginx, |c| c, 24, 4, size).await;
-    assert_reads_went_again(&fg, "a lane ended at a large answer");
+    assert_reads_went_again(&fg, "reads were behind a large answer");
+}
+
+/// The same, seen at the store: a large answer on a lane reaches its
+/// client whole, and the read is sent once. (Sent again through the pool,
+/// it reached the store twice.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_whose_answer_is_too_large_for_a_lane_is_sent_once() {
+    const LARGE: usize = 100 * 1024;
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    let body: &'static str = Box::leak("l".repeat(LARGE).into_boxed_str());
+    store.fault_path("/large", Fault::Answer { status: 200, body });
+    let response = http.get(format!("{}/large", fg.url())).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().len(), LARGE);
+    assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
+    let heads = store
+        .events()
+        .iter()
+        .filter(|e| e.path == "/large" && e.kind == EventKind::HeadArrived)
+        .count();
+    assert_eq!(heads, 1, "the large read reached the store {heads} times");
+    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+}
+
+/// The same for an answer of no stated length (chunked) that the store
+/// writes at once: past 64 KiB it streams on the lane's connection, sent
+/// once. (Taken as too large to hold, it was sent again through the pool.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_answer_of_no_stated_length_is_sent_once() {
+    const LARGE: usize = 200 * 1024;
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    store.fault_path("/large", Fault::AnswerChunked { bytes: LARGE });
+    let response = http.get(format!("{}/large", fg.url())).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().len(), LARGE);
+    assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
+    let heads = store
+        .events()
+        .iter()
+        .filter(|e| e.path == "/large" && e.kind == EventKind::HeadArrived)
+        .count();
+    assert_eq!(heads, 1, "the large read reached the store {heads} times");
+    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
 }
 
 /// nginx closes a connection after `keepalive_requests` answers. Reads

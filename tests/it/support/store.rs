@@ -88,6 +88,8 @@ pub enum Fault {
     /// Answer `200` at once, with a chunked body of `chunks` pieces of
     /// [`TRICKLE_CHUNK`] bytes, one every `every` (the first at once).
     Trickle { chunks: usize, every: Duration },
+    /// Answer `200` at once with `bytes` bytes, chunked (no stated length).
+    AnswerChunked { bytes: usize },
     /// As [`Fault::Trickle`], with the body's length stated
     /// (`Content-Length`).
     TrickleStated { chunks: usize, every: Duration },
@@ -423,6 +425,8 @@ impl AsyncWrite for Tap {
 enum Answer {
     Empty,
     Full(Option<Bytes>),
+    /// As `Full`, without stating its length: chunked.
+    Chunked(Option<Bytes>),
     /// Sends `first`, waits `pause`, then fails after asking for a reset.
     Broken {
         first: Option<Bytes>,
@@ -448,7 +452,9 @@ impl Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             Answer::Empty => Poll::Ready(None),
-            Answer::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Answer::Full(data) | Answer::Chunked(data) => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
             Answer::Broken { first, pause, reset } => {
                 if let Some(first) = first.take() {
                     return Poll::Ready(Some(Ok(Frame::data(first))));
@@ -475,14 +481,14 @@ impl Body for Answer {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, Answer::Empty | Answer::Full(None))
+        matches!(self, Answer::Empty | Answer::Full(None) | Answer::Chunked(None))
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Answer::Empty => SizeHint::with_exact(0),
             Answer::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Answer::Broken { .. } | Answer::Trickle { .. } => SizeHint::default(),
+            Answer::Chunked(_) | Answer::Broken { .. } | Answer::Trickle { .. } => SizeHint::default(),
         }
     }
 }
@@ -714,6 +720,11 @@ async fn handle(
                 every,
                 pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
             });
+            *resp.status_mut() = StatusCode::OK;
+            return Ok(resp);
+        }
+        Some(Fault::AnswerChunked { bytes }) => {
+            let mut resp = Response::new(Answer::Chunked(Some(Bytes::from(vec![b'c'; bytes]))));
             *resp.status_mut() = StatusCode::OK;
             return Ok(resp);
         }
