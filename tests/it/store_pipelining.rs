@@ -567,28 +567,38 @@ async fn a_read_whose_answer_is_too_large_for_a_lane_streams_on_it() {
     assert_reads_went_again(&fg, "reads were behind a large answer");
 }
 
+/// Reads `path` once, in company (so on a read lane; fencegate's
+/// `request_timeout` as given), with `fault` at the store, and checks what
+/// the streaming tests below promise: the whole answer (`len` bytes, 200),
+/// one arrival at the store, nothing sent again.
+async fn read_once_on_a_lane(path: &str, fault: Fault, len: usize, request_timeout: Duration) {
+    let store = ScriptedStore::start().await;
+    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(request_timeout)).await;
+    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
+    store.fault_path(path, fault);
+    let response = http.get(format!("{}{path}", fg.url())).send().await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.bytes().await.unwrap();
+    assert_eq!(fg.pipelined_reads(), 1, "precondition: {path} took a lane");
+    assert_eq!((status, body.len()), (200, len), "{path}");
+    let heads = store
+        .events()
+        .iter()
+        .filter(|e| e.path == path && e.kind == EventKind::HeadArrived)
+        .count();
+    assert_eq!(heads, 1, "{path} reached the store {heads} times");
+    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+}
+
 /// The same, seen at the store: a large answer on a lane reaches its
 /// client whole, and the read is sent once. (Sent again through the pool,
 /// it reached the store twice.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_whose_answer_is_too_large_for_a_lane_is_sent_once() {
     const LARGE: usize = 100 * 1024;
-    let store = ScriptedStore::start().await;
-    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
-    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
     let body: &'static str = Box::leak("l".repeat(LARGE).into_boxed_str());
-    store.fault_path("/large", Fault::Answer { status: 200, body });
-    let response = http.get(format!("{}/large", fg.url())).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.bytes().await.unwrap().len(), LARGE);
-    assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
-    let heads = store
-        .events()
-        .iter()
-        .filter(|e| e.path == "/large" && e.kind == EventKind::HeadArrived)
-        .count();
-    assert_eq!(heads, 1, "the large read reached the store {heads} times");
-    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+    let fault = Fault::Answer { status: 200, body };
+    read_once_on_a_lane("/large", fault, LARGE, Duration::from_secs(30)).await;
 }
 
 /// The same for an answer of no stated length (chunked) that the store
@@ -597,21 +607,8 @@ async fn a_read_whose_answer_is_too_large_for_a_lane_is_sent_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_answer_of_no_stated_length_is_sent_once() {
     const LARGE: usize = 200 * 1024;
-    let store = ScriptedStore::start().await;
-    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
-    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
-    store.fault_path("/large", Fault::AnswerChunked { bytes: LARGE });
-    let response = http.get(format!("{}/large", fg.url())).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.bytes().await.unwrap().len(), LARGE);
-    assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
-    let heads = store
-        .events()
-        .iter()
-        .filter(|e| e.path == "/large" && e.kind == EventKind::HeadArrived)
-        .count();
-    assert_eq!(heads, 1, "the large read reached the store {heads} times");
-    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+    let fault = Fault::AnswerChunked { bytes: LARGE };
+    read_once_on_a_lane("/large", fault, LARGE, Duration::from_secs(30)).await;
 }
 
 /// nginx closes a connection after `keepalive_requests` answers. Reads
@@ -655,15 +652,30 @@ async fn reads_that_end_their_lanes_fail_no_write() {
     assert!(fg.pipeline_resent() > 0, "precondition: read lanes ended");
 }
 
-/// A read whose answer is late fails at `request_timeout` as on the pool
-/// (504), and the reads pipelined behind it on its lane, which the store
-/// had not answered, go again through the pool and are answered.
-#[tokio::test(flavor = "multi_thread")]
-async fn reads_behind_a_late_answer_go_again_and_are_answered() {
+/// GETs `path` through `fg` from a task of its own: the answer's status
+/// and body length.
+fn spawn_get(
+    http: &reqwest::Client,
+    fg: &Fencegate,
+    path: String,
+) -> tokio::task::JoinHandle<reqwest::Result<(u16, usize)>> {
+    let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
+    tokio::spawn(async move {
+        let response = http.get(url).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.bytes().await?.len()))
+    })
+}
+
+/// fencegate pipelining (tuned by `tune`) in front of a scripted store,
+/// with company held past the test (so reads take lanes) and a read lane
+/// open to pipelining: its first read answered.
+async fn with_an_open_read_lane(
+    tune: impl FnOnce(FencegateConfig) -> FencegateConfig,
+) -> (ScriptedStore, Fencegate, reqwest::Client) {
     let store = ScriptedStore::start().await;
-    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_secs(1))).await;
-    // Company for everything below (held past the test), then a read that
-    // opens a read lane to pipelining.
+    let (fg, http) = pipelined(&store.url(), 8, tune).await;
+    // Detached: it holds its read at the store for 20 s.
     let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
     let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
     assert_eq!(open.status(), 201, "a read lane's first read");
@@ -672,6 +684,15 @@ async fn reads_behind_a_late_answer_go_again_and_are_answered() {
         1,
         "precondition: the first read took a lane"
     );
+    (store, fg, http)
+}
+
+/// A read whose answer is late fails at `request_timeout` as on the pool
+/// (504), and the reads pipelined behind it on its lane, which the store
+/// had not answered, go again through the pool and are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_behind_a_late_answer_go_again_and_are_answered() {
+    let (store, fg, http) = with_an_open_read_lane(|c| c.request_timeout(Duration::from_secs(1))).await;
     store.fault_path("/late", Fault::AnswerAfter(Duration::from_secs(20)));
     let late = {
         let (http, url) = (http.clone(), format!("{}/late", fg.url()));
@@ -710,31 +731,9 @@ async fn reads_behind_a_late_answer_go_again_and_are_answered() {
 /// the pool after that wait.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_whose_body_comes_slowly_streams_on_its_lane() {
-    let store = ScriptedStore::start().await;
-    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_secs(1))).await;
-    // Company, so that the read takes a lane.
-    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
-    let chunks = 6;
-    store.fault_path(
-        "/slow",
-        Fault::Trickle {
-            chunks,
-            every: Duration::from_millis(400),
-        },
-    );
-    let response = http.get(format!("{}/slow", fg.url())).send().await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.bytes().await.unwrap();
-    assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
-    assert_eq!(status, 200, "the head came at once: {body:?}");
-    assert_eq!(body.len(), chunks * TRICKLE_CHUNK);
-    let heads = store
-        .events()
-        .iter()
-        .filter(|e| e.path == "/slow" && e.kind == EventKind::HeadArrived)
-        .count();
-    assert_eq!(heads, 1, "the streaming read reached the store {heads} times");
-    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+    let every = Duration::from_millis(400);
+    let fault = Fault::Trickle { chunks: 6, every };
+    read_once_on_a_lane("/slow", fault, 6 * TRICKLE_CHUNK, Duration::from_secs(1)).await;
 }
 
 /// The same with the body's length stated: the lane reads it whole as
@@ -742,29 +741,9 @@ async fn a_read_whose_body_comes_slowly_streams_on_its_lane() {
 /// the read its connection, where the rest streams. Sent once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_of_stated_length_still_coming_at_request_timeout_streams_on_its_lane() {
-    let store = ScriptedStore::start().await;
-    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_secs(1))).await;
-    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
-    let chunks = 6;
-    store.fault_path(
-        "/slow",
-        Fault::TrickleStated {
-            chunks,
-            every: Duration::from_millis(400),
-        },
-    );
-    let response = http.get(format!("{}/slow", fg.url())).send().await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.bytes().await.unwrap();
-    assert_eq!(fg.pipelined_reads(), 1, "precondition: the read took a lane");
-    assert_eq!((status, body.len()), (200, chunks * TRICKLE_CHUNK), "{body:?}");
-    let heads = store
-        .events()
-        .iter()
-        .filter(|e| e.path == "/slow" && e.kind == EventKind::HeadArrived)
-        .count();
-    assert_eq!(heads, 1, "the slow read reached the store {heads} times");
-    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+    let every = Duration::from_millis(400);
+    let fault = Fault::TrickleStated { chunks: 6, every };
+    read_once_on_a_lane("/slow", fault, 6 * TRICKLE_CHUNK, Duration::from_secs(1)).await;
 }
 
 /// An answer of no stated length that the store writes in pieces close
@@ -773,11 +752,7 @@ async fn a_read_of_stated_length_still_coming_at_request_timeout_streams_on_its_
 /// first incomplete read, it ended the lane and sent them all again.)
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_written_in_pieces_close_together_is_read_whole_on_its_lane() {
-    let store = ScriptedStore::start().await;
-    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
-    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
-    let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
-    assert_eq!(open.status(), 201, "a read lane's first read");
+    let (store, fg, http) = with_an_open_read_lane(|c| c).await;
     let chunks = 3;
     store.fault_path(
         "/pieces",
@@ -787,14 +762,7 @@ async fn an_answer_written_in_pieces_close_together_is_read_whole_on_its_lane() 
             every: Duration::from_millis(5),
         },
     );
-    let get = |path: String| {
-        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
-        tokio::spawn(async move {
-            let response = http.get(url).send().await?;
-            let status = response.status().as_u16();
-            Ok::<_, reqwest::Error>((status, response.bytes().await?.len()))
-        })
-    };
+    let get = |path: String| spawn_get(&http, &fg, path);
     let pieces = get("/pieces".to_owned());
     wait_head(&store, "/pieces").await;
     let behind: Vec<_> = (0..3).map(|i| get(format!("/behind-{i}"))).collect();
@@ -819,16 +787,7 @@ async fn an_answer_written_in_pieces_close_together_is_read_whole_on_its_lane() 
 /// on: read whole, it held them until its end.
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_behind_an_answer_that_streams_go_again_at_once() {
-    let store = ScriptedStore::start().await;
-    let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(Duration::from_secs(10))).await;
-    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
-    let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
-    assert_eq!(open.status(), 201, "a read lane's first read");
-    assert_eq!(
-        fg.pipelined_reads(),
-        1,
-        "precondition: the first read took a lane"
-    );
+    let (store, fg, http) = with_an_open_read_lane(|c| c.request_timeout(Duration::from_secs(10))).await;
     let chunks = 10;
     store.fault_path(
         "/stream",
@@ -838,14 +797,7 @@ async fn reads_behind_an_answer_that_streams_go_again_at_once() {
             every: Duration::from_millis(300),
         },
     );
-    let get = |path: String| {
-        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
-        tokio::spawn(async move {
-            let response = http.get(url).send().await?;
-            let status = response.status().as_u16();
-            Ok::<_, reqwest::Error>((status, response.bytes().await?.len()))
-        })
-    };
+    let get = |path: String| spawn_get(&http, &fg, path);
     let started = Instant::now();
     let stream = get("/stream".to_owned());
     wait_head(&store, "/stream").await;
@@ -875,16 +827,7 @@ async fn reads_behind_an_answer_that_streams_go_again_at_once() {
 /// malformed (502) fails (README, `upstream.pipeline_reads`).
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_on_a_lane_the_store_resets_go_again() {
-    let store = ScriptedStore::start().await;
-    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
-    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
-    let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
-    assert_eq!(open.status(), 201, "a read lane's first read");
-    assert_eq!(
-        fg.pipelined_reads(),
-        1,
-        "precondition: the first read took a lane"
-    );
+    let (store, fg, http) = with_an_open_read_lane(|c| c).await;
     // The store resets the lane's connection at this read, and answers it
     // when it comes again.
     store.fault_path("/flaky", Fault::ResetOnce);
@@ -903,11 +846,7 @@ async fn reads_on_a_lane_the_store_resets_go_again() {
 /// goes again, where taking the cut answer as malformed failed it (502).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_lane_closed_in_the_middle_of_an_answer_sends_it_again() {
-    let store = ScriptedStore::start().await;
-    let (fg, http) = pipelined(&store.url(), 8, |c| c).await;
-    let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
-    let open = http.get(format!("{}/open", fg.url())).send().await.unwrap();
-    assert_eq!(open.status(), 201, "a read lane's first read");
+    let (store, fg, http) = with_an_open_read_lane(|c| c).await;
     store.fault_path(
         "/cut",
         Fault::CloseMidAnswerOnce {

@@ -493,6 +493,18 @@ impl Body for Answer {
     }
 }
 
+/// A 200 whose body is `chunks` pieces of [`TRICKLE_CHUNK`] bytes, one
+/// every `every`, the first at once.
+fn trickle(chunks: usize, every: Duration) -> Response<Answer> {
+    let mut resp = Response::new(Answer::Trickle {
+        left: chunks,
+        every,
+        pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
+    });
+    *resp.status_mut() = StatusCode::OK;
+    resp
+}
+
 /// An error that makes hyper drop the connection without answering.
 fn scripted(what: &str) -> Box<dyn std::error::Error + Send + Sync> {
     format!("scripted fault: {what}").into()
@@ -715,13 +727,7 @@ async fn handle(
         }
         Some(Fault::TrickleAfter { after, chunks, every }) => {
             tokio::time::sleep(after).await;
-            let mut resp = Response::new(Answer::Trickle {
-                left: chunks,
-                every,
-                pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            });
-            *resp.status_mut() = StatusCode::OK;
-            return Ok(resp);
+            return Ok(trickle(chunks, every));
         }
         Some(Fault::AnswerChunked { bytes }) => {
             let mut resp = Response::new(Answer::Chunked(Some(Bytes::from(vec![b'c'; bytes]))));
@@ -729,24 +735,13 @@ async fn handle(
             return Ok(resp);
         }
         Some(Fault::TrickleStated { chunks, every }) => {
-            let mut resp = Response::new(Answer::Trickle {
-                left: chunks,
-                every,
-                pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            });
+            let mut resp = trickle(chunks, every);
             resp.headers_mut()
                 .insert(http::header::CONTENT_LENGTH, (chunks * TRICKLE_CHUNK).into());
-            *resp.status_mut() = StatusCode::OK;
             return Ok(resp);
         }
         Some(Fault::Trickle { chunks, every }) => {
-            let mut resp = Response::new(Answer::Trickle {
-                left: chunks,
-                every,
-                pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            });
-            *resp.status_mut() = StatusCode::OK;
-            return Ok(resp);
+            return Ok(trickle(chunks, every));
         }
         Some(Fault::Answer { status, body }) => {
             let mut resp = Response::new(Answer::Full(Some(Bytes::from_static(body.as_bytes()))));
