@@ -890,8 +890,9 @@ impl Driver<'_> {
     }
 
     /// Hands the lane's connection to the oldest read, whose answer's head
-    /// is here and whose body streams (of no stated length and not here
-    /// whole, or still coming at `request_timeout`): its handler gets the
+    /// is here and whose body streams (over [`MAX_READ_ANSWER`]; of no
+    /// stated length and incomplete for [`STREAM_AFTER`]; or still coming
+    /// at `request_timeout`): its handler gets the
     /// head and what came of the body now, and reads the rest from the
     /// connection, as on the pool's path, which closes at the body's end.
     /// The reads sent behind it go again through the pool: their answers
