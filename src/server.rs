@@ -71,8 +71,9 @@ pub struct Ended {
 }
 
 /// Serves `listener` with `workers` threads until `stop` begins, then
-/// drains (until it hurries). `proxy` builds each worker's data path. With `cpus` (from
-/// [`affinity::placement`]), worker `i` is pinned to `cpus[i]`.
+/// drains (until it hurries). `proxy` builds each worker's data path.
+/// With `cpus` (from [`affinity::placement`]), worker `i` is pinned to
+/// `cpus[i]`.
 pub async fn serve_workers(
     listener: TcpListener,
     workers: usize,
