@@ -37,8 +37,9 @@
 //! [`MAX_READ_ANSWER`], too large to hold whole; of no stated length and
 //! still incomplete after [`STREAM_AFTER`]; or still coming at
 //! `request_timeout`, its head in time) is handed the lane's connection and
-//! streams on it ([`Driver::hand_over`]); the reads behind it go again. Reads and writes never share a lane: a write behind
-//! such a read would be lost with it.
+//! streams on it ([`Driver::hand_over`]); the reads behind it go again.
+//! Reads and writes never share a lane: a write behind such a read would
+//! be lost with it.
 //!
 //! Only a request in company takes a lane ([`Pipeline::depart`]): one
 //! alone has nothing to share a write call with, and the pool sends it
@@ -892,9 +893,9 @@ impl Driver<'_> {
     /// Hands the lane's connection to the oldest read, whose answer's head
     /// is here and whose body streams (over [`MAX_READ_ANSWER`]; of no
     /// stated length and incomplete for [`STREAM_AFTER`]; or still coming
-    /// at `request_timeout`): its handler gets the
-    /// head and what came of the body now, and reads the rest from the
-    /// connection, as on the pool's path, which closes at the body's end.
+    /// at `request_timeout`): its handler gets the head and what came of
+    /// the body now, and reads the rest from the connection, as on the
+    /// pool's path, which closes at the body's end.
     /// The reads sent behind it go again through the pool: their answers
     /// would come only after that end.
     fn hand_over(&mut self) -> Ended {

@@ -213,14 +213,12 @@ impl Fencegate {
     /// SIGTERM and wait, bounded by `shutdown_grace` (30 s by default)
     /// plus 10 s; panics (after SIGKILL) if it does not exit by then.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("terminate: fencegate is not running");
-        send_signal(i64::from(child.id()), "TERM");
+        self.signal("TERM");
         let bound = self.config.shutdown_grace.unwrap_or(Duration::from_secs(30)) + TERM_SLACK;
-        match wait_timeout(&mut child, bound) {
+        match self.wait_exit(bound) {
             Some(status) => status,
             None => {
-                let _ = child.kill();
-                let _ = child.wait();
+                self.kill9();
                 panic!(
                     "fencegate did not exit within {bound:?} of SIGTERM\n--- stderr ---\n{}",
                     self.stderr_text()
