@@ -34,9 +34,9 @@
 //! through the pool ([`LaneError::Resend`]), as RFC 9112 §9.3.2 asks of a
 //! client that pipelines, the connection reset too; only the read whose
 //! own answer failed (late, malformed) fails. An answer that streams (over
-//! [`MAX_READ_ANSWER`], too large to hold whole; of no stated length and
-//! still incomplete after [`STREAM_AFTER`]; or still coming at
-//! `request_timeout`, its head in time) is handed the lane's connection and
+//! [`MAX_READ_ANSWER`], too large to hold whole; still incomplete after
+//! [`STREAM_AFTER`]; or still coming at `request_timeout`, its head in
+//! time) is handed the lane's connection and
 //! streams on it ([`Driver::hand_over`]); the reads behind it go again.
 //! Reads and writes never share a lane: a write behind such a read would
 //! be lost with it.
@@ -51,8 +51,8 @@
 //! `pipeline_max_requests`, which must stay below the store's own limit:
 //! nginx's `keepalive_requests`, 1000 by default; or after what the store
 //! said it takes in `Keep-Alive: max`), the reads behind an answer that
-//! streams are sent twice, a read whose stated length trickles in holds
-//! the reads behind it until `request_timeout`, and a lane opens with one
+//! streams are sent twice, an answer the store cuts after it was seen to
+//! stream reaches its client cut (as on the pool's path), and a lane opens with one
 //! request and pipelines only after its first answer (RFC 9112 §9.3.2:
 //! the store may not keep connections open).
 
@@ -91,14 +91,15 @@ const MAX_BATCH: usize = 64 * 1024;
 /// it would hold up every answer behind it for as long as its client reads.
 pub const MAX_ANSWER: usize = 1024 * 1024;
 
-/// How long a read's answer of no stated length may stay incomplete on its
-/// lane before the lane takes it for a stream and hands it its connection
+/// How long a read's answer may stay incomplete on its lane before the
+/// lane takes it for a stream and hands it its connection
 /// ([`Driver::hand_over`]). The rest of an answer the store wrote in
-/// pieces comes well within it; the next event of a stream, or a long
-/// poll's answer, does not. An answer of stated length (at most
-/// [`MAX_READ_ANSWER`]) is read whole until `request_timeout`: it is
-/// rarely slow, and one the store cuts short is then sent again unseen
-/// by its client, where once handed over it would reach it cut.
+/// pieces comes well within it; the next event of a stream, a long poll's
+/// answer, or the rest of a body the store stalls on, does not. Its length
+/// stated or not: a stalled answer of stated length would hold the reads
+/// behind it until `request_timeout` too. The cost: an answer cut by the
+/// store after it was handed over reaches its client cut, as on the pool's
+/// path, where one cut sooner is sent again unseen.
 const STREAM_AFTER: Duration = Duration::from_millis(50);
 
 /// The largest answer body a read lane reads whole for one read. A read
@@ -622,8 +623,8 @@ struct Driver<'a> {
     timer: Pin<Box<Sleep>>,
     /// What `timer` is set to: `Some(deadline)` of a request.
     timer_at: Option<Instant>,
-    /// Since when the read answer being read, of no stated length, has
-    /// been incomplete: at [`STREAM_AFTER`] it is taken for a stream.
+    /// Since when the read answer being read has been incomplete: at
+    /// [`STREAM_AFTER`] it is taken for a stream.
     incomplete_since: Option<Instant>,
 }
 
@@ -891,9 +892,9 @@ impl Driver<'_> {
     }
 
     /// Hands the lane's connection to the oldest read, whose answer's head
-    /// is here and whose body streams (over [`MAX_READ_ANSWER`]; of no
-    /// stated length and incomplete for [`STREAM_AFTER`]; or still coming
-    /// at `request_timeout`): its handler gets the head and what came of
+    /// is here and whose body streams (over [`MAX_READ_ANSWER`];
+    /// incomplete for [`STREAM_AFTER`]; or still coming at
+    /// `request_timeout`): its handler gets the head and what came of
     /// the body now, and reads the rest from the connection, as on the
     /// pool's path, which closes at the body's end.
     /// The reads sent behind it go again through the pool: their answers
@@ -1036,15 +1037,13 @@ impl Driver<'_> {
                 return Poll::Ready(Ok(Some(self.hand_over())));
             }
             if !done {
-                if self.lane.reads
-                    && self.incomplete_since.is_none()
-                    && !matches!(reading.head.framing, codec::Framing::Length(_))
-                {
-                    // A read's answer of no stated length that is not here
-                    // whole may be a stream (events, a long poll) that ends
-                    // only when the store decides: read whole, it would
-                    // hold up every read behind it until `request_timeout`.
-                    // Still incomplete after `STREAM_AFTER`, it streams.
+                if self.lane.reads && self.incomplete_since.is_none() {
+                    // A read's answer that is not here whole may be a
+                    // stream (events, a long poll) that ends only when the
+                    // store decides, or a body the store is slow to
+                    // produce: read whole, it would hold up every read
+                    // behind it until `request_timeout`. Still incomplete
+                    // after `STREAM_AFTER`, it streams.
                     self.incomplete_since = Some(Instant::now());
                 }
                 return Poll::Ready(Ok(None));

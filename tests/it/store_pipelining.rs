@@ -736,9 +736,9 @@ async fn a_read_whose_body_comes_slowly_streams_on_its_lane() {
     read_once_on_a_lane("/slow", fault, 6 * TRICKLE_CHUNK, Duration::from_secs(1)).await;
 }
 
-/// The same with the body's length stated: the lane reads it whole as
-/// long as it may, and at `request_timeout` (the head came in time) hands
-/// the read its connection, where the rest streams. Sent once.
+/// The same with the body's length stated: the lane hands the read its
+/// connection once the body is seen to come slowly, where the rest
+/// streams. Sent once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_of_stated_length_still_coming_at_request_timeout_streams_on_its_lane() {
     let every = Duration::from_millis(400);
@@ -746,12 +746,22 @@ async fn a_read_of_stated_length_still_coming_at_request_timeout_streams_on_its_
     read_once_on_a_lane("/slow", fault, 6 * TRICKLE_CHUNK, Duration::from_secs(1)).await;
 }
 
-/// An answer of no stated length that the store writes in pieces close
-/// together is no stream: the lane reads it whole, and the reads behind
-/// it are answered on the lane, each sent once. (Taken for a stream at its
-/// first incomplete read, it ended the lane and sent them all again.)
+/// An answer that the store writes in pieces close together is no
+/// stream: the lane reads it whole, and the reads behind it are answered
+/// on the lane, each sent once. (Taken for a stream at its first
+/// incomplete read, it ended the lane and sent them all again.)
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_written_in_pieces_close_together_is_read_whole_on_its_lane() {
+    pieces_close_together(false).await;
+}
+
+/// The same with the answer's length stated.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_of_stated_length_written_in_pieces_close_together_is_read_whole_on_its_lane() {
+    pieces_close_together(true).await;
+}
+
+async fn pieces_close_together(stated: bool) {
     let (store, fg, http) = with_an_open_read_lane(|c| c).await;
     let chunks = 3;
     store.fault_path(
@@ -760,6 +770,7 @@ async fn an_answer_written_in_pieces_close_together_is_read_whole_on_its_lane() 
             after: Duration::from_millis(700),
             chunks,
             every: Duration::from_millis(5),
+            stated,
         },
     );
     let get = |path: String| spawn_get(&http, &fg, path);
@@ -787,6 +798,18 @@ async fn an_answer_written_in_pieces_close_together_is_read_whole_on_its_lane() 
 /// on: read whole, it held them until its end.
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_behind_an_answer_that_streams_go_again_at_once() {
+    reads_behind_a_slow_answer(false).await;
+}
+
+/// The same behind an answer of stated length whose body the store is
+/// slow to write: read whole, it held the reads behind it until
+/// `request_timeout` (10 s here), or until its end.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_behind_a_slow_answer_of_stated_length_go_again_at_once() {
+    reads_behind_a_slow_answer(true).await;
+}
+
+async fn reads_behind_a_slow_answer(stated: bool) {
     let (store, fg, http) = with_an_open_read_lane(|c| c.request_timeout(Duration::from_secs(10))).await;
     let chunks = 10;
     store.fault_path(
@@ -795,6 +818,7 @@ async fn reads_behind_an_answer_that_streams_go_again_at_once() {
             after: Duration::from_millis(700),
             chunks,
             every: Duration::from_millis(300),
+            stated,
         },
     );
     let get = |path: String| spawn_get(&http, &fg, path);

@@ -94,11 +94,12 @@ pub enum Fault {
     /// (`Content-Length`).
     TrickleStated { chunks: usize, every: Duration },
     /// Read the whole request, then answer as [`Fault::Trickle`] after
-    /// this long.
+    /// this long (as [`Fault::TrickleStated`] if `stated`).
     TrickleAfter {
         after: Duration,
         chunks: usize,
         every: Duration,
+        stated: bool,
     },
 }
 
@@ -494,14 +495,19 @@ impl Body for Answer {
 }
 
 /// A 200 whose body is `chunks` pieces of [`TRICKLE_CHUNK`] bytes, one
-/// every `every`, the first at once.
-fn trickle(chunks: usize, every: Duration) -> Response<Answer> {
+/// every `every`, the first at once; its length in `Content-Length` if
+/// `stated`, else chunked.
+fn trickle(chunks: usize, every: Duration, stated: bool) -> Response<Answer> {
     let mut resp = Response::new(Answer::Trickle {
         left: chunks,
         every,
         pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
     });
     *resp.status_mut() = StatusCode::OK;
+    if stated {
+        resp.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, (chunks * TRICKLE_CHUNK).into());
+    }
     resp
 }
 
@@ -717,7 +723,9 @@ async fn handle(
         Some(Fault::CloseMidAnswerOnce { sent, declared }) => {
             let mut resp = Response::new(Answer::Broken {
                 first: Some(Bytes::from(vec![b'r'; sent])),
-                pause: Box::pin(tokio::time::sleep(Duration::from_millis(200))),
+                // Short: an answer incomplete for long streams on its
+                // lane (50 ms), and its cut then reaches the client.
+                pause: Box::pin(tokio::time::sleep(Duration::from_millis(1))),
                 reset: None,
             });
             resp.headers_mut()
@@ -725,9 +733,14 @@ async fn handle(
             *resp.status_mut() = StatusCode::OK;
             return Ok(resp);
         }
-        Some(Fault::TrickleAfter { after, chunks, every }) => {
+        Some(Fault::TrickleAfter {
+            after,
+            chunks,
+            every,
+            stated,
+        }) => {
             tokio::time::sleep(after).await;
-            return Ok(trickle(chunks, every));
+            return Ok(trickle(chunks, every, stated));
         }
         Some(Fault::AnswerChunked { bytes }) => {
             let mut resp = Response::new(Answer::Chunked(Some(Bytes::from(vec![b'c'; bytes]))));
@@ -735,13 +748,10 @@ async fn handle(
             return Ok(resp);
         }
         Some(Fault::TrickleStated { chunks, every }) => {
-            let mut resp = trickle(chunks, every);
-            resp.headers_mut()
-                .insert(http::header::CONTENT_LENGTH, (chunks * TRICKLE_CHUNK).into());
-            return Ok(resp);
+            return Ok(trickle(chunks, every, true));
         }
         Some(Fault::Trickle { chunks, every }) => {
-            return Ok(trickle(chunks, every));
+            return Ok(trickle(chunks, every, false));
         }
         Some(Fault::Answer { status, body }) => {
             let mut resp = Response::new(Answer::Full(Some(Bytes::from_static(body.as_bytes()))));
