@@ -77,8 +77,6 @@ pub struct Upstream {
     /// Lanes for small whole writes (and reads without a body, with
     /// `pipeline_reads`), where pipelining is on.
     pipeline: Option<Pipeline>,
-    /// Whether reads take lanes too.
-    pipeline_reads: bool,
     /// `Host` for requests that came without one (HTTP/1.0).
     host: HeaderValue,
     request_timeout: Duration,
@@ -109,13 +107,13 @@ impl Upstream {
                 idle_timeout: POOL_IDLE_TIMEOUT,
                 depth: config.pipeline_depth,
                 max_requests: config.pipeline_max_requests,
+                reads: config.pipeline_reads,
                 counters: pipelined,
             })
         });
         Upstream {
             pool: Pool::new(authority.host(), port, config.connect_timeout, POOL_IDLE_TIMEOUT),
             pipeline,
-            pipeline_reads: config.pipeline_reads,
             host: HeaderValue::from_str(&host).expect("a URL's host is a valid header value"),
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
@@ -189,7 +187,7 @@ impl Upstream {
             if let Some(whole) = departure
                 .in_company()
                 .then(|| {
-                    let reads = self.pipeline_reads;
+                    let reads = pipeline.takes_reads();
                     whole_request(
                         &parts, target, hop, &self.host, framing, &body, &first, exchange, reads,
                     )

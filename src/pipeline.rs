@@ -132,6 +132,8 @@ pub struct LaneSettings {
     pub depth: usize,
     /// Requests per lane before it retires.
     pub max_requests: u64,
+    /// Whether reads take lanes too (`upstream.pipeline_reads`).
+    pub reads: bool,
     /// Counts the writes and reads lanes decide sent (one add per write
     /// call), and the reads they give back to be sent again.
     pub counters: PipelineCounters,
@@ -263,6 +265,11 @@ impl Pipeline {
             settings: Arc::new(settings),
             departing: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether reads take lanes too.
+    pub fn takes_reads(&self) -> bool {
+        self.settings.reads
     }
 
     /// Counts a read its lane left unanswered, going again through the
@@ -1198,6 +1205,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             depth: 8,
             max_requests: 100,
+            reads: true,
             counters: PipelineCounters {
                 writes: counter("writes"),
                 reads: counter("reads"),
