@@ -740,7 +740,7 @@ async fn a_read_whose_body_comes_slowly_streams_on_its_lane() {
 /// connection once the body is seen to come slowly, where the rest
 /// streams. Sent once.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_read_of_stated_length_still_coming_at_request_timeout_streams_on_its_lane() {
+async fn a_read_of_stated_length_whose_body_comes_slowly_streams_on_its_lane() {
     let every = Duration::from_millis(400);
     let fault = Fault::TrickleStated { chunks: 6, every };
     read_once_on_a_lane("/slow", fault, 6 * TRICKLE_CHUNK, Duration::from_secs(1)).await;
@@ -876,10 +876,42 @@ async fn a_read_lane_closed_in_the_middle_of_an_answer_sends_it_again() {
         Fault::CloseMidAnswerOnce {
             sent: 10,
             declared: 100,
+            // Well within `STREAM_AFTER`: the answer is not yet taken for
+            // one that streams.
+            pause: Duration::from_millis(1),
         },
     );
     let cut = http.get(format!("{}/cut", fg.url())).send().await.unwrap();
     assert_eq!(fg.pipelined_reads(), 2, "precondition: /cut took the lane");
     assert_eq!(cut.status(), 201, "/cut");
     assert_eq!(fg.pipeline_resent(), 1);
+}
+
+/// An answer the store stalls on is handed its lane's connection (it
+/// streams), and from then on it is the client's as on the pool's path: a
+/// close by the store reaches the client as a cut body, and the read is
+/// not sent again behind its client's back (it got a head already).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_cut_after_it_was_seen_to_stream_reaches_its_client_cut() {
+    let (store, fg, http) = with_an_open_read_lane(|c| c).await;
+    store.fault_path(
+        "/stalled",
+        Fault::CloseMidAnswerOnce {
+            sent: 10,
+            declared: 100,
+            pause: Duration::from_millis(300),
+        },
+    );
+    let stalled = http.get(format!("{}/stalled", fg.url())).send().await.unwrap();
+    assert_eq!(fg.pipelined_reads(), 2, "precondition: /stalled took the lane");
+    assert_eq!(stalled.status(), 200, "the head went on once the answer streamed");
+    let body = stalled.bytes().await;
+    assert!(body.is_err(), "a cut body must not end as if whole: {body:?}");
+    let heads = store
+        .events()
+        .iter()
+        .filter(|e| e.path == "/stalled" && e.kind == EventKind::HeadArrived)
+        .count();
+    assert_eq!(heads, 1, "/stalled reached the store {heads} times");
+    assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
 }

@@ -82,9 +82,14 @@ pub enum Fault {
     /// there were no fault.
     ResetOnce,
     /// The first request to the path: answer `200` with `Content-Length:
-    /// declared` and only `sent` bytes of it, then close the connection
-    /// (FIN). Later ones are answered as if there were no fault.
-    CloseMidAnswerOnce { sent: usize, declared: usize },
+    /// declared` and only `sent` bytes of it, then, `pause` later, close
+    /// the connection (FIN). Later ones are answered as if there were no
+    /// fault.
+    CloseMidAnswerOnce {
+        sent: usize,
+        declared: usize,
+        pause: Duration,
+    },
     /// Answer `200` at once, with a chunked body of `chunks` pieces of
     /// [`TRICKLE_CHUNK`] bytes, one every `every` (the first at once).
     Trickle { chunks: usize, every: Duration },
@@ -720,12 +725,14 @@ async fn handle(
             *resp.status_mut() = StatusCode::OK;
             return Ok(resp);
         }
-        Some(Fault::CloseMidAnswerOnce { sent, declared }) => {
+        Some(Fault::CloseMidAnswerOnce {
+            sent,
+            declared,
+            pause,
+        }) => {
             let mut resp = Response::new(Answer::Broken {
                 first: Some(Bytes::from(vec![b'r'; sent])),
-                // Short: an answer incomplete for long streams on its
-                // lane (50 ms), and its cut then reaches the client.
-                pause: Box::pin(tokio::time::sleep(Duration::from_millis(1))),
+                pause: Box::pin(tokio::time::sleep(pause)),
                 reset: None,
             });
             resp.headers_mut()
