@@ -20,8 +20,8 @@ use crate::path::{lies_under_str, normalize_prefix};
 /// prefix moved, inherit the epoch of a stored domain that used to guard its
 /// paths.
 const DOMAINS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("domains");
-/// Bookkeeping: `format`, `clean_shutdown`, `request_timeout_ms` and
-/// `unsettled:NAME`.
+/// Bookkeeping: `format`, `clean_shutdown`, `request_timeout_ms`,
+/// `own_request_timeout_ms` and `unsettled:NAME`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FORMAT_KEY: &str = "format";
 const FORMAT_VERSION: u64 = 1;
@@ -32,6 +32,13 @@ const CLEAN_KEY: &str = "clean_shutdown";
 /// for its `request_timeout`, which the configuration may have lowered
 /// since.
 const REQUEST_TIMEOUT_KEY: &str = "request_timeout_ms";
+/// Meta key: the running start's own `request_timeout` (ms), kept only
+/// while `request_timeout_ms` holds a longer one owed to an earlier run.
+/// The first raise commit (every raise waits out the crash wait first, so
+/// that run's writes are over) makes it `request_timeout_ms`: a start after
+/// this run crashes then waits for this run's writes only, not again for
+/// those the crash wait already outlived.
+const OWN_REQUEST_TIMEOUT_KEY: &str = "own_request_timeout_ms";
 /// Meta keys `unsettled:NAME`: after a crash, the lowest epoch that guarded
 /// some of domain NAME's paths, while NAME starts above it (a merge). The
 /// higher epoch is stored at once, so a start after another crash would
@@ -357,9 +364,12 @@ impl StateFile {
                 request_timeout.max(Duration::from_millis(ms).min(crate::config::MAX_DURATION))
             })),
         };
-        // Carried until a clean shutdown: a start after this run crashes
-        // may find writes of the run before still owed their wait.
+        // Carried until this run's first raise or a clean shutdown: a
+        // start after this run crashes may find writes of the run before
+        // still owed their wait.
         let owed = crash_wait.unwrap_or(request_timeout);
+        // Rounded up: never shorter than the run's own.
+        let ms = |d: Duration| u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
         let epochs = start_epochs(&stored, wanted);
         let unsettled = self.unsettled()?;
         // A start after a crash that followed one: the guards of the first
@@ -401,11 +411,12 @@ impl StateFile {
                 table.insert(w.name.as_str(), (*epoch, w.prefix.as_str()))?;
             }
             meta.insert(CLEAN_KEY, 0)?;
-            meta.insert(
-                REQUEST_TIMEOUT_KEY,
-                // Rounded up: never shorter than the run's own.
-                u64::try_from(owed.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX),
-            )?;
+            meta.insert(REQUEST_TIMEOUT_KEY, ms(owed))?;
+            if ms(owed) > ms(request_timeout) {
+                meta.insert(OWN_REQUEST_TIMEOUT_KEY, ms(request_timeout))?;
+            } else {
+                meta.remove(OWN_REQUEST_TIMEOUT_KEY)?;
+            }
             Ok(())
         })?;
         Ok(StartState {
@@ -417,11 +428,19 @@ impl StateFile {
     }
 
     /// Raises the stored epochs of the named domains (never lowers one).
-    /// A raise settles the domain's kept lower guard ([`UNSETTLED_KEYS`]):
-    /// every raise waits out the crash wait before it commits, so the
-    /// writes that guard stood for are over.
+    /// Every raise waits out the crash wait before it commits, so the
+    /// writes of the runs before are over, and it settles what the start
+    /// kept for them: the longer `request_timeout` owed to an earlier run
+    /// ([`OWN_REQUEST_TIMEOUT_KEY`]), and the domain's kept lower guard
+    /// ([`UNSETTLED_KEYS`]). Only the committer calls it, for a gate's
+    /// raise; the operator's `epochs set` goes through
+    /// [`StateFile::force_set`], which settles nothing.
     pub fn raise(&self, updates: &BTreeMap<String, u64>) -> Result<(), StateError> {
         self.write(|table, meta| {
+            let own = meta.remove(OWN_REQUEST_TIMEOUT_KEY)?.map(|v| v.value());
+            if let Some(own) = own {
+                meta.insert(REQUEST_TIMEOUT_KEY, own)?;
+            }
             for (name, value) in updates {
                 meta.remove(format!("{}{name}", UNSETTLED_KEYS.start).as_str())?;
                 let (epoch, prefix) = match table.get(name.as_str())? {
@@ -713,6 +732,41 @@ mod tests {
         state.set_clean(true).unwrap();
         assert_eq!(wait(Duration::from_micros(1500)), None);
         assert_eq!(wait(Duration::from_millis(1)), Some(Duration::from_millis(2)));
+    }
+
+    /// A raise has waited out the crash wait, so the writes of the runs
+    /// before are over: a start after the raising run crashes waits for
+    /// that run's own `request_timeout` only (it waited the longer one
+    /// again on every start until a clean shutdown). Without a raise, the
+    /// longer wait is still owed.
+    #[test]
+    fn a_raise_settles_the_longer_request_timeout_owed_to_an_earlier_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let domains = wanted(&[("orders", "/orders/")]);
+        let state = StateFile::create(&dir.path().join("state.redb"), &domains).unwrap();
+        let (long, short) = (Duration::from_secs(60), Duration::from_secs(5));
+        let wait = |timeout| state.start(&domains, &[], timeout).unwrap().crash_wait;
+        let raise = |epoch| {
+            state
+                .raise(&BTreeMap::from([("orders".to_owned(), epoch)]))
+                .unwrap()
+        };
+        assert_eq!(wait(long), None, "a fresh file counts as clean");
+        assert_eq!(wait(short), Some(long), "after a crash of the 60 s run");
+        assert_eq!(wait(short), Some(long), "no raise: still owed");
+        raise(7);
+        assert_eq!(
+            wait(short),
+            Some(short),
+            "the raise outlived the 60 s run's writes"
+        );
+        // A run whose own timeout is the longest owes it after its crash,
+        // raise or not.
+        assert_eq!(wait(long), Some(long));
+        raise(8);
+        assert_eq!(wait(short), Some(long), "the crashed run's own 60 s");
+        raise(9);
+        assert_eq!(wait(short), Some(short));
     }
 
     #[test]

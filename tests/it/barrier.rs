@@ -1234,7 +1234,9 @@ async fn a_request_without_a_body_waits_for_its_connection_past_body_idle_timeou
 /// `request_timeout` when the configuration lowered it since: that run's
 /// writes may be at the store for as long as its own timeout let them.
 /// (The wait was the new run's: lowered from 4 s to 0.5 s, a raise
-/// committed half a second after the start.)
+/// committed half a second after the start.) Once a raise has waited it
+/// out, those writes are over: after the next crash the wait is the
+/// lowered one. (It was the 4 s one again, until a clean shutdown.)
 #[tokio::test(flavor = "multi_thread")]
 async fn the_crash_wait_is_the_crashed_runs_request_timeout_when_that_was_longer() {
     let store = ScriptedStore::start().await;
@@ -1252,6 +1254,20 @@ async fn the_crash_wait_is_the_crashed_runs_request_timeout_when_that_was_longer
     assert!(
         took >= Duration::from_millis(3500),
         "the first raise after the crash of a 4 s run committed {took:?} after the start"
+    );
+    fg.kill9();
+    let started = Instant::now();
+    fg.start_again();
+    let seven = put(&http, &fg.url(), "/d/seven", "7").await;
+    let took = started.elapsed();
+    assert!(seven.is_success(), "the 7-write: {seven:?}");
+    assert!(
+        took < Duration::from_millis(3000),
+        "after the crash of a 0.5 s run that had raised, the first raise committed {took:?} after the start"
+    );
+    assert!(
+        took >= Duration::from_millis(400),
+        "the first raise after the crash of a 0.5 s run committed {took:?} after the start"
     );
 }
 
