@@ -104,11 +104,11 @@ pub async fn run(
     let crash_wait_until = start.crash_wait.map(|wait| {
         tracing::warn!(
             ?wait,
-            "the previous run did not shut down cleanly: each domain's first raise waits this long from now (request_timeout, or a longer one of a run since the last clean shutdown), since its writes may still be in flight at the store"
+            "the previous run did not shut down cleanly: each domain's first raise waits this long from now (request_timeout, or a longer one of a run since the last clean shutdown or of the run that last raised), since its writes may still be in flight at the store"
         );
         tokio::time::Instant::now() + wait
     });
-    let (committer, committer_task) = Committer::spawn(state, metrics.clone());
+    let (committer, committer_task) = Committer::spawn(state, metrics.clone(), crash_wait_until);
     let settings = GateSettings {
         crash_wait_until,
         // A barrier normally ends by itself: unfinished bodies are aborted

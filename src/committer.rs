@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::state::{StateError, StateFile, StateLock};
+use crate::state::{CrashWait, StateError, StateFile, StateLock};
 
 /// A commit that did not become durable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -49,10 +49,17 @@ pub struct Committer {
 
 impl Committer {
     /// Starts the commit task, which owns `state` from now on.
-    pub fn spawn(state: StateFile, metrics: Metrics) -> (Committer, tokio::task::JoinHandle<()>) {
+    /// `crash_wait_until`: the end of this start's crash wait, if it
+    /// followed a crash; a raise committed after it settles what the start
+    /// kept for the crashed runs ([`StateFile::raise`]).
+    pub fn spawn(
+        state: StateFile,
+        metrics: Metrics,
+        crash_wait_until: Option<tokio::time::Instant>,
+    ) -> (Committer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let open = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn(run(state, rx, metrics, open.clone()));
+        let task = tokio::spawn(run(state, rx, metrics, open.clone(), crash_wait_until));
         (Committer { tx, open }, task)
     }
 
@@ -95,6 +102,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Message>,
     metrics: Metrics,
     open: Arc<AtomicBool>,
+    crash_wait_until: Option<tokio::time::Instant>,
 ) {
     let mut slot = Slot::Open(state);
     loop {
@@ -104,7 +112,9 @@ async fn run(
                 () = tokio::time::sleep(REOPEN_EVERY) => {
                     // No raise is waiting: try the file again (an empty
                     // commit only reopens it).
-                    slot = tokio::task::spawn_blocking(move || commit(slot, &BTreeMap::new(), false).0)
+                    slot = tokio::task::spawn_blocking(move || {
+                        commit(slot, &BTreeMap::new(), CrashWait::Running, false).0
+                    })
                         .await
                         .expect("the commit task does not panic");
                     open.store(matches!(slot, Slot::Open(_)), Ordering::SeqCst);
@@ -135,10 +145,17 @@ async fn run(
             }
         }
         let close = !close_replies.is_empty();
+        // A gate's raise waited it out before it came here; checked again
+        // here, so that what a start kept is never settled on a caller's word.
+        let crash_wait = match crash_wait_until {
+            Some(until) if tokio::time::Instant::now() < until => CrashWait::Running,
+            _ => CrashWait::Over,
+        };
         let started = Instant::now();
-        let (returned, result) = tokio::task::spawn_blocking(move || commit(slot, &updates, close))
-            .await
-            .expect("the commit task does not panic");
+        let (returned, result) =
+            tokio::task::spawn_blocking(move || commit(slot, &updates, crash_wait, close))
+                .await
+                .expect("the commit task does not panic");
         slot = returned;
         open.store(matches!(slot, Slot::Open(_)), Ordering::SeqCst);
         if !raise_replies.is_empty() {
@@ -158,7 +175,12 @@ async fn run(
 }
 
 /// Commits `updates` (and the clean mark when closing); blocking.
-fn commit(slot: Slot, updates: &BTreeMap<String, u64>, close: bool) -> (Slot, Result<(), StateError>) {
+fn commit(
+    slot: Slot,
+    updates: &BTreeMap<String, u64>,
+    crash_wait: CrashWait,
+    close: bool,
+) -> (Slot, Result<(), StateError>) {
     let state = match slot {
         Slot::Open(state) => state,
         Slot::Broken(lock) => match StateFile::reopen(&lock) {
@@ -173,7 +195,7 @@ fn commit(slot: Slot, updates: &BTreeMap<String, u64>, close: bool) -> (Slot, Re
     let mut result = if updates.is_empty() {
         Ok(())
     } else {
-        state.raise(updates)
+        state.raise(updates, crash_wait)
     };
     if close && result.is_ok() {
         result = state.set_clean(true);

@@ -674,7 +674,7 @@ mod tests {
         let state = StateFile::create(&dir.path().join("s.redb"), &wanted).unwrap();
         state.start(&wanted, &[], Duration::from_secs(30)).unwrap();
         let metrics = Metrics::new();
-        let (committer, _task) = Committer::spawn(state, metrics.clone());
+        let (committer, _task) = Committer::spawn(state, metrics.clone(), None);
         let settings = GateSettings {
             crash_wait_until: None,
             drain_limit,

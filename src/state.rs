@@ -27,17 +27,18 @@ const FORMAT_KEY: &str = "format";
 const FORMAT_VERSION: u64 = 1;
 const CLEAN_KEY: &str = "clean_shutdown";
 /// Meta key: the longest `request_timeout` (ms) of the runs since the last
-/// clean shutdown, each recorded at its start. After a crash the first
+/// clean shutdown (or of the run that last raised, and those after it:
+/// see [`OWN_REQUEST_TIMEOUT_KEY`]), each recorded at its start. After a crash the first
 /// raise waits that long: the crashed run's writes may be at the store
 /// for its `request_timeout`, which the configuration may have lowered
 /// since.
 const REQUEST_TIMEOUT_KEY: &str = "request_timeout_ms";
 /// Meta key: the running start's own `request_timeout` (ms), kept only
 /// while `request_timeout_ms` holds a longer one owed to an earlier run.
-/// The first raise commit (every raise waits out the crash wait first, so
-/// that run's writes are over) makes it `request_timeout_ms`: a start after
-/// this run crashes then waits for this run's writes only, not again for
-/// those the crash wait already outlived.
+/// The first raise committed after the crash wait (every raise waits it
+/// out, so that run's writes are over) makes it `request_timeout_ms`: a
+/// start after this run crashes then waits for this run's writes only, not
+/// again for those the crash wait already outlived.
 const OWN_REQUEST_TIMEOUT_KEY: &str = "own_request_timeout_ms";
 /// Meta keys `unsettled:NAME`: after a crash, the lowest epoch that guarded
 /// some of domain NAME's paths, while NAME starts above it (a merge). The
@@ -46,6 +47,17 @@ const OWN_REQUEST_TIMEOUT_KEY: &str = "own_request_timeout_ms";
 /// lower one is kept here until a raise in NAME (which waits out the crash
 /// wait) or a clean run ends.
 const UNSETTLED_KEYS: std::ops::Range<&str> = "unsettled:".."unsettled;";
+
+/// Whether this run's crash wait has passed when a raise commits: only
+/// then does the raise settle what a start after a crash kept
+/// ([`StateFile::raise`]). No wait at all (a clean start) is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashWait {
+    /// Passed, or there was none.
+    Over,
+    /// Still running: what the start kept stays kept.
+    Running,
+}
 
 /// Why the state file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +154,8 @@ pub struct StartState {
     pub was_clean: bool,
     /// After a crash: how long each domain's first raise waits, the
     /// longest `request_timeout` of the runs since the last clean
-    /// shutdown, this one's included.
+    /// shutdown (or of the run that last raised, and those after it), this
+    /// one's included.
     pub crash_wait: Option<Duration>,
     /// For every configured domain, the lowest epoch of the stored domains
     /// that guarded any of its paths (`None`: no path of it was guarded).
@@ -428,21 +441,24 @@ impl StateFile {
     }
 
     /// Raises the stored epochs of the named domains (never lowers one).
-    /// Every raise waits out the crash wait before it commits, so the
-    /// writes of the runs before are over, and it settles what the start
-    /// kept for them: the longer `request_timeout` owed to an earlier run
-    /// ([`OWN_REQUEST_TIMEOUT_KEY`]), and the domain's kept lower guard
-    /// ([`UNSETTLED_KEYS`]). Only the committer calls it, for a gate's
-    /// raise; the operator's `epochs set` goes through
-    /// [`StateFile::force_set`], which settles nothing.
-    pub fn raise(&self, updates: &BTreeMap<String, u64>) -> Result<(), StateError> {
+    /// A gate's raise waits out the crash wait before it commits, so once
+    /// that has passed (`crash_wait`, as the committer sees it at the
+    /// commit) the writes of the runs before are over, and the raise
+    /// settles what the start kept for them: the longer `request_timeout`
+    /// owed to an earlier run ([`OWN_REQUEST_TIMEOUT_KEY`]), and the
+    /// domain's kept lower guard ([`UNSETTLED_KEYS`]).
+    pub fn raise(&self, updates: &BTreeMap<String, u64>, crash_wait: CrashWait) -> Result<(), StateError> {
         self.write(|table, meta| {
-            let own = meta.remove(OWN_REQUEST_TIMEOUT_KEY)?.map(|v| v.value());
-            if let Some(own) = own {
-                meta.insert(REQUEST_TIMEOUT_KEY, own)?;
+            if crash_wait == CrashWait::Over {
+                let own = meta.remove(OWN_REQUEST_TIMEOUT_KEY)?.map(|v| v.value());
+                if let Some(own) = own {
+                    meta.insert(REQUEST_TIMEOUT_KEY, own)?;
+                }
             }
             for (name, value) in updates {
-                meta.remove(format!("{}{name}", UNSETTLED_KEYS.start).as_str())?;
+                if crash_wait == CrashWait::Over {
+                    meta.remove(format!("{}{name}", UNSETTLED_KEYS.start).as_str())?;
+                }
                 let (epoch, prefix) = match table.get(name.as_str())? {
                     Some(row) => {
                         let (e, p) = row.value();
@@ -748,12 +764,19 @@ mod tests {
         let wait = |timeout| state.start(&domains, &[], timeout).unwrap().crash_wait;
         let raise = |epoch| {
             state
-                .raise(&BTreeMap::from([("orders".to_owned(), epoch)]))
+                .raise(&BTreeMap::from([("orders".to_owned(), epoch)]), CrashWait::Over)
                 .unwrap()
         };
         assert_eq!(wait(long), None, "a fresh file counts as clean");
         assert_eq!(wait(short), Some(long), "after a crash of the 60 s run");
         assert_eq!(wait(short), Some(long), "no raise: still owed");
+        let early = BTreeMap::from([("orders".to_owned(), 6)]);
+        state.raise(&early, CrashWait::Running).unwrap();
+        assert_eq!(
+            wait(short),
+            Some(long),
+            "a raise within the crash wait settles nothing"
+        );
         raise(7);
         assert_eq!(
             wait(short),
@@ -778,8 +801,12 @@ mod tests {
         let start = state.start(&domains, &[], TIMEOUT).unwrap();
         assert_eq!(start.epochs, vec![0]);
         assert!(start.was_clean, "a fresh file counts as clean");
-        state.raise(&BTreeMap::from([("orders".to_owned(), 9)])).unwrap();
-        state.raise(&BTreeMap::from([("orders".to_owned(), 4)])).unwrap();
+        state
+            .raise(&BTreeMap::from([("orders".to_owned(), 9)]), CrashWait::Over)
+            .unwrap();
+        state
+            .raise(&BTreeMap::from([("orders".to_owned(), 4)]), CrashWait::Over)
+            .unwrap();
         drop(state);
         let state = StateFile::open(&path).unwrap();
         let start = state.start(&domains, &[], TIMEOUT).unwrap();
@@ -848,7 +875,7 @@ mod tests {
         let state = StateFile::create(&dir.path().join("s.redb"), &old).unwrap();
         state.start(&old, &[], TIMEOUT).unwrap();
         let raised = domains.iter().map(|(n, _, e)| ((*n).to_owned(), *e));
-        state.raise(&raised.collect()).unwrap();
+        state.raise(&raised.collect(), CrashWait::Over).unwrap();
         (state, old)
     }
 
@@ -899,7 +926,9 @@ mod tests {
         let merged = wanted(&[("d", "/d/")]);
         let start = state.start(&merged, &["sub".to_owned()], TIMEOUT).unwrap();
         assert_eq!(start.lowest_guards_before, vec![Some(100)]);
-        state.raise(&[("d".to_owned(), 500)].into()).unwrap();
+        state
+            .raise(&[("d".to_owned(), 500)].into(), CrashWait::Over)
+            .unwrap();
         let again = state.start(&merged, &[], TIMEOUT).unwrap();
         assert!(!again.was_clean);
         assert_eq!(
@@ -1064,7 +1093,9 @@ mod tests {
         assert!(matches!(StateFile::read_only(&path), Err(StateError::InUse(_))));
         let state = StateFile::reopen(&lock).unwrap();
         drop(lock);
-        state.raise(&BTreeMap::from([("orders".to_owned(), 4)])).unwrap();
+        state
+            .raise(&BTreeMap::from([("orders".to_owned(), 4)]), CrashWait::Over)
+            .unwrap();
         drop(state);
         assert_eq!(StateFile::read_only(&path).unwrap()[0].epoch, 4);
         // Readers share the lock; a writer is refused while one reads.
@@ -1081,7 +1112,9 @@ mod tests {
         let path = dir.path().join("s.redb");
         let domains = wanted(&[("orders", "/orders/")]);
         let state = StateFile::create(&path, &domains).unwrap();
-        state.raise(&BTreeMap::from([("orders".to_owned(), 9)])).unwrap();
+        state
+            .raise(&BTreeMap::from([("orders".to_owned(), 9)]), CrashWait::Over)
+            .unwrap();
         assert!(matches!(StateFile::read_only(&path), Err(StateError::InUse(_))));
         assert_eq!(state.force_set("orders", 2).unwrap(), 9);
         assert!(matches!(

@@ -570,13 +570,16 @@ async fn a_read_whose_answer_is_too_large_for_a_lane_streams_on_it() {
 /// Reads `path` once, in company (so on a read lane; fencegate's
 /// `request_timeout` as given), with `fault` at the store, and checks what
 /// the streaming tests below promise: the whole answer (`len` bytes, 200),
-/// one arrival at the store, nothing sent again.
-async fn read_once_on_a_lane(path: &str, fault: Fault, len: usize, request_timeout: Duration) {
+/// one arrival at the store, nothing sent again. Returns how long the
+/// answer's head took to reach the client.
+async fn read_once_on_a_lane(path: &str, fault: Fault, len: usize, request_timeout: Duration) -> Duration {
     let store = ScriptedStore::start().await;
     let (fg, http) = pipelined(&store.url(), 8, |c| c.request_timeout(request_timeout)).await;
     let _companion = store.companion(&fg.url(), Duration::from_secs(20)).await;
     store.fault_path(path, fault);
+    let sent = Instant::now();
     let response = http.get(format!("{}{path}", fg.url())).send().await.unwrap();
+    let head_took = sent.elapsed();
     let status = response.status().as_u16();
     let body = response.bytes().await.unwrap();
     assert_eq!(fg.pipelined_reads(), 1, "precondition: {path} took a lane");
@@ -588,6 +591,7 @@ async fn read_once_on_a_lane(path: &str, fault: Fault, len: usize, request_timeo
         .count();
     assert_eq!(heads, 1, "{path} reached the store {heads} times");
     assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+    head_took
 }
 
 /// The same, seen at the store: a large answer on a lane reaches its
@@ -737,13 +741,19 @@ async fn a_read_whose_body_comes_slowly_streams_on_its_lane() {
 }
 
 /// The same with the body's length stated: the lane hands the read its
-/// connection once the body is seen to come slowly, where the rest
-/// streams. Sent once.
+/// connection once the body is seen to come slowly (50 ms), and the head
+/// goes on to the client then, with the rest streaming after it. Sent
+/// once. (Read whole on the lane, its head reached the client only with
+/// the last piece, 2 s later.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_of_stated_length_whose_body_comes_slowly_streams_on_its_lane() {
     let every = Duration::from_millis(400);
     let fault = Fault::TrickleStated { chunks: 6, every };
-    read_once_on_a_lane("/slow", fault, 6 * TRICKLE_CHUNK, Duration::from_secs(1)).await;
+    let head_took = read_once_on_a_lane("/slow", fault, 6 * TRICKLE_CHUNK, Duration::from_secs(30)).await;
+    assert!(
+        head_took < Duration::from_millis(1500),
+        "the head of an answer 2 s in coming reached the client after {head_took:?}"
+    );
 }
 
 /// An answer that the store writes in pieces close together is no
@@ -878,7 +888,7 @@ async fn a_read_lane_closed_in_the_middle_of_an_answer_sends_it_again() {
             declared: 100,
             // Well within `STREAM_AFTER`: the answer is not yet taken for
             // one that streams.
-            pause: Duration::from_millis(1),
+            pause: Duration::from_millis(5),
         },
     );
     let cut = http.get(format!("{}/cut", fg.url())).send().await.unwrap();

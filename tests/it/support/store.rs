@@ -433,9 +433,11 @@ enum Answer {
     Full(Option<Bytes>),
     /// As `Full`, without stating its length: chunked.
     Chunked(Option<Bytes>),
-    /// Sends `first`, waits `pause`, then fails after asking for a reset.
+    /// Sends `first`, waits `wait` from then, then fails after asking for
+    /// a reset.
     Broken {
         first: Option<Bytes>,
+        wait: Duration,
         pause: Pin<Box<tokio::time::Sleep>>,
         /// Set to end the connection with a reset; `None`: a close (FIN).
         reset: Option<Arc<AtomicBool>>,
@@ -461,8 +463,16 @@ impl Body for Answer {
             Answer::Full(data) | Answer::Chunked(data) => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
             }
-            Answer::Broken { first, pause, reset } => {
+            Answer::Broken {
+                first,
+                wait,
+                pause,
+                reset,
+            } => {
                 if let Some(first) = first.take() {
+                    // From now: hyper writes the piece out before it
+                    // polls again and finds the pause running.
+                    pause.as_mut().reset(tokio::time::Instant::now() + *wait);
                     return Poll::Ready(Some(Ok(Frame::data(first))));
                 }
                 std::task::ready!(pause.as_mut().poll(cx));
@@ -715,6 +725,7 @@ async fn handle(
         Some(Fault::ResetMidResponse { sent, declared }) => {
             let mut resp = Response::new(Answer::Broken {
                 first: Some(Bytes::from(vec![b'r'; sent])),
+                wait: Duration::from_millis(200),
                 pause: Box::pin(tokio::time::sleep(Duration::from_millis(200))),
                 reset: Some(reset),
             });
@@ -732,6 +743,7 @@ async fn handle(
         }) => {
             let mut resp = Response::new(Answer::Broken {
                 first: Some(Bytes::from(vec![b'r'; sent])),
+                wait: pause,
                 pause: Box::pin(tokio::time::sleep(pause)),
                 reset: None,
             });
