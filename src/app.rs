@@ -104,7 +104,7 @@ pub async fn run(
     let crash_wait_until = start.crash_wait.map(|wait| {
         tracing::warn!(
             ?wait,
-            "the previous run did not shut down cleanly: each domain's first raise waits this long from now (request_timeout, or a longer one of a run since the last clean shutdown or of the run that last raised), since its writes may still be in flight at the store"
+            "the previous run did not shut down cleanly: each domain's first raise waits this long from now (request_timeout, or a longer one still owed to a run before it), since its writes may still be in flight at the store"
         );
         tokio::time::Instant::now() + wait
     });

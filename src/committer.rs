@@ -50,8 +50,9 @@ pub struct Committer {
 impl Committer {
     /// Starts the commit task, which owns `state` from now on.
     /// `crash_wait_until`: the end of this start's crash wait, if it
-    /// followed a crash; a raise committed after it settles what the start
-    /// kept for the crashed runs ([`StateFile::raise`]).
+    /// followed a crash. The task settles it when it ends
+    /// ([`StateFile::settle_crash_wait`]), and a raise committed after it
+    /// settles its domain's kept lower guard ([`StateFile::raise`]).
     pub fn spawn(
         state: StateFile,
         metrics: Metrics,
@@ -105,8 +106,23 @@ async fn run(
     crash_wait_until: Option<tokio::time::Instant>,
 ) {
     let mut slot = Slot::Open(state);
+    let mut settle_at = crash_wait_until;
     loop {
-        let first = if matches!(slot, Slot::Broken(_)) {
+        let first = if let (Some(at), Slot::Open(_)) = (settle_at, &slot) {
+            tokio::select! {
+                message = rx.recv() => message,
+                () = tokio::time::sleep_until(at) => {
+                    // Once, whatever comes of it: a failure leaves the
+                    // longer wait owed, which is safe (only slower).
+                    settle_at = None;
+                    slot = tokio::task::spawn_blocking(move || settle(slot))
+                        .await
+                        .expect("the commit task does not panic");
+                    open.store(matches!(slot, Slot::Open(_)), Ordering::SeqCst);
+                    continue;
+                }
+            }
+        } else if matches!(slot, Slot::Broken(_)) {
             tokio::select! {
                 message = rx.recv() => message,
                 () = tokio::time::sleep(REOPEN_EVERY) => {
@@ -170,6 +186,21 @@ async fn run(
         }
         if close {
             return;
+        }
+    }
+}
+
+/// Settles the crash wait that has just passed; blocking. A failed commit
+/// leaves the file to be reopened, as any other does.
+fn settle(slot: Slot) -> Slot {
+    let Slot::Open(state) = slot else {
+        return slot;
+    };
+    match state.settle_crash_wait() {
+        Ok(()) => Slot::Open(state),
+        Err(e) => {
+            tracing::error!(error = %e, "could not record that the crash wait has passed; raises are refused until the state file works again");
+            Slot::Broken(state.close())
         }
     }
 }

@@ -27,18 +27,19 @@ const FORMAT_KEY: &str = "format";
 const FORMAT_VERSION: u64 = 1;
 const CLEAN_KEY: &str = "clean_shutdown";
 /// Meta key: the longest `request_timeout` (ms) of the runs since the last
-/// clean shutdown (or of the run that last raised, and those after it:
-/// see [`OWN_REQUEST_TIMEOUT_KEY`]), each recorded at its start. After a crash the first
+/// clean shutdown (or since the last start whose crash wait ran out: see
+/// [`OWN_REQUEST_TIMEOUT_KEY`]), each recorded at its start. After a crash the first
 /// raise waits that long: the crashed run's writes may be at the store
 /// for its `request_timeout`, which the configuration may have lowered
 /// since.
 const REQUEST_TIMEOUT_KEY: &str = "request_timeout_ms";
 /// Meta key: the running start's own `request_timeout` (ms), kept only
 /// while `request_timeout_ms` holds a longer one owed to an earlier run.
-/// The first raise committed after the crash wait (every raise waits it
-/// out, so that run's writes are over) makes it `request_timeout_ms`: a
-/// start after this run crashes then waits for this run's writes only, not
-/// again for those the crash wait already outlived.
+/// Once the crash wait has passed, the writes of the runs before are over,
+/// and the committer makes it `request_timeout_ms`
+/// ([`StateFile::settle_crash_wait`]): a start after this run crashes then
+/// waits for this run's writes only, not again for those the crash wait
+/// already outlived.
 const OWN_REQUEST_TIMEOUT_KEY: &str = "own_request_timeout_ms";
 /// Meta keys `unsettled:NAME`: after a crash, the lowest epoch that guarded
 /// some of domain NAME's paths, while NAME starts above it (a merge). The
@@ -154,7 +155,7 @@ pub struct StartState {
     pub was_clean: bool,
     /// After a crash: how long each domain's first raise waits, the
     /// longest `request_timeout` of the runs since the last clean
-    /// shutdown (or of the run that last raised, and those after it), this
+    /// shutdown (or since the last start whose crash wait ran out), this
     /// one's included.
     pub crash_wait: Option<Duration>,
     /// For every configured domain, the lowest epoch of the stored domains
@@ -441,20 +442,13 @@ impl StateFile {
     }
 
     /// Raises the stored epochs of the named domains (never lowers one).
-    /// A gate's raise waits out the crash wait before it commits, so once
+    /// A gate's raise waits out the crash wait before it commits; once
     /// that has passed (`crash_wait`, as the committer sees it at the
-    /// commit) the writes of the runs before are over, and the raise
-    /// settles what the start kept for them: the longer `request_timeout`
-    /// owed to an earlier run ([`OWN_REQUEST_TIMEOUT_KEY`]), and the
-    /// domain's kept lower guard ([`UNSETTLED_KEYS`]).
+    /// commit), the raise settles the domain's kept lower guard
+    /// ([`UNSETTLED_KEYS`]): the raise drained this run's writes below it,
+    /// and the crash wait outlived the runs' before.
     pub fn raise(&self, updates: &BTreeMap<String, u64>, crash_wait: CrashWait) -> Result<(), StateError> {
         self.write(|table, meta| {
-            if crash_wait == CrashWait::Over {
-                let own = meta.remove(OWN_REQUEST_TIMEOUT_KEY)?.map(|v| v.value());
-                if let Some(own) = own {
-                    meta.insert(REQUEST_TIMEOUT_KEY, own)?;
-                }
-            }
             for (name, value) in updates {
                 if crash_wait == CrashWait::Over {
                     meta.remove(format!("{}{name}", UNSETTLED_KEYS.start).as_str())?;
@@ -473,6 +467,21 @@ impl StateFile {
                 if *value > epoch {
                     table.insert(name.as_str(), (*value, prefix.as_str()))?;
                 }
+            }
+            Ok(())
+        })
+    }
+
+    /// Once this start's crash wait has passed: the writes of the runs
+    /// before are over, so a start after this run crashes owes only this
+    /// run's own `request_timeout` ([`OWN_REQUEST_TIMEOUT_KEY`]). The kept
+    /// lower guards stay: this run may still admit writes below them until
+    /// a raise in their domain.
+    pub fn settle_crash_wait(&self) -> Result<(), StateError> {
+        self.write(|_, meta| {
+            let own = meta.remove(OWN_REQUEST_TIMEOUT_KEY)?.map(|v| v.value());
+            if let Some(own) = own {
+                meta.insert(REQUEST_TIMEOUT_KEY, own)?;
             }
             Ok(())
         })
@@ -750,45 +759,32 @@ mod tests {
         assert_eq!(wait(Duration::from_millis(1)), Some(Duration::from_millis(2)));
     }
 
-    /// A raise has waited out the crash wait, so the writes of the runs
-    /// before are over: a start after the raising run crashes waits for
-    /// that run's own `request_timeout` only (it waited the longer one
-    /// again on every start until a clean shutdown). Without a raise, the
-    /// longer wait is still owed.
+    /// Once the crash wait has passed, the writes of the runs before are
+    /// over: a start after this run crashes waits for this run's own
+    /// `request_timeout` only (it waited the longer one again on every
+    /// start until a clean shutdown). Until then, the longer one is owed.
     #[test]
-    fn a_raise_settles_the_longer_request_timeout_owed_to_an_earlier_run() {
+    fn a_passed_crash_wait_settles_the_longer_request_timeout_owed_to_an_earlier_run() {
         let dir = tempfile::tempdir().unwrap();
         let domains = wanted(&[("orders", "/orders/")]);
         let state = StateFile::create(&dir.path().join("state.redb"), &domains).unwrap();
         let (long, short) = (Duration::from_secs(60), Duration::from_secs(5));
         let wait = |timeout| state.start(&domains, &[], timeout).unwrap().crash_wait;
-        let raise = |epoch| {
-            state
-                .raise(&BTreeMap::from([("orders".to_owned(), epoch)]), CrashWait::Over)
-                .unwrap()
-        };
         assert_eq!(wait(long), None, "a fresh file counts as clean");
         assert_eq!(wait(short), Some(long), "after a crash of the 60 s run");
-        assert_eq!(wait(short), Some(long), "no raise: still owed");
-        let early = BTreeMap::from([("orders".to_owned(), 6)]);
-        state.raise(&early, CrashWait::Running).unwrap();
-        assert_eq!(
-            wait(short),
-            Some(long),
-            "a raise within the crash wait settles nothing"
-        );
-        raise(7);
+        assert_eq!(wait(short), Some(long), "not settled: still owed");
+        state.settle_crash_wait().unwrap();
         assert_eq!(
             wait(short),
             Some(short),
-            "the raise outlived the 60 s run's writes"
+            "the wait outlived the 60 s run's writes"
         );
         // A run whose own timeout is the longest owes it after its crash,
-        // raise or not.
+        // settled or not.
         assert_eq!(wait(long), Some(long));
-        raise(8);
+        state.settle_crash_wait().unwrap();
         assert_eq!(wait(short), Some(long), "the crashed run's own 60 s");
-        raise(9);
+        state.settle_crash_wait().unwrap();
         assert_eq!(wait(short), Some(short));
     }
 
@@ -926,6 +922,14 @@ mod tests {
         let merged = wanted(&[("d", "/d/")]);
         let start = state.start(&merged, &["sub".to_owned()], TIMEOUT).unwrap();
         assert_eq!(start.lowest_guards_before, vec![Some(100)]);
+        // Neither a raise within the crash wait nor the wait's end alone
+        // settles it: this run may admit writes below 500 until it raises.
+        state
+            .raise(&[("d".to_owned(), 500)].into(), CrashWait::Running)
+            .unwrap();
+        state.settle_crash_wait().unwrap();
+        let kept = state.start(&merged, &[], TIMEOUT).unwrap();
+        assert_eq!(kept.lowest_guards_before, vec![Some(100)], "still kept");
         state
             .raise(&[("d".to_owned(), 500)].into(), CrashWait::Over)
             .unwrap();

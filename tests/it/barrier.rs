@@ -1234,9 +1234,9 @@ async fn a_request_without_a_body_waits_for_its_connection_past_body_idle_timeou
 /// `request_timeout` when the configuration lowered it since: that run's
 /// writes may be at the store for as long as its own timeout let them.
 /// (The wait was the new run's: lowered from 4 s to 0.5 s, a raise
-/// committed half a second after the start.) Once a raise has waited it
-/// out, those writes are over: after the next crash the wait is the
-/// lowered one. (It was the 4 s one again, until a clean shutdown.)
+/// committed half a second after the start.) Once that wait has run out,
+/// those writes are over: after the next crash the wait is the lowered
+/// one. (It was the 4 s one again, until a clean shutdown.)
 #[tokio::test(flavor = "multi_thread")]
 async fn the_crash_wait_is_the_crashed_runs_request_timeout_when_that_was_longer() {
     let store = ScriptedStore::start().await;
@@ -1268,6 +1268,33 @@ async fn the_crash_wait_is_the_crashed_runs_request_timeout_when_that_was_longer
     assert!(
         took >= Duration::from_millis(400),
         "the first raise after the crash of a 0.5 s run committed {took:?} after the start"
+    );
+}
+
+/// The same when the run after the crash never raised: its crash wait
+/// settles when it runs out, not at a raise (a run that only waited and
+/// crashed again left the 4 s wait owed to the next start).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_wait_that_ran_out_is_not_owed_again_after_the_next_crash() {
+    let store = ScriptedStore::start().await;
+    let mut fg = gate(&store.url(), |c| c.request_timeout(Duration::from_secs(4)));
+    let http = client();
+    establish(&http, &fg, "5").await;
+    fg.kill9();
+    let lowered = fg.config().clone().request_timeout(Duration::from_millis(500));
+    fg.rewrite_config_on_the_same_ports(lowered);
+    fg.start_again();
+    // No write: the 4 s wait runs out on its own.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    fg.kill9();
+    let started = Instant::now();
+    fg.start_again();
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    let took = started.elapsed();
+    assert!(six.is_success(), "the 6-write: {six:?}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "after the crash of a 0.5 s run whose 4 s crash wait had run out, the first raise committed {took:?} after the start"
     );
 }
 
