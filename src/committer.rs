@@ -197,7 +197,12 @@ fn settle(slot: Slot) -> Slot {
         return slot;
     };
     match state.settle_crash_wait() {
-        Ok(()) => Slot::Open(state),
+        Ok(settled) => {
+            if settled {
+                tracing::info!("the crash wait has run out: a start after a crash of this run waits for this run's request_timeout only");
+            }
+            Slot::Open(state)
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not record that the crash wait has passed; raises are refused until the state file works again");
             Slot::Broken(state.close())

@@ -36,8 +36,9 @@ const REQUEST_TIMEOUT_KEY: &str = "request_timeout_ms";
 /// Meta key: the running start's own `request_timeout` (ms), kept only
 /// while `request_timeout_ms` holds a longer one owed to an earlier run.
 /// Once the crash wait has passed, the writes of the runs before are over,
-/// and the committer makes it `request_timeout_ms`
-/// ([`StateFile::settle_crash_wait`]): a start after this run crashes then
+/// and the committer makes it `request_timeout_ms` when the wait ends
+/// ([`StateFile::settle_crash_wait`]), or a raise committed after the wait
+/// does, whichever comes first: a start after this run crashes then
 /// waits for this run's writes only, not again for those the crash wait
 /// already outlived.
 const OWN_REQUEST_TIMEOUT_KEY: &str = "own_request_timeout_ms";
@@ -378,9 +379,9 @@ impl StateFile {
                 request_timeout.max(Duration::from_millis(ms).min(crate::config::MAX_DURATION))
             })),
         };
-        // Carried until this run's first raise or a clean shutdown: a
-        // start after this run crashes may find writes of the run before
-        // still owed their wait.
+        // Carried until this start's crash wait has passed, or a clean
+        // shutdown: a start after this run crashes may find writes of the
+        // run before still owed their wait.
         let owed = crash_wait.unwrap_or(request_timeout);
         // Rounded up: never shorter than the run's own.
         let ms = |d: Duration| u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
@@ -444,11 +445,16 @@ impl StateFile {
     /// Raises the stored epochs of the named domains (never lowers one).
     /// A gate's raise waits out the crash wait before it commits; once
     /// that has passed (`crash_wait`, as the committer sees it at the
-    /// commit), the raise settles the domain's kept lower guard
-    /// ([`UNSETTLED_KEYS`]): the raise drained this run's writes below it,
-    /// and the crash wait outlived the runs' before.
+    /// commit), the writes of the runs before are over, and the raise
+    /// settles what the start kept for them in the same commit: the
+    /// longer `request_timeout` ([`StateFile::settle_crash_wait`], so a
+    /// raise that returned has settled it too) and the domain's kept lower
+    /// guard ([`UNSETTLED_KEYS`]).
     pub fn raise(&self, updates: &BTreeMap<String, u64>, crash_wait: CrashWait) -> Result<(), StateError> {
         self.write(|table, meta| {
+            if crash_wait == CrashWait::Over {
+                settle_request_timeout(meta)?;
+            }
             for (name, value) in updates {
                 if crash_wait == CrashWait::Over {
                     meta.remove(format!("{}{name}", UNSETTLED_KEYS.start).as_str())?;
@@ -474,17 +480,16 @@ impl StateFile {
 
     /// Once this start's crash wait has passed: the writes of the runs
     /// before are over, so a start after this run crashes owes only this
-    /// run's own `request_timeout` ([`OWN_REQUEST_TIMEOUT_KEY`]). The kept
-    /// lower guards stay: this run may still admit writes below them until
-    /// a raise in their domain.
-    pub fn settle_crash_wait(&self) -> Result<(), StateError> {
-        self.write(|_, meta| {
-            let own = meta.remove(OWN_REQUEST_TIMEOUT_KEY)?.map(|v| v.value());
-            if let Some(own) = own {
-                meta.insert(REQUEST_TIMEOUT_KEY, own)?;
-            }
-            Ok(())
-        })
+    /// run's own `request_timeout` ([`OWN_REQUEST_TIMEOUT_KEY`]). Whether
+    /// there was a longer one to settle (no commit when there was not).
+    /// The kept lower guards are left to a raise in their domain, as
+    /// before (conservative: settling them here would be safe too).
+    pub fn settle_crash_wait(&self) -> Result<bool, StateError> {
+        if self.meta(OWN_REQUEST_TIMEOUT_KEY)?.is_none() {
+            return Ok(false);
+        }
+        self.write(|_, meta| settle_request_timeout(meta))?;
+        Ok(true)
     }
 
     /// Records (or clears) the clean-shutdown mark.
@@ -592,6 +597,16 @@ impl StateFile {
         };
         run().map_err(|e| io_error(self.path(), e))
     }
+}
+
+/// Makes the running start's own `request_timeout` the one owed
+/// ([`OWN_REQUEST_TIMEOUT_KEY`]), if it kept one.
+fn settle_request_timeout(meta: &mut redb::Table<&str, u64>) -> Result<(), redb::Error> {
+    let own = meta.remove(OWN_REQUEST_TIMEOUT_KEY)?.map(|v| v.value());
+    if let Some(own) = own {
+        meta.insert(REQUEST_TIMEOUT_KEY, own)?;
+    }
+    Ok(())
 }
 
 fn read_domains(path: &Path, txn: &redb::ReadTransaction) -> Result<Vec<StoredDomain>, StateError> {
@@ -773,7 +788,13 @@ mod tests {
         assert_eq!(wait(long), None, "a fresh file counts as clean");
         assert_eq!(wait(short), Some(long), "after a crash of the 60 s run");
         assert_eq!(wait(short), Some(long), "not settled: still owed");
-        state.settle_crash_wait().unwrap();
+        let raise = |crash_wait| {
+            let orders = BTreeMap::from([("orders".to_owned(), 7)]);
+            state.raise(&orders, crash_wait).unwrap();
+        };
+        raise(CrashWait::Running);
+        assert_eq!(wait(short), Some(long), "a raise within the wait settles nothing");
+        assert!(state.settle_crash_wait().unwrap());
         assert_eq!(
             wait(short),
             Some(short),
@@ -782,9 +803,10 @@ mod tests {
         // A run whose own timeout is the longest owes it after its crash,
         // settled or not.
         assert_eq!(wait(long), Some(long));
-        state.settle_crash_wait().unwrap();
+        assert!(!state.settle_crash_wait().unwrap(), "nothing longer to settle");
         assert_eq!(wait(short), Some(long), "the crashed run's own 60 s");
-        state.settle_crash_wait().unwrap();
+        // A raise after the wait settles it too, in its own commit.
+        raise(CrashWait::Over);
         assert_eq!(wait(short), Some(short));
     }
 
@@ -923,7 +945,7 @@ mod tests {
         let start = state.start(&merged, &["sub".to_owned()], TIMEOUT).unwrap();
         assert_eq!(start.lowest_guards_before, vec![Some(100)]);
         // Neither a raise within the crash wait nor the wait's end alone
-        // settles it: this run may admit writes below 500 until it raises.
+        // settles it: left to a raise after the wait, as before.
         state
             .raise(&[("d".to_owned(), 500)].into(), CrashWait::Running)
             .unwrap();

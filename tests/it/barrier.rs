@@ -1284,8 +1284,12 @@ async fn a_crash_wait_that_ran_out_is_not_owed_again_after_the_next_crash() {
     let lowered = fg.config().clone().request_timeout(Duration::from_millis(500));
     fg.rewrite_config_on_the_same_ports(lowered);
     fg.start_again();
-    // No write: the 4 s wait runs out on its own.
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    // No write: the 4 s wait runs out on its own, and is settled.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !fg.stderr_text().contains("the crash wait has run out") {
+        assert!(Instant::now() < deadline, "the crash wait was never settled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     fg.kill9();
     let started = Instant::now();
     fg.start_again();
@@ -1295,6 +1299,36 @@ async fn a_crash_wait_that_ran_out_is_not_owed_again_after_the_next_crash() {
     assert!(
         took < Duration::from_millis(3500),
         "after the crash of a 0.5 s run whose 4 s crash wait had run out, the first raise committed {took:?} after the start"
+    );
+    assert!(
+        took >= Duration::from_millis(400),
+        "the first raise after the crash of a 0.5 s run committed {took:?} after the start"
+    );
+}
+
+/// And not before it runs out: a run killed within its crash wait leaves
+/// the longer wait owed to the next start, whose first raise still waits
+/// for the 4 s run's writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_within_the_crash_wait_leaves_it_owed() {
+    let store = ScriptedStore::start().await;
+    let mut fg = gate(&store.url(), |c| c.request_timeout(Duration::from_secs(4)));
+    let http = client();
+    establish(&http, &fg, "5").await;
+    fg.kill9();
+    let lowered = fg.config().clone().request_timeout(Duration::from_millis(500));
+    fg.rewrite_config_on_the_same_ports(lowered);
+    fg.start_again();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fg.kill9();
+    let started = Instant::now();
+    fg.start_again();
+    let six = put(&http, &fg.url(), "/d/six", "6").await;
+    let took = started.elapsed();
+    assert!(six.is_success(), "the 6-write: {six:?}");
+    assert!(
+        took >= Duration::from_millis(3500),
+        "the 4 s run's writes were still owed their wait, but the first raise committed {took:?} after the start"
     );
 }
 
