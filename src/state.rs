@@ -750,6 +750,13 @@ mod tests {
     /// Any `request_timeout`: only the crash wait's tests read it.
     const TIMEOUT: Duration = Duration::from_secs(30);
 
+    /// A new state file with one domain, `orders`, and its configuration.
+    fn orders_file(dir: &tempfile::TempDir) -> (StateFile, Vec<WantedDomain>) {
+        let domains = wanted(&[("orders", "/orders/")]);
+        let state = StateFile::create(&dir.path().join("state.redb"), &domains).unwrap();
+        (state, domains)
+    }
+
     /// After a crash, the first raise waits the longest `request_timeout`
     /// of the runs since the last clean shutdown: the crashed run's writes
     /// live by its own, which the configuration may have lowered since
@@ -757,10 +764,9 @@ mod tests {
     #[test]
     fn the_crash_wait_is_the_longest_request_timeout_since_the_last_clean_shutdown() {
         let dir = tempfile::tempdir().unwrap();
-        let domains = wanted(&[("orders", "/orders/")]);
-        let state = StateFile::create(&dir.path().join("state.redb"), &domains).unwrap();
-        let (long, short) = (Duration::from_secs(60), Duration::from_secs(5));
+        let (state, domains) = orders_file(&dir);
         let wait = |timeout| state.start(&domains, &[], timeout).unwrap().crash_wait;
+        let (long, short) = (Duration::from_secs(60), Duration::from_secs(5));
         assert_eq!(wait(long), None, "a fresh file counts as clean");
         assert_eq!(wait(short), Some(long), "after a crash of the 60 s run");
         assert_eq!(wait(short), Some(long), "after a crash during that wait");
@@ -781,10 +787,9 @@ mod tests {
     #[test]
     fn a_passed_crash_wait_settles_the_longer_request_timeout_owed_to_an_earlier_run() {
         let dir = tempfile::tempdir().unwrap();
-        let domains = wanted(&[("orders", "/orders/")]);
-        let state = StateFile::create(&dir.path().join("state.redb"), &domains).unwrap();
-        let (long, short) = (Duration::from_secs(60), Duration::from_secs(5));
+        let (state, domains) = orders_file(&dir);
         let wait = |timeout| state.start(&domains, &[], timeout).unwrap().crash_wait;
+        let (long, short) = (Duration::from_secs(60), Duration::from_secs(5));
         assert_eq!(wait(long), None, "a fresh file counts as clean");
         assert_eq!(wait(short), Some(long), "after a crash of the 60 s run");
         assert_eq!(wait(short), Some(long), "not settled: still owed");

@@ -1230,6 +1230,29 @@ async fn a_request_without_a_body_waits_for_its_connection_past_body_idle_timeou
     assert_eq!(status, 204, "the store's answer");
 }
 
+/// A run with a 4 s `request_timeout` that wrote (epoch 5) and was killed,
+/// its configuration then lowered to 0.5 s: not started again.
+async fn a_crashed_4s_run_lowered_to_half_a_second() -> (ScriptedStore, Fencegate, reqwest::Client) {
+    let store = ScriptedStore::start().await;
+    let mut fg = gate(&store.url(), |c| c.request_timeout(Duration::from_secs(4)));
+    let http = client();
+    establish(&http, &fg, "5").await;
+    fg.kill9();
+    let lowered = fg.config().clone().request_timeout(Duration::from_millis(500));
+    fg.rewrite_config_on_the_same_ports(lowered);
+    (store, fg, http)
+}
+
+/// Starts `fg` again and writes `token` (a raise) to `/d/<token>`: how
+/// long after the start the raise committed.
+async fn first_raise_after_a_start(fg: &mut Fencegate, http: &reqwest::Client, token: &str) -> Duration {
+    let started = Instant::now();
+    fg.start_again();
+    let written = put(http, &fg.url(), &format!("/d/{token}"), token).await;
+    assert!(written.is_success(), "the {token}-write: {written:?}");
+    started.elapsed()
+}
+
 /// After a crash, the first raise waits the crashed run's
 /// `request_timeout` when the configuration lowered it since: that run's
 /// writes may be at the store for as long as its own timeout let them.
@@ -1239,31 +1262,23 @@ async fn a_request_without_a_body_waits_for_its_connection_past_body_idle_timeou
 /// one. (It was the 4 s one again, until a clean shutdown.)
 #[tokio::test(flavor = "multi_thread")]
 async fn the_crash_wait_is_the_crashed_runs_request_timeout_when_that_was_longer() {
-    let store = ScriptedStore::start().await;
-    let mut fg = gate(&store.url(), |c| c.request_timeout(Duration::from_secs(4)));
-    let http = client();
-    establish(&http, &fg, "5").await;
-    fg.kill9();
-    let lowered = fg.config().clone().request_timeout(Duration::from_millis(500));
-    fg.rewrite_config_on_the_same_ports(lowered);
-    let started = Instant::now();
-    fg.start_again();
-    let six = put(&http, &fg.url(), "/d/six", "6").await;
-    let took = started.elapsed();
-    assert!(six.is_success(), "the 6-write: {six:?}");
+    let (_store, mut fg, http) = a_crashed_4s_run_lowered_to_half_a_second().await;
+    let took = first_raise_after_a_start(&mut fg, &http, "6").await;
     assert!(
         took >= Duration::from_millis(3500),
         "the first raise after the crash of a 4 s run committed {took:?} after the start"
     );
     fg.kill9();
-    let started = Instant::now();
-    fg.start_again();
-    let seven = put(&http, &fg.url(), "/d/seven", "7").await;
-    let took = started.elapsed();
-    assert!(seven.is_success(), "the 7-write: {seven:?}");
+    let took = first_raise_after_a_start(&mut fg, &http, "7").await;
+    assert_owes_only_half_a_second(took);
+}
+
+/// `took`, a first raise's wait after the crash of a 0.5 s run whose own
+/// crash wait had run out: its own 0.5 s, not the 4 s before it.
+fn assert_owes_only_half_a_second(took: Duration) {
     assert!(
         took < Duration::from_millis(3500),
-        "after the crash of a 0.5 s run that had raised, the first raise committed {took:?} after the start"
+        "after the crash of a 0.5 s run whose 4 s crash wait had run out, the first raise committed {took:?} after the start"
     );
     assert!(
         took >= Duration::from_millis(400),
@@ -1276,13 +1291,7 @@ async fn the_crash_wait_is_the_crashed_runs_request_timeout_when_that_was_longer
 /// crashed again left the 4 s wait owed to the next start).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_wait_that_ran_out_is_not_owed_again_after_the_next_crash() {
-    let store = ScriptedStore::start().await;
-    let mut fg = gate(&store.url(), |c| c.request_timeout(Duration::from_secs(4)));
-    let http = client();
-    establish(&http, &fg, "5").await;
-    fg.kill9();
-    let lowered = fg.config().clone().request_timeout(Duration::from_millis(500));
-    fg.rewrite_config_on_the_same_ports(lowered);
+    let (_store, mut fg, http) = a_crashed_4s_run_lowered_to_half_a_second().await;
     fg.start_again();
     // No write: the 4 s wait runs out on its own, and is settled.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -1291,19 +1300,8 @@ async fn a_crash_wait_that_ran_out_is_not_owed_again_after_the_next_crash() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     fg.kill9();
-    let started = Instant::now();
-    fg.start_again();
-    let six = put(&http, &fg.url(), "/d/six", "6").await;
-    let took = started.elapsed();
-    assert!(six.is_success(), "the 6-write: {six:?}");
-    assert!(
-        took < Duration::from_millis(3500),
-        "after the crash of a 0.5 s run whose 4 s crash wait had run out, the first raise committed {took:?} after the start"
-    );
-    assert!(
-        took >= Duration::from_millis(400),
-        "the first raise after the crash of a 0.5 s run committed {took:?} after the start"
-    );
+    let took = first_raise_after_a_start(&mut fg, &http, "6").await;
+    assert_owes_only_half_a_second(took);
 }
 
 /// And not before it runs out: a run killed within its crash wait leaves
@@ -1311,21 +1309,11 @@ async fn a_crash_wait_that_ran_out_is_not_owed_again_after_the_next_crash() {
 /// for the 4 s run's writes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_within_the_crash_wait_leaves_it_owed() {
-    let store = ScriptedStore::start().await;
-    let mut fg = gate(&store.url(), |c| c.request_timeout(Duration::from_secs(4)));
-    let http = client();
-    establish(&http, &fg, "5").await;
-    fg.kill9();
-    let lowered = fg.config().clone().request_timeout(Duration::from_millis(500));
-    fg.rewrite_config_on_the_same_ports(lowered);
+    let (_store, mut fg, http) = a_crashed_4s_run_lowered_to_half_a_second().await;
     fg.start_again();
     tokio::time::sleep(Duration::from_millis(500)).await;
     fg.kill9();
-    let started = Instant::now();
-    fg.start_again();
-    let six = put(&http, &fg.url(), "/d/six", "6").await;
-    let took = started.elapsed();
-    assert!(six.is_success(), "the 6-write: {six:?}");
+    let took = first_raise_after_a_start(&mut fg, &http, "6").await;
     assert!(
         took >= Duration::from_millis(3500),
         "the 4 s run's writes were still owed their wait, but the first raise committed {took:?} after the start"
