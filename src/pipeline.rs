@@ -36,10 +36,9 @@
 //! own answer failed (late, malformed) fails. An answer that streams (over
 //! [`MAX_READ_ANSWER`], too large to hold whole; still incomplete after
 //! [`STREAM_AFTER`]; or still coming at `request_timeout`, its head in
-//! time) is handed the lane's connection and
-//! streams on it ([`Driver::hand_over`]); the reads behind it go again.
-//! Reads and writes never share a lane: a write behind such a read would
-//! be lost with it.
+//! time) is handed the lane's connection and streams on it
+//! ([`Driver::hand_over`]); the reads behind it go again. Reads and writes
+//! never share a lane: a write behind such a read would be lost with it.
 //!
 //! Only a request in company takes a lane ([`Pipeline::depart`]): one
 //! alone has nothing to share a write call with, and the pool sends it
@@ -52,9 +51,9 @@
 //! nginx's `keepalive_requests`, 1000 by default; or after what the store
 //! said it takes in `Keep-Alive: max`), the reads behind an answer that
 //! streams are sent twice, an answer the store cuts after it was seen to
-//! stream reaches its client cut (as on the pool's path), and a lane opens with one
-//! request and pipelines only after its first answer (RFC 9112 §9.3.2:
-//! the store may not keep connections open).
+//! stream reaches its client cut (as on the pool's path), and a lane opens
+//! with one request and pipelines only after its first answer (RFC 9112
+//! §9.3.2: the store may not keep connections open).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};

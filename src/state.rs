@@ -451,12 +451,13 @@ impl StateFile {
     /// raise that returned has settled it too) and the domain's kept lower
     /// guard ([`UNSETTLED_KEYS`]).
     pub fn raise(&self, updates: &BTreeMap<String, u64>, crash_wait: CrashWait) -> Result<(), StateError> {
+        let settle = crash_wait == CrashWait::Over;
         self.write(|table, meta| {
-            if crash_wait == CrashWait::Over {
+            if settle {
                 settle_request_timeout(meta)?;
             }
             for (name, value) in updates {
-                if crash_wait == CrashWait::Over {
+                if settle {
                     meta.remove(format!("{}{name}", UNSETTLED_KEYS.start).as_str())?;
                 }
                 let (epoch, prefix) = match table.get(name.as_str())? {
@@ -750,10 +751,19 @@ mod tests {
     /// Any `request_timeout`: only the crash wait's tests read it.
     const TIMEOUT: Duration = Duration::from_secs(30);
 
-    /// A new state file with one domain, `orders`, and its configuration.
-    fn orders_file(dir: &tempfile::TempDir) -> (StateFile, Vec<WantedDomain>) {
+    /// The crash waits' two `request_timeout`s.
+    const LONG: Duration = Duration::from_secs(60);
+    const SHORT: Duration = Duration::from_secs(5);
+
+    /// A new state file with one domain, `orders` (and its configuration),
+    /// after a run with the `LONG` timeout crashed and one with the `SHORT`
+    /// started: that start owes the crashed run's wait.
+    fn after_a_crash_of_a_long_run(dir: &tempfile::TempDir) -> (StateFile, Vec<WantedDomain>) {
         let domains = wanted(&[("orders", "/orders/")]);
         let state = StateFile::create(&dir.path().join("state.redb"), &domains).unwrap();
+        let wait = |timeout| state.start(&domains, &[], timeout).unwrap().crash_wait;
+        assert_eq!(wait(LONG), None, "a fresh file counts as clean");
+        assert_eq!(wait(SHORT), Some(LONG), "after a crash of the 60 s run");
         (state, domains)
     }
 
@@ -764,16 +774,13 @@ mod tests {
     #[test]
     fn the_crash_wait_is_the_longest_request_timeout_since_the_last_clean_shutdown() {
         let dir = tempfile::tempdir().unwrap();
-        let (state, domains) = orders_file(&dir);
+        let (state, domains) = after_a_crash_of_a_long_run(&dir);
         let wait = |timeout| state.start(&domains, &[], timeout).unwrap().crash_wait;
-        let (long, short) = (Duration::from_secs(60), Duration::from_secs(5));
-        assert_eq!(wait(long), None, "a fresh file counts as clean");
-        assert_eq!(wait(short), Some(long), "after a crash of the 60 s run");
-        assert_eq!(wait(short), Some(long), "after a crash during that wait");
+        assert_eq!(wait(SHORT), Some(LONG), "after a crash during that wait");
         state.set_clean(true).unwrap();
-        assert_eq!(wait(short), None);
-        assert_eq!(wait(short), Some(short), "after a crash of a 5 s run only");
-        assert_eq!(wait(long), Some(long), "this run's own, when longer");
+        assert_eq!(wait(SHORT), None);
+        assert_eq!(wait(SHORT), Some(SHORT), "after a crash of a 5 s run only");
+        assert_eq!(wait(LONG), Some(LONG), "this run's own, when longer");
         // Kept in whole milliseconds, rounded up: never shorter.
         state.set_clean(true).unwrap();
         assert_eq!(wait(Duration::from_micros(1500)), None);
@@ -787,32 +794,29 @@ mod tests {
     #[test]
     fn a_passed_crash_wait_settles_the_longer_request_timeout_owed_to_an_earlier_run() {
         let dir = tempfile::tempdir().unwrap();
-        let (state, domains) = orders_file(&dir);
+        let (state, domains) = after_a_crash_of_a_long_run(&dir);
         let wait = |timeout| state.start(&domains, &[], timeout).unwrap().crash_wait;
-        let (long, short) = (Duration::from_secs(60), Duration::from_secs(5));
-        assert_eq!(wait(long), None, "a fresh file counts as clean");
-        assert_eq!(wait(short), Some(long), "after a crash of the 60 s run");
-        assert_eq!(wait(short), Some(long), "not settled: still owed");
+        assert_eq!(wait(SHORT), Some(LONG), "not settled: still owed");
         let raise = |crash_wait| {
             let orders = BTreeMap::from([("orders".to_owned(), 7)]);
             state.raise(&orders, crash_wait).unwrap();
         };
         raise(CrashWait::Running);
-        assert_eq!(wait(short), Some(long), "a raise within the wait settles nothing");
+        assert_eq!(wait(SHORT), Some(LONG), "a raise within the wait settles nothing");
         assert!(state.settle_crash_wait().unwrap());
         assert_eq!(
-            wait(short),
-            Some(short),
+            wait(SHORT),
+            Some(SHORT),
             "the wait outlived the 60 s run's writes"
         );
         // A run whose own timeout is the longest owes it after its crash,
         // settled or not.
-        assert_eq!(wait(long), Some(long));
+        assert_eq!(wait(LONG), Some(LONG));
         assert!(!state.settle_crash_wait().unwrap(), "nothing longer to settle");
-        assert_eq!(wait(short), Some(long), "the crashed run's own 60 s");
+        assert_eq!(wait(SHORT), Some(LONG), "the crashed run's own 60 s");
         // A raise after the wait settles it too, in its own commit.
         raise(CrashWait::Over);
-        assert_eq!(wait(short), Some(short));
+        assert_eq!(wait(SHORT), Some(SHORT));
     }
 
     #[test]

@@ -584,11 +584,7 @@ async fn read_once_on_a_lane(path: &str, fault: Fault, len: usize, request_timeo
     let body = response.bytes().await.unwrap();
     assert_eq!(fg.pipelined_reads(), 1, "precondition: {path} took a lane");
     assert_eq!((status, body.len()), (200, len), "{path}");
-    let heads = store
-        .events()
-        .iter()
-        .filter(|e| e.path == path && e.kind == EventKind::HeadArrived)
-        .count();
+    let heads = store.heads_at(path);
     assert_eq!(heads, 1, "{path} reached the store {heads} times");
     assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
     head_took
@@ -867,11 +863,7 @@ async fn reads_on_a_lane_the_store_resets_go_again() {
     store.fault_path("/flaky", Fault::ResetOnce);
     let flaky = http.get(format!("{}/flaky", fg.url())).send().await.unwrap();
     assert_eq!(fg.pipelined_reads(), 2, "precondition: /flaky took the lane");
-    let heads = store
-        .events()
-        .iter()
-        .filter(|e| e.path == "/flaky" && e.kind == EventKind::HeadArrived)
-        .count();
+    let heads = store.heads_at("/flaky");
     assert_eq!(flaky.status(), 201, "/flaky reached the store {heads} times");
     assert_eq!(fg.pipeline_resent(), 1);
 }
@@ -880,19 +872,9 @@ async fn reads_on_a_lane_the_store_resets_go_again() {
 /// goes again, where taking the cut answer as malformed failed it (502).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_lane_closed_in_the_middle_of_an_answer_sends_it_again() {
-    let (store, fg, http) = with_an_open_read_lane(|c| c).await;
-    store.fault_path(
-        "/cut",
-        Fault::CloseMidAnswerOnce {
-            sent: 10,
-            declared: 100,
-            // Well within `STREAM_AFTER`: the answer is not yet taken for
-            // one that streams.
-            pause: Duration::from_millis(5),
-        },
-    );
-    let cut = http.get(format!("{}/cut", fg.url())).send().await.unwrap();
-    assert_eq!(fg.pipelined_reads(), 2, "precondition: /cut took the lane");
+    // Well within `STREAM_AFTER`: the answer is not yet taken for one
+    // that streams.
+    let (_store, fg, cut) = read_cut_on_a_lane("/cut", Duration::from_millis(5)).await;
     assert_eq!(cut.status(), 201, "/cut");
     assert_eq!(fg.pipeline_resent(), 1);
 }
@@ -903,25 +885,27 @@ async fn a_read_lane_closed_in_the_middle_of_an_answer_sends_it_again() {
 /// not sent again behind its client's back (it got a head already).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_cut_after_it_was_seen_to_stream_reaches_its_client_cut() {
-    let (store, fg, http) = with_an_open_read_lane(|c| c).await;
-    store.fault_path(
-        "/stalled",
-        Fault::CloseMidAnswerOnce {
-            sent: 10,
-            declared: 100,
-            pause: Duration::from_millis(300),
-        },
-    );
-    let stalled = http.get(format!("{}/stalled", fg.url())).send().await.unwrap();
-    assert_eq!(fg.pipelined_reads(), 2, "precondition: /stalled took the lane");
+    let (store, fg, stalled) = read_cut_on_a_lane("/stalled", Duration::from_millis(300)).await;
     assert_eq!(stalled.status(), 200, "the head went on once the answer streamed");
     let body = stalled.bytes().await;
     assert!(body.is_err(), "a cut body must not end as if whole: {body:?}");
-    let heads = store
-        .events()
-        .iter()
-        .filter(|e| e.path == "/stalled" && e.kind == EventKind::HeadArrived)
-        .count();
+    let heads = store.heads_at("/stalled");
     assert_eq!(heads, 1, "/stalled reached the store {heads} times");
     assert_eq!(fg.pipeline_resent(), 0, "nothing was sent again");
+}
+
+/// GETs `path` on an open read lane, whose store answers it once with 10
+/// of 100 stated bytes and closes `pause` later: the store, fencegate and
+/// the answer.
+async fn read_cut_on_a_lane(path: &str, pause: Duration) -> (ScriptedStore, Fencegate, reqwest::Response) {
+    let (store, fg, http) = with_an_open_read_lane(|c| c).await;
+    let fault = Fault::CloseMidAnswerOnce {
+        sent: 10,
+        declared: 100,
+        pause,
+    };
+    store.fault_path(path, fault);
+    let answer = http.get(format!("{}{path}", fg.url())).send().await.unwrap();
+    assert_eq!(fg.pipelined_reads(), 2, "precondition: {path} took the lane");
+    (store, fg, answer)
 }

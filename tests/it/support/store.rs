@@ -276,6 +276,14 @@ impl ScriptedStore {
         lock(&self.shared.events).clone()
     }
 
+    /// How many requests to `path` reached the store (their heads).
+    pub fn heads_at(&self, path: &str) -> usize {
+        lock(&self.shared.events)
+            .iter()
+            .filter(|e| e.path == path && e.kind == EventKind::HeadArrived)
+            .count()
+    }
+
     /// The events of requests carrying `token`.
     pub fn events_for(&self, token: &str) -> Vec<Event> {
         self.events()
