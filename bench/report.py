@@ -3,6 +3,8 @@
 
     report.py parse-wrk FILE
         prints: req/s p50_us p99_us non2xx socket_errors requests
+    report.py selftest
+        checks the median's interval and the verdicts' wording
     report.py table RECORDS.tsv --refs nginx,direct [--targets throughput|linearizable] [--etcd-cpu]
         one table per (concurrency, method): medians over the rounds, and the
         ratio to each reference as the median of the per-round ratios with
@@ -16,6 +18,7 @@ Records (tab-separated, one per wrk run):
 Only the standard library: the benchmark machine has no internet.
 """
 
+import math
 import re
 import statistics
 import sys
@@ -147,12 +150,37 @@ def table(path, refs, targets, etcd_cpu=False):
         print_targets(targets, summary, refs)
 
 
+def median_interval(values, level=0.95):
+    """A distribution-free interval for the median of the rounds' ratios:
+    the k-th smallest and k-th largest round, k the largest with
+    P(Binomial(n, 1/2) < k) <= (1 - level) / 2. None below 6 rounds,
+    where even the whole range covers less than `level`."""
+    xs = sorted(values)
+    n, tail, k = len(xs), 0.0, 0
+    while k < n:
+        p = math.comb(n, k) / 2**n
+        if tail + p > (1 - level) / 2:
+            break
+        tail, k = tail + p, k + 1
+    return (xs[k - 1], xs[n - k]) if k else None
+
+
 def verdict(values, ok):
+    """PASS or FAIL by the median of the rounds' ratios, as the issue
+    states its targets; with 6 rounds or more, also whether the median's
+    95 % interval lies wholly on that side (the verdict is clear) or
+    straddles the target (another run may read the other way)."""
     values = [v for v in values if v == v]
     if not values:
         return "n/a (not measured)"
     med = statistics.median(values)
-    return f"{'PASS' if ok(med) else 'FAIL'}: {fmt_ratio(values)}"
+    text = f"{'PASS' if ok(med) else 'FAIL'}: {fmt_ratio(values)}"
+    interval = median_interval(values)
+    if interval:
+        lo, hi = interval
+        clear = "clear" if ok(lo) == ok(hi) else "undecided: it straddles the target"
+        text += f"; the median's 95 % interval {lo:.2f}–{hi:.2f}, {clear}"
+    return text
 
 
 def print_targets(kind, summary, refs):
@@ -189,8 +217,31 @@ def print_targets(kind, summary, refs):
                   + verdict(ratios.get(ref, []), lambda m: m >= 0.5))
 
 
+def selftest():
+    """Checks the interval against the binomial law it rests on, and the
+    verdict's wording; scripts/test runs it."""
+    def coverage(n, k):  # P(x_(k) <= median <= x_(n-k+1)) = 1 - 2 P(B < k)
+        return 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2**n
+    assert median_interval([1.0] * 5) is None, "5 rounds cannot give 95 %"
+    for n in range(6, 60):
+        lo, hi = median_interval(list(range(1, n + 1)))
+        k = int(lo)
+        assert hi == n + 1 - k, (n, lo, hi)
+        assert coverage(n, k) >= 0.95 > coverage(n, k + 1), (n, k)
+    assert median_interval(list(range(1, 26))) == (8, 18)  # the textbook n = 25
+    ok = lambda m: m >= 1.25
+    assert verdict([1.3] * 9, ok).endswith("clear"), verdict([1.3] * 9, ok)
+    assert verdict([1.2] * 9, ok).startswith("FAIL") and verdict([1.2] * 9, ok).endswith("clear")
+    mixed = [1.1, 1.2, 1.22, 1.24, 1.26, 1.28, 1.3, 1.4, 1.5]
+    assert "undecided" in verdict(mixed, ok), verdict(mixed, ok)
+    assert "interval" not in verdict([1.3] * 5, ok)
+    print("report.py selftest: ok")
+
+
 def main(argv):
-    if len(argv) >= 2 and argv[0] == "parse-wrk":
+    if argv == ["selftest"]:
+        selftest()
+    elif len(argv) >= 2 and argv[0] == "parse-wrk":
         parse_wrk(argv[1])
     elif len(argv) >= 2 and argv[0] == "table":
         refs, targets, etcd_cpu = ["nginx"], None, False
