@@ -9,13 +9,20 @@
 //! per message on each side) on this machine, and by how much, if it gives
 //! up one store connection per request in flight?
 //!
+//! With `--spin-ns N` it also burns N ns of CPU per request in the serving
+//! thread, in user space: a second question (`PIPE_SPINS` in `bench/run`,
+//! bench/RESULTS.md step 29), what each microsecond of a proxy's own work
+//! per request costs in throughput when everything else is the relay's.
+//!
 //! `cargo run --release --example pipe_relay -- --listen 127.0.0.1:8091
-//! --upstream 127.0.0.1:8081 [--workers 2] [--store-connections 1]`
+//! --upstream 127.0.0.1:8081 [--workers 2] [--store-connections 1]
+//! [--spin-ns 0]`
 
 #[path = "common/relay.rs"]
 mod relay;
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
@@ -31,6 +38,9 @@ struct Cli {
     /// Store connections per worker, each carrying pipelined requests.
     #[arg(long, default_value_t = 1)]
     store_connections: usize,
+    /// CPU time to burn per request, in user space, before it goes on.
+    #[arg(long, default_value_t = 0)]
+    spin_ns: u64,
 }
 
 /// One request on its way to the store, and where its answer goes.
@@ -42,10 +52,18 @@ struct Job {
 fn main() -> std::io::Result<()> {
     let cli = Cli::parse();
     let (upstream, conns) = (cli.relay.upstream, cli.store_connections.max(1));
-    relay::serve(&cli.relay, move |listener| worker(listener, upstream, conns))
+    let spin = Duration::from_nanos(cli.spin_ns);
+    relay::serve(&cli.relay, move |listener| {
+        worker(listener, upstream, conns, spin)
+    })
 }
 
-async fn worker(listener: TcpListener, upstream: SocketAddr, conns: usize) -> std::io::Result<()> {
+async fn worker(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    conns: usize,
+    spin: Duration,
+) -> std::io::Result<()> {
     let mut stores = Vec::new();
     for _ in 0..conns {
         let store = TcpStream::connect(upstream).await?;
@@ -63,13 +81,13 @@ async fn worker(listener: TcpListener, upstream: SocketAddr, conns: usize) -> st
         let _ = client.set_nodelay(true);
         let store = stores[next % stores.len()].clone();
         next += 1;
-        tokio::spawn(serve(client, store));
+        tokio::spawn(serve(client, store, spin));
     }
 }
 
 /// Reads a client's requests one by one, hands each to the store
 /// connection, and writes its answer back.
-async fn serve(mut client: TcpStream, store: mpsc::UnboundedSender<Job>) {
+async fn serve(mut client: TcpStream, store: mpsc::UnboundedSender<Job>, spin: Duration) {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         let whole = {
@@ -89,6 +107,7 @@ async fn serve(mut client: TcpStream, store: mpsc::UnboundedSender<Job>) {
                 Ok(_) => continue,
             }
         };
+        burn(spin);
         let (reply, answer) = oneshot::channel();
         let request = buf.split_to(n).freeze();
         if store.send(Job { request, reply }).is_err() {
@@ -161,6 +180,20 @@ async fn store_reader(
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+    }
+}
+
+/// Busy-waits `spin` on the monotonic clock (read in user space, through
+/// the vDSO), standing for a proxy's own work on a request. A preemption
+/// during the wait counts as spent, so under contention it burns a little
+/// less than `spin`.
+fn burn(spin: Duration) {
+    if spin.is_zero() {
+        return;
+    }
+    let start = Instant::now();
+    while start.elapsed() < spin {
+        std::hint::spin_loop();
     }
 }
 
