@@ -179,7 +179,8 @@ pub enum BodyError {
 /// §6.5.1): fields of one connection, framing and routing
 /// (`Content-Length`, `Host`), and a second fencing token, which would
 /// reach the store unchecked (the header given twice is refused; in a
-/// trailer it would come too late to refuse), and the fields the head's
+/// trailer it would come too late to refuse), a method override or a
+/// `Destination` (judged in the head alone), and the fields the head's
 /// `Connection` names.
 fn keep_trailers(trailers: &mut HeaderMap, rules: Option<&TrailerRules>) {
     let forbidden = |name: &HeaderName| {
@@ -187,7 +188,15 @@ fn keep_trailers(trailers: &mut HeaderMap, rules: Option<&TrailerRules>) {
             || *name == CONTENT_LENGTH
             || *name == HOST
             || *name == TRAILER
-            || rules.is_some_and(|r| r.fencing_header == name || r.connection_named.contains(name))
+            // Fields fencegate judges in the head only: a store that
+            // merges trailers into the head would act on them unjudged.
+            || crate::hop::is_method_override(name)
+            || name.as_str() == "destination"
+            || rules.is_some_and(|r| {
+                r.fencing_header == name
+                    || crate::hop::is_underscore_twin(name, &r.fencing_header)
+                    || r.connection_named.contains(name)
+            })
     };
     if trailers.keys().any(forbidden) {
         let mut kept = HeaderMap::with_capacity(trailers.len());

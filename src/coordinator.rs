@@ -317,6 +317,9 @@ async fn reader(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period
     }
 }
 
+/// The largest watch response the watcher decodes.
+const WATCH_MESSAGE_LIMIT: usize = 256 << 20;
+
 /// The watcher task: read all candidates, watch for changes, repeat on trouble.
 async fn watcher(client: Client, view: Arc<ElectionView>, gate: Arc<Gate>, period: Duration) {
     let mut backoff = Backoff::new(Duration::from_secs(1));
@@ -345,7 +348,16 @@ async fn watch_once(
     let read = first_answer(period, hedge, || {
         let mut kv = kv.clone();
         let key = key.as_str();
-        async move { with_header(kv.get(key, Some(GetOptions::new().with_prefix())).await) }
+        // Keys only: the election is keys and create revisions, and the
+        // candidates' values together may exceed the client's 4 MiB
+        // decoding limit (the read would then fail every cycle, and the
+        // watch never start).
+        async move {
+            with_header(
+                kv.get(key, Some(GetOptions::new().with_prefix().with_keys_only()))
+                    .await,
+            )
+        }
     });
     let (started, (read_revision, resp)) = match read.await {
         Ok(answer) => answer,
@@ -360,7 +372,12 @@ async fn watch_once(
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(read_revision + 1);
-    let watch_client = client.watch_client();
+    // One watch response may carry several events with values of up to
+    // etcd's request limit each (1.5 MiB by default): more than tonic's
+    // default 4 MiB, which would fail the watch on every start.
+    let watch_client = client
+        .watch_client()
+        .max_decoding_message_size(WATCH_MESSAGE_LIMIT);
     // A watch that starts on a lost member would cost a whole period
     // before the next cycle; started like a read, it lands on a live one.
     let watch = first_answer(period, hedge, || {

@@ -128,9 +128,18 @@ impl ElectionView {
         if !usable {
             return match self.settings.on_unavailable {
                 OnUnavailable::Reject => Leader::Unavailable,
-                OnUnavailable::Local => Leader::Local {
-                    highest: self.highest_leader.load(SeqCst),
-                },
+                OnUnavailable::Local => {
+                    let snapshot = self.snapshot();
+                    Leader::Local {
+                        highest: self.highest_leader.load(SeqCst),
+                        // "No candidate" at revision R: every key created
+                        // up to R is gone, its token deposed.
+                        deposed_through: match snapshot.leader {
+                            None => u64::try_from(snapshot.revision).unwrap_or(0),
+                            Some(_) => 0,
+                        },
+                    }
+                }
             };
         }
         Leader::View {
@@ -625,7 +634,13 @@ mod tests {
         let v = view(OnUnavailable::Local);
         v.record_read(Instant::now(), 8, Some(8), 0);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert_eq!(v.leader(None), Leader::Local { highest: 8 });
+        assert_eq!(
+            v.leader(None),
+            Leader::Local {
+                highest: 8,
+                deposed_through: 0
+            }
+        );
         assert!(v.is_ready(), "local mode serves without etcd");
     }
 

@@ -33,6 +33,10 @@ pub enum Leader {
     Local {
         /// The highest leader revision seen (0 if none).
         highest: u64,
+        /// When the view's last word was "no candidate" at etcd revision
+        /// R: R, since every key created up to R is gone and its token
+        /// deposed; 0 otherwise.
+        deposed_through: u64,
     },
     /// The view is too old to decide, or its confirmation failed.
     Unavailable,
@@ -89,14 +93,19 @@ pub fn decide(token: Token, marks: Marks, leader: Leader, access: Access) -> Dec
             Some(_) => return Decision::Refuse(Reason::NotLeader),
         },
         Leader::Unavailable => return Decision::Refuse(Reason::CoordinatorUnavailable),
-        Leader::Local { highest } => {
+        Leader::Local {
+            highest,
+            deposed_through,
+        } => {
             // Without etcd, a token below a leader once seen is certainly
-            // deposed, and one above every leader seen (and above the
-            // epoch) cannot be told from a forged or future one.
-            if t < highest {
+            // deposed, and so is one whose key etcd showed gone (no
+            // candidate left); one above every leader seen (and above the
+            // epoch) cannot be told from a forged or future one, and with
+            // no candidate last seen, no token is a confirmed leader.
+            if t < highest || t <= deposed_through {
                 return Decision::Refuse(Reason::SupersededLeader);
             }
-            if t > highest.max(marks.epoch) {
+            if deposed_through > 0 || t > highest.max(marks.epoch) {
                 return Decision::Refuse(Reason::CoordinatorUnavailable);
             }
         }
@@ -175,7 +184,10 @@ mod tests {
     fn without_a_usable_view() {
         let marks = Marks { epoch: 5, refusal: 5 };
         let w = Access::Write;
-        let local = Leader::Local { highest: 5 };
+        let local = Leader::Local {
+            highest: 5,
+            deposed_through: 0,
+        };
         assert_eq!(decide(tok(5), marks, local, w), Decision::Forward);
         assert_eq!(
             decide(tok(6), marks, local, w),
@@ -187,11 +199,28 @@ mod tests {
         );
         // The highest leader seen is above the epoch: its holder may raise,
         // anything below it is deposed.
-        let ahead = Leader::Local { highest: 9 };
+        let ahead = Leader::Local {
+            highest: 9,
+            deposed_through: 0,
+        };
         assert_eq!(decide(tok(9), marks, ahead, w), Decision::Raise);
         assert_eq!(
             decide(tok(7), marks, ahead, w),
             Decision::Refuse(Reason::SupersededLeader)
+        );
+        // The view's last word was "no candidate" at revision 7: the
+        // leader at 5 is deposed, and nobody is a confirmed leader.
+        let leaderless = Leader::Local {
+            highest: 5,
+            deposed_through: 7,
+        };
+        assert_eq!(
+            decide(tok(5), marks, leaderless, w),
+            Decision::Refuse(Reason::SupersededLeader)
+        );
+        assert_eq!(
+            decide(tok(8), marks, leaderless, w),
+            Decision::Refuse(Reason::CoordinatorUnavailable)
         );
         assert_eq!(
             decide(tok(5), marks, Leader::Unavailable, w),
@@ -213,7 +242,16 @@ mod tests {
             Just(Leader::NotElected),
             Just(Leader::Unavailable),
             Just(Leader::Regressed),
-            (0u64..20).prop_map(|highest| Leader::Local { highest }),
+            (0u64..20, prop_oneof![Just(0u64), 1u64..20]).prop_map(|(highest, deposed_through)| {
+                Leader::Local {
+                    highest,
+                    deposed_through: if deposed_through == 0 {
+                        0
+                    } else {
+                        deposed_through.max(highest)
+                    },
+                }
+            }),
             (proptest::option::of(1u64..20), any::<bool>())
                 .prop_map(|(revision, confirmed)| { Leader::View { revision, confirmed } }),
         ]
@@ -236,8 +274,9 @@ mod tests {
                     Leader::View { revision, .. } => {
                         prop_assert_eq!(revision, Some(t), "forwarded a token that is not the leader's");
                     }
-                    Leader::Local { highest } => {
+                    Leader::Local { highest, deposed_through } => {
                         prop_assert!(t >= highest && t <= highest.max(marks.epoch));
+                        prop_assert_eq!(deposed_through, 0, "forwarded with no candidate last seen");
                     }
                     Leader::Unavailable | Leader::Regressed => prop_assert!(false, "forwarded without etcd"),
                     Leader::NotElected => {}

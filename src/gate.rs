@@ -371,8 +371,12 @@ impl Gate {
                 // the epoch: the durable one, which a merge at a crash
                 // start admits only through a raise, counts as the epoch
                 // (a plain crash start at it admits it at once).
-                Leader::Local { highest } => Leader::Local {
+                Leader::Local {
+                    highest,
+                    deposed_through,
+                } => Leader::Local {
                     highest: highest.max(self.durable_at_start),
+                    deposed_through,
                 },
                 leader => leader,
             },
@@ -398,7 +402,10 @@ impl Gate {
             ),
             Reason::NoLeader => format!("the election of domain `{name}` has no candidate (confirmed by etcd)"),
             Reason::CoordinatorUnavailable => match self.leader(None) {
-                Leader::Local { highest } => format!(
+                Leader::Local { deposed_through, .. } if deposed_through > 0 => format!(
+                    "etcd cannot be reached and the election of domain `{name}` had no candidate when last read: token {token} cannot be checked until etcd answers"
+                ),
+                Leader::Local { highest, .. } => format!(
                     "etcd cannot be reached and token {token} is above every leader seen in domain `{name}` ({highest}): it cannot be checked until etcd answers"
                 ),
                 _ => format!("the leader of domain `{name}` cannot be confirmed: etcd did not answer in time"),

@@ -62,6 +62,27 @@ pub static METHOD_OVERRIDES: [HeaderName; 3] = [
     HeaderName::from_static("x-method-override"),
 ];
 
+/// Whether `name` is a method override: one of [`METHOD_OVERRIDES`], or
+/// one spelled with `_` for a `-`. CGI-style stores (Python's wsgiref,
+/// gunicorn before 22, anything that builds `HTTP_*` variables) read
+/// `X_HTTP_Method_Override` as `X-HTTP-Method-Override`.
+pub fn is_method_override(name: &HeaderName) -> bool {
+    METHOD_OVERRIDES.contains(name) || METHOD_OVERRIDES.iter().any(|o| is_underscore_twin(name, o))
+}
+
+/// Whether `name` is `of` spelled with `_` for some `-` (never `of`
+/// itself): the same field to a store that folds both into `HTTP_*`
+/// variables.
+pub fn is_underscore_twin(name: &HeaderName, of: &HeaderName) -> bool {
+    let (name, of) = (name.as_str().as_bytes(), of.as_str().as_bytes());
+    name.len() == of.len()
+        && name != of
+        && name
+            .iter()
+            .zip(of)
+            .all(|(n, o)| n == o || (*n == b'_' && *o == b'-'))
+}
+
 /// A `Connection` header that would strip a header fencegate relies on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtectedHeader(pub String);
@@ -397,6 +418,26 @@ mod tests {
         // `a` and `b` are among the names (10 and 11 in hex).
         assert!(sent.contains(&"x-kept"), "{sent:?}");
         assert!(!sent.iter().any(|k| *k == "a" || *k == "b"), "{sent:?}");
+    }
+
+    #[test]
+    fn overrides_are_known_in_either_spelling() {
+        for name in [
+            "x-http-method-override",
+            "x_http_method_override",
+            "x-http_method",
+            "x_method-override",
+        ] {
+            assert!(is_method_override(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "x-http-method-overrid",
+            "x_http_method_overridex",
+            "x-forwarded-for",
+            "x__method-override",
+        ] {
+            assert!(!is_method_override(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::error::{Problem, Reason};
 use crate::fencing::Access;
 use crate::forward::{ForwardError, Upstream};
 use crate::gate::{Gate, Gates, Ticket};
-use crate::hop::{check_connection, list_items, Peer, RequestHop, METHOD_OVERRIDES};
+use crate::hop::{check_connection, is_method_override, is_underscore_twin, list_items, Peer, RequestHop};
 use crate::metrics::DomainMetrics;
 use crate::path::{normalize, NormalPath};
 use crate::pool::StoreBody;
@@ -132,7 +132,22 @@ impl Proxy {
         let access = self.access(&request);
         let gate = self.gates.find(&path).cloned();
         *domain = gate.clone();
-        let token = Token::from_values(request.headers().get_all(&self.fencing_header).iter());
+        let token =
+            Token::from_values(request.headers().get_all(&self.fencing_header).iter()).and_then(|token| {
+                // Beside the token, `Fencing_Token` is the same field to a
+                // CGI-style store: a second value, which it might read instead
+                // of the one judged. Alone it is no token, as to fencegate.
+                let twin = || {
+                    request
+                        .headers()
+                        .keys()
+                        .any(|name| is_underscore_twin(name, &self.fencing_header))
+                };
+                match token {
+                    Some(_) if twin() => Err(TokenError::Repeated),
+                    token => Ok(token),
+                }
+            });
         let metrics = gate.as_ref().map_or(&self.outside, |g| &g.metrics);
         let _inflight = (access == Access::Write).then(|| InflightGuard::enter(&metrics.inflight));
         let result = self
@@ -263,10 +278,7 @@ impl Proxy {
     fn access(&self, request: &Request<Incoming>) -> Access {
         // A scan of the few names a request has costs less than hashing
         // each override's name for a lookup.
-        let overridden = request
-            .headers()
-            .keys()
-            .any(|name| METHOD_OVERRIDES.contains(name));
+        let overridden = request.headers().keys().any(is_method_override);
         if !overridden && self.read_methods.contains(request.method()) {
             Access::Read
         } else {
@@ -288,12 +300,24 @@ impl Proxy {
         gate: &Gate,
         token: Token,
     ) -> Result<(), Problem> {
-        let (source, target) = match request.method().as_str() {
-            "DELETE" => (Some(path), None),
-            "MOVE" => (Some(path), destination),
-            "COPY" => (None, destination),
-            _ => return Ok(()),
-        };
+        // The method the store may act on: the request line's, or any a
+        // method-override header names (a store that honours one deletes
+        // `/d/` for `POST /d/` overridden to DELETE).
+        let overrides = request
+            .headers()
+            .iter()
+            .filter(|(name, _)| is_method_override(name))
+            .flat_map(|(_, value)| list_items(value.as_bytes()));
+        let (mut source, mut target) = (None, None);
+        for method in std::iter::once(request.method().as_str().as_bytes()).chain(overrides) {
+            if method.eq_ignore_ascii_case(b"DELETE") {
+                source = Some(path);
+            } else if method.eq_ignore_ascii_case(b"MOVE") {
+                (source, target) = (Some(path), destination);
+            } else if method.eq_ignore_ascii_case(b"COPY") {
+                target = destination;
+            }
+        }
         for (collection, role) in [(source, "source"), (target, "Destination")] {
             let Some(collection) = collection else {
                 continue;

@@ -13,7 +13,8 @@
 //! ScriptedStore to see the raw forwarded target.
 
 use crate::support::{
-    parse_response, raw_request, EventKind, Fencegate, FencegateConfig, Nginx, RawResponse, ScriptedStore,
+    parse_response, raw_request, request_bytes as req, EventKind, Fencegate, FencegateConfig, Nginx,
+    RawResponse, ScriptedStore,
 };
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -45,17 +46,6 @@ const STALE_EPOCH: Expect = Refused(412, "stale_epoch");
 const BAD_PATH: Expect = Refused(400, "bad_path");
 const NO_DOMAIN: Expect = Refused(403, "no_domain");
 const CROSS: Expect = Refused(403, "cross_domain");
-
-/// `LINE HTTP/1.1`, `Host`, the given header lines, `Content-Length`, body.
-fn req(line: &str, headers: &[&str], body: &str) -> Vec<u8> {
-    let mut s = format!("{line} HTTP/1.1\r\nHost: store.test\r\n");
-    for h in headers {
-        s.push_str(h);
-        s.push_str("\r\n");
-    }
-    s.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.into_bytes()
-}
 
 fn put(target: &str, headers: &[&str]) -> Vec<u8> {
     req(&format!("PUT {target}"), headers, "x")

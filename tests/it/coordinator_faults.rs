@@ -200,15 +200,20 @@ fn domain_view(fg: &Fencegate) -> Value {
 
 /// Wait until fencegate's view shows `rev` as the leader.
 async fn wait_view_leader(fg: &Fencegate, rev: i64) {
+    wait_view_shows(fg, Some(rev)).await;
+}
+
+/// Wait until fencegate's view shows `leader` (`None`: no candidate).
+async fn wait_view_shows(fg: &Fencegate, leader: Option<i64>) {
     let deadline = Instant::now() + STEP;
     loop {
         let view = domain_view(fg);
-        if view["leader_revision"].as_i64() == Some(rev) {
+        if view["leader_revision"].as_i64() == leader {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "fencegate's view did not show leader {rev} within {STEP:?}: {view}\n{}",
+            "fencegate's view did not show leader {leader:?} within {STEP:?}: {view}\n{}",
             log_tail(fg)
         );
         tokio::time::sleep(POLL).await;
@@ -1039,4 +1044,113 @@ async fn local_mode_keeps_the_epoch_rule_while_etcd_is_down() {
         log_tail(&fg)
     );
     assert_admitted(&fg, &put(&fg, "/orders/k", b.rev()).await, "B");
+}
+
+// ------------------------------------ the view's last word; large candidates
+
+/// In `local` mode, a leader whose key fencegate saw deleted (the
+/// election left without a candidate, so nothing fenced ahead) stays
+/// refused once etcd cannot be reached. fencegate knew it was deposed: its
+/// view said "no candidate", and it answered 412 `no_leader` a moment
+/// before; the token cannot lead again (a new campaign gets a new
+/// revision). (Found by review: it was admitted again, since its token
+/// equals the highest leader seen and the epoch, which was all local mode
+/// checked.) The first write below comes while the view is still fresh
+/// (within `max_staleness` of its last read); only its confirmation fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_mode_refuses_a_leader_seen_deposed_without_successor() {
+    let nginx = Nginx::start();
+    let mut etcd = Etcd::start();
+    let fg = Fencegate::start(config(&nginx, &etcd.endpoints(), "local"));
+    let c = client(&etcd.endpoints()).await;
+    let a = Candidate::campaign(&c, ELECTION, "a", LEASE_TTL).await;
+    let a_rev = a.rev();
+    wait_view_leader(&fg, a_rev).await;
+    assert_admitted(&fg, &put(&fg, "/orders/k", a_rev).await, "A while it leads");
+
+    // A's lease is revoked (its writer paused past its TTL, say): the
+    // election has no candidate, and fencegate sees it.
+    a.revoke().await;
+    wait_view_shows(&fg, None).await;
+    let refused = put(&fg, "/orders/k", a_rev).await;
+    assert_problem(&fg, &refused, 412, "no_leader");
+
+    // etcd becomes unreachable; the deposed writer carries on.
+    etcd.kill();
+    let lost = Instant::now();
+    let mut admitted_at = Vec::new();
+    while lost.elapsed() < MAX_STALENESS + STALENESS_MARGIN {
+        let r = put(&fg, "/orders/k", a_rev).await;
+        if admitted(&r) {
+            admitted_at.push(lost.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        admitted_at.is_empty(),
+        "token {a_rev}, seen deposed (no candidate) by fencegate, was admitted {} times after etcd \
+         went away (first {:?} after, view age then well under max_staleness {MAX_STALENESS:?})\n{}",
+        admitted_at.len(),
+        admitted_at.first(),
+        log_tail(&fg)
+    );
+}
+
+/// Candidates whose values are large (each within etcd's 1.5 MiB request
+/// limit, together over the gRPC client's 4 MiB decoding limit) do not
+/// keep the watch from starting: values are no part of the election (only
+/// keys and create revisions), and depositions are still noticed through
+/// the watch. (Found by review: the watcher's read of every candidate
+/// fetched their values and failed every cycle, so fence ahead and the
+/// refusal of a deposed leader waited for the periodic read, up to
+/// `max_staleness / 3`, and each failed read was retried at once and then
+/// every hedge delay, each attempt fetching the whole prefix again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_candidate_values_do_not_keep_the_watch_from_starting() {
+    const BIG: usize = 1_000_000;
+    let nginx = Nginx::start();
+    let etcd = Etcd::start();
+    let c = client(&etcd.endpoints()).await;
+    let a = Candidate::campaign(&c, ELECTION, "a", LEASE_TTL).await;
+    let mut waiting = std::collections::VecDeque::new();
+    for i in 0..8 {
+        let value = format!("{i}{}", "v".repeat(BIG));
+        waiting.push_back(campaign_behind(&c, &value).await);
+    }
+    // fencegate starts with the candidates in place: its watcher's first
+    // read is of all of them (about 8 MB).
+    let fg = Fencegate::start(config(&nginx, &etcd.endpoints(), "reject"));
+    wait_view_leader(&fg, a.rev()).await;
+    assert_admitted(&fg, &put(&fg, "/orders/k", a.rev()).await, "A");
+    // Give the watcher time to start over and fail (or succeed).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut leader = a;
+    let mut times = Vec::new();
+    for round in 0..4 {
+        let old = leader.rev();
+        let started = Instant::now();
+        leader.revoke().await;
+        loop {
+            let r = put(&fg, "/orders/k", old).await;
+            if !admitted(&r) {
+                assert!(
+                    fenced(&r),
+                    "round {round}: deposed {old}: {r:#?}\n{}",
+                    log_tail(&fg)
+                );
+                break;
+            }
+            assert!(started.elapsed() < STEP, "deposed {old} admitted for {STEP:?}");
+        }
+        times.push(started.elapsed());
+        leader = leads(waiting.pop_front().expect("a candidate")).await;
+        assert_admitted(&fg, &put(&fg, "/orders/k", leader.rev()).await, "the new leader");
+    }
+    assert!(
+        times.iter().all(|t| *t <= WATCH_BOUND),
+        "depositions noticed after {times:?}: not all within {WATCH_BOUND:?}, so not by the watch \
+         (a periodic read comes every {:?})\n{}",
+        MAX_STALENESS / 3,
+        log_tail(&fg)
+    );
 }

@@ -12,7 +12,9 @@
 //! Setup: domains `orders` = `/orders/` (raised to 10) and `public` =
 //! `/public/` (raised to 3). No root domain.
 
-use crate::support::{parse_response, Fencegate, FencegateConfig, LogEntry, Nginx, RawResponse};
+use crate::support::{
+    parse_response, request_bytes as req, Fencegate, FencegateConfig, LogEntry, Nginx, RawResponse,
+};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -25,17 +27,6 @@ const PUBLIC_TOKEN: &str = "Fencing-Token: 3";
 
 /// An expected refusal: status and `Fencegate-Reason`.
 type Refusal = (u16, Option<&'static str>);
-
-/// `LINE HTTP/1.1`, `Host`, the header lines, `Content-Length`, body.
-fn req(line: &str, headers: &[&str], body: &str) -> Vec<u8> {
-    let mut s = format!("{line} HTTP/1.1\r\nHost: store.test\r\n");
-    for h in headers {
-        s.push_str(h);
-        s.push_str("\r\n");
-    }
-    s.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.into_bytes()
-}
 
 /// Like [`req`] with raw bytes spliced into the request line and headers.
 fn req_bytes(target: &[u8], headers: &[&[u8]]) -> Vec<u8> {

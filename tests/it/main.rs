@@ -22,6 +22,7 @@ mod history;
 mod hostile;
 mod logs;
 mod metrics;
+mod overrides;
 mod pipelining;
 mod responses;
 mod smoke;

@@ -18,6 +18,18 @@ pub fn client() -> reqwest::Client {
         .expect("build reqwest client")
 }
 
+/// `LINE HTTP/1.1`, `Host`, the given header lines, `Content-Length`, body:
+/// a request's exact bytes for [`raw_request`].
+pub fn request_bytes(line: &str, headers: &[&str], body: &str) -> Vec<u8> {
+    let mut s = format!("{line} HTTP/1.1\r\nHost: store.test\r\n");
+    for h in headers {
+        s.push_str(h);
+        s.push_str("\r\n");
+    }
+    s.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.into_bytes()
+}
+
 /// Write `bytes` exactly as given to `addr` ("127.0.0.1:P" or
 /// "http://127.0.0.1:P") and read until the first final (non-1xx) response
 /// is complete, the server closes, or 5 s pass. Returns what was read,

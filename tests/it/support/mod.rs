@@ -32,7 +32,8 @@ pub use etcd::{leader_rev, Candidate, Etcd, EtcdCluster};
 pub use etcd_secure::{EtcdTable, Pki, SecureEtcd};
 pub use fencegate::{binary as fencegate_binary, Fencegate, RunExit};
 pub use http::{
-    client, http_get, parse_response, raw_request, raw_request_timeout, take_request_head, RawResponse,
+    client, http_get, parse_response, raw_request, raw_request_timeout, request_bytes, take_request_head,
+    RawResponse,
 };
 pub use nginx::{LogEntry, Nginx};
 pub use process::{require_binary, run_bounded, send_signal};
