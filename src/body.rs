@@ -193,9 +193,7 @@ fn keep_trailers(trailers: &mut HeaderMap, rules: Option<&TrailerRules>) {
             || crate::hop::is_method_override(name)
             || name.as_str() == "destination"
             || rules.is_some_and(|r| {
-                r.fencing_header == name
-                    || crate::hop::is_underscore_twin(name, &r.fencing_header)
-                    || r.connection_named.contains(name)
+                crate::hop::same_field(name, &r.fencing_header) || r.connection_named.contains(name)
             })
     };
     if trailers.keys().any(forbidden) {

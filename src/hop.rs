@@ -67,16 +67,14 @@ pub static METHOD_OVERRIDES: [HeaderName; 3] = [
 /// gunicorn before 22, anything that builds `HTTP_*` variables) read
 /// `X_HTTP_Method_Override` as `X-HTTP-Method-Override`.
 pub fn is_method_override(name: &HeaderName) -> bool {
-    METHOD_OVERRIDES.contains(name) || METHOD_OVERRIDES.iter().any(|o| is_underscore_twin(name, o))
+    METHOD_OVERRIDES.iter().any(|o| same_field(name, o))
 }
 
-/// Whether `name` is `of` spelled with `_` for some `-` (never `of`
-/// itself): the same field to a store that folds both into `HTTP_*`
-/// variables.
-pub fn is_underscore_twin(name: &HeaderName, of: &HeaderName) -> bool {
+/// Whether `name` is `of`, or `of` spelled with `_` for some `-`: the same
+/// field to a store that folds both into `HTTP_*` variables.
+pub fn same_field(name: &HeaderName, of: &HeaderName) -> bool {
     let (name, of) = (name.as_str().as_bytes(), of.as_str().as_bytes());
     name.len() == of.len()
-        && name != of
         && name
             .iter()
             .zip(of)

@@ -22,7 +22,7 @@ use crate::error::{Problem, Reason};
 use crate::fencing::Access;
 use crate::forward::{ForwardError, Upstream};
 use crate::gate::{Gate, Gates, Ticket};
-use crate::hop::{check_connection, is_method_override, is_underscore_twin, list_items, Peer, RequestHop};
+use crate::hop::{check_connection, is_method_override, list_items, same_field, Peer, RequestHop};
 use crate::metrics::DomainMetrics;
 use crate::path::{normalize, NormalPath};
 use crate::pool::StoreBody;
@@ -141,7 +141,7 @@ impl Proxy {
                     request
                         .headers()
                         .keys()
-                        .any(|name| is_underscore_twin(name, &self.fencing_header))
+                        .any(|name| *name != self.fencing_header && same_field(name, &self.fencing_header))
                 };
                 match token {
                     Some(_) if twin() => Err(TokenError::Repeated),
