@@ -89,6 +89,17 @@ pub enum StateError {
         /// What is wrong.
         problem: String,
     },
+    /// A fencegate state file of a later format than this version reads:
+    /// written by a newer fencegate (a downgrade, an image rolled back).
+    /// Its epochs are intact; calling it foreign could have an operator
+    /// recreate it at zero, and reading it as this format could misread them.
+    #[error("state file {path} was written by a newer fencegate (state format {found}; this one reads format {FORMAT_VERSION}): its epochs are not lost: run that version or a newer one, and never recreate the file with `init`")]
+    NewerFormat {
+        /// The file.
+        path: PathBuf,
+        /// The format it has.
+        found: u64,
+    },
     /// The file system would not let the file be opened (its permissions,
     /// a read-only or failing volume): nothing says its epochs are lost,
     /// and calling it foreign could have an operator recreate it at zero.
@@ -302,7 +313,12 @@ impl StateFile {
             db,
             lock: lock.clone(),
         };
-        state.check_format()?;
+        let txn = state
+            .db
+            .begin_read()
+            .map_err(|e| io_error(state.path(), e.into()))?;
+        check_format(state.path(), &txn)?;
+        drop(txn);
         Ok(state)
     }
 
@@ -329,6 +345,7 @@ impl StateFile {
             Err(e) => return Err(open_error(path, e)),
         };
         let txn = db.begin_read().map_err(|e| io_error(path, e.into()))?;
+        check_format(path, &txn)?;
         read_domains(path, &txn)
     }
 
@@ -338,6 +355,7 @@ impl StateFile {
         std::fs::copy(path, &copy).map_err(|e| io_error(path, e.into()))?;
         let db = Database::open(&copy).map_err(|e| open_error(path, e))?;
         let txn = db.begin_read().map_err(|e| io_error(path, e.into()))?;
+        check_format(path, &txn)?;
         read_domains(path, &txn)
     }
 
@@ -559,16 +577,6 @@ impl StateFile {
         Ok(out)
     }
 
-    fn check_format(&self) -> Result<(), StateError> {
-        match self.meta(FORMAT_KEY)? {
-            Some(FORMAT_VERSION) => Ok(()),
-            other => Err(StateError::NotState {
-                path: self.path().to_owned(),
-                problem: format!("format version {other:?}, expected {FORMAT_VERSION}"),
-            }),
-        }
-    }
-
     fn not_state(&self, e: impl std::fmt::Display) -> StateError {
         StateError::NotState {
             path: self.path().to_owned(),
@@ -608,6 +616,31 @@ fn settle_request_timeout(meta: &mut redb::Table<&str, u64>) -> Result<(), redb:
         meta.insert(REQUEST_TIMEOUT_KEY, own)?;
     }
     Ok(())
+}
+
+/// Whether the file is a state file of this version's format: every way
+/// this module opens one asks, readers too (a later format's tables may
+/// not mean what this version would read in them).
+fn check_format(path: &Path, txn: &redb::ReadTransaction) -> Result<(), StateError> {
+    let not_state = |problem: String| StateError::NotState {
+        path: path.to_owned(),
+        problem,
+    };
+    let meta = txn.open_table(META).map_err(|e| not_state(e.to_string()))?;
+    let format = meta
+        .get(FORMAT_KEY)
+        .map_err(|e| io_error(path, e.into()))?
+        .map(|v| v.value());
+    match format {
+        Some(FORMAT_VERSION) => Ok(()),
+        Some(found) if found > FORMAT_VERSION => Err(StateError::NewerFormat {
+            path: path.to_owned(),
+            found,
+        }),
+        other => Err(not_state(format!(
+            "format version {other:?}, expected {FORMAT_VERSION}"
+        ))),
+    }
 }
 
 fn read_domains(path: &Path, txn: &redb::ReadTransaction) -> Result<Vec<StoredDomain>, StateError> {
@@ -868,6 +901,35 @@ mod tests {
             StateFile::create(&junk, &[]),
             Err(StateError::AlreadyExists(_))
         ));
+    }
+
+    /// A state file of a later format (a newer fencegate wrote it) is
+    /// refused by every opener, readers included, and not called foreign:
+    /// its epochs are intact (found by review: it was "not a fencegate
+    /// state file", and `epochs` read it as this format).
+    #[test]
+    fn a_newer_format_is_refused_and_not_called_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let state = StateFile::create(&path, &wanted(&[("orders", "/orders/")])).unwrap();
+        state
+            .write(|_, meta| {
+                meta.insert(FORMAT_KEY, FORMAT_VERSION + 1)?;
+                Ok(())
+            })
+            .unwrap();
+        drop(state);
+        for (opener, error) in [
+            ("open", StateFile::open(&path).unwrap_err()),
+            ("read_only", StateFile::read_only(&path).unwrap_err()),
+        ] {
+            let text = error.to_string();
+            assert!(
+                matches!(error, StateError::NewerFormat { found, .. } if found == FORMAT_VERSION + 1)
+                    && !text.contains("not a fencegate state file"),
+                "{opener}: {text}"
+            );
+        }
     }
 
     /// A file the system will not let fencegate open (its permissions, a

@@ -443,6 +443,57 @@ fn run_refuses_a_missing_or_unreadable_state_file() {
     assert_eq!(epoch_in(&stored_epochs(&fg), "orders"), Some(4));
 }
 
+/// A state file written by a newer fencegate (a downgrade, a rollback of
+/// the image) holds epochs this one cannot vouch for: `run`, `epochs set`
+/// and `epochs` all refuse it (exit 74) and say so, rather than calling it
+/// "not a fencegate state file", which invites deleting it and running
+/// `init` (every epoch back to zero), or printing numbers whose meaning it
+/// does not know (found by review: `epochs` printed them and exited 0).
+#[test]
+fn a_state_file_of_a_newer_format_is_refused_and_not_called_foreign() {
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx));
+    assert_admitted(&put(&fg, "/orders/a", 7), "raise to 7");
+    assert_terminates_cleanly(&mut fg);
+    {
+        let db = redb::Database::open(fg.state_path()).expect("open the state file with redb");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn
+                .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+                .unwrap();
+            meta.insert("format", 2).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let says_newer = |what: &str, stderr: &str| {
+        assert!(
+            stderr.contains("newer") && !stderr.contains("not a fencegate state file"),
+            "{what}: should say a newer fencegate wrote it, not that it is foreign: {stderr}"
+        );
+    };
+    let run = fg.run_expect_exit(&[]);
+    assert_eq!(run.code(), Some(74), "run on a newer format: {run:?}");
+    says_newer("run", &run.stderr);
+    for args in [
+        &["epochs"][..],
+        &["epochs", "--json"][..],
+        &["epochs", "set", "--domain", "orders", "--value", "3", "--force"][..],
+    ] {
+        let out = fg.run_cli(args);
+        assert_exit(&out, 74, &format!("{args:?} on a newer format"));
+        says_newer(&format!("{args:?}"), &text(&out.stderr));
+    }
+    // Nothing was rewritten: the newer format's epoch is still there.
+    let db = redb::Database::open(fg.state_path()).expect("open the state file with redb");
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let domains = txn
+        .open_table(redb::TableDefinition::<&str, (u64, &str)>::new("domains"))
+        .unwrap();
+    let orders = domains.get("orders").unwrap().map(|row| row.value().0);
+    assert_eq!(orders, Some(7), "the stored epoch");
+}
+
 /// `fencegate run --config P ARGS...` for args the harness cannot pass to a
 /// long-running `run` (e.g. `--forget-domain`); SIGKILLed on drop.
 struct RunWithArgs(Child);
