@@ -260,9 +260,12 @@ fn open_or_create(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// `<state file>.lock`: see [`StateLock`].
+/// `<state file>.lock`: see [`StateLock`]. Beside the file itself, not
+/// beside a symlink to it: every path to one state file meets one lock.
+/// (A file `init` has yet to make is locked beside the path given.)
 pub fn lock_path(state: &Path) -> PathBuf {
-    let mut path = state.as_os_str().to_owned();
+    let state = std::fs::canonicalize(state).unwrap_or_else(|_| state.to_owned());
+    let mut path = state.into_os_string();
     path.push(".lock");
     PathBuf::from(path)
 }
@@ -1201,6 +1204,31 @@ mod tests {
         assert!(matches!(StateFile::open(&path), Err(StateError::InUse(_))));
         drop(reader);
         drop(StateFile::open(&path).unwrap());
+    }
+
+    /// The lock is the file's, not its path's: a second path to the same
+    /// state file (a symlink, as a second configuration may name it) meets
+    /// the lock the first took, in the gap between a failed commit and the
+    /// reopening too (found by review: the lock file sat beside each path,
+    /// so `epochs set` or a second `run` through a symlink opened the file
+    /// under the running proxy).
+    #[test]
+    fn a_symlink_to_the_state_file_meets_the_same_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        let real = dir.path().join("real/s.redb");
+        let link = dir.path().join("link.redb");
+        let domains = wanted(&[("orders", "/orders/")]);
+        let lock = StateFile::create(&real, &domains).unwrap().close();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(matches!(StateFile::open(&link), Err(StateError::InUse(_))));
+        assert!(matches!(StateFile::read_only(&link), Err(StateError::InUse(_))));
+        drop(lock);
+        // And the other way round.
+        let lock = StateFile::open(&link).unwrap().close();
+        assert!(matches!(StateFile::open(&real), Err(StateError::InUse(_))));
+        drop(lock);
+        drop(StateFile::open(&real).unwrap());
     }
 
     #[test]
