@@ -89,6 +89,16 @@ pub enum StateError {
         /// What is wrong.
         problem: String,
     },
+    /// A redb file whose pages fail their checksums: damaged since redb
+    /// wrote it. Its epochs cannot be trusted, lower or not, and calling it
+    /// foreign could have an operator recreate it at zero.
+    #[error("state file {path} is damaged ({problem}): its epochs cannot be trusted: restore it from a backup taken after its last raise, or recreate it and set every epoch at or above the highest token any writer may hold (`fencegate epochs set`)")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What redb found.
+        problem: String,
+    },
     /// A fencegate state file of a later format than this version reads:
     /// written by a newer fencegate (a downgrade, an image rolled back).
     /// Its epochs are intact; calling it foreign could have an operator
@@ -311,7 +321,7 @@ impl StateFile {
     /// Opens the state file again under the lock this process kept from
     /// [`StateFile::close`].
     pub fn reopen(lock: &Arc<StateLock>) -> Result<StateFile, StateError> {
-        let db = Database::open(&lock.state).map_err(|e| open_error(&lock.state, e))?;
+        let db = open_checked(&lock.state).map_err(|e| open_error(&lock.state, e))?;
         let state = StateFile {
             db,
             lock: lock.clone(),
@@ -339,24 +349,21 @@ impl StateFile {
             return Err(StateError::Missing(path.to_owned()));
         }
         let _lock = StateLock::shared(path)?;
-        let db = match redb::ReadOnlyDatabase::open(path) {
-            Ok(db) => db,
-            // The last writer crashed and the file needs redb's repair,
-            // which a read-only handle cannot do. Repair a private copy so
-            // the operator's file stays untouched until `run` repairs it.
-            Err(DatabaseError::RepairAborted) => return Self::read_repaired_copy(path),
-            Err(e) => return Err(open_error(path, e)),
-        };
-        let txn = db.begin_read().map_err(|e| io_error(path, e.into()))?;
-        check_format(path, &txn)?;
-        read_domains(path, &txn)
-    }
-
-    fn read_repaired_copy(path: &Path) -> Result<Vec<StoredDomain>, StateError> {
-        let dir = tempfile::tempdir().map_err(|e| io_error(path, e.into()))?;
+        // A private copy, opened as `run` opens the file: a read-only handle
+        // can neither repair a file whose last writer crashed nor check its
+        // pages ([`open_checked`]), and the operator's file stays untouched.
+        // In the temporary directory, or beside the file where that is not
+        // writable (a container's read-only root file system).
+        let beside = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let dir = tempfile::tempdir()
+            .or_else(|_| tempfile::tempdir_in(beside))
+            .map_err(|e| io_error(path, e.into()))?;
         let copy = dir.path().join("state.redb");
-        std::fs::copy(path, &copy).map_err(|e| io_error(path, e.into()))?;
-        let db = Database::open(&copy).map_err(|e| open_error(path, e))?;
+        std::fs::copy(path, &copy).map_err(|e| open_error(path, redb::StorageError::Io(e).into()))?;
+        let db = open_checked(&copy).map_err(|e| open_error(path, e))?;
         let txn = db.begin_read().map_err(|e| io_error(path, e.into()))?;
         check_format(path, &txn)?;
         read_domains(path, &txn)
@@ -746,6 +753,15 @@ fn guard<'a>(prefixes: impl Iterator<Item = &'a str>, path: &str) -> Option<usiz
         .map(|(i, _)| i)
 }
 
+/// Opens the redb file at `path`, checking the checksum of every page
+/// first. redb trusts a file it closed cleanly without reading it through,
+/// so one damaged since (a flipped bit on the disk, a bad copy or restore)
+/// would be read as it is: an epoch could read lower than the one made
+/// durable, and deposed writers be admitted. The file is a few pages.
+fn open_checked(path: &Path) -> Result<Database, DatabaseError> {
+    Database::builder().set_check_integrity_on_open(true).open(path)
+}
+
 fn open_error(path: &Path, e: DatabaseError) -> StateError {
     match e {
         DatabaseError::DatabaseAlreadyOpen => StateError::InUse(path.to_owned()),
@@ -757,11 +773,27 @@ fn open_error(path: &Path, e: DatabaseError) -> StateError {
                 source,
             }
         }
+        // A file that starts as redb files do, damaged further in.
+        DatabaseError::Storage(redb::StorageError::Corrupted(problem)) if has_redb_magic(path) => {
+            StateError::Damaged {
+                path: path.to_owned(),
+                problem,
+            }
+        }
         other => StateError::NotState {
             path: path.to_owned(),
             problem: other.to_string(),
         },
     }
+}
+
+/// Whether the file at `path` begins with redb's magic number.
+fn has_redb_magic(path: &Path) -> bool {
+    const MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+    let mut head = [0u8; MAGIC.len()];
+    File::open(path)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut head))
+        .is_ok_and(|()| head == MAGIC)
 }
 
 fn io_error(path: &Path, source: redb::Error) -> StateError {
@@ -933,6 +965,45 @@ mod tests {
                 "{opener}: {text}"
             );
         }
+    }
+
+    /// A state file damaged after redb wrote it (a bit flipped on the disk,
+    /// a bad copy) is refused, never read: here the stored epoch 7 of a
+    /// cleanly closed file reads 3, which a plain open trusted (found by
+    /// review: `epochs` printed 3, and `run` admitted token 3 below the
+    /// epoch 7 it had made durable). redb checks every page's checksum when
+    /// asked to on open.
+    #[test]
+    fn a_damaged_state_file_is_refused_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let domains = wanted(&[("orders", "/orders/")]);
+        let state = StateFile::create(&path, &domains).unwrap();
+        state
+            .raise(&BTreeMap::from([("orders".to_owned(), 7)]), CrashWait::Over)
+            .unwrap();
+        state.set_clean(true).unwrap();
+        drop(state);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let row = [&b"orders"[..], &7u64.to_le_bytes(), b"/orders/"].concat();
+        let at = bytes
+            .windows(row.len())
+            .position(|w| w == row)
+            .expect("the row is stored as is");
+        bytes[at + b"orders".len()] = 3;
+        std::fs::write(&path, &bytes).unwrap();
+        let read = StateFile::read_only(&path).map(|d| d[0].epoch);
+        assert!(
+            matches!(read, Err(StateError::Damaged { .. })),
+            "epochs read {read:?}"
+        );
+        let opened = StateFile::open(&path)
+            .and_then(|s| s.domains())
+            .map(|d| d[0].epoch);
+        assert!(
+            matches!(opened, Err(StateError::Damaged { .. })),
+            "run read {opened:?}"
+        );
     }
 
     /// A file the system will not let fencegate open (its permissions, a
