@@ -43,7 +43,8 @@ const REQUEST_TIMEOUT_KEY: &str = "request_timeout_ms";
 /// already outlived.
 const OWN_REQUEST_TIMEOUT_KEY: &str = "own_request_timeout_ms";
 /// Meta keys `unsettled:NAME`: after a crash, the lowest epoch that guarded
-/// some of domain NAME's paths, while NAME starts above it (a merge). The
+/// some of domain NAME's paths, while NAME starts above it (a merge, or an
+/// epoch raised by `epochs set` after the crash: [`StateFile::force_set`]). The
 /// higher epoch is stored at once, so a start after another crash would
 /// find no lower guard left, and admit it without the crash wait: the
 /// lower one is kept here until a raise in NAME (which waits out the crash
@@ -533,7 +534,7 @@ impl StateFile {
     /// hatch (`epochs set --force`). Returns the old value.
     pub fn force_set(&self, name: &str, value: u64) -> Result<u64, StateError> {
         let mut old = None;
-        self.write(|table, _| {
+        self.write(|table, meta| {
             let row = table.get(name)?.map(|r| {
                 let (e, p) = r.value();
                 (e, p.to_owned())
@@ -541,6 +542,17 @@ impl StateFile {
             if let Some((epoch, prefix)) = row {
                 old = Some(epoch);
                 table.insert(name, (value, prefix.as_str()))?;
+                // The last run crashed: its writes at the epoch replaced
+                // may still be at the store. A higher one set by hand is
+                // kept apart from it as a merge's is ([`UNSETTLED_KEYS`]),
+                // so the next start admits it only through a raise, after
+                // the crash wait.
+                let crashed = meta.get(CLEAN_KEY)?.map(|v| v.value()) != Some(1);
+                if crashed && value > epoch {
+                    let key = format!("{}{name}", UNSETTLED_KEYS.start);
+                    let kept = meta.get(key.as_str())?.map(|v| v.value());
+                    meta.insert(key.as_str(), kept.map_or(epoch, |k| k.min(epoch)))?;
+                }
             }
             Ok(())
         })?;
@@ -1074,6 +1086,30 @@ mod tests {
             vec![Some(500)],
             "settled by the clean stop"
         );
+    }
+
+    /// `epochs set` raising an epoch in a file whose last run crashed keeps
+    /// the epoch it replaced as the domain's lower guard: the crashed run's
+    /// writes at it may still be at the store, so the next start admits
+    /// the new epoch only through a raise, after the crash wait (found by
+    /// review: it was admitted at once). After a clean stop there is
+    /// nothing to wait for.
+    #[test]
+    fn an_epoch_raised_by_hand_after_a_crash_keeps_the_lower_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, domains) = stored_at(&dir, &[("d", "/d/", 5)]);
+        assert_eq!(state.force_set("d", 9).unwrap(), 5);
+        let start = state.start(&domains, &[], TIMEOUT).unwrap();
+        assert!(!start.was_clean);
+        assert_eq!(
+            (start.epochs, start.lowest_guards_before),
+            (vec![9], vec![Some(5)])
+        );
+        state.set_clean(true).unwrap();
+        assert_eq!(state.force_set("d", 12).unwrap(), 9);
+        let start = state.start(&domains, &[], TIMEOUT).unwrap();
+        assert!(start.was_clean);
+        assert_eq!(start.lowest_guards_before, vec![Some(12)]);
     }
 
     /// A raise committed in the domain settles its kept lower guard: every

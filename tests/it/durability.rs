@@ -278,6 +278,37 @@ fn first_raise_after_a_crash_waits_request_timeout_but_not_after_a_clean_stop() 
 /// next start waits again. (Found by review: the clean mark was written,
 /// and the start after it raised at once, while a write of the crashed
 /// run could still land after the higher one.)
+/// `epochs set` may raise an epoch too. After a crash, the crashed run's
+/// writes at the old epoch may still be at the store for request_timeout:
+/// the epoch set by hand is admitted only through a raise, which waits
+/// that out, as every raise after a crash does (found by review: token 9
+/// was admitted at once, ahead of writes at 5 still in flight).
+#[test]
+fn an_epoch_raised_by_hand_after_a_crash_still_waits_out_the_crash() {
+    let request_timeout = Duration::from_secs(2);
+    let nginx = Nginx::start();
+    let mut fg = Fencegate::start(orders_config(&nginx).request_timeout(request_timeout));
+    assert_admitted(&put(&fg, "/orders/h", 5), "raise to 5");
+    fg.kill9();
+    let out = fg.run_cli(&["epochs", "set", "--domain", "orders", "--value", "9", "--force"]);
+    assert_exit(&out, 0, "epochs set --force after a crash");
+    let spawned = Instant::now();
+    fg.start_again();
+    assert_stale(&put(&fg, "/orders/h", 5), "token 5 below the epoch set");
+    let resp = put(&fg, "/orders/h", 9);
+    let since_spawn = spawned.elapsed();
+    assert_admitted(&resp, "token 9, the epoch set by hand");
+    assert!(
+        since_spawn >= request_timeout,
+        "token 9 was admitted {since_spawn:?} after the start that followed the crash, before request_timeout {request_timeout:?}"
+    );
+    assert_eq!(
+        epoch_in(&admin_domains(&fg), "orders"),
+        Some(9),
+        "the epoch shown"
+    );
+}
+
 #[test]
 fn a_clean_stop_within_the_crash_wait_leaves_the_wait_to_the_next_start() {
     let request_timeout = Duration::from_secs(3);
