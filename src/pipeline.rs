@@ -964,6 +964,15 @@ impl Driver<'_> {
                         )))
                     }
                     Ok(Some(head)) => {
+                        if !head.keep_alive {
+                            // The store closes after this answer (it says
+                            // `close`, or its body ends with the connection):
+                            // nothing more may go on the connection while
+                            // its body comes, or it would go unanswered (a
+                            // write with its outcome unknown). Queued
+                            // requests go on another lane.
+                            self.lane.lock().closing = true;
+                        }
                         let too_large = self.lane.reads
                             && matches!(head.framing, codec::Framing::Length(n) if n > MAX_READ_ANSWER as u64);
                         self.reading = Some(Reading {

@@ -20,6 +20,7 @@ mod etcd_security;
 mod example_writer;
 mod history;
 mod hostile;
+mod lane_wire;
 mod logs;
 mod metrics;
 mod overrides;

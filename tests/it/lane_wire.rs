@@ -1,0 +1,284 @@
+//! Lanes (`upstream.pipeline_depth`) against a store whose answers are
+//! scripted byte by byte ([`WireStore`]): what a lane does with answers
+//! hyper would never send, in the order and at the moments the test
+//! chooses.
+
+use crate::support::{client, Fencegate, FencegateConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One step of a scripted answer.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Write these bytes.
+    Send(Vec<u8>),
+    /// Wait this long.
+    Pause(Duration),
+    /// Close the connection (FIN), reading nothing more from it.
+    Close,
+}
+
+/// A request the store read: on which connection, what.
+#[derive(Debug, Clone)]
+struct Seen {
+    conn: usize,
+    path: String,
+}
+
+/// A store on 127.0.0.1 that reads requests one after another on each
+/// connection (pipelined ones in order, as HTTP/1.1 servers do) and
+/// answers each as scripted for its path, by default `201` with no body.
+/// Dropping it stops it.
+struct WireStore {
+    addr: std::net::SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    scripts: Arc<Mutex<HashMap<String, Vec<Step>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WireStore {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl WireStore {
+    async fn start() -> WireStore {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let scripts = Arc::new(Mutex::new(HashMap::new()));
+        let accept = {
+            let (seen, scripts) = (seen.clone(), scripts.clone());
+            tokio::spawn(async move {
+                let mut conns = Vec::new();
+                for conn in 0.. {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        break;
+                    };
+                    let (seen, scripts) = (seen.clone(), scripts.clone());
+                    conns.push(AbortOnDrop(tokio::spawn(serve(conn, stream, seen, scripts))));
+                }
+            })
+        };
+        WireStore {
+            addr,
+            seen,
+            scripts,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn script(&self, path: &str, steps: Vec<Step>) {
+        self.scripts.lock().unwrap().insert(path.to_owned(), steps);
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits up to 10 s for a request to `path` to have been read.
+    async fn wait_seen(&self, path: &str) -> Seen {
+        for _ in 0..2000 {
+            if let Some(s) = self.seen().into_iter().find(|s| s.path == path) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{path} never reached the store: {:?}", self.seen());
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn serve(
+    conn: usize,
+    mut stream: TcpStream,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    scripts: Arc<Mutex<HashMap<String, Vec<Step>>>>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        // One request head, then its body (Content-Length only).
+        let (head_len, path, length) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut request = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(n)) = request.parse(&buf) {
+                let length = request
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .map_or(0, |h| {
+                        std::str::from_utf8(h.value).unwrap().trim().parse().unwrap()
+                    });
+                break (n, request.path.unwrap().to_owned(), length);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        while buf.len() < head_len + length {
+            let mut chunk = [0u8; 16 * 1024];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_len + length);
+        seen.lock().unwrap().push(Seen {
+            conn,
+            path: path.clone(),
+        });
+        let steps = scripts.lock().unwrap().get(&path).cloned().unwrap_or_else(|| {
+            vec![Step::Send(
+                b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            )]
+        });
+        for step in steps {
+            match step {
+                Step::Send(bytes) => {
+                    if stream.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Pause(d) => tokio::time::sleep(d).await,
+                Step::Close => {
+                    let _ = stream.shutdown().await;
+                    // Lingers so that what fencegate sends meanwhile is not
+                    // answered with a reset.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+const DOMAIN: &str = "d";
+const PREFIX: &str = "/d/";
+
+async fn put(http: &reqwest::Client, base: &str, path: &str) -> (u16, Option<String>) {
+    let response = http
+        .put(format!("{base}{path}"))
+        .header("Fencing-Token", "5")
+        .body(format!("body of {path}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {path}: {e}"));
+    let status = response.status().as_u16();
+    let reason = response
+        .headers()
+        .get("fencegate-reason")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    let _ = response.bytes().await;
+    (status, reason)
+}
+
+fn spawn_put(
+    http: &reqwest::Client,
+    fg: &Fencegate,
+    path: &str,
+) -> tokio::task::JoinHandle<(u16, Option<String>)> {
+    let (http, base, path) = (http.clone(), fg.url(), path.to_owned());
+    tokio::spawn(async move { put(&http, &base, &path).await })
+}
+
+/// fencegate with one serving thread and pipelining on, in front of
+/// `store`, epoch 5 established, a read held in flight at the store (so
+/// that writes have company and take lanes) and a write lane opened to
+/// pipelining by its first write, answered.
+async fn with_an_open_write_lane(
+    store: &WireStore,
+) -> (Fencegate, reqwest::Client, tokio::task::JoinHandle<()>) {
+    let config = FencegateConfig::new(&store.url())
+        .domain(DOMAIN, PREFIX)
+        .workers(1)
+        .pipeline_depth(8)
+        .pipeline_reads(false);
+    let fg = Fencegate::start(config);
+    let http = client();
+    assert_eq!(put(&http, &fg.url(), "/d/establish").await.0, 201);
+    store.script(
+        "/companion",
+        vec![
+            Step::Pause(Duration::from_secs(8)),
+            Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec()),
+        ],
+    );
+    let companion = {
+        let (http, url) = (http.clone(), format!("{}/companion", fg.url()));
+        tokio::spawn(async move {
+            let _ = http.get(url).send().await;
+        })
+    };
+    store.wait_seen("/companion").await;
+    let before = fg.pipelined_writes();
+    assert_eq!(put(&http, &fg.url(), "/d/open").await.0, 201);
+    assert_eq!(
+        fg.pipelined_writes(),
+        before + 1,
+        "precondition: /d/open took a lane"
+    );
+    (fg, http, companion)
+}
+
+/// A write lane's answer whose head says the store closes after it
+/// (`Connection: close`, or a body delimited by the close) is the lane's
+/// last: no write may go on that connection once the head is here, since
+/// the store will answer none of them and each would fail with its outcome
+/// unknown (502). A write that comes while the body is still on its way
+/// goes on another lane and succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_write_goes_on_a_lane_whose_store_said_it_closes() {
+    for (name, head) in [
+        (
+            "connection-close",
+            &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 10\r\n\r\nfirst"[..],
+        ),
+        ("until-close", &b"HTTP/1.1 200 OK\r\n\r\nfirst"[..]),
+    ] {
+        let store = WireStore::start().await;
+        let (fg, http, _companion) = with_an_open_write_lane(&store).await;
+        store.script(
+            "/d/closing",
+            vec![
+                Step::Send(head.to_vec()),
+                Step::Pause(Duration::from_millis(600)),
+                Step::Send(b"-rest".to_vec()),
+                Step::Close,
+            ],
+        );
+        let closing = spawn_put(&http, &fg, "/d/closing");
+        store.wait_seen("/d/closing").await;
+        // The head that says the store closes is on its way.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let behind = put(&http, &fg.url(), "/d/behind").await;
+        assert_eq!(closing.await.unwrap().0, 200, "{name}: the closing answer");
+        assert_eq!(
+            behind.0,
+            201,
+            "{name}: a write sent after the store said it closes the connection: {behind:?}; store saw {:?}",
+            store.seen()
+        );
+        let (closing, behind) = (
+            store.wait_seen("/d/closing").await,
+            store.wait_seen("/d/behind").await,
+        );
+        assert_ne!(closing.conn, behind.conn, "{name}: on the closing connection");
+    }
+}
