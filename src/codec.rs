@@ -1,11 +1,14 @@
 //! HTTP/1.1 on the wire to the store: the request head fencegate writes,
 //! the framing of its body, and the parsing of the store's answer (RFC
-//! 9112). Pure functions over buffers; the I/O is in [`crate::pool`].
+//! 9112). Pure functions over buffers; the I/O is in [`crate::pool`] and
+//! [`crate::pipeline`].
 //!
 //! Written for one peer and one job, so it does less than a general
-//! client: it never pipelines, treats every message it cannot frame for
-//! certain as the end of the connection, and refuses a head it cannot
-//! read rather than guessing. Parsing is httparse's, the parser hyper uses.
+//! client: it treats every message it cannot frame for certain as the end
+//! of the connection, and refuses a head it cannot read rather than
+//! guessing. Pipelining is [`crate::pipeline`]'s: it reads a lane's
+//! answers one after another with these same functions. Parsing is
+//! httparse's, the parser hyper uses.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
