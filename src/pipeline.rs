@@ -351,6 +351,9 @@ struct Sent {
     /// `LaneState::decided_bytes` once its bytes were queued: its last
     /// byte has left the lane's queue once `written_bytes` reaches it.
     end: u64,
+    /// Sent behind another request not yet answered: its answer waits for
+    /// that one's, so part of its `request_timeout` may be spent there.
+    behind: bool,
 }
 
 #[derive(Default)]
@@ -665,6 +668,7 @@ impl Driver<'_> {
                 self.incomplete_since
                     .map_or(s.deadline, |since| s.deadline.min(since + STREAM_AFTER))
             });
+            let held_up = state.sent.front().is_some_and(|s| s.behind);
             let idle = state.sent.is_empty() && state.queued.is_empty();
             state.driver = Some(cx.waker().clone());
             drop(state);
@@ -686,6 +690,15 @@ impl Driver<'_> {
                     // (`request_timeout` ends at the head): its answer
                     // streams, or its body is slow, and it streams.
                     Some(_) if self.lane.reads && self.reading.is_some() => self.hand_over(),
+                    // A read sent behind another spent part of its time
+                    // waiting for that one's answer (the store answers a
+                    // connection's requests one after another): it is not
+                    // late itself, and goes again on a connection of its
+                    // own, where its own answer is timed, with the reads
+                    // behind it.
+                    Some(_) if self.lane.reads && held_up => {
+                        Ended::Unanswered(ForwardError::Timeout(self.settings.request_timeout))
+                    }
                     Some(_) => Ended::Failing(ForwardError::Timeout(self.settings.request_timeout)),
                 });
             }
@@ -772,12 +785,14 @@ impl Driver<'_> {
             state.decided_bytes += whole.bytes.len() as u64;
             let end = state.decided_bytes;
             state.unwritten.push_back(whole.bytes);
+            let behind = !state.sent.is_empty();
             state.sent.push_back(Sent {
                 method: whole.method,
                 exchange: whole.exchange,
                 reply,
                 deadline: now + self.settings.request_timeout,
                 end,
+                behind,
             });
             state.requests += 1;
             if state.requests
@@ -1199,6 +1214,7 @@ mod tests {
             reply,
             deadline: Instant::now(),
             end: 0,
+            behind: false,
         }
     }
 

@@ -282,3 +282,75 @@ async fn no_write_goes_on_a_lane_whose_store_said_it_closes() {
         assert_ne!(closing.conn, behind.conn, "{name}: on the closing connection");
     }
 }
+
+/// A read held up behind a slow answer on its lane (head-of-line: the store
+/// answers a lane's requests one after another) is not late itself: when
+/// the slow answer came within `request_timeout` and left the read too
+/// little of its own, the read goes again through the pool, as the reads
+/// behind a late answer do, rather than fail with 504. (It failed: its
+/// deadline ran from when it was sent behind the slow one.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_held_up_behind_a_slow_answer_goes_again_rather_than_fail() {
+    let store = WireStore::start().await;
+    let config = FencegateConfig::new(&store.url())
+        .domain(DOMAIN, PREFIX)
+        .workers(1)
+        .pipeline_depth(8)
+        .request_timeout(Duration::from_millis(1000));
+    let fg = Fencegate::start(config);
+    let http = client();
+    // The companion is cut at request_timeout, which changes nothing here:
+    // the reads below are in company with each other.
+    store.script(
+        "/companion",
+        vec![
+            Step::Pause(Duration::from_secs(8)),
+            Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec()),
+        ],
+    );
+    let get = |path: &str| {
+        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
+        tokio::spawn(async move {
+            let response = http.get(url).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        })
+    };
+    let _companion = get("/companion");
+    store.wait_seen("/companion").await;
+    let answer =
+        |body: &str| format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes();
+    assert_eq!(get("/open").await.unwrap().0, 201, "the lane's first read");
+    // Each takes the store 700 ms and 500 ms: within request_timeout, but
+    // not one after the other.
+    store.script(
+        "/slow",
+        vec![
+            Step::Pause(Duration::from_millis(700)),
+            Step::Send(answer("slow")),
+        ],
+    );
+    store.script(
+        "/behind",
+        vec![
+            Step::Pause(Duration::from_millis(500)),
+            Step::Send(answer("behind")),
+        ],
+    );
+    let reads_before = fg.pipelined_reads();
+    let slow = get("/slow");
+    store.wait_seen("/slow").await;
+    let behind = get("/behind");
+    assert_eq!(slow.await.unwrap(), (200, "slow".to_owned()));
+    assert_eq!(
+        behind.await.unwrap(),
+        (200, "behind".to_owned()),
+        "a read held up behind a slow answer; store saw {:?}",
+        store.seen()
+    );
+    assert_eq!(
+        fg.pipelined_reads(),
+        reads_before + 2,
+        "precondition: both took the lane"
+    );
+}
