@@ -354,3 +354,113 @@ async fn a_read_held_up_behind_a_slow_answer_goes_again_rather_than_fail() {
         "precondition: both took the lane"
     );
 }
+
+/// Answers without a body (to a HEAD, a 204, a 304, whatever length their
+/// heads state) and informational ones (100, 103) before a final answer
+/// are framed right on a lane: each read pipelined behind them gets its
+/// own answer, and a HEAD's stated length reaches its client.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodiless_and_informational_answers_keep_a_read_lane_in_step() {
+    let store = WireStore::start().await;
+    let config = FencegateConfig::new(&store.url())
+        .domain(DOMAIN, PREFIX)
+        .workers(1)
+        .pipeline_depth(8);
+    let fg = Fencegate::start(config);
+    let http = client();
+    store.script(
+        "/companion",
+        vec![
+            Step::Pause(Duration::from_secs(8)),
+            Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec()),
+        ],
+    );
+    let request = |method: reqwest::Method, path: &str| {
+        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
+        tokio::spawn(async move {
+            let response = http.request(method, url).send().await.unwrap();
+            let status = response.status().as_u16();
+            let length = response
+                .headers()
+                .get("content-length")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, length, response.text().await.unwrap())
+        })
+    };
+    let _companion = request(reqwest::Method::GET, "/companion");
+    store.wait_seen("/companion").await;
+    let answer =
+        |body: &str| format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes();
+    store.script(
+        "/first",
+        vec![
+            Step::Pause(Duration::from_millis(300)),
+            Step::Send(answer("first")),
+        ],
+    );
+    store.script(
+        "/head",
+        vec![Step::Send(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec(),
+        )],
+    );
+    store.script(
+        "/informed",
+        vec![Step::Send(
+            [
+                &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </s.css>; rel=preload\r\n\r\n"[..],
+                &answer("informed"),
+            ]
+            .concat(),
+        )],
+    );
+    store.script(
+        "/none",
+        vec![Step::Send(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec())],
+    );
+    store.script(
+        "/same",
+        vec![Step::Send(
+            b"HTTP/1.1 304 Not Modified\r\ncontent-length: 12\r\n\r\n".to_vec(),
+        )],
+    );
+    store.script("/last", vec![Step::Send(answer("last"))]);
+    let first = request(reqwest::Method::GET, "/first");
+    store.wait_seen("/first").await;
+    let mut rest = Vec::new();
+    for (method, path) in [
+        (reqwest::Method::HEAD, "/head"),
+        (reqwest::Method::GET, "/informed"),
+        (reqwest::Method::GET, "/none"),
+        (reqwest::Method::GET, "/same"),
+        (reqwest::Method::GET, "/last"),
+    ] {
+        rest.push((path, request(method, path)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(first.await.unwrap().2, "first");
+    let mut got = Vec::new();
+    for (path, task) in rest {
+        let (status, length, body) = task.await.unwrap();
+        got.push((path, status, body));
+        if path == "/head" {
+            assert_eq!(length.as_deref(), Some("100000"), "a HEAD's stated length");
+        }
+    }
+    let want = vec![
+        ("/head", 200, String::new()),
+        ("/informed", 200, "informed".to_owned()),
+        ("/none", 204, String::new()),
+        ("/same", 304, String::new()),
+        ("/last", 200, "last".to_owned()),
+    ];
+    assert_eq!(got, want, "store saw {:?}", store.seen());
+    let seen = store.seen();
+    let lane = seen.iter().find(|s| s.path == "/first").unwrap().conn;
+    assert_eq!(
+        seen.iter().filter(|s| s.conn == lane).count(),
+        6,
+        "precondition: all on one lane: {seen:?}"
+    );
+    assert_eq!(fg.pipeline_resent(), 0);
+}
