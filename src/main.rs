@@ -120,6 +120,12 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr on a full disk, a pipe
+        // whose reader died) is lost, and nothing more: by default the
+        // subscriber reports it with `eprintln!`, which panics when stderr
+        // fails too, killing whichever task logged (a request, the
+        // committer, the signal handler) or the start itself.
+        .log_internal_errors(false)
         // Colour codes only for a person at a terminal, not for log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {

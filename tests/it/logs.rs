@@ -217,3 +217,68 @@ fn accepts_that_succeed_between_failures_do_not_end_the_run() {
     let stderr = fg.stderr_text();
     assert_one_run_logged(&stderr);
 }
+
+/// A log that cannot be written (stderr on a full disk, or a pipe whose
+/// reader died) must not take the proxy down with it. tracing-subscriber
+/// reports a failed write with `eprintln!`, which panics when stderr
+/// fails too: the process died at start (101), and a task that logged
+/// once serving (a refusal, a raise, the signal handler's "SIGTERM
+/// received") panicked instead: the client's connection was reset and
+/// SIGTERM was never acted on (found by review: `fencegate run 2>&1 |
+/// head` kept serving after SIGINT, every refusal an empty reply).
+#[test]
+fn an_unwritable_log_neither_stops_the_proxy_nor_its_shutdown() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let nginx = Nginx::start();
+    let fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let mut child = Command::new(crate::support::fencegate_binary())
+        .arg("run")
+        .arg("--config")
+        .arg(fg.config_path())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(full)
+        .spawn()
+        .expect("spawn fencegate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = crate::support::http_get(&fg.config().admin_listen, "/healthz", Duration::from_secs(1));
+        if health.is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("fencegate exited at start with its log unwritable: {status}");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fencegate did not answer /healthz within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A raise and a refusal each log a line.
+    assert_eq!(put(&fg, "/orders/a", 7), 201, "the raise is answered");
+    assert_eq!(put(&fg, "/orders/b", 3), 412, "the refusal is answered");
+
+    crate::support::send_signal(i64::from(child.id()), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("SIGTERM was not acted on within 10 s with the log unwritable");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "fencegate ended with {status}");
+    assert_eq!(fg.durable_epoch("orders"), 7);
+}
