@@ -405,6 +405,17 @@ impl Config {
             if method.eq_ignore_ascii_case("CONNECT") {
                 return bad("fencing.read_methods", "CONNECT is never forwarded".into());
             }
+            // Methods are case-sensitive: `get` would be a method no client
+            // sends, and GET a write.
+            if let Some(known) = KNOWN_METHODS
+                .iter()
+                .find(|known| known.eq_ignore_ascii_case(method) && *known != method)
+            {
+                return bad(
+                    "fencing.read_methods",
+                    format!("`{method}`: methods are case-sensitive; write `{known}`"),
+                );
+            }
         }
         self.validate_domains()?;
         Ok(())
@@ -462,6 +473,25 @@ impl Config {
         Ok(())
     }
 }
+
+/// The methods of HTTP and WebDAV, in the case clients send them.
+const KNOWN_METHODS: [&str; 15] = [
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+    "PROPFIND",
+    "PROPPATCH",
+    "MKCOL",
+    "COPY",
+    "MOVE",
+    "LOCK",
+    "UNLOCK",
+];
 
 /// The longest duration a setting may take.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -585,6 +615,28 @@ mod tests {
         let text = MINIMAL.replace("[state]", "[server]\nmax_header_bytes = \"big\"\n[state]");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("max_header_bytes"), "{err}");
+    }
+
+    /// Methods are case-sensitive (RFC 9110 §9.1): `get` is a method of
+    /// its own, so `read_methods = ["get"]` was accepted and made every
+    /// GET a write (428 without a token), and `"options"` a CORS
+    /// preflight's too (found by review). A known method spelled in
+    /// another case is refused, naming the spelling that works.
+    #[test]
+    fn a_read_method_in_the_wrong_case_is_refused() {
+        for (method, want) in [("get", "GET"), ("Options", "OPTIONS"), ("propfind", "PROPFIND")] {
+            let text = format!("[fencing]\nread_methods = [\"HEAD\", \"{method}\"]\n{MINIMAL}");
+            match parse(&text) {
+                Err(ConfigError::Invalid { key, problem, .. }) => {
+                    assert_eq!(key, "fencing.read_methods");
+                    assert!(problem.contains(want), "{problem}");
+                }
+                other => panic!("`{method}` accepted: {other:?}"),
+            }
+        }
+        // A method of the store's own, in its own case, is still accepted.
+        let text = format!("[fencing]\nread_methods = [\"GET\", \"SEARCH\", \"report\"]\n{MINIMAL}");
+        assert!(parse(&text).is_ok());
     }
 
     #[test]
