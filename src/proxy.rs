@@ -121,7 +121,19 @@ impl Proxy {
         peer: &Peer,
         domain: &mut Option<Arc<Gate>>,
     ) -> Result<Response<ProxyBody>, Problem> {
-        self.screen(&request)?;
+        if let Err(mut problem) = self.screen(&request) {
+            // Refused for its head, but its path may still lie in a domain:
+            // the refusal counts there and names it (`none` is for paths
+            // outside every domain). Only refusals pay for the lookup.
+            if let Some(gate) = normalize(request.uri().path())
+                .ok()
+                .and_then(|path| self.gates.find(&path).cloned())
+            {
+                gate.annotate(&mut problem, None);
+                *domain = Some(gate);
+            }
+            return Err(problem);
+        }
         let path = match request.uri().path() {
             // The asterisk-form asks about the server as a whole: OPTIONS
             // only (RFC 9112 §3.2.4), in no domain, and it goes on as it

@@ -633,6 +633,51 @@ async fn plain_domains_metrics_pass_promtool_and_count_every_request() {
     );
 }
 
+/// Requests refused before admission for their head (a `Connection`
+/// naming the token, two `Host` lines, a transfer coding, a head past
+/// `max_header_bytes`) still name a path: they count under its domain,
+/// not under `none`, which SPEC.md keeps for paths outside every domain
+/// (found by review: a writer of `orders` sending bad heads showed up
+/// under `none` only, and its refusals did not name the domain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_a_bad_head_count_under_the_paths_domain() {
+    let nginx = Nginx::start();
+    let fg = Fencegate::start(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
+    let before = scrape(&fg);
+    let mut t = Traffic::new(&fg);
+    let orders = |status, reason| want(status, "orders", reason);
+    t.raw(
+        "PUT /orders/a HTTP/1.1\r\nHost: x\r\nFencing-Token: 5\r\nConnection: Fencing-Token\r\nContent-Length: 0\r\n\r\n",
+        orders(400, "bad_request"),
+    );
+    t.raw(
+        "PUT /orders/a HTTP/1.1\r\nHost: x\r\nHost: y\r\nFencing-Token: 5\r\nContent-Length: 0\r\n\r\n",
+        orders(400, "bad_request"),
+    );
+    t.raw(
+        "PUT /orders/a HTTP/1.1\r\nHost: x\r\nFencing-Token: 5\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        orders(501, "not_implemented"),
+    );
+    let big = "a".repeat(70_000);
+    t.raw(
+        &format!("PUT /orders/a HTTP/1.1\r\nHost: x\r\nFencing-Token: 5\r\nX-Big: {big}\r\nContent-Length: 0\r\n\r\n"),
+        orders(431, "header_too_large"),
+    );
+    // Outside every domain, the same refusal stays under `none`.
+    t.raw(
+        "PUT /elsewhere/a HTTP/1.1\r\nHost: x\r\nFencing-Token: 5\r\nConnection: Fencing-Token\r\nContent-Length: 0\r\n\r\n",
+        want(400, NONE, "bad_request"),
+    );
+    let after = scrape(&fg);
+    assert_counts_match(&before, &after, &t);
+    let answer = parse_response(&raw_request(
+        &fg.addr(),
+        b"PUT /orders/a HTTP/1.1\r\nHost: x\r\nConnection: Fencing-Token\r\nContent-Length: 0\r\n\r\n",
+    ));
+    let problem: Value = serde_json::from_str(&answer.body).expect("problem+json");
+    assert_eq!(problem["domain"], "orders", "{problem}");
+}
+
 // ---------------------------------------------------------------------
 // Election domains
 // ---------------------------------------------------------------------
