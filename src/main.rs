@@ -1,6 +1,7 @@
 //! The `fencegate` binary: parses the command line, starts logging and hands
 //! over to the library.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -108,7 +109,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fencegate: {e}");
+            // Not `eprintln!`, which panics when stderr fails (a full disk)
+            // and would turn every exit code into 101.
+            let _ = writeln!(std::io::stderr(), "fencegate: {e}");
             ExitCode::from(e.exit_code())
         }
     }

@@ -282,3 +282,38 @@ fn an_unwritable_log_neither_stops_the_proxy_nor_its_shutdown() {
     assert!(status.success(), "fencegate ended with {status}");
     assert_eq!(fg.durable_epoch("orders"), 7);
 }
+
+/// The exit code is what a supervisor acts on (64: fix the configuration,
+/// do not restart), and it must not depend on whether the message could
+/// be written: `eprintln!` panicked on a full stderr and every failure
+/// became 101 (found by review).
+#[test]
+fn an_unwritable_stderr_keeps_the_exit_code() {
+    use std::process::{Command, Stdio};
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(crate::support::fencegate_binary())
+        .args(["check-config", "--config"])
+        .arg(dir.path().join("missing.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(full)
+        .spawn()
+        .expect("spawn fencegate");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("check-config did not exit within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(64), "{status}");
+}
