@@ -356,6 +356,18 @@ impl Config {
                 "must not hold credentials: fencegate sends none of its own, and passes each client's Authorization on".into(),
             );
         }
+        if let Some(own) = [self.server.listen, self.server.admin_listen]
+            .into_iter()
+            .find(|own| names_listener(url, *own))
+        {
+            // Each request would come back to fencegate, one hop deeper,
+            // until request_timeout: a single GET held thousands of file
+            // descriptors and ended in 504, which says nothing of the cause.
+            return bad(
+                "upstream.url",
+                format!("`{url}` is fencegate's own listener `{own}`: give the store's address"),
+            );
+        }
         for (key, value) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
@@ -472,6 +484,26 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `url` (validated: http with an authority) names the listener
+/// bound at `own`: the same port on the same address, or on a loopback
+/// address when `own` listens on every address. A host name other than
+/// `localhost` is not resolved here.
+fn names_listener(url: &http::Uri, own: SocketAddr) -> bool {
+    let Some(authority) = url.authority() else {
+        return false;
+    };
+    if authority.port_u16().unwrap_or(80) != own.port() {
+        return false;
+    }
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = match host.parse() {
+        Ok(ip) => ip,
+        Err(_) if host.eq_ignore_ascii_case("localhost") => own.ip(),
+        Err(_) => return false,
+    };
+    ip == own.ip() || (own.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
 }
 
 /// The methods of HTTP and WebDAV, in the case clients send them.
@@ -690,6 +722,23 @@ mod tests {
             ),
             (
                 MINIMAL.replace("http://127.0.0.1:8081", "http://user:secret@127.0.0.1:8081"),
+                "upstream.url",
+            ),
+            // Forwarding to its own listeners: a loop (found by review).
+            (
+                MINIMAL.replace("http://127.0.0.1:8081", "http://127.0.0.1:8080"),
+                "upstream.url",
+            ),
+            (
+                MINIMAL.replace("http://127.0.0.1:8081", "http://localhost:9100"),
+                "upstream.url",
+            ),
+            (
+                format!("[server]\nlisten = \"0.0.0.0:8081\"\n{MINIMAL}"),
+                "upstream.url",
+            ),
+            (
+                format!("[server]\nlisten = \"[::]:8081\"\n{MINIMAL}"),
                 "upstream.url",
             ),
             (
