@@ -118,8 +118,15 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A RUST_LOG the filter cannot parse falls back to info, said once
+    // logging is up: silently, an operator asking for more learnt nothing.
+    let (filter, invalid) = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            tracing_subscriber::EnvFilter::new("info"),
+            std::env::var("RUST_LOG").ok().map(|value| (value, e)),
+        ),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -134,5 +141,8 @@ fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    if let Some((value, e)) = invalid {
+        tracing::warn!("RUST_LOG=`{value}` is not a valid filter ({e}): logging at info");
     }
 }

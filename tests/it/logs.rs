@@ -317,3 +317,32 @@ fn an_unwritable_stderr_keeps_the_exit_code() {
     };
     assert_eq!(status.code(), Some(64), "{status}");
 }
+
+/// `RUST_LOG` is the documented way to set the level. A value the filter
+/// cannot parse (`fencegate=verbose`) fell back to `info` without a word,
+/// so an operator asking for more detail got the same log and no hint
+/// (found by review); the fallback is now logged.
+#[test]
+fn an_invalid_rust_log_is_reported_not_silently_replaced() {
+    let nginx = Nginx::start();
+    let fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
+    let out = crate::support::run_bounded(
+        std::process::Command::new(crate::support::fencegate_binary())
+            .args([
+                "epochs", "set", "--domain", "orders", "--value", "3", "--force", "--config",
+            ])
+            .arg(fg.config_path())
+            .env("RUST_LOG", "fencegate=verbose"),
+        std::time::Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("epoch set by operator"),
+        "the fallback level is info:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("RUST_LOG") && stderr.contains("fencegate=verbose"),
+        "the invalid filter is named:\n{stderr}"
+    );
+}
