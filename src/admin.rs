@@ -2,7 +2,7 @@
 //! domain, and Prometheus metrics. Kept off the proxy port so scraping and
 //! probing never compete with writes, and never reach the store.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,10 +29,35 @@ pub struct AdminState {
     pub gates: Arc<Gates>,
     /// The registry to render.
     pub metrics: Metrics,
-    /// True while the proxy serves writes; false once shutdown began.
-    pub serving: Arc<AtomicBool>,
+    /// Whether the proxy serves yet, or still.
+    pub phase: Phase,
     /// The state file's writer: whether the file is open.
     pub committer: Committer,
+}
+
+/// Where the process is in its life, as `/readyz` tells it: the admin
+/// listener answers from the start, but the proxy serves only once etcd
+/// answered (or `max_staleness` passed), and stops at the first signal.
+#[derive(Clone, Default)]
+pub struct Phase(Arc<AtomicU8>);
+
+impl Phase {
+    const STARTING: u8 = 0;
+    const SERVING: u8 = 1;
+    const STOPPING: u8 = 2;
+
+    /// The proxy takes connections from now on.
+    pub fn serving(&self) {
+        // Never back from stopping.
+        let _ = self
+            .0
+            .compare_exchange(Self::STARTING, Self::SERVING, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Shutdown began: no new connections.
+    pub fn stopping(&self) {
+        self.0.store(Self::STOPPING, Ordering::SeqCst);
+    }
 }
 
 /// The admin routes.
@@ -79,8 +104,17 @@ pub async fn serve(
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if !state.serving.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_owned());
+    match state.phase.0.load(Ordering::SeqCst) {
+        // Writes sent now would wait in the listen backlog until etcd
+        // answers or max_staleness passes, whatever the mode.
+        Phase::STARTING => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: starting (waiting for etcd's first answer, up to max_staleness)\n".to_owned(),
+            )
+        }
+        Phase::STOPPING => return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_owned()),
+        _ => {}
     }
     if !state.committer.is_open() {
         // After a failed commit, until the file is reopened: no raise can

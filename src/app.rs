@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, Phase};
 use crate::affinity;
 use crate::commands::Fatal;
 use crate::committer::Committer;
@@ -179,12 +178,12 @@ pub async fn run(
     let pipelined = metrics.pipelined.clone();
     let make_proxy = || Proxy::new(&config, gates.clone(), outside.clone(), pipelined.clone());
 
-    let serving = Arc::new(AtomicBool::new(true));
+    let phase = Phase::default();
     let stop_admin = CancellationToken::new();
     let admin_router = admin::router(AdminState {
         gates: gates.clone(),
         metrics,
-        serving: serving.clone(),
+        phase: phase.clone(),
         committer: committer.clone(),
     });
     let mut admin_task = tokio::spawn(admin::serve(
@@ -208,6 +207,7 @@ pub async fn run(
     }
 
     if !signalled {
+        phase.serving();
         tracing::info!(
             listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             upstream = %config.upstream.url,
@@ -218,12 +218,12 @@ pub async fn run(
     // Readiness turns 503 as soon as shutdown begins, so load balancers
     // stop sending while the connections drain.
     let on_signal = {
-        let (stop, serving) = (stop.begin.clone(), serving.clone());
+        let (stop, phase) = (stop.begin.clone(), phase.clone());
         async move {
             if !signalled {
                 shutdown.await;
             }
-            serving.store(false, Ordering::SeqCst);
+            phase.stopping();
             stop.cancel();
         }
     };

@@ -1154,3 +1154,47 @@ async fn large_candidate_values_do_not_keep_the_watch_from_starting() {
         log_tail(&fg)
     );
 }
+
+/// `/readyz` in local mode is 200 "while writes are being served" (SPEC.md,
+/// Admin listener). At start fencegate waits up to `max_staleness` for
+/// etcd before it serves, writes waiting in the listen backlog meanwhile;
+/// with etcd away, local mode answered 200 through that wait, so a load
+/// balancer sent writes that hung for up to `max_staleness` (found by
+/// review: 200 at once, a write answered after 4.5 s). It is 503 until
+/// the proxy serves, and 200 once it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_mode_is_not_ready_while_the_start_waits_for_etcd() {
+    let nginx = Nginx::start();
+    // Nothing listens there: etcd never answers.
+    let nowhere = [format!("http://127.0.0.1:{}", crate::support::free_port())];
+    // A start wait long enough that a loaded machine cannot miss it.
+    let wait = Duration::from_secs(5);
+    let fg = Fencegate::start(
+        FencegateConfig::new(&nginx.url())
+            .etcd_raw(&format!(
+                "endpoints = [\"{}\"]\non_unavailable = \"local\"\nmax_staleness = \"{}\"",
+                nowhere[0],
+                format_duration(wait)
+            ))
+            .election_domain(DOMAIN, PREFIX, ELECTION),
+    );
+    // Fencegate::start returns once /healthz answers, well within the
+    // wait for etcd.
+    let r = fg.admin_get("/readyz");
+    assert_eq!(
+        r.status,
+        503,
+        "/readyz while the proxy does not serve yet: {r:?}\n{}",
+        log_tail(&fg)
+    );
+    wait_readyz(&fg, 200, wait + STEP).await;
+    // Served now, not held in the backlog for what is left of the wait.
+    let started = Instant::now();
+    let answer = put(&fg, "/orders/k", 1).await;
+    assert!(answer.status != 0, "no answer: {answer:?}");
+    assert!(
+        started.elapsed() < wait / 2,
+        "/readyz said 200 but a write took {:?}",
+        started.elapsed()
+    );
+}
