@@ -353,6 +353,8 @@ struct Sent {
     end: u64,
     /// Sent behind another request not yet answered: its answer waits for
     /// that one's, so part of its `request_timeout` may be spent there.
+    /// On a read lane, cleared when that answer ends within the read's
+    /// deadline, which then runs from there ([`Driver::parse`]).
     behind: bool,
 }
 
@@ -690,12 +692,13 @@ impl Driver<'_> {
                     // (`request_timeout` ends at the head): its answer
                     // streams, or its body is slow, and it streams.
                     Some(_) if self.lane.reads && self.reading.is_some() => self.hand_over(),
-                    // A read sent behind another spent part of its time
-                    // waiting for that one's answer (the store answers a
-                    // connection's requests one after another): it is not
-                    // late itself, and goes again on a connection of its
-                    // own, where its own answer is timed, with the reads
-                    // behind it.
+                    // A read sent behind another whose answer ended only
+                    // after this one's deadline spent its time waiting for
+                    // that answer (the store answers a connection's
+                    // requests one after another): it is not late itself,
+                    // and goes again on a connection of its own, where its
+                    // own answer is timed, with the reads behind it. (One
+                    // whose turn came in time was timed from then.)
                     Some(_) if self.lane.reads && held_up => {
                         Ended::Unanswered(ForwardError::Timeout(self.settings.request_timeout))
                     }
@@ -949,6 +952,8 @@ impl Driver<'_> {
         eof: bool,
         answered: &mut Vec<(Arc<Exchange>, u64)>,
     ) -> Poll<Result<Option<Ended>, ForwardError>> {
+        // Read once, when a read behind an answer read now needs it.
+        let mut now = None;
         loop {
             let state = self.lane.lock();
             let Some(front) = state.sent.front() else {
@@ -1085,6 +1090,20 @@ impl Driver<'_> {
             let mut state = self.lane.lock();
             let sent = state.sent.pop_front().expect("the answer's request");
             state.answers += 1;
+            if self.lane.reads {
+                if let Some(next) = state.sent.front_mut() {
+                    // The store takes up the read behind only now: timed
+                    // from here (at most twice `request_timeout` from its
+                    // sending), it fails 504 only if its own answer is
+                    // late, and is sent once. One whose deadline passed
+                    // already was held up: it goes again (`poll`).
+                    let now = *now.get_or_insert_with(Instant::now);
+                    if now <= next.deadline {
+                        next.deadline = now + self.settings.request_timeout;
+                        next.behind = false;
+                    }
+                }
+            }
             if let Some(max) = self.fields.keep_alive_max() {
                 // The store takes `max` more requests on this connection
                 // (Apache httpd says so in every answer, and closes after

@@ -286,11 +286,11 @@ async fn no_write_goes_on_a_lane_whose_store_said_it_closes() {
 /// A read held up behind a slow answer on its lane (head-of-line: the store
 /// answers a lane's requests one after another) is not late itself: when
 /// the slow answer came within `request_timeout` and left the read too
-/// little of its own, the read goes again through the pool, as the reads
-/// behind a late answer do, rather than fail with 504. (It failed: its
-/// deadline ran from when it was sent behind the slow one.)
+/// little of its own, the read is timed from that answer's end, rather
+/// than fail with 504. (It failed: its deadline ran from when it was sent
+/// behind the slow one.)
 #[tokio::test(flavor = "multi_thread")]
-async fn a_read_held_up_behind_a_slow_answer_goes_again_rather_than_fail() {
+async fn a_read_held_up_behind_a_slow_answer_is_not_failed_as_late() {
     let store = WireStore::start().await;
     let config = FencegateConfig::new(&store.url())
         .domain(DOMAIN, PREFIX)
@@ -463,4 +463,81 @@ async fn bodiless_and_informational_answers_keep_a_read_lane_in_step() {
         "precondition: all on one lane: {seen:?}"
     );
     assert_eq!(fg.pipeline_resent(), 0);
+}
+
+/// A read whose own answer is late, sent behind one the store answered at
+/// once, fails with 504 at its own `request_timeout` and reaches the store
+/// once: it was not held up. (Found by review of the fix above: every read
+/// sent behind another was taken at its deadline for one held up, so this
+/// one was sent to the store a second time, through the pool, and its
+/// client waited twice `request_timeout` for the 504, while a store already
+/// too slow did its work twice.) A read held up behind a slow answer is
+/// timed from that answer's end, and sent once too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_read_behind_a_quick_answer_fails_once_and_in_time() {
+    let store = WireStore::start().await;
+    let request_timeout = Duration::from_millis(1000);
+    let config = FencegateConfig::new(&store.url())
+        .domain(DOMAIN, PREFIX)
+        .workers(1)
+        .pipeline_depth(8)
+        .request_timeout(request_timeout);
+    let fg = Fencegate::start(config);
+    let http = client();
+    store.script(
+        "/companion",
+        vec![
+            Step::Pause(Duration::from_secs(8)),
+            Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec()),
+        ],
+    );
+    let get = |path: &str| {
+        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let response = http.get(url).send().await.unwrap();
+            let status = response.status().as_u16();
+            let _ = response.bytes().await;
+            (status, started.elapsed())
+        })
+    };
+    let _companion = get("/companion");
+    store.wait_seen("/companion").await;
+    let answer =
+        |body: &str| format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes();
+    assert_eq!(get("/open").await.unwrap().0, 201, "the lane's first read");
+    store.script(
+        "/quick",
+        vec![
+            Step::Pause(Duration::from_millis(100)),
+            Step::Send(answer("quick")),
+        ],
+    );
+    store.script(
+        "/late",
+        vec![Step::Pause(Duration::from_secs(4)), Step::Send(answer("late"))],
+    );
+    let reads_before = fg.pipelined_reads();
+    let quick = get("/quick");
+    store.wait_seen("/quick").await;
+    let late = get("/late");
+    assert_eq!(quick.await.unwrap().0, 200);
+    let (status, waited) = late.await.unwrap();
+    assert_eq!(
+        fg.pipelined_reads(),
+        reads_before + 2,
+        "precondition: both took the lane"
+    );
+    let sent = store.seen().iter().filter(|s| s.path == "/late").count();
+    assert_eq!(
+        (status, sent),
+        (504, 1),
+        "a read late on its own, behind a quick answer: waited {waited:?}; store saw {:?}",
+        store.seen()
+    );
+    assert!(
+        waited < request_timeout + Duration::from_millis(600),
+        "its 504 came after {waited:?}, request_timeout {request_timeout:?}"
+    );
+    assert_eq!(fg.pipeline_resent(), 0, "sent again");
 }
