@@ -364,6 +364,10 @@ impl StateFile {
             .map_err(|e| io_error(path, e.into()))?;
         let copy = dir.path().join("state.redb");
         std::fs::copy(path, &copy).map_err(|e| open_error(path, redb::StorageError::Io(e).into()))?;
+        // The copy keeps the file's mode, which may not let its owner write
+        // (a backup restored read-only), and redb opens it to write.
+        let writable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+        std::fs::set_permissions(&copy, writable).map_err(|e| io_error(path, e.into()))?;
         let db = open_checked(&copy).map_err(|e| open_error(path, e))?;
         let txn = db.begin_read().map_err(|e| io_error(path, e.into()))?;
         check_format(path, &txn)?;

@@ -271,13 +271,6 @@ fn first_raise_after_a_crash_waits_request_timeout_but_not_after_a_clean_stop() 
     );
 }
 
-/// The start after a crash waits request_timeout before its first raise,
-/// since the crashed run's writes may still be at the store. A clean stop
-/// of that run before the wait is over does not end the wait: the store
-/// may still hold those writes, so no clean shutdown is recorded and the
-/// next start waits again. (Found by review: the clean mark was written,
-/// and the start after it raised at once, while a write of the crashed
-/// run could still land after the higher one.)
 /// `epochs set` may raise an epoch too. After a crash, the crashed run's
 /// writes at the old epoch may still be at the store for request_timeout:
 /// the epoch set by hand is admitted only through a raise, which waits
@@ -309,6 +302,13 @@ fn an_epoch_raised_by_hand_after_a_crash_still_waits_out_the_crash() {
     );
 }
 
+/// The start after a crash waits request_timeout before its first raise,
+/// since the crashed run's writes may still be at the store. A clean stop
+/// of that run before the wait is over does not end the wait: the store
+/// may still hold those writes, so no clean shutdown is recorded and the
+/// next start waits again. (Found by review: the clean mark was written,
+/// and the start after it raised at once, while a write of the crashed
+/// run could still land after the higher one.)
 #[test]
 fn a_clean_stop_within_the_crash_wait_leaves_the_wait_to_the_next_start() {
     let request_timeout = Duration::from_secs(3);
@@ -1162,4 +1162,58 @@ async fn write_5_held_at_the_store(
         store.events()
     );
     write
+}
+
+/// `epochs` reads a state file it may not write: a backup restored
+/// read-only, a file whose mode lacks the owner's write bit, read by an
+/// operator who is not root. `epochs` is read-only (SPEC), and read such a
+/// file before the integrity check made it open a private copy; the copy
+/// kept the file's mode, so redb could not open it for the check, and
+/// `epochs` said "Permission denied" and to fix the file's permissions
+/// (found by review of that change).
+#[test]
+fn epochs_reads_a_state_file_it_may_not_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state.redb");
+    let config = dir.path().join("fencegate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n\
+             [upstream]\nurl = \"http://127.0.0.1:9\"\n[state]\npath = {state:?}\n\
+             [[domains]]\nname = \"orders\"\nprefix = \"/orders/\"\n"
+        ),
+    )
+    .unwrap();
+    let binary = crate::support::fencegate_binary();
+    let init = Command::new(&binary)
+        .args(["init", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_exit(&init, 0, "init");
+    for file in [&state, &config] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444)).unwrap();
+    }
+    // Root may write any file: as root, read as nobody. (The directory
+    // made here is this process's own: its owner is who runs the tests.)
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).unwrap()) == 0;
+    let mut epochs = match root {
+        true => {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&binary);
+            c
+        }
+        false => Command::new(&binary),
+    };
+    let out = epochs
+        .args(["epochs", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_exit(&out, 0, "epochs on a state file it may read, not write");
+    assert!(text(&out.stdout).contains("orders"), "{out:?}");
 }
