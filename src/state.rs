@@ -111,6 +111,17 @@ pub enum StateError {
         /// The format it has.
         found: u64,
     },
+    /// A redb file of a later file format than the redb in this fencegate
+    /// reads: written by a newer fencegate built on a newer redb (a
+    /// downgrade, an image rolled back). redb calls it corrupted; its epochs
+    /// are intact, and calling it damaged could have an operator recreate it.
+    #[error("state file {path} was written by a newer fencegate (redb file format {found}; this one reads format {REDB_FILE_FORMAT}): its epochs are not lost: run that version or a newer one, and never recreate the file with `init`")]
+    NewerFileFormat {
+        /// The file.
+        path: PathBuf,
+        /// The file format it has.
+        found: u8,
+    },
     /// The file system would not let the file be opened (its permissions,
     /// a read-only or failing volume): nothing says its epochs are lost,
     /// and calling it foreign could have an operator recreate it at zero.
@@ -796,11 +807,18 @@ fn open_error(path: &Path, e: DatabaseError) -> StateError {
                 source,
             }
         }
-        // A file that starts as redb files do, damaged further in.
+        // A file that starts as redb files do, of a later file format
+        // (redb calls that corrupted too), or damaged further in.
         DatabaseError::Storage(redb::StorageError::Corrupted(problem)) if has_redb_magic(path) => {
-            StateError::Damaged {
-                path: path.to_owned(),
-                problem,
+            match newer_file_format(path) {
+                Some(found) => StateError::NewerFileFormat {
+                    path: path.to_owned(),
+                    found,
+                },
+                None => StateError::Damaged {
+                    path: path.to_owned(),
+                    problem,
+                },
             }
         }
         other => StateError::NotState {
@@ -808,6 +826,21 @@ fn open_error(path: &Path, e: DatabaseError) -> StateError {
             problem: other.to_string(),
         },
     }
+}
+
+/// The redb file format this fencegate's redb reads and writes.
+const REDB_FILE_FORMAT: u8 = 3;
+
+/// The file format of the redb file at `path`, when later than
+/// [`REDB_FILE_FORMAT`]: the version byte of either commit slot of redb's
+/// header (at 64 and 192). A damaged byte read so says "newer", which
+/// sends the operator to a newer fencegate rather than to `init`.
+fn newer_file_format(path: &Path) -> Option<u8> {
+    let mut head = [0u8; 193];
+    File::open(path)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut head))
+        .ok()?;
+    Some(head[64].max(head[192])).filter(|&found| found > REDB_FILE_FORMAT)
 }
 
 /// Whether the file at `path` begins with redb's magic number.
@@ -984,6 +1017,36 @@ mod tests {
             let text = error.to_string();
             assert!(
                 matches!(error, StateError::NewerFormat { found, .. } if found == FORMAT_VERSION + 1)
+                    && !text.contains("not a fencegate state file"),
+                "{opener}: {text}"
+            );
+        }
+    }
+
+    /// The same for a later redb file format (a newer fencegate built on a
+    /// newer redb wrote it): redb calls it corrupted, and fencegate called
+    /// it damaged, "its epochs cannot be trusted: ... recreate it", after a
+    /// mere rollback (found by review of the integrity check on open).
+    #[test]
+    fn a_newer_redb_file_format_is_refused_and_not_called_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(StateFile::create(&path, &wanted(&[("orders", "/orders/")])).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The version byte of either commit slot in redb's header.
+        for slot in [64, 192] {
+            assert_eq!(bytes[slot], 3, "redb's file format");
+            bytes[slot] = 4;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        for (opener, error) in [
+            ("open", StateFile::open(&path).unwrap_err()),
+            ("read_only", StateFile::read_only(&path).unwrap_err()),
+        ] {
+            let text = error.to_string();
+            assert!(
+                matches!(error, StateError::NewerFileFormat { found: 4, .. })
+                    && text.contains("not lost")
                     && !text.contains("not a fencegate state file"),
                 "{opener}: {text}"
             );
