@@ -364,22 +364,30 @@ impl StateFile {
         // A private copy, opened as `run` opens the file: a read-only handle
         // can neither repair a file whose last writer crashed nor check its
         // pages ([`open_checked`]), and the operator's file stays untouched.
-        // In the temporary directory, or beside the file where that is not
-        // writable (a container's read-only root file system).
-        let beside = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let dir = tempfile::tempdir()
-            .or_else(|_| tempfile::tempdir_in(beside))
-            .map_err(|e| io_error(path, e.into()))?;
-        let copy = dir.path().join("state.redb");
-        std::fs::copy(path, &copy).map_err(|e| open_error(path, redb::StorageError::Io(e).into()))?;
-        // The copy keeps the file's mode, which may not let its owner write
-        // (a backup restored read-only), and redb opens it to write.
-        let writable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
-        std::fs::set_permissions(&copy, writable).map_err(|e| io_error(path, e.into()))?;
-        let db = open_checked(&copy).map_err(|e| open_error(path, e))?;
+        let open_copy = |dir: std::io::Result<tempfile::TempDir>| {
+            let dir = dir?;
+            let copy = dir.path().join("state.redb");
+            std::fs::copy(path, &copy)?;
+            // The copy keeps the file's mode, which may not let its owner
+            // write (a backup restored read-only): redb opens it to write.
+            let writable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+            std::fs::set_permissions(&copy, writable)?;
+            open_checked(&copy).map(|db| (dir, db))
+        };
+        let (_dir, db) = match open_copy(tempfile::tempdir()) {
+            // The temporary directory cannot be made, or has no room for
+            // the copy (a container's read-only root file system, a full
+            // /tmp): beside the file.
+            Err(DatabaseError::Storage(redb::StorageError::Io(_))) => {
+                let beside = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                open_copy(tempfile::tempdir_in(beside))
+            }
+            other => other,
+        }
+        .map_err(|e| open_error(path, e))?;
         let txn = db.begin_read().map_err(|e| io_error(path, e.into()))?;
         check_format(path, &txn)?;
         read_domains(path, &txn)

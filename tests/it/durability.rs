@@ -1217,3 +1217,49 @@ fn epochs_reads_a_state_file_it_may_not_write() {
     assert_exit(&out, 0, "epochs on a state file it may read, not write");
     assert!(text(&out.stdout).contains("orders"), "{out:?}");
 }
+
+/// `epochs` copies the state file to read it; with the temporary directory
+/// full it copies it beside the state file, as it does where the temporary
+/// directory cannot be made. (Found by review of that change: only a
+/// temporary directory that could not be made fell back; a full one failed
+/// `epochs` with "cannot open state file ...: No space left on device ...:
+/// fix its permissions or its volume", naming the state file, whose volume
+/// had room.)
+#[test]
+fn epochs_reads_the_state_file_with_the_temporary_directory_full() {
+    let tmpfs = Tmpfs::mount("1m");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.redb");
+    let config = dir.path().join("fencegate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n\
+             [upstream]\nurl = \"http://127.0.0.1:9\"\n[state]\npath = {state:?}\n\
+             [[domains]]\nname = \"orders\"\nprefix = \"/orders/\"\n"
+        ),
+    )
+    .unwrap();
+    let binary = crate::support::fencegate_binary();
+    let init = run_bounded(
+        Command::new(&binary).args(["init", "--config"]).arg(&config),
+        Duration::from_secs(10),
+    );
+    assert_exit(&init, 0, "init");
+    let filler = tmpfs.fill();
+    let out = run_bounded(
+        Command::new(&binary)
+            .args(["epochs", "--json", "--config"])
+            .arg(&config)
+            .env("TMPDIR", tmpfs.path()),
+        Duration::from_secs(10),
+    );
+    std::fs::remove_file(filler).unwrap();
+    assert_exit(&out, 0, "epochs with the temporary directory full");
+    assert!(text(&out.stdout).contains("orders"), "{out:?}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 3, "the copy is removed: {left:?}");
+}
