@@ -302,23 +302,29 @@ impl Pipeline {
         let mut lanes = set.lock().expect("pipeline lock");
         lanes.retain(|lane| !lane.lock().dead);
         let depth = self.settings.depth;
-        let lane = lanes.iter().find(|lane| lane.lock().has_room(depth)).cloned();
-        let lane = match lane {
-            Some(lane) => lane,
-            None => {
-                let lane = Lane::open(self.settings.clone(), reads);
-                lanes.push(lane.clone());
-                lane
-            }
-        };
-        drop(lanes);
-        {
-            let mut state = lane.lock();
-            state.queued.push_back(Queued { whole, reply: tx });
-            if let Some(driver) = state.driver.take() {
-                driver.wake();
+        // The request goes in under the same lock that saw the room: a
+        // driver ends its lane (`dead`) and takes its queue under that
+        // lock, so a request pushed after a separate check could land on a
+        // lane nobody serves. (Each serving thread has its own pipeline
+        // and its drivers run on that thread, so today nothing runs
+        // between the two; the lock is what keeps it so.)
+        let mut queued = Some(Queued { whole, reply: tx });
+        let mut lane = None;
+        for candidate in lanes.iter() {
+            let mut state = candidate.lock();
+            if state.has_room(depth) {
+                state.queue(queued.take().expect("queued once"));
+                lane = Some(candidate.clone());
+                break;
             }
         }
+        let lane = lane.unwrap_or_else(|| {
+            let lane = Lane::open(self.settings.clone(), reads);
+            lane.lock().queue(queued.take().expect("queued once"));
+            lanes.push(lane.clone());
+            lane
+        });
+        drop(lanes);
         Waiting {
             lane,
             exchange,
@@ -392,6 +398,14 @@ struct LaneState {
 impl LaneState {
     fn has_room(&self, depth: usize) -> bool {
         !self.closing && !self.dead && self.queued.len() + self.sent.len() < depth
+    }
+
+    /// Queues a request and wakes the driver.
+    fn queue(&mut self, queued: Queued) {
+        self.queued.push_back(queued);
+        if let Some(driver) = self.driver.take() {
+            driver.wake();
+        }
     }
 
     /// Whether the request whose last byte is `end` has left the lane's
