@@ -116,6 +116,14 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
         Phase::STOPPING => return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_owned()),
         _ => {}
     }
+    if state.committer.has_ended() {
+        // A commit panicked (the log says why): no raise can be made
+        // durable until fencegate is restarted.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the commit task has stopped (see the log); restart fencegate\n".to_owned(),
+        );
+    }
     if !state.committer.is_open() {
         // After a failed commit, until the file is reopened: no raise can
         // be made durable, so a new leader's writes would all get 503.

@@ -45,6 +45,10 @@ pub struct Committer {
     /// Whether the state file is open: false from a failed commit until
     /// it is reopened (`/readyz`).
     open: Arc<AtomicBool>,
+    /// Whether the commit task has ended: after the clean close, or when
+    /// a commit panicked (redb panics on some damage), after which no
+    /// raise can be made durable until a restart.
+    ended: Arc<AtomicBool>,
 }
 
 impl Committer {
@@ -60,13 +64,28 @@ impl Committer {
     ) -> (Committer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let open = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn(run(state, rx, metrics, open.clone(), crash_wait_until));
-        (Committer { tx, open }, task)
+        let ended = Arc::new(AtomicBool::new(false));
+        let lock = state.lock();
+        let task = tokio::spawn(run(
+            state,
+            lock,
+            rx,
+            metrics,
+            open.clone(),
+            EndedOnDrop(ended.clone()),
+            crash_wait_until,
+        ));
+        (Committer { tx, open, ended }, task)
     }
 
     /// Whether the state file is open, so a raise can be made durable.
     pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::SeqCst)
+        self.open.load(Ordering::SeqCst) && !self.has_ended()
+    }
+
+    /// Whether the commit task has ended (closed cleanly, or panicked).
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
     }
 
     /// Makes `domain`'s stored epoch at least `value`, durably.
@@ -91,6 +110,16 @@ fn closed() -> CommitError {
     CommitError("the state file is closed".into())
 }
 
+/// Marks the commit task ended when it ends, however it ends: dropped with
+/// the task's future, so also when a commit's panic unwinds it.
+struct EndedOnDrop(Arc<AtomicBool>);
+
+impl Drop for EndedOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// The file, or its lock while it waits to be reopened after a failure.
 enum Slot {
     Open(StateFile),
@@ -100,9 +129,11 @@ enum Slot {
 
 async fn run(
     state: StateFile,
+    lock: Arc<StateLock>,
     mut rx: mpsc::UnboundedReceiver<Message>,
     metrics: Metrics,
     open: Arc<AtomicBool>,
+    _ended: EndedOnDrop,
     crash_wait_until: Option<tokio::time::Instant>,
 ) {
     let mut slot = Slot::Open(state);
@@ -115,9 +146,10 @@ async fn run(
                     // Once, whatever comes of it: a failure leaves the
                     // longer wait owed, which is safe (only slower).
                     settle_at = None;
-                    slot = tokio::task::spawn_blocking(move || settle(slot))
-                        .await
-                        .expect("the commit task does not panic");
+                    let Some(settled) = blocking(move || settle(slot)).await else {
+                        return hold_until_exit(lock);
+                    };
+                    slot = settled;
                     open.store(matches!(slot, Slot::Open(_)), Ordering::SeqCst);
                     continue;
                 }
@@ -128,11 +160,11 @@ async fn run(
                 () = tokio::time::sleep(REOPEN_EVERY) => {
                     // No raise is waiting: try the file again (an empty
                     // commit only reopens it).
-                    slot = tokio::task::spawn_blocking(move || {
-                        commit(slot, &BTreeMap::new(), CrashWait::Running, false).0
-                    })
-                        .await
-                        .expect("the commit task does not panic");
+                    let reopen = move || commit(slot, &BTreeMap::new(), CrashWait::Running, false).0;
+                    let Some(reopened) = blocking(reopen).await else {
+                        return hold_until_exit(lock);
+                    };
+                    slot = reopened;
                     open.store(matches!(slot, Slot::Open(_)), Ordering::SeqCst);
                     continue;
                 }
@@ -168,10 +200,12 @@ async fn run(
             _ => CrashWait::Over,
         };
         let started = Instant::now();
-        let (returned, result) =
-            tokio::task::spawn_blocking(move || commit(slot, &updates, crash_wait, close))
-                .await
-                .expect("the commit task does not panic");
+        // A panic drops the replies with the task: every raise waiting
+        // here is answered as not durable (503).
+        let Some((returned, result)) = blocking(move || commit(slot, &updates, crash_wait, close)).await
+        else {
+            return hold_until_exit(lock);
+        };
         slot = returned;
         open.store(matches!(slot, Slot::Open(_)), Ordering::SeqCst);
         if !raise_replies.is_empty() {
@@ -188,6 +222,30 @@ async fn run(
             return;
         }
     }
+}
+
+/// Runs a blocking part of a commit. A panic in it (redb panics on some
+/// damage it meets mid-run) ends the commit task: the file's state is
+/// unknown, so no raise is made durable again until a restart, which
+/// reads the file afresh and waits out the crash wait. `/readyz` says so
+/// ([`Committer::has_ended`]), and the file stays locked
+/// ([`hold_until_exit`]).
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => Some(done),
+        Err(e) => {
+            tracing::error!(error = %e, "a commit panicked: raises are refused until fencegate is restarted");
+            None
+        }
+    }
+}
+
+/// After a commit panicked: the file went with the panic, and redb's lock
+/// with it, while this process still serves writes at the epochs it read.
+/// The lock file stays locked until the process exits, so no second
+/// fencegate takes the file meanwhile.
+fn hold_until_exit(lock: Arc<StateLock>) {
+    std::mem::forget(lock);
 }
 
 /// Settles the crash wait that has just passed; blocking. A failed commit
@@ -228,6 +286,10 @@ fn commit(
         },
         Slot::Closed => return (Slot::Closed, Ok(())),
     };
+    #[cfg(test)]
+    if updates.contains_key(tests::PANICS) {
+        panic!("a commit that panics, as redb may on a damaged file");
+    }
     let mut result = if updates.is_empty() {
         Ok(())
     } else {
@@ -242,5 +304,46 @@ fn commit(
         // redb's handle is closed (and its lock on the file released) so
         // that it can be reopened; the lock file stays locked.
         (Err(_), false) => (Slot::Broken(state.close()), result),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::WantedDomain;
+
+    /// A domain whose commit panics.
+    pub(super) const PANICS: &str = "\u{0}panics";
+
+    /// A commit that panics ends the commit task, and says so: raises get
+    /// an error (503), `/readyz` stops saying ready, and the state file
+    /// stays locked against a second fencegate while this one still
+    /// serves writes at the epochs it read (found by review: the task
+    /// died on an `expect`, /readyz stayed 200, and the lock went with the
+    /// dropped file).
+    #[tokio::test]
+    async fn a_commit_that_panics_ends_the_task_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let domains = [WantedDomain {
+            name: "orders".into(),
+            prefix: "/orders/".into(),
+        }];
+        let state = StateFile::create(&path, &domains).unwrap();
+        state.start(&domains, &[], Duration::from_secs(30)).unwrap();
+        let (committer, task) = Committer::spawn(state, Metrics::new(), None);
+        committer.raise("orders".into(), 3).await.unwrap();
+        assert!(committer.is_open() && !committer.has_ended());
+
+        let panicked = committer.raise(PANICS.into(), 1).await;
+        assert!(panicked.is_err(), "a raise whose commit panicked: {panicked:?}");
+        let _ = task.await;
+        assert!(committer.has_ended() && !committer.is_open());
+        assert!(committer.raise("orders".into(), 4).await.is_err());
+        let second = StateFile::open(&path).map(|_| ());
+        assert!(
+            matches!(second, Err(StateError::InUse(_))),
+            "a second opener while this process lives: {second:?}"
+        );
     }
 }

@@ -347,6 +347,11 @@ impl StateFile {
         Ok(state)
     }
 
+    /// This file's lock, to hold beyond the handle.
+    pub fn lock(&self) -> Arc<StateLock> {
+        self.lock.clone()
+    }
+
     /// Closes redb's handle and keeps the lock, so that no other fencegate
     /// can take the file before [`StateFile::reopen`] (see [`StateLock`]).
     pub fn close(self) -> Arc<StateLock> {
