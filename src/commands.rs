@@ -1,6 +1,6 @@
 //! The subcommands behind the binary, and the exit codes they end with
 //! (sysexits: 64 bad configuration or usage, 73 cannot create, 74 state
-//! unreadable, 69 a service unavailable).
+//! unreadable or output not writable, 69 a service unavailable).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -18,7 +18,7 @@ pub const EX_USAGE: u8 = 64;
 pub const EX_UNAVAILABLE: u8 = 69;
 /// The state file cannot be created.
 pub const EX_CANTCREAT: u8 = 73;
-/// The state file is missing or unreadable.
+/// The state file is missing or unreadable, or the output not writable.
 pub const EX_IOERR: u8 = 74;
 
 /// A command that could not do its job.
@@ -50,6 +50,10 @@ pub enum Fatal {
     /// The health check failed.
     #[error("{0}")]
     Unhealthy(String),
+    /// The command's output could not be written (a closed pipe, a full
+    /// disk). For `epochs set` the epoch was set all the same.
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
 }
 
 impl Fatal {
@@ -60,7 +64,7 @@ impl Fatal {
             // `epochs set --domain` naming a domain the file does not have.
             Fatal::State(StateError::ForgottenDomain { .. } | StateError::UnknownDomain { .. }) => EX_USAGE,
             Fatal::State(StateError::AlreadyExists(_)) => EX_CANTCREAT,
-            Fatal::State(_) => EX_IOERR,
+            Fatal::State(_) | Fatal::Output(_) => EX_IOERR,
             Fatal::Bind { .. } | Fatal::Serve(_) | Fatal::Affinity(_) | Fatal::Unhealthy(_) => EX_UNAVAILABLE,
         }
     }
@@ -104,28 +108,36 @@ fn etcd_options(config_path: &Path, config: &Config) -> Result<Option<etcd_clien
     Ok(Some(options))
 }
 
+/// Writes a line of a command's output. Not `println!`, which panics when
+/// stdout fails (a closed pipe, a full disk): the exit code would be 101,
+/// a crash's, after `epochs set` had set the epoch.
+fn say(line: std::fmt::Arguments) -> Result<(), Fatal> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .map_err(Fatal::Output)
+}
+
 /// `fencegate init`: create the state file with every domain at epoch 0.
 pub fn init(config_path: &Path) -> Result<(), Fatal> {
     let config = Config::load(config_path)?;
     StateFile::create(&config.state.path, &app::wanted_domains(&config))?;
-    println!(
+    say(format_args!(
         "created {} with {} domain(s) at epoch 0",
         config.state.path.display(),
         config.domains.len()
-    );
-    Ok(())
+    ))
 }
 
 /// `fencegate check-config`.
 pub fn check_config(config_path: &Path) -> Result<(), Fatal> {
     let config = Config::load(config_path)?;
     etcd_options(config_path, &config)?;
-    println!(
+    say(format_args!(
         "{}: valid ({} domain(s))",
         config_path.display(),
         config.domains.len()
-    );
-    Ok(())
+    ))
 }
 
 /// `fencegate epochs`: print the durable epochs of a stopped proxy.
@@ -140,14 +152,14 @@ pub fn epochs(config_path: &Path, json: bool) -> Result<(), Fatal> {
         other => Fatal::State(other),
     })?;
     if json {
-        println!(
+        say(format_args!(
             "{}",
             serde_json::to_string_pretty(&domains).expect("serializable")
-        );
+        ))?;
     } else {
-        println!("{:<24} {:<32} {:>20}", "DOMAIN", "PREFIX", "EPOCH");
+        say(format_args!("{:<24} {:<32} {:>20}", "DOMAIN", "PREFIX", "EPOCH"))?;
         for d in domains {
-            println!("{:<24} {:<32} {:>20}", d.name, d.prefix, d.epoch);
+            say(format_args!("{:<24} {:<32} {:>20}", d.name, d.prefix, d.epoch))?;
         }
     }
     Ok(())
@@ -176,8 +188,7 @@ pub fn epochs_set(config_path: &Path, domain: &str, value: u64, force: bool) -> 
     })?;
     let old = state.force_set(domain, value)?;
     tracing::warn!(domain, old, new = value, "epoch set by operator");
-    println!("domain {domain}: epoch {old} -> {value}");
-    Ok(())
+    say(format_args!("domain {domain}: epoch {old} -> {value}"))
 }
 
 /// `fencegate healthcheck`: exit 0 when the admin `/healthz` answers 200.

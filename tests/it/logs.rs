@@ -318,6 +318,47 @@ fn an_unwritable_stderr_keeps_the_exit_code() {
     assert_eq!(status.code(), Some(64), "{status}");
 }
 
+/// The same for a command's output: `epochs set` with its stdout on a full
+/// disk set the epoch, then panicked in `println!` and exited 101, a
+/// crash's code, for a command that did its job (found by review). It now
+/// says it could not write its output and exits 74.
+#[test]
+fn an_unwritable_stdout_is_an_output_error_not_a_crash() {
+    use std::process::{Command, Stdio};
+    let nginx = Nginx::start();
+    let fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let mut child = Command::new(crate::support::fencegate_binary())
+        .args([
+            "epochs", "set", "--domain", "orders", "--value", "3", "--force", "--config",
+        ])
+        .arg(fg.config_path())
+        .stdin(Stdio::null())
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fencegate");
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    let status =
+        crate::support::wait_timeout(&mut child, std::time::Duration::from_secs(30)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("epochs set did not exit within 30 s")
+        });
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut said).expect("read stderr");
+    assert_eq!(status.code(), Some(74), "{status}: {said}");
+    assert!(said.contains("cannot write the output"), "{said}");
+    let out = fg.run_cli(&["epochs", "--json"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("\"epoch\": 3"),
+        "the epoch was set all the same: {listed}"
+    );
+}
+
 /// `RUST_LOG` is the documented way to set the level. A value the filter
 /// cannot parse (`fencegate=verbose`) fell back to `info` without a word,
 /// so an operator asking for more detail got the same log and no hint

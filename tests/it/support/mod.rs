@@ -36,7 +36,7 @@ pub use http::{
     RawResponse,
 };
 pub use nginx::{LogEntry, Nginx};
-pub use process::{require_binary, run_bounded, send_signal};
+pub use process::{require_binary, run_bounded, send_signal, wait_timeout};
 pub use store::{Event, EventKind, Fault, ScriptedStore, TRICKLE_CHUNK};
 pub use tmpfs::Tmpfs;
 
