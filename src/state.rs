@@ -1102,20 +1102,31 @@ mod tests {
             .unwrap();
         state.set_clean(true).unwrap();
         drop(state);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let row = [&b"orders"[..], &7u64.to_le_bytes(), b"/orders/"].concat();
+        damage_orders_epoch(&path, 7, 3);
+        assert_refused_as_damaged(&path);
+    }
+
+    /// Rewrites, in the file's bytes, the epoch `from` of the domain
+    /// `orders` as `to`: damage redb did not write.
+    fn damage_orders_epoch(path: &Path, from: u64, to: u8) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let row = [&b"orders"[..], &from.to_le_bytes(), b"/orders/"].concat();
         let at = bytes
             .windows(row.len())
             .position(|w| w == row)
             .expect("the row is stored as is");
-        bytes[at + b"orders".len()] = 3;
-        std::fs::write(&path, &bytes).unwrap();
-        let read = StateFile::read_only(&path).map(|d| d[0].epoch);
+        bytes[at + b"orders".len()] = to;
+        std::fs::write(path, &bytes).unwrap();
+    }
+
+    /// Neither `epochs` nor `run` reads the file: both call it damaged.
+    fn assert_refused_as_damaged(path: &Path) {
+        let read = StateFile::read_only(path).map(|d| d[0].epoch);
         assert!(
             matches!(read, Err(StateError::Damaged { .. })),
             "epochs read {read:?}"
         );
-        let opened = StateFile::open(&path)
+        let opened = StateFile::open(path)
             .and_then(|s| s.domains())
             .map(|d| d[0].epoch);
         assert!(
@@ -1147,27 +1158,10 @@ mod tests {
         }
         std::fs::copy(&live, &path).unwrap();
         drop(state);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let row = [&b"orders"[..], &9u64.to_le_bytes(), b"/orders/"].concat();
-        let at = bytes
-            .windows(row.len())
-            .position(|w| w == row)
-            .expect("the row is stored as is");
-        bytes[at + b"orders".len()] = 3;
-        std::fs::write(&path, &bytes).unwrap();
-        let read = StateFile::read_only(&path).map(|d| d[0].epoch);
-        assert!(
-            matches!(read, Err(StateError::Damaged { .. })),
-            "epochs read {read:?}"
-        );
-        let opened = StateFile::open(&path)
-            .and_then(|s| s.domains())
-            .map(|d| d[0].epoch);
-        assert!(
-            matches!(opened, Err(StateError::Damaged { .. })),
-            "run read {opened:?}"
-        );
+        damage_orders_epoch(&path, 9, 3);
+        assert_refused_as_damaged(&path);
     }
+
     /// A file the system will not let fencegate open (its permissions, a
     /// failing volume) is not called foreign: an operator told "not a
     /// fencegate state file" may delete it and `init` a new one, every

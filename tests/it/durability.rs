@@ -8,7 +8,7 @@ use crate::support::{
     Fencegate, FencegateConfig, Nginx, RawResponse, ScriptedStore, Tmpfs,
 };
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -1176,17 +1176,7 @@ fn epochs_reads_a_state_file_it_may_not_write() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let state = dir.path().join("state.redb");
-    let config = dir.path().join("fencegate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n\
-             [upstream]\nurl = \"http://127.0.0.1:9\"\n[state]\npath = {state:?}\n\
-             [[domains]]\nname = \"orders\"\nprefix = \"/orders/\"\n"
-        ),
-    )
-    .unwrap();
+    let (state, config) = config_for_cli(dir.path());
     let binary = crate::support::fencegate_binary();
     let init = Command::new(&binary)
         .args(["init", "--config"])
@@ -1218,6 +1208,23 @@ fn epochs_reads_a_state_file_it_may_not_write() {
     assert!(text(&out.stdout).contains("orders"), "{out:?}");
 }
 
+/// A configuration in `dir` for commands that only open the state file
+/// (`init`, `epochs`), with domain `orders`: its state file and its path.
+fn config_for_cli(dir: &Path) -> (PathBuf, PathBuf) {
+    let state = dir.join("state.redb");
+    let config = dir.join("fencegate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n\
+             [upstream]\nurl = \"http://127.0.0.1:9\"\n[state]\npath = {state:?}\n\
+             [[domains]]\nname = \"orders\"\nprefix = \"/orders/\"\n"
+        ),
+    )
+    .unwrap();
+    (state, config)
+}
+
 /// `epochs` copies the state file to read it; with the temporary directory
 /// full it copies it beside the state file, as it does where the temporary
 /// directory cannot be made. (Found by review of that change: only a
@@ -1229,17 +1236,7 @@ fn epochs_reads_a_state_file_it_may_not_write() {
 fn epochs_reads_the_state_file_with_the_temporary_directory_full() {
     let tmpfs = Tmpfs::mount("1m");
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.redb");
-    let config = dir.path().join("fencegate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n\
-             [upstream]\nurl = \"http://127.0.0.1:9\"\n[state]\npath = {state:?}\n\
-             [[domains]]\nname = \"orders\"\nprefix = \"/orders/\"\n"
-        ),
-    )
-    .unwrap();
+    let (_, config) = config_for_cli(dir.path());
     let binary = crate::support::fencegate_binary();
     let init = run_bounded(
         Command::new(&binary).args(["init", "--config"]).arg(&config),

@@ -283,6 +283,83 @@ async fn no_write_goes_on_a_lane_whose_store_said_it_closes() {
     }
 }
 
+/// A read lane to test on: a scripted store, fencegate with one serving
+/// thread and `pipeline_depth = 8`, and a companion read whose answer the
+/// store holds for 8 s, so the reads sent meanwhile are in company and
+/// take a lane.
+struct ReadLane {
+    store: WireStore,
+    fg: Fencegate,
+    http: reqwest::Client,
+    _companion: tokio::task::JoinHandle<Answer>,
+}
+
+/// A client's answer: status, `Content-Length`, body, and how long it took.
+type Answer = (u16, Option<String>, String, Duration);
+
+impl ReadLane {
+    async fn start(request_timeout: Option<Duration>) -> ReadLane {
+        let store = WireStore::start().await;
+        let mut config = FencegateConfig::new(&store.url())
+            .domain(DOMAIN, PREFIX)
+            .workers(1)
+            .pipeline_depth(8);
+        if let Some(timeout) = request_timeout {
+            config = config.request_timeout(timeout);
+        }
+        let fg = Fencegate::start(config);
+        store.script(
+            "/companion",
+            vec![
+                Step::Pause(Duration::from_secs(8)),
+                Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec()),
+            ],
+        );
+        let http = client();
+        let companion = send(&http, &fg.url(), reqwest::Method::GET, "/companion");
+        store.wait_seen("/companion").await;
+        ReadLane {
+            store,
+            fg,
+            http,
+            _companion: companion,
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> tokio::task::JoinHandle<Answer> {
+        send(&self.http, &self.fg.url(), method, path)
+    }
+
+    fn get(&self, path: &str) -> tokio::task::JoinHandle<Answer> {
+        self.request(reqwest::Method::GET, path)
+    }
+}
+
+/// Sends a request to `base` in the background.
+fn send(
+    http: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+) -> tokio::task::JoinHandle<Answer> {
+    let (http, url) = (http.clone(), format!("{base}{path}"));
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let response = http.request(method, url).send().await.unwrap();
+        let status = response.status().as_u16();
+        let length = response
+            .headers()
+            .get("content-length")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, length, response.text().await.unwrap(), started.elapsed())
+    })
+}
+
+/// A store's 200 answer with `body`.
+fn answer(body: &str) -> Vec<u8> {
+    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()
+}
+
 /// A read held up behind a slow answer on its lane (head-of-line: the store
 /// answers a lane's requests one after another) is not late itself: when
 /// the slow answer came within `request_timeout` and left the read too
@@ -291,36 +368,18 @@ async fn no_write_goes_on_a_lane_whose_store_said_it_closes() {
 /// behind the slow one.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_held_up_behind_a_slow_answer_is_not_failed_as_late() {
-    let store = WireStore::start().await;
-    let config = FencegateConfig::new(&store.url())
-        .domain(DOMAIN, PREFIX)
-        .workers(1)
-        .pipeline_depth(8)
-        .request_timeout(Duration::from_millis(1000));
-    let fg = Fencegate::start(config);
-    let http = client();
     // The companion is cut at request_timeout, which changes nothing here:
     // the reads below are in company with each other.
-    store.script(
-        "/companion",
-        vec![
-            Step::Pause(Duration::from_secs(8)),
-            Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec()),
-        ],
-    );
+    let lane = ReadLane::start(Some(Duration::from_millis(1000))).await;
+    let (store, fg) = (&lane.store, &lane.fg);
     let get = |path: &str| {
-        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
-        tokio::spawn(async move {
-            let response = http.get(url).send().await.unwrap();
-            let status = response.status().as_u16();
-            (status, response.text().await.unwrap())
-        })
+        let answer = lane.get(path);
+        async move {
+            let (status, _, body, _) = answer.await.unwrap();
+            (status, body)
+        }
     };
-    let _companion = get("/companion");
-    store.wait_seen("/companion").await;
-    let answer =
-        |body: &str| format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes();
-    assert_eq!(get("/open").await.unwrap().0, 201, "the lane's first read");
+    assert_eq!(get("/open").await.0, 201, "the lane's first read");
     // Each takes the store 700 ms and 500 ms: within request_timeout, but
     // not one after the other.
     store.script(
@@ -338,12 +397,13 @@ async fn a_read_held_up_behind_a_slow_answer_is_not_failed_as_late() {
         ],
     );
     let reads_before = fg.pipelined_reads();
+    // Each request is sent when `get` is called; its future only waits.
     let slow = get("/slow");
     store.wait_seen("/slow").await;
     let behind = get("/behind");
-    assert_eq!(slow.await.unwrap(), (200, "slow".to_owned()));
+    assert_eq!(slow.await, (200, "slow".to_owned()));
     assert_eq!(
-        behind.await.unwrap(),
+        behind.await,
         (200, "behind".to_owned()),
         "a read held up behind a slow answer; store saw {:?}",
         store.seen()
@@ -361,36 +421,9 @@ async fn a_read_held_up_behind_a_slow_answer_is_not_failed_as_late() {
 /// own answer, and a HEAD's stated length reaches its client.
 #[tokio::test(flavor = "multi_thread")]
 async fn bodiless_and_informational_answers_keep_a_read_lane_in_step() {
-    let store = WireStore::start().await;
-    let config = FencegateConfig::new(&store.url())
-        .domain(DOMAIN, PREFIX)
-        .workers(1)
-        .pipeline_depth(8);
-    let fg = Fencegate::start(config);
-    let http = client();
-    store.script(
-        "/companion",
-        vec![
-            Step::Pause(Duration::from_secs(8)),
-            Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec()),
-        ],
-    );
-    let request = |method: reqwest::Method, path: &str| {
-        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
-        tokio::spawn(async move {
-            let response = http.request(method, url).send().await.unwrap();
-            let status = response.status().as_u16();
-            let length = response
-                .headers()
-                .get("content-length")
-                .map(|v| v.to_str().unwrap().to_owned());
-            (status, length, response.text().await.unwrap())
-        })
-    };
-    let _companion = request(reqwest::Method::GET, "/companion");
-    store.wait_seen("/companion").await;
-    let answer =
-        |body: &str| format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes();
+    let lane = ReadLane::start(None).await;
+    let (store, fg) = (&lane.store, &lane.fg);
+    let request = |method: reqwest::Method, path: &str| lane.request(method, path);
     store.script(
         "/first",
         vec![
@@ -441,7 +474,7 @@ async fn bodiless_and_informational_answers_keep_a_read_lane_in_step() {
     assert_eq!(first.await.unwrap().2, "first");
     let mut got = Vec::new();
     for (path, task) in rest {
-        let (status, length, body) = task.await.unwrap();
+        let (status, length, body, _) = task.await.unwrap();
         got.push((path, status, body));
         if path == "/head" {
             assert_eq!(length.as_deref(), Some("100000"), "a HEAD's stated length");
@@ -475,37 +508,17 @@ async fn bodiless_and_informational_answers_keep_a_read_lane_in_step() {
 /// timed from that answer's end, and sent once too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_read_behind_a_quick_answer_fails_once_and_in_time() {
-    let store = WireStore::start().await;
     let request_timeout = Duration::from_millis(1000);
-    let config = FencegateConfig::new(&store.url())
-        .domain(DOMAIN, PREFIX)
-        .workers(1)
-        .pipeline_depth(8)
-        .request_timeout(request_timeout);
-    let fg = Fencegate::start(config);
-    let http = client();
-    store.script(
-        "/companion",
-        vec![
-            Step::Pause(Duration::from_secs(8)),
-            Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec()),
-        ],
-    );
+    let lane = ReadLane::start(Some(request_timeout)).await;
+    let (store, fg) = (&lane.store, &lane.fg);
     let get = |path: &str| {
-        let (http, url) = (http.clone(), format!("{}{path}", fg.url()));
-        tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let response = http.get(url).send().await.unwrap();
-            let status = response.status().as_u16();
-            let _ = response.bytes().await;
-            (status, started.elapsed())
-        })
+        let answer = lane.get(path);
+        async move {
+            let (status, _, _, took) = answer.await.unwrap();
+            (status, took)
+        }
     };
-    let _companion = get("/companion");
-    store.wait_seen("/companion").await;
-    let answer =
-        |body: &str| format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes();
-    assert_eq!(get("/open").await.unwrap().0, 201, "the lane's first read");
+    assert_eq!(get("/open").await.0, 201, "the lane's first read");
     store.script(
         "/quick",
         vec![
@@ -521,8 +534,8 @@ async fn a_late_read_behind_a_quick_answer_fails_once_and_in_time() {
     let quick = get("/quick");
     store.wait_seen("/quick").await;
     let late = get("/late");
-    assert_eq!(quick.await.unwrap().0, 200);
-    let (status, waited) = late.await.unwrap();
+    assert_eq!(quick.await.0, 200);
+    let (status, waited) = late.await;
     assert_eq!(
         fg.pipelined_reads(),
         reads_before + 2,

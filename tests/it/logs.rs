@@ -232,10 +232,7 @@ fn an_unwritable_log_neither_stops_the_proxy_nor_its_shutdown() {
     use std::time::{Duration, Instant};
     let nginx = Nginx::start();
     let fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
-    let full = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/full")
-        .expect("open /dev/full");
+    let full = dev_full();
     let mut child = Command::new(crate::support::fencegate_binary())
         .arg("run")
         .arg("--config")
@@ -290,10 +287,7 @@ fn an_unwritable_log_neither_stops_the_proxy_nor_its_shutdown() {
 #[test]
 fn an_unwritable_stderr_keeps_the_exit_code() {
     use std::process::{Command, Stdio};
-    let full = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/full")
-        .expect("open /dev/full");
+    let full = dev_full();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new(crate::support::fencegate_binary())
         .args(["check-config", "--config"])
@@ -327,10 +321,7 @@ fn an_unwritable_stdout_is_an_output_error_not_a_crash() {
     use std::process::{Command, Stdio};
     let nginx = Nginx::start();
     let fg = Fencegate::init_only(FencegateConfig::new(&nginx.url()).domain("orders", "/orders/"));
-    let full = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/full")
-        .expect("open /dev/full");
+    let full = dev_full();
     let mut child = Command::new(crate::support::fencegate_binary())
         .args([
             "epochs", "set", "--domain", "orders", "--value", "3", "--force", "--config",
@@ -386,4 +377,12 @@ fn an_invalid_rust_log_is_reported_not_silently_replaced() {
         stderr.contains("RUST_LOG") && stderr.contains("fencegate=verbose"),
         "the invalid filter is named:\n{stderr}"
     );
+}
+
+/// `/dev/full`, open for writing: every write fails with ENOSPC.
+fn dev_full() -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full")
 }
