@@ -868,20 +868,24 @@ const REDB_FILE_FORMAT: u8 = 3;
 /// header (at 64 and 192). A damaged byte read so says "newer", which
 /// sends the operator to a newer fencegate rather than to `init`.
 fn newer_file_format(path: &Path) -> Option<u8> {
-    let mut head = [0u8; 193];
-    File::open(path)
-        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut head))
-        .ok()?;
+    let head: [u8; 193] = file_head(path)?;
     Some(head[64].max(head[192])).filter(|&found| found > REDB_FILE_FORMAT)
 }
 
 /// Whether the file at `path` begins with redb's magic number.
 fn has_redb_magic(path: &Path) -> bool {
     const MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
-    let mut head = [0u8; MAGIC.len()];
+    file_head(path) == Some(MAGIC)
+}
+
+/// The first `N` bytes of the file at `path`; `None` if it has fewer or
+/// cannot be read.
+fn file_head<const N: usize>(path: &Path) -> Option<[u8; N]> {
+    let mut head = [0u8; N];
     File::open(path)
         .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut head))
-        .is_ok_and(|()| head == MAGIC)
+        .ok()?;
+    Some(head)
 }
 
 fn io_error(path: &Path, source: redb::Error) -> StateError {
